@@ -1,0 +1,13 @@
+"""Exceptions a kvcellar user can see. Each message says what is wrong and what to do."""
+
+
+class KvcellarError(Exception):
+    """Base class of every error kvcellar raises on purpose."""
+
+
+class ModelLoadError(KvcellarError):
+    """A model folder is missing, incomplete, or not a causal language model."""
+
+
+class InvalidRequestError(KvcellarError, ValueError):
+    """A request's inputs are invalid (prompt too long, bad sampling parameters, ...)."""
