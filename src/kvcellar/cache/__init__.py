@@ -1,0 +1,57 @@
+"""Torch-free core of the prefix KV cache: keys, entries, eviction, tiers, lookup.
+
+A prompt is cut into blocks of `block_size` tokens; each block is named by a
+chained sha256 key (`hashing`), so equal keys mean equal prefixes in one
+namespace. The engine captures each block's KV state as an opaque payload of
+known byte size and inserts it; a lookup returns the longest prefix every
+layer kind can restore (`layout`), pinned until released.
+
+Modules: `hashing` (keys, stable byte encoding), `layout` (what a restore may
+do), `entry` (entries and priorities), `policy` (eviction order), `tier`
+(storage protocol, `MemoryTier`), `match` (restore-point rules), `prefix_cache`
+(`PrefixCache`: lookup / insert / discard / stats), `stats`, `observer`.
+No module here imports torch or numpy; tensors exist only in payloads.
+"""
+
+from kvcellar.cache.entry import CacheEntry, Priority
+from kvcellar.cache.hashing import (
+    BlockHash,
+    NamespaceSpec,
+    hash_block,
+    hash_blocks,
+    hash_partial,
+    namespace_digest,
+)
+from kvcellar.cache.layout import LayoutCapabilities
+from kvcellar.cache.match import Match
+from kvcellar.cache.observer import CacheObserver, NullObserver
+from kvcellar.cache.policy import EVICTION_POLICIES, LRU, EvictionPolicy, PriorityLRU, make_policy
+from kvcellar.cache.prefix_cache import PrefixCache
+from kvcellar.cache.stats import CacheStats
+from kvcellar.cache.tier import TIER_NAMES, MemoryTier, StoreResult, Tier
+
+__all__ = [
+    "EVICTION_POLICIES",
+    "LRU",
+    "TIER_NAMES",
+    "BlockHash",
+    "CacheEntry",
+    "CacheObserver",
+    "CacheStats",
+    "EvictionPolicy",
+    "LayoutCapabilities",
+    "Match",
+    "MemoryTier",
+    "NamespaceSpec",
+    "NullObserver",
+    "PrefixCache",
+    "Priority",
+    "PriorityLRU",
+    "StoreResult",
+    "Tier",
+    "hash_block",
+    "hash_blocks",
+    "hash_partial",
+    "make_policy",
+    "namespace_digest",
+]

@@ -1,0 +1,124 @@
+"""Content addresses of cache entries: namespace digests and chained block hashes.
+
+Operations: `namespace_digest` (the root of every chain in one namespace),
+`hash_block` (key of a full block), `hash_partial` (key of a sub-block entry),
+`hash_blocks` (keys of all full blocks of a prompt).
+
+Byte encoding (stable: it names files on disk and keys in shared stores, so a
+change here needs a new domain tag, never Python's `hash()` or pickle):
+
+- namespace digest = sha256(b"kvcellar-namespace-v1\\x00" + J) where J is the
+  UTF-8 encoding of the JSON object of the `NamespaceSpec` fields, written
+  with sorted keys, separators (",", ":") and ASCII escapes.
+- block key = sha256(b"kvcellar-block-v1\\x00" + parent + count + tokens)
+  where parent is the 32-byte parent key (the namespace digest for the first
+  block), count is the number of tokens as uint32 little-endian and tokens
+  are the token ids, each as uint32 little-endian.
+- partial key = the same with the tag b"kvcellar-partial-v1\\x00". The
+  distinct tag guarantees a partial key never equals a block key.
+
+Chain: h_0 = block key(root, tokens[0:B]), h_i = block key(h_{i-1},
+tokens[iB:(i+1)B]); equal keys mean equal namespace and equal prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NewType
+
+BlockHash = NewType("BlockHash", bytes)
+"""A 32-byte sha256 digest naming a namespace root, a block or a partial entry."""
+
+HASH_NUM_BYTES = 32
+MAX_TOKEN_ID = 2**32 - 1
+
+_NAMESPACE_TAG = b"kvcellar-namespace-v1\x00"
+_BLOCK_TAG = b"kvcellar-block-v1\x00"
+_PARTIAL_TAG = b"kvcellar-partial-v1\x00"
+
+
+@dataclass(frozen=True)
+class NamespaceSpec:
+    """Everything that makes two caches incompatible; each field changes the root digest."""
+
+    model_fingerprint: str  # config + weights identity
+    dtype: str
+    block_size: int
+    layout_version: int  # payload layout of the tensor side
+    exact: bool  # bit-exact mode (block-aligned prefill)
+    tenant_salt: str = ""  # isolates tenants (timing side channel)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_fingerprint, str) or not self.model_fingerprint:
+            raise ValueError("model_fingerprint must be a non-empty string identifying the model's config and weights")
+        if not isinstance(self.dtype, str) or not self.dtype:
+            raise ValueError("dtype must be a non-empty string such as 'bfloat16'")
+        if not _is_int(self.block_size) or self.block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if not _is_int(self.layout_version) or self.layout_version < 0:
+            raise ValueError(f"layout_version must be an integer >= 0, got {self.layout_version!r}")
+        if not isinstance(self.exact, bool):
+            raise ValueError(f"exact must be True or False, got {self.exact!r}")
+        if not isinstance(self.tenant_salt, str):
+            raise ValueError(f"tenant_salt must be a string, got {type(self.tenant_salt).__name__}")
+
+    def with_salt(self, salt: str) -> NamespaceSpec:
+        """A copy of this spec in the tenant namespace `salt`."""
+        return dataclasses.replace(self, tenant_salt=salt)
+
+
+def namespace_digest(spec: NamespaceSpec) -> BlockHash:
+    """Root key of the namespace `spec`: the parent of every first block."""
+    fields = dataclasses.asdict(spec)
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return BlockHash(hashlib.sha256(_NAMESPACE_TAG + text.encode("utf-8")).digest())
+
+
+def hash_block(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
+    """Key of the full block `token_ids` that follows the entry keyed `parent`."""
+    return _chained(_BLOCK_TAG, parent, token_ids)
+
+
+def hash_partial(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
+    """Key of the sub-block entry `token_ids` after `parent` (never equal to a block key)."""
+    return _chained(_PARTIAL_TAG, parent, token_ids)
+
+
+def hash_blocks(root: BlockHash, token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
+    """Chained keys of the full blocks of `token_ids`; a trailing partial block gets none."""
+    if not _is_int(block_size) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    keys: list[BlockHash] = []
+    parent = root
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size])
+        keys.append(parent)
+    return keys
+
+
+def _chained(tag: bytes, parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
+    if not isinstance(parent, bytes) or len(parent) != HASH_NUM_BYTES:
+        raise ValueError(f"parent must be a {HASH_NUM_BYTES}-byte digest (a BlockHash), got {parent!r:.80}")
+    count = len(token_ids)
+    try:
+        # One pack call both encodes and range-checks: "<" means little-endian, no padding.
+        body = struct.pack(f"<I{count}I", count, *token_ids)
+    except struct.error:
+        raise ValueError(_bad_token_message(token_ids)) from None
+    return BlockHash(hashlib.sha256(tag + parent + body).digest())
+
+
+def _bad_token_message(token_ids: Sequence[int]) -> str:
+    for index, token in enumerate(token_ids):
+        if not _is_int(token) or not 0 <= token <= MAX_TOKEN_ID:
+            return f"token id {token!r} at index {index} is not an integer in [0, 2**32); pass the tokenizer's ids"
+    return "token ids could not be encoded as uint32"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,135 @@
+"""The `kvcellar` command line. argparse lives here and nowhere else.
+
+Commands: `make-model` (random-weight model folders, offline), `generate`
+(stream an answer to the terminal). Every option can also be set by an
+environment variable named KVCELLAR_<OPTION> (e.g. KVCELLAR_BLOCK_SIZE=512).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from kvcellar.config import CacheConfig, EngineConfig, format_size, parse_size
+from kvcellar.errors import KvcellarError
+
+
+def _env(name: str, default: object) -> object:
+    return os.environ.get(f"KVCELLAR_{name.upper().replace('-', '_')}", default)
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = _env(name, None)
+    return default if value is None else str(value).lower() in ("1", "true", "yes", "on")
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and cache")
+    group.add_argument("--model", default=_env("model", None), help="local Hugging Face model folder (default: the built-in demo model)")
+    group.add_argument("--device", default=_env("device", "auto"), help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    group.add_argument("--dtype", default=_env("dtype", "auto"), help="auto, bf16, fp16, fp32")
+    group.add_argument("--block-size", type=int, default=int(_env("block_size", 256)), help="cache block = prefill chunk, in tokens")
+    group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch")
+    group.add_argument("--device-cache-size", default=_env("device_cache_size", "2G"), help="byte budget of the in-memory tier, e.g. 512M, 4G")
+    group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", 16)), help="prompt tails kept (0 disables)")
+    group.add_argument("--exact", action=argparse.BooleanOptionalAction, default=_env_bool("exact", True),
+                       help="bit-identical output with the cache (default on); --no-exact also reuses tails and generated tokens")
+    group.add_argument("--no-cache", action="store_true", default=_env_bool("no_cache", False), help="turn the prefix cache off")
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    model = args.model
+    if model is None:
+        from kvcellar.models import ensure_demo_model
+
+        model = str(ensure_demo_model(progress=lambda message: print(f"demo model: {message}", file=sys.stderr)))
+    cache = CacheConfig(
+        enabled=not args.no_cache,
+        device_cache_bytes=parse_size(args.device_cache_size),
+        max_partial_entries=args.tail_cache_entries,
+        exact=args.exact,
+    )
+    threads = int(args.threads) if args.threads is not None else None
+    return EngineConfig(model, args.device, args.dtype, args.block_size, threads, cache)
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from kvcellar.models import make_model
+
+    path = make_model(args.arch, args.size, args.out, seed=args.seed, dtype=args.dtype, overwrite=args.force,
+                      progress=lambda message: print(message, file=sys.stderr))
+    print(path)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from kvcellar.engine import Engine
+
+    engine = Engine(_engine_config(args))
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                    min_p=args.min_p, seed=args.seed, stop=tuple(args.stop))
+    messages = None
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    result = None
+    for event in engine.stream(None if args.chat else args.prompt, messages=messages, **sampling):
+        if event.text:
+            print(event.text, end="", flush=True)
+        result = event.result or result
+    print()
+    timings = result.timings
+    print(
+        f"[{result.num_prompt_tokens} prompt tokens, {result.num_cached_tokens} cached | ttft {timings.ttft_s:.3f} s | "
+        f"prefill {timings.prefill_tok_s:.0f} tok/s | decode {timings.decode_tok_s:.1f} tok/s | {result.finish_reason}]",
+        file=sys.stderr,
+    )
+    engine.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvcellar", description="LLM server and library with a persistent prefix KV cache")
+    parser.add_argument("--log-level", default=_env("log_level", "warning"), choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    make = commands.add_parser("make-model", help="write a random-weight model folder (no hub needed)")
+    make.add_argument("out", help="folder to create")
+    make.add_argument("--arch", required=True, help="qwen3, gemma3 or qwen3_5")
+    make.add_argument("--size", default="tiny", help="tiny, small or 0.6b")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
+    make.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    make.set_defaults(handler=_cmd_make_model)
+
+    generate = commands.add_parser("generate", help="generate text and stream it to the terminal")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    generate.add_argument("--system", default=None, help="system prompt (with --chat)")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--min-p", type=float, default=0.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_engine_options(generate)
+    generate.set_defaults(handler=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (KvcellarError, ValueError) as exc:
+        print(f"kvcellar: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

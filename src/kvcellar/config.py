@@ -1,0 +1,105 @@
+"""Configuration: one frozen dataclass per subsystem, validated on construction.
+
+Operations: `EngineConfig`, `CacheConfig`, `parse_size` (human sizes such as "4G").
+Command-line flags, environment variables and config files all end up here;
+argparse lives only in `kvcellar.cli`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a human size: "4G", "512MiB", "1.5g", "0", or a plain int (binary units)."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"a size cannot be negative (got {text})")
+        return text
+    match = _SIZE_PATTERN.match(text)
+    if match is None:
+        raise ValueError(f"cannot read the size {text!r}: write a number with an optional unit, e.g. 512M, 4G, 0")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[unit.lower()])
+
+
+def format_size(num_bytes: int) -> str:
+    """The inverse of parse_size, for messages: 1536 -> "1.5 KiB"."""
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def normalize_dtype(dtype: str) -> str:
+    name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)} (or bf16/fp16/fp32)")
+    return name
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The prefix cache of one engine.
+
+    `exact`: reuse only state produced on the fixed, block-aligned prefill
+    schedule, so output with the cache is bit-identical to output without it.
+    Off, partial blocks, prompt tails and decode-produced KV are reused too
+    (equal within rounding, and a shorter time to first token on multi-turn
+    chats). docs/configuration.md explains the trade-off.
+    """
+
+    enabled: bool = True
+    device_cache_bytes: int = 2 * 1024**3
+    max_partial_entries: int = 16
+    exact: bool = True
+    eviction_policy: str = "priority-lru"
+    tenant_salt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.device_cache_bytes < 0:
+            raise ValueError(f"device_cache_bytes must be >= 0 (got {self.device_cache_bytes})")
+        if self.max_partial_entries < 0:
+            raise ValueError(
+                f"max_partial_entries (--tail-cache-entries) must be >= 0, 0 disables tails (got {self.max_partial_entries})"
+            )
+        if self.eviction_policy not in ("priority-lru", "lru"):
+            raise ValueError(f"unknown eviction policy {self.eviction_policy!r}: choose priority-lru or lru")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to load and run one model.
+
+    `block_size` is both the cache block and the prefill chunk: prefill runs
+    in chunks aligned to absolute position 0, which is what makes a restored
+    prefix bit-identical to a cold prefill.
+    """
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 256
+    num_threads: int | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model must name a local Hugging Face model folder")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)} (cuda:N also works)")
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if not 1 <= self.block_size <= 65536:
+            raise ValueError(f"block_size must be between 1 and 65536 tokens (got {self.block_size})")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 (got {self.num_threads})")

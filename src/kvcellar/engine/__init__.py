@@ -1,0 +1,14 @@
+"""The inference engine: load a model folder, run requests on one worker thread.
+
+Modules: `loader` (offline loading, device/dtype), `prompt` (templating, message
+boundaries), `prefill` (block-aligned chunks), `sampling`, `text_stream`
+(detokenizing, stop strings), `prefix` (restore/capture through the cache),
+`cache_setup` (namespace and tiers), `runner` (one request), `worker` (the
+model's thread), `engine` (the public facade).
+"""
+
+from kvcellar.engine.engine import Engine
+from kvcellar.engine.request import GenerationResult, PromptSegments, StreamEvent, Timings
+from kvcellar.engine.sampling import SamplingParams
+
+__all__ = ["Engine", "GenerationResult", "PromptSegments", "SamplingParams", "StreamEvent", "Timings"]

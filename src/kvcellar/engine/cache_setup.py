@@ -1,0 +1,79 @@
+"""Wire a loaded model to its prefix cache: namespace, tiers, one core per tenant salt.
+
+Operations: `build_prefix_cache(loaded, config) -> (prefix cache, CacheRegistry)`,
+`CacheRegistry.stats/clear/core_for_salt`.
+
+All salts share the same tiers (and so one byte budget): keys from different
+namespace roots never collide, because the root is hashed into every key.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from kvcellar.cache import CacheStats, LayoutCapabilities, MemoryTier, NamespaceSpec, PrefixCache, namespace_digest
+from kvcellar.config import EngineConfig
+from kvcellar.engine.loader import LoadedModel
+from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache
+from kvcellar.kv import inspect_layout
+from kvcellar.kv.layout import LAYOUT_VERSION
+
+
+@dataclass
+class CacheRegistry:
+    """The cores of one engine, one per tenant salt, over shared tiers."""
+
+    spec: NamespaceSpec | None
+    capabilities: LayoutCapabilities | None
+    tiers: list = field(default_factory=list)
+    max_partial_entries: int = 0
+    uncacheable_reason: str | None = None
+    _cores: dict[str, PrefixCache] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def core_for_salt(self, salt: str) -> PrefixCache:
+        with self._lock:
+            core = self._cores.get(salt)
+            if core is None:
+                root = namespace_digest(self.spec.with_salt(salt) if salt else self.spec)
+                core = PrefixCache(root, self.capabilities, self.tiers, max_partial_entries=self.max_partial_entries)
+                self._cores[salt] = core
+            return core
+
+    def stats(self) -> list[CacheStats]:
+        """One snapshot per tenant salt in use (the default salt is "")."""
+        with self._lock:
+            cores = list(self._cores.values())
+        return [core.stats() for core in cores]
+
+    def clear(self) -> None:
+        with self._lock:
+            cores = list(self._cores.values())
+        for core in cores:
+            core.clear()
+        for tier in self.tiers:
+            tier.clear()
+
+
+def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[ModelPrefixCache | DisabledPrefixCache, CacheRegistry]:
+    cache_config = config.cache
+    model_config = loaded.model.config
+    layout = inspect_layout(model_config)
+    if not cache_config.enabled or not layout.is_cacheable:
+        reason = "disabled by configuration" if not cache_config.enabled else layout.uncacheable_reason
+        return DisabledPrefixCache(model_config), CacheRegistry(None, None, uncacheable_reason=reason)
+    spec = NamespaceSpec(
+        model_fingerprint=loaded.fingerprint,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        block_size=config.block_size,
+        layout_version=LAYOUT_VERSION,
+        exact=cache_config.exact,
+        tenant_salt=cache_config.tenant_salt,
+    )
+    tiers = [MemoryTier(cache_config.device_cache_bytes, name="device", policy=cache_config.eviction_policy)]
+    registry = CacheRegistry(spec, layout.capabilities(config.block_size), tiers, cache_config.max_partial_entries)
+    prefix_cache = ModelPrefixCache(
+        registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, loaded.device
+    )
+    return prefix_cache, registry

@@ -1,0 +1,128 @@
+"""The engine: one model, its prefix cache, and the worker thread that runs requests.
+
+Operations: `Engine.load(model_dir, ...)`, `generate`, `stream`, `encode_chat`,
+`cache_stats`, `clear_cache`, `session`, `close`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import torch
+
+from kvcellar.config import CacheConfig, EngineConfig
+from kvcellar.engine.cache_setup import build_prefix_cache
+from kvcellar.engine.loader import LoadedModel, load_model
+from kvcellar.engine.prompt import encode_chat, encode_text
+from kvcellar.engine.request import GenerationRequest, GenerationResult, PromptSegments, StreamEvent
+from kvcellar.engine.runner import RequestRunner
+from kvcellar.engine.sampling import SamplingParams
+from kvcellar.engine.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Load once, then generate. Thread-safe: requests from any thread queue to the model's worker."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
+        self.prefix_cache, self.cache_registry = build_prefix_cache(self.loaded, config)
+        self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size))
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        block_size: int = 256,
+        num_threads: int | None = None,
+        cache: CacheConfig | None = None,
+    ) -> Engine:
+        return cls(EngineConfig(model, device, dtype, block_size, num_threads, cache or CacheConfig()))
+
+    # -- prompts ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> object:
+        return self.loaded.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.loaded.context_length
+
+    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None) -> tuple[list[int], PromptSegments]:
+        if (prompt is None) == (messages is None):
+            raise ValueError("pass exactly one of prompt= or messages=")
+        if messages is not None:
+            return encode_chat(self.loaded.tokenizer, messages)
+        return encode_text(self.loaded.tokenizer, prompt), PromptSegments()
+
+    # -- generation ------------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        cache_salt: str = "",
+        **sampling: object,
+    ) -> Iterator[StreamEvent]:
+        """Queue a request and yield its text as it is generated; the last event carries `.result`.
+
+        Closing the iterator early (break, or a client that disconnects) cancels the request.
+        """
+        if prompt_ids is not None:
+            ids, segments = list(prompt_ids), PromptSegments()
+        else:
+            ids, segments = self.encode(prompt, messages)
+        params = replace(params, **sampling) if params is not None and sampling else params
+        params = params or SamplingParams.from_request(**sampling)
+        job = self._worker.submit(GenerationRequest(tuple(ids), params, segments, cache_salt))
+        return self._follow(job)
+
+    @staticmethod
+    def _follow(job) -> Iterator[StreamEvent]:
+        try:
+            yield from job
+        finally:
+            job.cancel()  # no-op once finished; stops the worker's loop if the caller walked away
+
+    def generate(self, prompt: str | None = None, **kwargs: object) -> GenerationResult:
+        """Generate to the end and return the whole result (text, tokens, cached tokens, timings)."""
+        for event in self.stream(prompt, **kwargs):
+            if event.result is not None:
+                return event.result
+        raise RuntimeError("generation ended without a result")
+
+    def session(self, system: str | None = None, **defaults: object):
+        from kvcellar.session import ChatSession
+
+        return ChatSession(self, system=system, **defaults)
+
+    # -- cache -----------------------------------------------------------------------------------
+    def cache_stats(self):
+        return self.cache_registry.stats()
+
+    def clear_cache(self) -> None:
+        self.cache_registry.clear()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._worker.queue_depth
+
+    def close(self) -> None:
+        self._worker.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

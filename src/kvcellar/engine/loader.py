@@ -1,0 +1,143 @@
+"""Load a local Hugging Face causal-LM folder, offline.
+
+Operations: `resolve_device`, `resolve_dtype`, `load_model` -> `LoadedModel`.
+Nothing here reaches a hub: loading sets `local_files_only=True`, so a path
+that is not a folder on disk is an error that says so, never a download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvcellar.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadedModel:
+    """A model and its tokenizer, on one device. Only the engine's worker thread runs the model."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    fingerprint: str  # sha256 over config.json and the weight files' names and sizes (see _fingerprint)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but this torch build sees no CUDA GPU: use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("device 'mps' was asked for but MPS is not available here: use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, config_dtype: object) -> torch.dtype:
+    """`auto`: the folder's own dtype on GPUs; bf16 on CPU (the fastest there), fp16 on MPS for fp32 folders."""
+    if name != "auto":
+        return _TORCH_DTYPES[name]
+    if device.type == "cpu":
+        return torch.bfloat16
+    if isinstance(config_dtype, torch.dtype):
+        return config_dtype
+    if isinstance(config_dtype, str) and config_dtype in _TORCH_DTYPES:
+        return _TORCH_DTYPES[config_dtype]
+    return torch.float16 if device.type == "mps" else torch.bfloat16
+
+
+def _check_folder(path: Path) -> dict:
+    if not path.exists():
+        raise ModelLoadError(
+            f"model folder {str(path)!r} does not exist: pass a local Hugging Face model folder, "
+            "or make one with `kvcellar make-model --arch qwen3 --size tiny DIR`"
+        )
+    if not path.is_dir():
+        raise ModelLoadError(f"{str(path)!r} is a file, not a model folder: pass the folder holding config.json")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{str(path)!r} has no config.json, so it is not a Hugging Face model folder")
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise ModelLoadError(f"{str(path)!r} has a config.json but no weights (model.safetensors); the folder is incomplete")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON ({exc}); the folder is damaged") from exc
+
+
+def _fingerprint(path: Path) -> str:
+    """Identity of the weights without reading them: config bytes + each weight file's name, size and mtime-free header.
+
+    Reading gigabytes to hash them would make start-up slow; the safetensors
+    header (names, shapes, offsets) plus the file size changes whenever the
+    weights are re-exported, and the first 1 MiB of tensor data catches
+    re-randomized weights of the same shape.
+    """
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for weight_file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(weight_file.name.encode())
+        digest.update(str(weight_file.stat().st_size).encode())
+        with weight_file.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+    return digest.hexdigest()
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local folder, or raise ModelLoadError saying what to fix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path).expanduser().resolve()
+    config = _check_folder(folder)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device, config.get("torch_dtype") or config.get("dtype"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers raises many types here; the user needs one message
+        raise ModelLoadError(f"cannot load a tokenizer from {str(folder)!r}: {exc}") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+    except ValueError as exc:
+        raise ModelLoadError(
+            f"{str(folder)!r} is not a causal language model transformers can load "
+            f"(model_type {config.get('model_type')!r}): {exc}"
+        ) from exc
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the model in {str(folder)!r}: {exc}") from exc
+    model.to(torch_device).eval()
+    text_config = model.config.get_text_config(decoder=True)
+    context_length = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 2048
+    log.info("loaded %s on %s as %s (context %d)", folder.name, torch_device, torch_dtype, context_length)
+    return LoadedModel(model, tokenizer, folder, torch_device, torch_dtype, context_length, _fingerprint(folder))

@@ -1,0 +1,187 @@
+"""The prefix cache as the engine sees it: restore before prefill, capture during it.
+
+Operations: `ModelPrefixCache.restore`, `.capture_prompt_hook`, `.store_generated`,
+and `DisabledPrefixCache`, the null object used when caching is off or the
+model's cache cannot be restored (no `if enabled` checks on the request path).
+
+Thread: only the engine's worker thread calls into these objects; the core
+`PrefixCache` has its own lock for readers such as stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from kvcellar.cache import BlockHash, Match, Priority, PrefixCache, hash_blocks
+from kvcellar.engine.request import PromptSegments
+from kvcellar.kv import ModelLayout, StatePayload, build_cache, capture_entry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Restored:
+    """A cache standing at `num_tokens`, ready to prefill the rest of the prompt."""
+
+    cache: DynamicCache
+    num_tokens: int
+    logits: torch.Tensor | None = None  # the prompt's next-token logits when the whole prompt was cached
+    tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    lookup_s: float = 0.0
+    restore_s: float = 0.0
+
+
+def segment_priority(start: int, end: int, segments: PromptSegments) -> Priority:
+    """Priority of tokens [start, end): the highest segment they touch (system > user > assistant)."""
+    if segments.system_end is not None and start < segments.system_end:
+        return Priority.SYSTEM
+    if segments.last_user_end is not None and start < segments.last_user_end:
+        return Priority.USER
+    if segments.system_end is None and segments.last_user_end is None:
+        return Priority.USER  # a plain completion prompt: everything is "what the user sent"
+    return Priority.ASSISTANT
+
+
+class DisabledPrefixCache:
+    """Null object: every lookup misses, nothing is stored."""
+
+    exact = True
+
+    def __init__(self, config: object) -> None:
+        self._config = config
+
+    def restore(self, token_ids: Sequence[int], salt: str = "") -> Restored:
+        return Restored(DynamicCache(config=self._config), 0)
+
+    def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
+        return []
+
+    def capture_prompt_hook(self, token_ids, segments, cache, salt="") -> Callable[[int, torch.Tensor], None] | None:
+        return None
+
+    def decode_hook(self, token_ids, cache, salt="") -> Callable[[list[int]], None] | None:
+        return None
+
+    def finish_generated(self, token_ids: Sequence[int], cache: DynamicCache, salt: str = "") -> None:
+        return None
+
+
+class ModelPrefixCache:
+    """Glue between one model's transformers cache and the torch-free core."""
+
+    def __init__(
+        self,
+        core_for_salt: Callable[[str], PrefixCache],
+        model_config: object,
+        layout: ModelLayout,
+        block_size: int,
+        exact: bool,
+        device: torch.device,
+    ) -> None:
+        self._core_for_salt = core_for_salt
+        self._device = device
+        self._config = model_config
+        self._layout = layout
+        self.block_size = block_size
+        self.exact = exact
+
+    # -- restore ---------------------------------------------------------------------------------
+    def restore(self, token_ids: Sequence[int], salt: str = "") -> Restored:
+        core = self._core_for_salt(salt)
+        started = time.perf_counter()
+        match = core.lookup(token_ids, exact=self.exact)
+        looked_up = time.perf_counter()
+        try:
+            payloads = [entry.payload for entry in match.blocks]
+            if match.partial is not None:
+                payloads.append(match.partial.payload)
+            device = self._device
+            try:
+                cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device)
+            except (KeyError, ValueError, RuntimeError) as exc:
+                # A payload that does not fit this model is a mismatch: evict exactly it and run cold.
+                log.warning("cached state did not fit (%s); discarding it and recomputing", exc)
+                self._discard_suspects(core, match)
+                return Restored(DynamicCache(config=self._config), 0, lookup_s=looked_up - started)
+            logits = match.partial.payload.logits.to(device) if match.use_logits else None
+        finally:
+            core.release(match)
+        return Restored(cache, match.num_tokens, logits, dict(match.tokens_by_tier), looked_up - started, time.perf_counter() - looked_up)
+
+    def _discard_suspects(self, core: PrefixCache, match: Match) -> None:
+        core.discard(match.partial.key if match.partial is not None else match.blocks[-1].key)
+
+    # -- capture ---------------------------------------------------------------------------------
+    def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
+        """Extra chunk cuts at message boundaries; only non-exact mode may change the chunk schedule."""
+        if self.exact:
+            return []
+        return [p for p in (segments.system_end, segments.last_user_end) if p is not None and 0 < p < len(token_ids)]
+
+    def capture_prompt_hook(
+        self, token_ids: Sequence[int], segments: PromptSegments, cache: DynamicCache, salt: str = ""
+    ) -> Callable[[int, torch.Tensor], None]:
+        """A prefill hook that stores each full block, each message-boundary checkpoint and the prompt's tail."""
+        core = self._core_for_salt(salt)
+        block = self.block_size
+        hashes = hash_blocks(core.root, token_ids, block)
+        checkpoints = set(self.checkpoint_positions(token_ids, segments))
+        num_tokens = len(token_ids)
+
+        def on_chunk_end(end: int, logits: torch.Tensor) -> None:
+            if end % block == 0:
+                start = end - block
+                parent = hashes[start // block - 1] if start else core.root
+                payload = capture_entry(cache, self._layout, start, end)
+                priority = segment_priority(start, end, segments)
+                core.insert_block(parent, token_ids[start:end], payload, payload.num_bytes, priority)
+            if end == num_tokens or end in checkpoints:
+                final_logits = logits if end == num_tokens else None
+                self._store_partial(core, cache, token_ids, end, final_logits, segment_priority(end - 1, end, segments), hashes)
+
+        return on_chunk_end
+
+    def _store_partial(self, core, cache, token_ids, end, logits, priority, hashes) -> None:
+        """Store tokens [last boundary, end) as a partial entry; a 0-token one carries only logits."""
+        block = self.block_size
+        start = end // block * block
+        if start == end and logits is None:
+            return
+        parent = hashes[start // block - 1] if start else core.root
+        payload = capture_entry(cache, self._layout, start, end, logits)
+        core.insert_partial(parent, token_ids[start:end], payload, payload.num_bytes, priority, has_logits=logits is not None)
+
+    def decode_hook(self, token_ids: Sequence[int], cache: DynamicCache, salt: str = "") -> Callable[[list[int]], None] | None:
+        """Non-exact mode keeps the KV of generated tokens (assistant priority) as their blocks fill."""
+        if self.exact:
+            return None
+        core = self._core_for_salt(salt)
+        block = self.block_size
+        chain = hash_blocks(core.root, token_ids, block)
+
+        def on_token_fed(sequence: list[int]) -> None:
+            # `sequence` = prompt + generated tokens whose KV is now in `cache`.
+            end = len(sequence)
+            if end % block:
+                return
+            parent = chain[-1] if chain else core.root
+            payload = capture_entry(cache, self._layout, end - block, end)
+            key = core.insert_block(parent, sequence[end - block:end], payload, payload.num_bytes, Priority.ASSISTANT)
+            if key is not None:
+                chain.append(key)
+
+        return on_token_fed
+
+    def finish_generated(self, sequence: Sequence[int], cache: DynamicCache, salt: str = "") -> None:
+        """Non-exact mode: store the tail of prompt + generated tokens so the next turn can extend it."""
+        if self.exact or len(sequence) % self.block_size == 0:
+            return
+        core = self._core_for_salt(salt)
+        hashes = hash_blocks(core.root, sequence, self.block_size)
+        self._store_partial(core, cache, sequence, len(sequence), None, Priority.ASSISTANT, hashes)

@@ -1,0 +1,82 @@
+"""What a generation request carries in, and what comes back out.
+
+Operations: `PromptSegments` (where reuse is likely: end of the system prompt,
+end of the last user message), `GenerationRequest`, `Timings`, `StreamEvent`,
+`GenerationResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvcellar.engine.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class PromptSegments:
+    """Token positions inside a chat prompt (None for plain completions)."""
+
+    system_end: int | None = None
+    last_user_end: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    segments: PromptSegments = field(default_factory=PromptSegments)
+    cache_salt: str = ""
+
+
+@dataclass
+class Timings:
+    """Per-request timings; `*_s` in seconds, rates in tokens per second."""
+
+    ttft_s: float = 0.0
+    lookup_s: float = 0.0
+    restore_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.num_prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.num_decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "ttft_s": self.ttft_s,
+            "lookup_s": self.lookup_s,
+            "restore_s": self.restore_s,
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "total_s": self.total_s,
+            "prefill_tok_s": self.prefill_tok_s,
+            "decode_tok_s": self.decode_tok_s,
+        }
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "stop" (eos or a stop string), "length" (max_tokens or context), "cancelled"
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    cached_tokens_by_tier: dict[str, int]
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One step of a stream: new text (possibly empty), then a final event carrying the result."""
+
+    text: str = ""
+    token_id: int | None = None
+    result: GenerationResult | None = None

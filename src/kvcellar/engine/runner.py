@@ -1,0 +1,131 @@
+"""One request, start to finish, on the worker thread: restore, prefill, decode, store.
+
+Operations: `RequestRunner.run(request, emit, is_cancelled) -> GenerationResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from kvcellar.engine.loader import LoadedModel
+from kvcellar.engine.prefill import prefill
+from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache
+from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
+from kvcellar.engine.sampling import Sampler
+from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
+from kvcellar.errors import InvalidRequestError
+
+
+class RequestRunner:
+    def __init__(self, loaded: LoadedModel, prefix_cache: ModelPrefixCache | DisabledPrefixCache, block_size: int) -> None:
+        self.loaded = loaded
+        self.prefix_cache = prefix_cache
+        self.block_size = block_size
+        self._eos_ids = loaded.eos_token_ids
+
+    def check(self, request: GenerationRequest) -> None:
+        """Reject what cannot run, before it reaches the queue."""
+        num_prompt = len(request.prompt_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty: send at least one token of text")
+        if num_prompt >= self.loaded.context_length:
+            raise InvalidRequestError(
+                f"the prompt has {num_prompt} tokens but the model's context is {self.loaded.context_length} tokens: "
+                "shorten the prompt (leave room for the answer)"
+            )
+        vocab = self.loaded.model.get_input_embeddings().num_embeddings
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
+
+    @torch.inference_mode()
+    def run(
+        self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool]
+    ) -> GenerationResult:
+        self.check(request)
+        started = time.perf_counter()
+        timings = Timings()
+        prompt = list(request.prompt_ids)
+        device = self.loaded.device
+        restored = self.prefix_cache.restore(prompt, request.cache_salt)
+        timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
+        cache = restored.cache
+
+        prefill_started = time.perf_counter()
+        logits = restored.logits
+        if logits is None:
+            ids = torch.tensor(prompt, dtype=torch.long, device=device)
+            hook = self.prefix_cache.capture_prompt_hook(prompt, request.segments, cache, request.cache_salt)
+            cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
+            logits = prefill(self.loaded.model, cache, ids, restored.num_tokens, self.block_size, cuts, hook, is_cancelled)
+        timings.prefill_s = time.perf_counter() - prefill_started
+        timings.num_prefill_tokens = len(prompt) - restored.num_tokens
+
+        generated: list[int] = []
+        text_parts: list[str] = []
+        finish = "cancelled"
+        if logits is not None:
+            finish = self._decode(request, cache, logits, generated, text_parts, emit, is_cancelled, timings, started)
+        timings.total_s = time.perf_counter() - started
+        result = GenerationResult(
+            text="".join(text_parts),
+            token_ids=tuple(generated),
+            finish_reason=finish,
+            num_prompt_tokens=len(prompt),
+            num_cached_tokens=restored.num_tokens,
+            cached_tokens_by_tier=restored.tokens_by_tier,
+            timings=timings,
+        )
+        emit(StreamEvent(result=result))
+        return result
+
+    def _decode(self, request, cache, logits, generated, text_parts, emit, is_cancelled, timings, started) -> str:
+        """Sample until eos, a stop string, max_tokens or the context end; returns the finish reason."""
+        params = request.params
+        sampler = Sampler(params)
+        detokenizer = IncrementalDetokenizer(self.loaded.tokenizer, request.prompt_ids)
+        stops = StopStringMatcher(params.stop)
+        sequence = list(request.prompt_ids)
+        on_token_fed = self.prefix_cache.decode_hook(sequence, cache, request.cache_salt)
+        budget = min(params.max_tokens, self.loaded.context_length - len(sequence))
+        decode_started = time.perf_counter()
+        finish = "length"
+        while True:
+            token = sampler.sample(logits)
+            if not generated:
+                timings.ttft_s = time.perf_counter() - started
+                decode_started = time.perf_counter()
+            generated.append(token)
+            if token in self._eos_ids and not params.ignore_eos:
+                finish = "stop"
+                break
+            match = stops.push(detokenizer.push(token))
+            if match.text:
+                text_parts.append(match.text)
+                emit(StreamEvent(text=match.text, token_id=token))
+            if match.stopped:
+                finish = "stop"
+                break
+            if len(generated) >= budget or is_cancelled():
+                finish = "length" if len(generated) >= budget else "cancelled"
+                break
+            output = self.loaded.model(
+                input_ids=torch.tensor([[token]], device=self.loaded.device), past_key_values=cache, use_cache=True
+            )
+            sequence.append(token)
+            if on_token_fed is not None:
+                on_token_fed(sequence)
+            logits = output.logits[0, -1]
+        if not stops.stopped:  # release text held back for a possible stop string or a split character
+            rest = stops.push(detokenizer.flush()).text
+            rest += "" if stops.stopped else stops.flush()
+            if rest:
+                text_parts.append(rest)
+                emit(StreamEvent(text=rest))
+        timings.num_decode_tokens = max(len(generated) - 1, 0)  # tokens produced after the first one
+        timings.decode_s = time.perf_counter() - decode_started
+        self.prefix_cache.finish_generated(sequence, cache, request.cache_salt)
+        return finish

@@ -1,0 +1,92 @@
+"""The model's own thread: requests queue here and run one at a time.
+
+Operations: `ModelWorker.submit(request) -> Job`, `Job` (iterate its events;
+`cancel()` stops it between chunks or tokens), `ModelWorker.close()`.
+Invariant: only the worker thread touches the model and the live caches, so
+no forward pass ever runs concurrently with another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+
+from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent
+from kvcellar.engine.runner import RequestRunner
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+class Job:
+    """One queued request; its events arrive on a private queue, an exception ends the stream."""
+
+    def __init__(self, request: GenerationRequest, job_id: int) -> None:
+        self.request = request
+        self.job_id = job_id
+        self._events: queue.Queue[StreamEvent | BaseException] = queue.Queue()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def is_cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def put(self, item: StreamEvent | BaseException) -> None:
+        self._events.put(item)
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        while True:
+            item = self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.result is not None:
+                return
+
+    def result(self) -> GenerationResult:
+        for event in self:
+            if event.result is not None:
+                return event.result
+        raise RuntimeError("the stream ended without a result")
+
+
+class ModelWorker:
+    def __init__(self, runner: RequestRunner) -> None:
+        self.runner = runner
+        self._jobs: queue.Queue[Job | object] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._thread = threading.Thread(target=self._loop, name="kvcellar-model", daemon=True)
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._jobs.qsize()
+
+    def submit(self, request: GenerationRequest) -> Job:
+        self.runner.check(request)  # fail fast, in the caller's thread, with the caller's error
+        job = Job(request, next(self._ids))
+        self._jobs.put(job)
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            if job.is_cancelled():
+                job.put(RuntimeError("the request was cancelled before it started"))
+                continue
+            try:
+                self.runner.run(job.request, job.put, job.is_cancelled)
+            except Exception as exc:  # the error belongs to the caller; the worker keeps serving
+                log.exception("request %d failed", job.job_id)
+                job.put(exc)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._jobs.put(_STOP)
+        self._thread.join(timeout_s)

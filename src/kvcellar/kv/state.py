@@ -1,0 +1,128 @@
+"""Capture the state of a token range from a live cache; rebuild a cache from captured ranges.
+
+Payload layout (LAYOUT_VERSION 1), one flat dict of tensors per entry so every
+tier can store it as it is (the disk tier writes it as one safetensors file):
+- `"{layer}.keys"`, `"{layer}.values"`: [1, H_kv, T, D] K/V of the entry's T
+  tokens (full attention), or of its last min(T, window - 1) tokens (sliding
+  window: older tokens are never attended to again).
+- `"{layer}.conv.{i}"`, `"{layer}.recurrent.{i}"`: the recurrent state i of a
+  linear-attention / SSM layer at the entry's END position; valid only there.
+- `"logits"`: [vocab] float32 next-token logits at the end (optional).
+
+Ownership: captured tensors are fresh copies, never views of the live cache,
+because transformers mutates recurrent states in place and would otherwise
+rewrite a stored checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from kvcellar.kv.layout import ModelLayout
+
+
+@dataclass(eq=False)
+class StatePayload:
+    tensors: dict[str, torch.Tensor]
+    num_tokens: int
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return self.tensors.get("logits")
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def capture_entry(
+    cache: DynamicCache, layout: ModelLayout, start: int, end: int, logits: torch.Tensor | None = None
+) -> StatePayload:
+    """Copy the state of tokens [start, end) out of `cache`, which must stand exactly at position `end`."""
+    num_tokens = end - start
+    tensors: dict[str, torch.Tensor] = {}
+    for index, (spec, layer) in enumerate(zip(layout.layers, cache.layers)):
+        if spec.has_kv and num_tokens > 0:
+            if spec.sliding_window is None:
+                keys, values = layer.keys[:, :, start:end], layer.values[:, :, start:end]
+            else:
+                kept = min(num_tokens, spec.sliding_window - 1)
+                keys, values = layer.keys[:, :, -kept:], layer.values[:, :, -kept:]
+            tensors[f"{index}.keys"], tensors[f"{index}.values"] = _copy(keys), _copy(values)
+        # Recurrent state exists only at `end`; a 0-token entry reuses its parent block's checkpoint.
+        if num_tokens > 0:
+            for state in range(spec.num_recurrent_states):
+                tensors[f"{index}.conv.{state}"] = _copy(layer.conv_states[state])
+                tensors[f"{index}.recurrent.{state}"] = _copy(layer.recurrent_states[state])
+    if logits is not None:
+        tensors["logits"] = _copy(logits.float().reshape(-1))
+    return StatePayload(tensors, num_tokens)
+
+
+def _kv_pieces(payloads: Sequence[StatePayload], name: str, lengths: Sequence[int], needed: int | None) -> list[torch.Tensor]:
+    """Per-payload K or V slices, oldest first, each cut to its used length; stops once `needed` tokens are covered."""
+    pieces: list[torch.Tensor] = []
+    covered = 0
+    for payload, used in zip(reversed(payloads), reversed(lengths)):
+        if used == 0:
+            continue
+        tensor = payload.tensors[name]
+        # A sliding payload holds the LAST tensor.shape[-2] tokens of its range; `used` cuts from its front.
+        dropped = payload.num_tokens - used
+        tensor = tensor[:, :, : max(tensor.shape[-2] - dropped, 0)]
+        pieces.append(tensor)
+        covered += tensor.shape[-2]
+        if needed is not None and covered >= needed:
+            break
+    pieces.reverse()
+    return pieces
+
+
+def build_cache(
+    config: object, layout: ModelLayout, payloads: Sequence[StatePayload], num_tokens: int, device: torch.device
+) -> DynamicCache:
+    """A fresh DynamicCache standing at position `num_tokens`, from payloads covering [0, >= num_tokens).
+
+    The last payload may be trimmed (used only in part); the cache core allows
+    that only for layouts without recurrent layers, whose state cannot be cut.
+    Copies each K/V byte once (the concatenation); nothing is deep-copied.
+    """
+    lengths = [payload.num_tokens for payload in payloads]
+    excess = sum(lengths) - num_tokens
+    if excess < 0 or (payloads and excess > lengths[-1]):
+        raise ValueError(f"payloads cover {sum(lengths)} tokens, cannot restore position {num_tokens}")
+    if excess:
+        lengths[-1] -= excess
+    cache = DynamicCache(config=config)
+    if num_tokens == 0:
+        return cache
+    state_source = next(p for p, used in zip(reversed(payloads), reversed(lengths)) if used > 0)
+    for index, (spec, layer) in enumerate(zip(layout.layers, cache.layers)):
+        if spec.has_kv:
+            needed = None if spec.sliding_window is None else min(num_tokens, spec.sliding_window - 1)
+            keys = torch.cat(_kv_pieces(payloads, f"{index}.keys", lengths, needed), dim=-2).to(device)
+            values = torch.cat(_kv_pieces(payloads, f"{index}.values", lengths, needed), dim=-2).to(device)
+            if needed is not None:
+                keys, values = keys[:, :, -needed:], values[:, :, -needed:]
+                layer.cumulative_length = num_tokens
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        for state in range(spec.num_recurrent_states):
+            if excess:
+                raise ValueError("a recurrent state cannot be trimmed: restore only at an entry's end")
+            conv = state_source.tensors[f"{index}.conv.{state}"].to(device)
+            recurrent = state_source.tensors[f"{index}.recurrent.{state}"].to(device)
+            layer.lazy_initialization(conv_states=conv, state_idx=state, conv_kernel_size=conv.shape[-1])
+            layer.lazy_initialization(recurrent_states=recurrent, state_idx=state)
+            layer.conv_states[state].copy_(conv)
+            layer.recurrent_states[state].copy_(recurrent)
+            layer.has_previous_state[state] = True
+    return cache

@@ -1,0 +1,138 @@
+"""Write a seeded random-weight Hugging Face model folder (`make_model`).
+
+The folder holds config.json, generation_config.json, model.safetensors and
+the tokenizer files (tokenizer.json, tokenizer_config.json,
+chat_template.jinja); `AutoModelForCausalLM` / `AutoTokenizer` load it
+offline. The same (arch, size, seed, dtype) gives byte-identical weights.
+
+Publishing is atomic: everything is written into a hidden temporary sibling
+folder, which is renamed to the requested name only when complete, so an
+interrupted run never leaves a folder that looks valid under that name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from kvcellar.errors import InvalidRequestError
+from kvcellar.models.configs import build_config
+from kvcellar.models.specs import check_arch, check_dtype, size_spec
+from kvcellar.models.tokenizer import build_tokenizer
+
+Progress = Callable[[str], None]
+
+
+def _no_progress(message: str) -> None:
+    del message
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _exists_message(out: Path) -> str:
+    return (
+        f"{out} already exists and is not empty; pass overwrite=True (--force on the "
+        "command line) to replace it, or choose another folder."
+    )
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse early (before minutes of work) if publishing to `out` would fail or destroy data."""
+    if out.exists() and not out.is_dir():
+        raise InvalidRequestError(f"{out} exists and is not a folder; choose another output folder.")
+    if not _is_nonempty_dir(out):
+        return
+    if not overwrite:
+        raise InvalidRequestError(_exists_message(out))
+    # Overwrite deletes the old folder, so only ever delete something that is
+    # a model folder: a typo such as `--out ~ --force` must not wipe a home.
+    if not (out / "config.json").is_file():
+        raise InvalidRequestError(
+            f"refusing to replace {out}: it is not empty and has no config.json, so it does "
+            "not look like a model folder; delete it yourself or choose another folder."
+        )
+
+
+def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished `staging` folder to `out`, replacing `out` only if `overwrite`."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # Windows' rename refuses any existing target, even an empty one.
+    if overwrite and out.exists():
+        # Move the old folder aside first: the window in which `out` is missing
+        # is two renames long, and `out` never holds a mix of old and new files.
+        retired = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, retired)
+        os.rename(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
+        return
+    try:
+        # Fails if another process published `out` meanwhile: never clobber it.
+        os.rename(staging, out)
+    except OSError as exc:
+        if _is_nonempty_dir(out):
+            raise InvalidRequestError(_exists_message(out)) from exc
+        raise
+
+
+def _write_folder(arch: str, size: str, folder: Path, seed: int, dtype: str, progress: Progress) -> None:
+    spec = size_spec(size)
+    progress(f"training tokenizer (vocab {spec.tokenizer_vocab_size})")
+    tokenizer = build_tokenizer(spec.tokenizer_vocab_size, spec.max_position_embeddings)
+
+    config = build_config(arch, size)
+    progress(f"building model ({arch} {size}, {config.num_hidden_layers} layers)")
+    # fork_rng keeps the caller's global RNG untouched; seeding right before
+    # construction makes the weights a function of `seed` alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.to(getattr(torch, dtype))
+
+    progress("saving weights and tokenizer")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def make_model(
+    arch: str,
+    size: str,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Write a random-weight model folder for `arch` at `size` to `out_dir` and return its path.
+
+    Raises InvalidRequestError for an unknown arch, size or dtype, and when
+    `out_dir` is a non-empty folder and `overwrite` is False. `progress`, if
+    given, receives short messages ("training tokenizer ...", "building model
+    ...", "saving ...") as the work advances.
+    """
+    check_arch(arch)
+    size_spec(size)
+    check_dtype(dtype)
+    out = Path(out_dir).expanduser().absolute()
+    _check_destination(out, overwrite)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final rename stays on one filesystem (and is atomic);
+    # hidden, so a killed run's leftover is never mistaken for a model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        _write_folder(arch, size, staging, seed, dtype, progress or _no_progress)
+        _publish(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
