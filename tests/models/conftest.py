@@ -18,6 +18,10 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """arch -> folder of its tiny model (seed 0, bfloat16). Tests must not modify these."""
+    """arch -> folder of its tiny model (seed 0, bfloat16). Tests must not modify these.
+
+    tests/conftest.py has a fixture of the same name for the other packages;
+    this one shadows it so the models tests do not depend on that file.
+    """
     root = tmp_path_factory.mktemp("tiny-models")
     return {arch: make_model(arch, "tiny", root / arch) for arch in ARCHS}

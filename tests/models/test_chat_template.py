@@ -68,7 +68,8 @@ def test_unknown_role_is_refused(tokenizer) -> None:
 
 
 def test_tokenized_template_uses_the_special_token_ids(tokenizer) -> None:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_dict=True)["input_ids"]
+    messages = [{"role": "user", "content": "Hi"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert ids[0] == 1  # <|im_start|>
     assert ids.count(1) == 2 and ids.count(2) == 1  # two turn openings, one <|im_end|>
     assert tokenizer.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

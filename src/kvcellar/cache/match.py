@@ -87,6 +87,8 @@ def choose_restore_point(
     """
     n = len(token_ids)
     k = len(chain)
+    if n == 0:
+        return RestorePoint(0)
     allow_trim = can_trim and not exact
     raw = [RestorePoint(k), *_child_points(k, children, token_ids[k * block_size :], allow_trim)]
     if k > 0:

@@ -12,7 +12,7 @@ import torch
 
 from kvcellar.engine.loader import LoadedModel
 from kvcellar.engine.prefill import prefill
-from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache
+from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache, Restored
 from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
 from kvcellar.engine.sampling import Sampler
 from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
@@ -48,21 +48,9 @@ class RequestRunner:
         self.check(request)
         started = time.perf_counter()
         timings = Timings()
-        prompt = list(request.prompt_ids)
-        device = self.loaded.device
-        restored = self.prefix_cache.restore(prompt, request.cache_salt)
-        timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
+        restored, logits = self.prefill_prompt(request, is_cancelled, timings)
         cache = restored.cache
-
-        prefill_started = time.perf_counter()
-        logits = restored.logits
-        if logits is None:
-            ids = torch.tensor(prompt, dtype=torch.long, device=device)
-            hook = self.prefix_cache.capture_prompt_hook(prompt, request.segments, cache, request.cache_salt)
-            cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
-            logits = prefill(self.loaded.model, cache, ids, restored.num_tokens, self.block_size, cuts, hook, is_cancelled)
-        timings.prefill_s = time.perf_counter() - prefill_started
-        timings.num_prefill_tokens = len(prompt) - restored.num_tokens
+        prompt = request.prompt_ids
 
         generated: list[int] = []
         text_parts: list[str] = []
@@ -81,6 +69,25 @@ class RequestRunner:
         )
         emit(StreamEvent(result=result))
         return result
+
+    def prefill_prompt(
+        self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False, timings: Timings | None = None
+    ) -> tuple[Restored, torch.Tensor | None]:
+        """Restore the longest cached prefix, prefill the rest; returns the cache state and next-token logits."""
+        timings = timings if timings is not None else Timings()
+        prompt = list(request.prompt_ids)
+        restored = self.prefix_cache.restore(prompt, request.cache_salt)
+        timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
+        started = time.perf_counter()
+        logits = restored.logits
+        if logits is None:
+            ids = torch.tensor(prompt, dtype=torch.long, device=self.loaded.device)
+            hook = self.prefix_cache.capture_prompt_hook(prompt, request.segments, restored.cache, request.cache_salt)
+            cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
+            logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts, hook, is_cancelled)
+        timings.prefill_s = time.perf_counter() - started
+        timings.num_prefill_tokens = len(prompt) - restored.num_tokens
+        return restored, logits
 
     def _decode(self, request, cache, logits, generated, text_parts, emit, is_cancelled, timings, started) -> str:
         """Sample until eos, a stop string, max_tokens or the context end; returns the finish reason."""

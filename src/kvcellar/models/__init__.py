@@ -9,11 +9,12 @@ Operations:
 
 Architectures (`ARCHS`): qwen3 (full attention), gemma3 (sliding + full
 attention), qwen3_5 (linear + full attention). Sizes (`SIZES`): tiny (tests),
-small (demo), 0.6b (Qwen3-0.6B shape, for measurements).
+small (demo), 0.6b (Qwen3-0.6B shape, for measurements). Weight dtypes
+(`DTYPES`): bfloat16 (default), float32.
 """
 
 from kvcellar.models.demo import ensure_demo_model
 from kvcellar.models.factory import make_model
-from kvcellar.models.specs import ARCHS, SIZES
+from kvcellar.models.specs import ARCHS, DTYPES, SIZES
 
-__all__ = ["ARCHS", "SIZES", "ensure_demo_model", "make_model"]
+__all__ = ["ARCHS", "DTYPES", "SIZES", "ensure_demo_model", "make_model"]

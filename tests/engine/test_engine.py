@@ -1,0 +1,154 @@
+"""Foundation behaviour of the engine: offline loading, determinism, sampling, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvcellar import CacheConfig, Engine
+from kvcellar.engine.prefill import chunk_ends
+from kvcellar.engine.request import GenerationRequest
+from kvcellar.errors import InvalidRequestError, ModelLoadError
+
+ARCHS = ("qwen3", "gemma3", "qwen3_5")
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n" * 3
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dirs):
+    """One cache-less engine per arch (block 16 so short prompts span several chunks)."""
+    loaded = {arch: Engine.load(str(tiny_model_dirs[arch]), block_size=16, cache=CacheConfig(enabled=False)) for arch in ARCHS}
+    yield loaded
+    for engine in loaded.values():
+        engine.close()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generation_is_deterministic(engines, arch):
+    first = engines[arch].generate(PROMPT, max_tokens=12)
+    second = engines[arch].generate(PROMPT, max_tokens=12)
+    assert first.token_ids == second.token_ids
+    assert len(first.token_ids) == 12 and first.finish_reason == "length"
+    assert first.num_prompt_tokens == len(engines[arch].encode(PROMPT)[0])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_logits_bit_identical_across_runs(engines, arch):
+    engine = engines[arch]
+    ids, _ = engine.encode(PROMPT)
+    runner = engine._worker.runner
+    _, logits_a = runner.prefill_prompt(GenerationRequest(tuple(ids)))
+    _, logits_b = runner.prefill_prompt(GenerationRequest(tuple(ids)))
+    assert torch.equal(logits_a, logits_b)
+
+
+def test_chunks_are_aligned_to_absolute_position_zero():
+    assert chunk_ends(0, 40, 16) == [16, 32, 40]
+    assert chunk_ends(20, 40, 16) == [32, 40]  # a restore at 20 first completes the block 16..32
+    assert chunk_ends(0, 32, 16, extra_cuts=[5, 40]) == [5, 16, 32]
+
+
+def test_seeded_sampling_reproduces_and_seeds_differ(engines):
+    engine = engines["qwen3"]
+    options = dict(max_tokens=16, temperature=1.0, top_p=0.95, top_k=50, min_p=0.01)
+    a = engine.generate(PROMPT, seed=7, **options)
+    b = engine.generate(PROMPT, seed=7, **options)
+    c = engine.generate(PROMPT, seed=8, **options)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_stop_string_cuts_output_before_it(engines):
+    engine = engines["qwen3"]
+    full = engine.generate(PROMPT, max_tokens=24)
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip(), "the greedy text should have printable characters to stop on"
+    stopped = engine.generate(PROMPT, max_tokens=24, stop=[stop])
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == full.text[: full.text.index(stop)]
+
+
+def test_max_tokens_is_honoured(engines):
+    result = engines["gemma3"].generate(PROMPT, max_tokens=3)
+    assert len(result.token_ids) == 3 and result.finish_reason == "length"
+
+
+def test_eos_ends_generation(engines):
+    engine = engines["qwen3"]
+    free_run = engine.generate(PROMPT, max_tokens=6)
+    runner = engine._worker.runner
+    saved = runner._eos_ids
+    eos = free_run.token_ids[2]
+    runner._eos_ids = frozenset({eos})  # pretend the third token is the model's eos
+    try:
+        stopped = engine.generate(PROMPT, max_tokens=6)
+        ignored = engine.generate(PROMPT, max_tokens=6, ignore_eos=True)
+    finally:
+        runner._eos_ids = saved
+    assert stopped.token_ids == free_run.token_ids[: free_run.token_ids.index(eos) + 1] and stopped.finish_reason == "stop"
+    assert ignored.token_ids == free_run.token_ids
+
+
+def test_stream_yields_text_then_result(engines):
+    events = list(engines["qwen3"].stream(PROMPT, max_tokens=8))
+    assert events[-1].result is not None
+    assert "".join(e.text for e in events) == events[-1].result.text
+    assert events[-1].result.timings.ttft_s > 0
+
+
+def test_missing_folder_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist.*make-model"):
+        Engine.load(str(tmp_path / "nope"))
+
+
+def test_folder_without_config_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        Engine.load(str(tmp_path))
+
+
+def test_folder_that_is_not_a_causal_lm(tmp_path, tiny_model_dirs):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_model_dirs["qwen3"] / name).read_bytes())
+    with pytest.raises(ModelLoadError, match="not a causal language model"):
+        Engine.load(str(tmp_path))
+
+
+def test_folder_without_weights(tmp_path, tiny_model_dirs):
+    (tmp_path / "config.json").write_text((tiny_model_dirs["qwen3"] / "config.json").read_text())
+    with pytest.raises(ModelLoadError, match="no weights"):
+        Engine.load(str(tmp_path))
+
+
+def test_prompt_longer_than_context(engines, tiny_model_dirs):
+    context = json.loads((tiny_model_dirs["qwen3"] / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(InvalidRequestError, match=f"context is {context} tokens"):
+        engines["qwen3"].generate(prompt_ids=[5] * (context + 1), max_tokens=1)
+
+
+@pytest.mark.parametrize("bad, message", [(dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+                                          (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k")])
+def test_invalid_sampling_parameters(engines, bad, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        engines["qwen3"].generate(PROMPT, **bad)
+
+
+def test_unknown_arch_error(tmp_path):
+    from kvcellar.models import make_model
+
+    with pytest.raises(InvalidRequestError, match="qwen3"):
+        make_model("llama9", "tiny", tmp_path / "m")
+
+
+def test_chat_segments_mark_system_and_last_user(engines):
+    engine = engines["qwen3"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    ids, segments = engine.encode(messages=messages)
+    system_only = engine.tokenizer.apply_chat_template(messages[:1], tokenize=False)
+    assert segments.system_end == len(engine.encode(system_only)[0])
+    assert segments.system_end < segments.last_user_end < len(ids)
