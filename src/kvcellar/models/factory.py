@@ -46,7 +46,7 @@ def _exists_message(out: Path) -> str:
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:
-    """Refuse early (before minutes of work) if publishing to `out` would fail or destroy data."""
+    """Refuse before the slow build if publishing to `out` would fail or destroy data."""
     if out.exists() and not out.is_dir():
         raise InvalidRequestError(f"{out} exists and is not a folder; choose another output folder.")
     if not _is_nonempty_dir(out):
