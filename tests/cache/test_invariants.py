@@ -8,7 +8,12 @@ from kvcellar.cache import Match, MemoryTier, PrefixCache, Priority
 from .fakes import ATTENTION, B, RECURRENT, ROOT, SMALL_WINDOW, insert_chain, restored_tokens
 
 MAX_PARTIALS = 3
-prompts = st.lists(st.integers(0, 1), max_size=3 * B + 2)  # a 2-token vocabulary shares many prefixes
+# Prefixes of a few related conversations (many shared prefixes, tails, divergences) plus random prompts.
+BASES = ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 2, 3, 4, 5, 6, 0, 0, 9, 10, 11, 12, 0, 0], [1, 2, 3, 0, 5])
+prompts = st.one_of(
+    st.builds(lambda base, size: base[:size], st.sampled_from(BASES), st.integers(0, 3 * B + 2)),
+    st.lists(st.integers(0, 1), max_size=3 * B + 2),
+)
 ops = st.one_of(
     st.tuples(st.just("insert"), prompts, st.sampled_from(Priority), st.integers(1, 30), st.booleans()),
     st.tuples(st.just("lookup"), prompts, st.booleans(), st.booleans()),
@@ -37,10 +42,37 @@ def _check_match(cache: PrefixCache, match: Match, prompt: list[int], exact: boo
     if exact:
         assert match.partial is None or match.use_logits
     assert sum(match.tokens_by_tier.values()) == match.num_tokens
+    if prompt:  # the lookup finds the longest valid prefix, not just a valid one
+        allow_trim = cache.capabilities.can_trim and not exact
+        best = _best_restore_point(cache.tiers[0], prompt, allow_trim, exact)
+        assert match.num_tokens == best
+        assert match.use_logits == (best == len(prompt))
 
 
-def _check_tier(tier: MemoryTier, held: Match | None, connected: bool) -> None:
-    if held is not None and connected:  # pinned entries are never evicted for space
+def _best_restore_point(tier: MemoryTier, prompt: list[int], allow_trim: bool, exact: bool) -> int:
+    """Brute force over every entry reachable from the root: the largest valid restore point."""
+    n = len(prompt)
+    best = 0
+    stack = [(ROOT, ())]
+    while stack:
+        parent, path = stack.pop()
+        for entry in tier.children(parent):
+            full = (*path, *entry.token_ids)
+            if not entry.is_partial:
+                stack.append((entry.key, full))
+            is_prefix = list(full) == prompt[: len(full)]
+            if is_prefix and len(full) == n and entry.has_logits:
+                best = max(best, n)
+            elif is_prefix and len(full) < n and not (exact and entry.is_partial):
+                best = max(best, len(full))
+            if allow_trim:
+                common = next((i for i, (a, b) in enumerate(zip(full, prompt)) if a != b), min(len(full), n))
+                best = max(best, min(common, n - 1))
+    return best
+
+
+def _check_tier(tier: MemoryTier, held: Match | None, held_intact: bool, connected: bool) -> None:
+    if held is not None and held_intact:  # pinned entries are never evicted for space
         assert all(tier.get(entry.key) is entry for entry in held.entries)
     entries = tier.entries()
     assert tier.num_bytes <= tier.budget_bytes
@@ -53,7 +85,7 @@ def _check_tier(tier: MemoryTier, held: Match | None, connected: bool) -> None:
         assert all(entry.parent == ROOT or entry.parent in blocks for entry in entries)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     capabilities=st.sampled_from([ATTENTION, RECURRENT, SMALL_WINDOW]),
     policy=st.sampled_from(["priority-lru", "lru"]),
@@ -64,17 +96,18 @@ def test_random_workload_keeps_invariants(capabilities, policy, budget, steps) -
     tier = MemoryTier(budget, policy=policy)
     cache = PrefixCache(ROOT, capabilities, [tier], max_partial_entries=MAX_PARTIALS)
     held: Match | None = None
-    connected = True
+    connected = held_intact = True
     for step in steps:
         kind = step[0]
         if kind == "insert":
             _insert(cache, *step[1:])
+            held_intact = held_intact and not step[4]  # a tail with logits explicitly replaces one without
         elif kind == "lookup":
             _, prompt, exact, hold = step
             match = cache.lookup(prompt, exact=exact)
             _check_match(cache, match, prompt, exact)
             if hold and held is None:
-                held = match
+                held, held_intact = match, True
             else:
                 cache.release(match)
         elif kind == "budget":
@@ -92,8 +125,8 @@ def test_random_workload_keeps_invariants(capabilities, policy, budget, steps) -
         elif kind == "discard" and tier.num_entries:
             entries = tier.entries()
             cache.discard(entries[step[1] % len(entries)].key)
-            connected = False
-        _check_tier(tier, held, connected)
+            connected = held_intact = False
+        _check_tier(tier, held, held_intact, connected)
     if held is not None:
         cache.release(held)
     assert all(entry.num_pins == 0 for entry in tier.entries())

@@ -102,3 +102,15 @@ def test_partial_evicted_for_bytes_leaves_the_lru() -> None:
     _insert(cache, [3])  # evicts [2] for bytes; the count never overflows
     assert _resident_partials(cache) == [(3,)]
     assert cache.stats().num_evictions == 2
+
+
+def test_a_refused_tail_with_logits_keeps_the_old_tail() -> None:
+    cache = make_cache(budget_bytes=10)
+    key = _insert(cache, [1, 2])
+    old = cache.tiers[0].get(key)
+    assert cache.insert_partial(cache.root, [1, 2], "with logits", 11, Priority.USER, has_logits=True) is None
+    assert cache.tiers[0].get(key) is old and not old.has_logits  # 11 bytes never fit: the old tail stays
+    assert cache.stats().num_partial_entries == 1 and cache.stats().num_bytes == 5
+    match = cache.lookup([1, 2, 3], exact=False)
+    assert match.partial is old
+    cache.release(match)

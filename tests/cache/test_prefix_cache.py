@@ -39,6 +39,9 @@ def test_miss_on_empty_cache() -> None:
     match = cache.lookup(T, exact=False)
     assert not match.is_hit and match.entries == () and match.tokens_by_tier == {}
     assert cache.lookup([], exact=False).num_tokens == 0
+    cache.insert_partial(cache.root, [], "logits", 1, Priority.USER, has_logits=True)
+    empty = cache.lookup([], exact=False)
+    assert empty.num_tokens == 0 and empty.entries == () and not empty.use_logits  # an empty prompt is a miss
 
 
 def test_block_aligned_exact_repeat() -> None:

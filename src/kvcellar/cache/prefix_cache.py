@@ -9,7 +9,10 @@ Invariants:
   the root or a resident block, and tiers evict only leaves.
 - At most `max_partial_entries` partial entries are resident; beyond that the
   least recently used (inserted or looked up) unpinned partial is evicted.
+- Only explicit removals (discard, clear, a tail superseded by the same tail
+  with logits) take pinned entries; their holders keep a valid payload.
 - One lock serializes every public method; tiers and observer run under it.
+  Change budgets through `set_budget_bytes` so evictions are counted.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from kvcellar.cache.tier import Tier
 
 
 class PrefixCache:
+    """Lookups and inserts for the namespace rooted at `root`, over `tiers` ordered fastest first."""
+
     def __init__(
         self,
         root: BlockHash,
@@ -132,7 +137,8 @@ class PrefixCache:
         for entry in used:
             index = where[entry.key]
             keys_by_tier.setdefault(index, []).append(entry.key)
-            tokens_by_tier[self._tiers[index].name] += self._block_size if entry is not point.entry else point.num_entry_tokens
+            num_used = point.num_entry_tokens if entry is point.entry else self._block_size
+            tokens_by_tier[self._tiers[index].name] += num_used
         for index, keys in keys_by_tier.items():
             self._tiers[index].prepare_load(keys)  # pins and touches, chain order
         if point.entry is not None and point.entry.is_partial:
@@ -182,17 +188,18 @@ class PrefixCache:
         entry = CacheEntry(key, parent, tokens, num_bytes, priority, payload, is_partial=True, has_logits=has_logits)
         with self._lock:
             tier = self._tiers[0]
-            existing = tier.get(key)
-            if existing is not None and has_logits and not existing.has_logits:
-                tier.evict(key)  # replaced by the same tail with logits; not an eviction for space
-                self._partials.forget(key)
-                existing = None
-            if existing is None and not self._partials.can_admit(self._tiers):
+            old = tier.get(key)
+            superseded = old is not None and has_logits and not old.has_logits
+            if superseded:
+                tier.evict(key)  # the same tail with logits replaces it; not an eviction for space
+            if (old is None or superseded) and not self._partials.can_admit(self._tiers):
                 num_max = self._partials.max_entries
-                reason = f"max_partial_entries={num_max} reached and every partial is pinned" if num_max else "partials disabled"
-                return self._refuse(entry, reason)
+                full = f"max_partial_entries={num_max} reached and every partial is pinned"
+                return self._refuse(entry, full if num_max else "partials disabled")
             stored = self._store(entry, 0)
-            if stored is not None:
+            if stored is None and superseded:
+                self._store(old, 0)  # the new tail was refused: keep the old one (its bytes were just freed)
+            if tier.get(key) is not None:
                 self._partials.touch(key, 0)
                 for victim, index in self._partials.overflow(self._tiers):
                     self._tiers[index].evict(victim.key)
@@ -200,7 +207,8 @@ class PrefixCache:
             return stored
 
     def _store(self, entry: CacheEntry, index: int) -> BlockHash | None:
-        if entry.parent != self._root and not self._is_resident_block(entry.parent):
+        parent = self._find(entry.parent)
+        if entry.parent != self._root and (parent is None or parent[0].is_partial):
             return self._refuse(entry, f"parent {entry.parent.hex()} is not a resident block")
         tier = self._tiers[index]
         result = tier.prepare_store(entry)
@@ -215,7 +223,6 @@ class PrefixCache:
 
     def _refuse(self, entry: CacheEntry, reason: str) -> None:
         self._observer.on_refuse(entry, reason)
-        return None
 
     def _demote(self, entries: Sequence[CacheEntry], from_index: int) -> None:
         """Hook for write-behind demotion: later, hand `entries` to tiers[from_index + 1].
@@ -288,7 +295,3 @@ class PrefixCache:
             if entry is not None:
                 return entry, index
         return None
-
-    def _is_resident_block(self, key: BlockHash) -> bool:
-        found = self._find(key)
-        return found is not None and not found[0].is_partial

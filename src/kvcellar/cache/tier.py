@@ -171,13 +171,14 @@ class MemoryTier:
             existing.last_used = self._tick()
             return StoreResult(True, (), "already stored")
         if self._budget_bytes == 0 or entry.num_bytes > self._budget_bytes:
-            return StoreResult(False, (), f"entry of {entry.num_bytes} bytes exceeds the {self.name} budget of {self._budget_bytes} bytes")
+            reason = f"entry of {entry.num_bytes} bytes exceeds the {self.name} budget of {self._budget_bytes} bytes"
+            return StoreResult(False, (), reason)
         victims = self._plan_evictions(self._num_bytes + entry.num_bytes - self._budget_bytes, entry.parent)
         if victims is None:
-            return StoreResult(False, (), f"cannot free {entry.num_bytes} bytes in {self.name}: the other entries are pinned or are parents")
+            reason = f"cannot free {entry.num_bytes} bytes in {self.name}: the other entries are pinned or are parents"
+            return StoreResult(False, (), reason)
         for victim in victims:
             self._remove(victim)
-        entry.num_pins = 0
         entry.last_used = self._tick()
         self._pending[entry.key] = entry
         self._child_keys.setdefault(entry.parent, {})[entry.key] = None
