@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from kvcellar.cache import BlockHash, Match, Priority, PrefixCache, hash_blocks
 from kvcellar.engine.request import PromptSegments
 from kvcellar.kv import ModelLayout, StatePayload, build_cache, capture_entry
+from kvcellar.kv.growing_layer import new_cache
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class DisabledPrefixCache:
     def __init__(self, config: object) -> None:
         self._config = config
 
-    def restore(self, token_ids: Sequence[int], salt: str = "") -> Restored:
-        return Restored(DynamicCache(config=self._config), 0)
+    def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0) -> Restored:
+        return Restored(new_cache(self._config, capacity), 0)
 
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
         return []
@@ -92,7 +93,8 @@ class ModelPrefixCache:
         self.exact = exact
 
     # -- restore ---------------------------------------------------------------------------------
-    def restore(self, token_ids: Sequence[int], salt: str = "") -> Restored:
+    def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0) -> Restored:
+        """Build the cache for the longest restorable prefix; `capacity` = tokens the request may reach."""
         core = self._core_for_salt(salt)
         started = time.perf_counter()
         match = core.lookup(token_ids, exact=self.exact)
@@ -103,12 +105,12 @@ class ModelPrefixCache:
                 payloads.append(match.partial.payload)
             device = self._device
             try:
-                cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device)
+                cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device, capacity)
             except (KeyError, ValueError, RuntimeError) as exc:
                 # A payload that does not fit this model is a mismatch: evict exactly it and run cold.
                 log.warning("cached state did not fit (%s); discarding it and recomputing", exc)
                 self._discard_suspects(core, match)
-                return Restored(DynamicCache(config=self._config), 0, lookup_s=looked_up - started)
+                return Restored(new_cache(self._config, capacity), 0, lookup_s=looked_up - started)
             logits = match.partial.payload.logits.to(device) if match.use_logits else None
         finally:
             core.release(match)

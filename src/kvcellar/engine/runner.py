@@ -76,7 +76,8 @@ class RequestRunner:
         """Restore the longest cached prefix, prefill the rest; returns the cache state and next-token logits."""
         timings = timings if timings is not None else Timings()
         prompt = list(request.prompt_ids)
-        restored = self.prefix_cache.restore(prompt, request.cache_salt)
+        capacity = min(len(prompt) + request.params.max_tokens, self.loaded.context_length)
+        restored = self.prefix_cache.restore(prompt, request.cache_salt, capacity)
         timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
         started = time.perf_counter()
         logits = restored.logits

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from kvcellar.kv.growing_layer import GrowingLayer, new_cache
 from kvcellar.kv.layout import ModelLayout
 
 
@@ -87,13 +88,19 @@ def _kv_pieces(payloads: Sequence[StatePayload], name: str, lengths: Sequence[in
 
 
 def build_cache(
-    config: object, layout: ModelLayout, payloads: Sequence[StatePayload], num_tokens: int, device: torch.device
+    config: object,
+    layout: ModelLayout,
+    payloads: Sequence[StatePayload],
+    num_tokens: int,
+    device: torch.device,
+    capacity: int = 0,
 ) -> DynamicCache:
     """A fresh DynamicCache standing at position `num_tokens`, from payloads covering [0, >= num_tokens).
 
     The last payload may be trimmed (used only in part); the cache core allows
     that only for layouts without recurrent layers, whose state cannot be cut.
-    Copies each K/V byte once (the concatenation); nothing is deep-copied.
+    Copies each K/V byte once, straight into the layers' reserved buffers
+    (`capacity` tokens: prompt + max_tokens); nothing is deep-copied.
     """
     lengths = [payload.num_tokens for payload in payloads]
     excess = sum(lengths) - num_tokens
@@ -101,12 +108,18 @@ def build_cache(
         raise ValueError(f"payloads cover {sum(lengths)} tokens, cannot restore position {num_tokens}")
     if excess:
         lengths[-1] -= excess
-    cache = DynamicCache(config=config)
+    cache = new_cache(config, max(capacity, num_tokens))
     if num_tokens == 0:
         return cache
     state_source = next(p for p, used in zip(reversed(payloads), reversed(lengths)) if used > 0)
     for index, (spec, layer) in enumerate(zip(layout.layers, cache.layers)):
-        if spec.has_kv:
+        if isinstance(layer, GrowingLayer):
+            keys_pieces = _kv_pieces(payloads, f"{index}.keys", lengths, None)
+            value_pieces = _kv_pieces(payloads, f"{index}.values", lengths, None)
+            layer.lazy_initialization(keys_pieces[0].to(device), value_pieces[0].to(device))
+            for key_piece, value_piece in zip(keys_pieces, value_pieces):
+                layer.update(key_piece.to(device), value_piece.to(device))
+        elif spec.has_kv:
             needed = None if spec.sliding_window is None else min(num_tokens, spec.sliding_window - 1)
             keys = torch.cat(_kv_pieces(payloads, f"{index}.keys", lengths, needed), dim=-2).to(device)
             values = torch.cat(_kv_pieces(payloads, f"{index}.values", lengths, needed), dim=-2).to(device)

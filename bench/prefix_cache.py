@@ -1,0 +1,295 @@
+"""Prefix-cache benchmark: time to first token cold vs. cached, chunking overhead, peak memory.
+
+Run:  PYTHONPATH=src .venv/bin/python bench/prefix_cache.py [--model DIR] [--lengths 2048,8192]
+                                                       [--block-size 256] [--out bench-out/prefix_cache.json]
+
+Without --model it builds (once) the random-weight Qwen3-0.6B-shape folder
+`<$KVCELLAR_HOME or ~/.cache/kvcellar>/models/bench-qwen3-0.6b`. Prompts are seeded
+random token ids (no tokenizer cost); each request asks for 1 token; torch uses 2
+threads. For each prompt length L, three fresh subprocesses (so peaks don't mix):
+
+- cold: engine with `CacheConfig(enabled=False)` sends prompt P (block-aligned chunked
+  prefill, the engine's normal path). Then on the bare model: one unchunked forward
+  of P (chunking overhead = chunked prefill_s / unchunked - 1), and 64 new tokens on
+  top of that L-token KV, 3 times (the floor for a multi-turn extension).
+- exact / nonexact: engine with the cache on (exact=True / False, 8 GiB device tier)
+  sends P (insert: cold + capture), P again 3 times (exact-repeat hit: TTFT and its
+  lookup / restore / prefill split), then P + 64 new tokens 3 times with different new
+  tokens (multi-turn hit; ratios to the floor and to 64 / cold tok/s). Medians reported.
+
+Memory (Linux): RSS after load (+ a warm-up forward that pages the weights in); per-request
+peak RSS (high-water mark reset via /proc/self/clear_refs); cache bytes; one request's KV
+(L x layers x 2 x kv_heads x head_dim x dtype bytes). Check: hit peak <= load + cache + KV.
+Hit 1 runs as is; then malloc_trim(0) returns glibc's freed heap before hits 2-3.
+CPU use (CPU s / wall s; about 2 when the cores were ours) flags a shared machine.
+llama.cpp figures (same CPU, weights and token ids; /work/shared/ANCHORS.md) print alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import random
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ANCHORS = {  # llama.cpp llama-server, cache_prompt, 2 threads, same 2-core CPU (ANCHORS.md)
+    2048: {"cold_s": 32.3, "hit_s": 0.20, "extend64_s": 1.43},
+    8192: {"cold_s": 253.0, "hit_s": 0.53, "extend64_s": 3.50},
+}
+NEW_TOKENS, REPEATS, THREADS, MIB = 64, 3, 2, 1024**2
+SPLIT = ("ttft_s", "lookup_s", "restore_s", "prefill_s", "num_cached_tokens")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_ids(n: int, seed: int, hi: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(100, hi) for _ in range(n)]
+
+
+# -- memory and CPU use (Linux /proc; the fallback peak, ru_maxrss, cannot be reset) ----------------
+def _proc_kib(field: str, path: str = "/proc/self/status") -> int | None:
+    try:
+        return int(re.search(rf"{field}:\s+(\d+)", Path(path).read_text()).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+def rss_mib(peak: bool = False) -> float:
+    kib = _proc_kib("VmHWM" if peak else "VmRSS")
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def reset_peak() -> None:  # VmHWM := current RSS (Linux >= 4.0)
+    if Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def malloc_trim() -> None:  # glibc only
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def counters() -> tuple[float, int, float]:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime, u.ru_minflt, time.perf_counter()
+
+
+def usage_since(start: tuple[float, int, float]) -> dict:
+    cpu, faults, wall = counters()
+    return {"cpu_util": (cpu - start[0]) / (wall - start[2]), "minor_faults": faults - start[1]}
+
+
+# -- child phases ----------------------------------------------------------------------------------
+def request(engine, ids: list[int]) -> dict:
+    reset_peak()
+    start = counters()
+    r = engine.generate(prompt_ids=ids, max_tokens=1)
+    t = r.timings
+    return {"ttft_s": t.ttft_s, "lookup_s": t.lookup_s, "restore_s": t.restore_s, "prefill_s": t.prefill_s,
+            "num_prefill_tokens": t.num_prefill_tokens, "num_cached_tokens": r.num_cached_tokens,
+            "peak_mib": rss_mib(peak=True), "loadavg_1m": os.getloadavg()[0], **usage_since(start)}
+
+
+def bare_forwards(m, prompt: list[int], news: list[list[int]]) -> dict:
+    """One unchunked forward of the prompt, then each of `news` on top of its KV (the extension floor)."""
+    import torch
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache, start = DynamicCache(config=m.config), counters()
+        m(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = {"unchunked_s": time.perf_counter() - start[2], "extend_floor_s": []}
+        out.update({f"unchunked_{k}": v for k, v in usage_since(start).items()})
+        log(f"  L={len(prompt)} unchunked forward {out['unchunked_s']:.2f} s, CPU use {out['unchunked_cpu_util']:.2f}")
+        for new in news:
+            started = time.perf_counter()
+            m(input_ids=torch.tensor([new]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out["extend_floor_s"].append(time.perf_counter() - started)
+            cache.crop(-len(new))  # back to the prompt's length
+            assert cache.get_seq_length() == len(prompt), cache.get_seq_length()
+    return out
+
+
+def phase(name: str, model: str, length: int, block_size: int) -> dict:
+    import torch
+    from kvcellar import CacheConfig, Engine
+
+    torch.set_num_threads(THREADS)
+    cache = CacheConfig(enabled=name != "cold", exact=name == "exact", device_cache_bytes=8 * 1024**3)
+    engine = Engine.load(model, block_size=block_size, num_threads=THREADS, cache=cache)
+    m, cfg = engine.loaded.model, engine.loaded.model.config
+    with torch.inference_mode():  # warm-up outside the engine (nothing enters its cache); pages weights in
+        m(input_ids=torch.tensor([list(range(100, 116))]), use_cache=False, logits_to_keep=1)
+    hi = min(8000, m.get_input_embeddings().num_embeddings)
+    prompt, news = make_ids(length, length, hi), [make_ids(NEW_TOKENS, 1000 + i, hi) for i in range(REPEATS)]
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * engine.loaded.dtype.itemsize
+    out = {"phase": name, "length": length, "kv_bytes_per_token": kv_per_token,
+           "request_kv_bytes": length * kv_per_token, "rss_load_mib": rss_mib()}
+    log(f"  L={length} {name}: model loaded, RSS {out['rss_load_mib']:.0f} MiB; first request (cold)")
+    out["first"] = first = request(engine, prompt)
+    log(f"  L={length} {name}: first request TTFT {first['ttft_s']:.2f} s, CPU use {first['cpu_util']:.2f} of {THREADS}"
+        f" (less: cores shared), load {first['loadavg_1m']:.1f}, {first['minor_faults']} minor faults")
+    if name == "cold":
+        return out | bare_forwards(m, prompt, news)
+    out["cache_bytes"], out["rss_before_hit_mib"] = sum(s.num_bytes for s in engine.cache_stats()), rss_mib()
+    out["hits"] = [request(engine, prompt)]
+    malloc_trim()
+    out["rss_trimmed_mib"] = rss_mib()
+    out["hits"] += [request(engine, prompt) for _ in range(REPEATS - 1)]
+    log(f"  L={length} {name}: repeat hit TTFT {[round(h['ttft_s'], 3) for h in out['hits']]}")
+    out["turns"] = [request(engine, prompt + new) for new in news]
+    log(f"  L={length} {name}: +{NEW_TOKENS} tokens TTFT {[round(h['ttft_s'], 3) for h in out['turns']]}")
+    out["cache_bytes_end"] = sum(s.num_bytes for s in engine.cache_stats())
+    engine.close()
+    return out
+
+
+def run_child(name: str, model: str, length: int, block_size: int) -> dict:
+    log(f"L={length}: phase {name} (fresh process)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "phase.json"
+        subprocess.run([sys.executable, __file__, "--phase", name, "--model", model, "--lengths", str(length),
+                        "--block-size", str(block_size), "--phase-out", str(path)], check=True)
+        return json.loads(path.read_text())
+
+
+# -- parent: orchestrate, summarise, print ---------------------------------------------------------
+def bench_model() -> str:
+    from kvcellar.models import make_model
+    from kvcellar.models.demo import is_complete_model_dir, kvcellar_home
+
+    path = kvcellar_home() / "models" / "bench-qwen3-0.6b"
+    if not is_complete_model_dir(path):
+        log(f"building the Qwen3-0.6B-shape model in {path} (once)")
+        make_model("qwen3", "0.6b", path, overwrite=path.exists())
+    return str(path)
+
+
+def hardware() -> dict:
+    import torch
+    import transformers
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)), "torch_threads": THREADS,
+            "mem_total_kib": _proc_kib("MemTotal", "/proc/meminfo"), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
+    chunked, floor = cold["first"]["prefill_s"], statistics.median(cold["extend_floor_s"])
+    tok_s = length / chunked
+    s = {"cold_ttft_s": cold["first"]["ttft_s"], "cold_prefill_s": chunked, "cold_tok_s": tok_s,
+         "unchunked_s": cold["unchunked_s"], "chunking_overhead": chunked / cold["unchunked_s"] - 1,
+         "extend_floor_s": floor, "anchor": ANCHORS.get(length, {}), "cold_peak_mib": cold["first"]["peak_mib"],
+         "cpu_util": [cold["first"]["cpu_util"], cold["unchunked_cpu_util"], *(r["first"]["cpu_util"] for r in modes.values())],
+         "modes": {}}
+    for mode, r in modes.items():
+        budget = r["rss_load_mib"] + (r["cache_bytes"] + r["request_kv_bytes"]) / MIB
+        peaks = [h["peak_mib"] for h in r["hits"]]
+        mem = {"rss_load_mib": r["rss_load_mib"], "cache_mib": r["cache_bytes"] / MIB,
+               "request_kv_mib": r["request_kv_bytes"] / MIB, "budget_mib": budget, "peak_insert_mib": r["first"]["peak_mib"],
+               "rss_before_hit_mib": r["rss_before_hit_mib"], "peak_hit_mib": peaks[0],
+               "rss_trimmed_mib": r["rss_trimmed_mib"], "peak_hit_trimmed_mib": max(peaks[1:], default=peaks[0]),
+               "peak_turn_mib": max(t["peak_mib"] for t in r["turns"])}
+        mem.update(excess_mib=mem["peak_hit_mib"] - budget, excess_trimmed_mib=mem["peak_hit_trimmed_mib"] - budget)
+        s["modes"][mode] = {
+            "insert_ttft_s": r["first"]["ttft_s"], "memory": mem,
+            **{part: {k: statistics.median(x[k] for x in r[rows]) for k in SPLIT}
+               for part, rows in (("hit", "hits"), ("turn", "turns"))}}
+        m = s["modes"][mode]
+        m.update(hit_speedup=s["cold_ttft_s"] / m["hit"]["ttft_s"], turn_vs_floor=m["turn"]["ttft_s"] / floor,
+                 turn_vs_est=m["turn"]["ttft_s"] / (NEW_TOKENS / tok_s))
+    return s
+
+
+def fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def md(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["", f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def split_row(L: int, mode: str, d: dict) -> list[str]:
+    return [str(L), mode, f"{d['ttft_s']:.3f}", f"{d['lookup_s']:.4f}", f"{d['restore_s']:.3f}", f"{d['prefill_s']:.3f}",
+            f"{d['num_cached_tokens']:.0f}"]
+
+
+def tables(summary: dict[int, dict], block_size: int) -> str:
+    per_mode = [(L, s, mode, m) for L, s in summary.items() for mode, m in s["modes"].items()]
+    split = ["L", "mode", "TTFT (s)", "lookup (s)", "restore (s)", "prefill (s)", "cached"]
+    out = md(f"Cold prefill: cache off, block-aligned chunks of {block_size}, vs one unchunked forward",
+             ["L", "cold TTFT (s)", "tok/s", "unchunked (s)", "chunking overhead", "cold+capture exact / non-exact (s)",
+              f"CPU use of {THREADS}: cold / unchunked / capture ×2", "llama.cpp cold (s)"],
+             [[str(L), f"{s['cold_ttft_s']:.2f}", f"{s['cold_tok_s']:.0f}", f"{s['unchunked_s']:.2f}",
+               f"{s['chunking_overhead']:+.1%}", " / ".join(f"{m['insert_ttft_s']:.2f}" for m in s["modes"].values()),
+               " / ".join(f"{u:.2f}" for u in s["cpu_util"]), fmt(s["anchor"].get("cold_s"))]
+              for L, s in summary.items()])
+    out += md(f"Exact-repeat hit (median of {REPEATS})", [*split, "speedup vs cold", "llama.cpp (s)"],
+              [[*split_row(L, mode, m["hit"]), f"{m['hit_speedup']:.0f}x", fmt(s["anchor"].get("hit_s"))]
+               for L, s, mode, m in per_mode])
+    out += md(f"Multi-turn hit: P + {NEW_TOKENS} new tokens (median of {REPEATS}); floor = the new tokens' forward "
+              f"on a warm L-token DynamicCache; est = {NEW_TOKENS} / cold tok/s",
+              [*split, "floor (s)", "TTFT/floor", "TTFT/est", "llama.cpp (s)"],
+              [[*split_row(L, mode, m["turn"]), f"{s['extend_floor_s']:.3f}", f"{m['turn_vs_floor']:.2f}",
+                f"{m['turn_vs_est']:.2f}", fmt(s["anchor"].get("extend64_s"))] for L, s, mode, m in per_mode])
+    keys = ("rss_load_mib", "cache_mib", "request_kv_mib", "budget_mib", "peak_insert_mib", "rss_before_hit_mib",
+            "peak_hit_mib", "rss_trimmed_mib", "peak_hit_trimmed_mib", "peak_turn_mib")
+    out += md("Memory (MiB; each peak isolated per request via /proc/self/clear_refs; budget = load + cache + KV)",
+              ["L", "mode", "RSS after load", "cache", "request KV", "budget", "peak insert", "RSS before hit", "peak hit",
+               "RSS after malloc_trim", "peak hit (trimmed)", "peak turn", "cold peak (cache off)",
+               "hit peak − budget (as is / trimmed)"],
+              [[str(L), mode, *(f"{m['memory'][k]:.0f}" for k in keys), f"{s['cold_peak_mib']:.0f}",
+                f"{m['memory']['excess_mib']:+.0f} / {m['memory']['excess_trimmed_mib']:+.0f}"]
+               for L, s, mode, m in per_mode])
+    return "\n".join(out).lstrip()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="model folder (default: build/reuse the Qwen3-0.6B-shape bench model)")
+    p.add_argument("--lengths", default="2048,8192", help="comma-separated prompt lengths in tokens")
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--out", default="bench-out/prefix_cache.json")
+    p.add_argument("--phase", choices=("cold", "exact", "nonexact"), help=argparse.SUPPRESS)
+    p.add_argument("--phase-out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    if args.phase:
+        Path(args.phase_out).write_text(json.dumps(phase(args.phase, args.model, lengths[0], args.block_size)))
+        return
+    model, started = args.model or bench_model(), time.perf_counter()
+    raw = {L: {name: run_child(name, model, L, args.block_size) for name in ("cold", "exact", "nonexact")} for L in lengths}
+    summary = {L: summarise(L, r["cold"], {m: r[m] for m in ("exact", "nonexact")}) for L, r in raw.items()}
+    hw = hardware()
+    print(f"\n## kvcellar prefix cache — {Path(model).name}, block {args.block_size}, {hw['cpu']}, "
+          f"{THREADS} threads, torch {hw['torch']}, transformers {hw['transformers']}\n", flush=True)
+    print(tables(summary, args.block_size), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"hardware": hw, "model": model, "block_size": args.block_size, "new_tokens": NEW_TOKENS,
+                               "repeats": REPEATS, "anchors_llama_cpp": ANCHORS, "summary": summary, "raw": raw,
+                               "wall_s": time.perf_counter() - started}, indent=2))
+    log(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

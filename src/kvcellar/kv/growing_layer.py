@@ -1,0 +1,62 @@
+"""A full-attention cache layer that appends in place.
+
+transformers' `DynamicLayer` concatenates its K/V with every chunk: each
+append copies the whole history and briefly holds it twice, so a long
+chunked prefill does O(n^2) copying and peaks at twice the request's KV.
+`GrowingLayer` reserves the request's capacity once (prompt + max_tokens,
+known before prefill) and writes each chunk into place; K/V are views of
+that buffer. If a request outgrows it (it should not), the buffer doubles.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = max(capacity, 1)
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, _ = key_states.shape
+        # [B, H_kv, capacity, D]; only [:, :, :length] is meaningful.
+        self._key_buffer = key_states.new_empty((batch, heads, self.capacity, key_states.shape[-1]))
+        self._value_buffer = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
+        self.keys, self.values = self._key_buffer[:, :, :0], self._value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._key_buffer.shape[-2]:
+            self._grow(max(end, 2 * self._key_buffer.shape[-2]))
+        self._key_buffer[:, :, self.length : end] = key_states
+        self._value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def _grow(self, capacity: int) -> None:
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:2], capacity, old.shape[-1]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("kvcellar never crops a live cache; restore a shorter prefix instead")
+
+
+def new_cache(config: object, capacity: int) -> DynamicCache:
+    """A DynamicCache for `config` whose plain full-attention layers append in place, `capacity` tokens reserved."""
+    cache = DynamicCache(config=config)
+    for index, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:  # sliding / hybrid layers keep their own (bounded) storage
+            cache.layers[index] = GrowingLayer(capacity)
+    return cache
