@@ -47,13 +47,24 @@ class CacheRegistry:
             cores = list(self._cores.values())
         return [core.stats() for core in cores]
 
-    def clear(self) -> None:
+    def clear(self, tier_name: str | None = None) -> None:
+        """Drop the entries of one tier, or of all of them, for every salt."""
         with self._lock:
             cores = list(self._cores.values())
         for core in cores:
-            core.clear()
+            core.clear(tier_name)
         for tier in self.tiers:
-            tier.clear()
+            if tier_name is None or tier.name == tier_name:
+                tier.clear()
+
+    def set_budget(self, tier_name: str, budget_bytes: int) -> None:
+        """Change one tier's budget; evictions go through a core so they are counted."""
+        with self._lock:
+            core = next(iter(self._cores.values()), None)
+        if core is not None:
+            core.set_budget_bytes(budget_bytes, tier_name)
+        else:
+            next(t for t in self.tiers if t.name == tier_name).set_budget(budget_bytes)
 
 
 def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[ModelPrefixCache | DisabledPrefixCache, CacheRegistry]:

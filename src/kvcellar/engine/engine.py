@@ -13,6 +13,7 @@ from dataclasses import replace
 import torch
 
 from kvcellar.config import CacheConfig, EngineConfig
+from kvcellar.engine.cache_report import ProbeResult, cache_report
 from kvcellar.engine.cache_setup import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
 from kvcellar.engine.prompt import encode_chat, encode_text
@@ -108,11 +109,47 @@ class Engine:
         return ChatSession(self, system=system, **defaults)
 
     # -- cache -----------------------------------------------------------------------------------
-    def cache_stats(self):
-        return self.cache_registry.stats()
+    @property
+    def model_name(self) -> str:
+        return self.loaded.path.name
 
-    def clear_cache(self) -> None:
-        self.cache_registry.clear()
+    @property
+    def tier_names(self) -> list[str]:
+        return [tier.name for tier in self.cache_registry.tiers]
+
+    def cache_stats(self) -> dict:
+        """JSON-ready counters (lookups, hit/miss/saved tokens, evictions) and occupancy per tier and priority."""
+        return cache_report(self.cache_registry)
+
+    def probe(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        cache_salt: str = "",
+    ) -> ProbeResult:
+        """How many of this prompt's tokens the cache would restore now, per tier, without running the model."""
+        ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, messages)[0]
+        num_cached, by_tier = self.prefix_cache.probe(ids, cache_salt)
+        return ProbeResult(len(ids), num_cached, by_tier)
+
+    def clear_cache(self, tier: str | None = None) -> None:
+        """Drop cached entries of one tier (by name), or of every tier."""
+        self._check_tier(tier)
+        self.cache_registry.clear(tier)
+
+    def set_cache_budget(self, tier: str, num_bytes: int) -> None:
+        """Change a tier's byte budget at run time; lowering it evicts at once."""
+        self._check_tier(tier)
+        if num_bytes < 0:
+            raise ValueError(f"a budget cannot be negative (got {num_bytes})")
+        self.cache_registry.set_budget(tier, num_bytes)
+
+    def _check_tier(self, tier: str | None) -> None:
+        if tier is not None and tier not in self.tier_names:
+            known = ", ".join(self.tier_names) or "none: the cache is off"
+            raise ValueError(f"unknown cache tier {tier!r}; tiers: {known}")
 
     @property
     def queue_depth(self) -> int:

@@ -63,6 +63,9 @@ class DisabledPrefixCache:
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
         return []
 
+    def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
+        return 0, {}
+
     def capture_prompt_hook(self, token_ids, segments, cache, salt="") -> Callable[[int, torch.Tensor], None] | None:
         return None
 
@@ -115,6 +118,13 @@ class ModelPrefixCache:
         finally:
             core.release(match)
         return Restored(cache, match.num_tokens, logits, dict(match.tokens_by_tier), looked_up - started, time.perf_counter() - looked_up)
+
+    def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
+        """Tokens the next request with these ids would restore, per tier (the lookup is released at once)."""
+        core = self._core_for_salt(salt)
+        match = core.lookup(token_ids, exact=self.exact)
+        core.release(match)
+        return match.num_tokens, dict(match.tokens_by_tier)
 
     def _discard_suspects(self, core: PrefixCache, match: Match) -> None:
         core.discard(match.partial.key if match.partial is not None else match.blocks[-1].key)

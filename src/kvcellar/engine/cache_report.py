@@ -1,0 +1,59 @@
+"""What the engine tells about its cache: a JSON-ready report, probes, budget changes.
+
+Operations: `cache_report(registry) -> dict`, `ProbeResult`.
+Counters are summed over tenant salts (each salt has its own core over the
+shared tiers); occupancy is read from the tiers themselves, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """How much of a prompt the cache holds right now, per tier (nothing is run or pinned afterwards)."""
+
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    tokens_by_tier: dict[str, int] = field(default_factory=dict)
+
+
+def cache_report(registry: object) -> dict:
+    snapshots = registry.stats()
+    totals = {
+        "lookups": sum(s.num_lookups for s in snapshots),
+        "hit_tokens": sum(s.num_hit_tokens for s in snapshots),
+        "miss_tokens": sum(s.num_miss_tokens for s in snapshots),
+        "saved_tokens": sum(s.num_saved_tokens for s in snapshots),
+        "evictions": sum(s.num_evictions for s in snapshots),
+        "discards": sum(s.num_discards for s in snapshots),
+    }
+    looked_up = totals["hit_tokens"] + totals["miss_tokens"]
+    tiers = {
+        tier.name: {"bytes": tier.num_bytes, "budget_bytes": tier.budget_bytes, "entries": tier.num_entries}
+        for tier in registry.tiers
+    }
+    by_priority: dict[str, dict[str, int]] = {}
+    if snapshots:  # every core sees the same shared tiers: occupancy by priority from one of them
+        first = snapshots[0]
+        by_priority = {
+            name: {"entries": first.num_entries_by_priority.get(name, 0), "bytes": first.num_bytes_by_priority.get(name, 0)}
+            for name in first.num_entries_by_priority
+        }
+    tokens_by_tier: dict[str, int] = {}
+    for snap in snapshots:
+        for name, count in snap.tokens_by_tier.items():
+            tokens_by_tier[name] = tokens_by_tier.get(name, 0) + count
+    return {
+        "enabled": registry.uncacheable_reason is None,
+        "disabled_reason": registry.uncacheable_reason,
+        **totals,
+        "hit_rate": totals["hit_tokens"] / looked_up if looked_up else 0.0,
+        "entries": sum(t["entries"] for t in tiers.values()),
+        "bytes": sum(t["bytes"] for t in tiers.values()),
+        "tiers": tiers,
+        "by_priority": by_priority,
+        "hit_tokens_by_tier": tokens_by_tier,
+        "tenants": len(snapshots),
+    }
