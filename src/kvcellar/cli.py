@@ -1,8 +1,9 @@
 """The `kvcellar` command line. argparse lives here and nowhere else.
 
 Commands: `make-model` (random-weight model folders, offline), `generate`
-(stream an answer to the terminal). Every option can also be set by an
-environment variable named KVCELLAR_<OPTION> (e.g. KVCELLAR_BLOCK_SIZE=512).
+(stream an answer to the terminal), `serve` (the OpenAI-compatible server), `bench`
+(prompt-cache benchmarks). Every option can also be set by an environment
+variable named KVCELLAR_<OPTION> (e.g. KVCELLAR_BLOCK_SIZE=512).
 """
 
 from __future__ import annotations
@@ -89,6 +90,41 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvcellar.engine import Engine
+    from kvcellar.server import ServerSettings, parse_api_keys, serve
+
+    keys = args.api_key if args.api_key is not None else [k for k in str(_env("api_key", "")).split(",") if k]
+    settings = ServerSettings(host=args.host, port=args.port, api_keys=parse_api_keys(keys),
+                              default_salt=args.cache_salt, log_level=args.log_level)
+    serve(Engine(_engine_config(args)), settings)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from kvcellar.bench import (DEFAULT_LENGTHS, FULL_SIZES, QUICK_LENGTHS, QUICK_SIZES, BenchConfig, bench_model_dir,
+                                parse_lengths, run_bench)  # fmt: skip
+
+    if args.no_cache:
+        raise ValueError("kvcellar bench runs the no-cache baseline itself: drop --no-cache")
+    if args.url is None and args.model is None:
+        args.model = str(bench_model_dir())
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    sizes = replace(sizes, repeats=args.repeats) if args.repeats else sizes
+    names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip()) if text else None  # noqa: E731
+    run_bench(BenchConfig(
+        out_dir=args.out, engine=None if args.url else _engine_config(args), url=args.url, api_key=args.api_key,
+        lengths=parse_lengths(args.lengths) if args.lengths else (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS),
+        sizes=sizes, modes=names(args.modes), scenarios=names(args.scenarios), max_tokens=args.max_tokens,
+        seed=args.seed, max_token_id=args.max_token_id, server_block_size=args.block_size,
+        cache_dir=getattr(args, "cache_dir", None), keep_cache=args.keep_cache, isolate=not args.same_process,
+        quick=args.quick, command="kvcellar " + " ".join(sys.argv[1:]),
+    ))  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcellar", description="LLM server and library with a persistent prefix KV cache")
     parser.add_argument("--log-level", default=_env("log_level", "warning"), choices=["debug", "info", "warning", "error"])
@@ -116,6 +152,37 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_engine_options(generate)
     generate.set_defaults(handler=_cmd_generate)
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with a cache dashboard at /")
+    serve.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
+    serve.add_argument("--port", type=int, default=int(_env("port", 8000)))
+    serve.add_argument("--api-key", action="append", default=None, metavar="KEY[:SALT]",
+                       help="require this key (repeatable); KEY:SALT binds the key to a cache salt (a tenant); "
+                            "env: comma-separated")
+    serve.add_argument("--cache-salt", default=_env("cache_salt", ""), help="cache salt of requests that send none")
+    _add_engine_options(serve)
+    serve.set_defaults(handler=_cmd_serve)
+
+    bench = commands.add_parser("bench", help="prompt-cache benchmarks: JSON, a markdown table and PNG plots")
+    bench.add_argument("--quick", action="store_true", help="small sizes (512 and 2K tokens, short workloads)")
+    bench.add_argument("--lengths", default=_env("bench_lengths", None),
+                       help="prompt lengths of cold / exact / nearest, e.g. 2048,8192 or 2K,8K,32K (default 2K,8K)")
+    bench.add_argument("--repeats", type=int, default=None, help="prompts per length (default 3, --quick 2)")
+    bench.add_argument("--modes", default=None, help="comma-separated subset of: no-cache, kvcellar, after-restart, "
+                       "hf-deepcopy, device-only, host-only, disk-only (with --url: http-no-reuse, http)")
+    bench.add_argument("--scenarios", default=None, help="comma-separated subset of: prefix, chat, doc-qa, agent, restart")
+    bench.add_argument("--url", default=_env("bench_url", None), help="benchmark a running server, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--api-key", default=_env("bench_api_key", None), help="API key for --url")
+    bench.add_argument("--out", default=_env("bench_out", "bench-out/bench"), help="output folder")
+    bench.add_argument("--keep-cache", action="store_true", help="keep the disk tiers' files after the run")
+    bench.add_argument("--max-tokens", type=int, default=1, help="tokens generated per request (total latency = TTFT + decode)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the synthetic token-id prompts")
+    bench.add_argument("--max-token-id", type=int, default=8000, help="prompts use token ids in [100, this)")
+    bench.add_argument("--same-process", action="store_true", help="run every phase in this process (faster; memory peaks mix)")
+    _add_engine_options(bench)
+    if "--cache-dir" not in bench._option_string_actions:  # unless the engine options have it already
+        bench.add_argument("--cache-dir", default=_env("cache_dir", None), help="base folder of the disk tiers (default OUT/cache)")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,69 @@
+"""API keys and tenants.
+
+Operations: `Tenant` (who sent a request, and in which cache namespace it
+runs), `current_tenant` (a FastAPI dependency: reads `Authorization: Bearer
+KEY`), `require_admin`.
+
+With no keys configured every caller is an admin in the default namespace.
+With keys, every data endpoint needs one (401 otherwise); keys bound to a
+salt are tenants: their requests, probes and recent-request list stay in
+their own namespace, and only admin keys may clear or resize the cache.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from kvcellar.server.errors import APIError
+from kvcellar.server.settings import ServerSettings, effective_salt
+
+_bearer = HTTPBearer(auto_error=False, description="the key given to `kvcellar serve --api-key`")
+
+
+@dataclass(frozen=True)
+class Tenant:
+    bound_salt: str | None  # None: an admin (or no keys configured)
+    default_salt: str = ""
+
+    @property
+    def is_admin(self) -> bool:
+        return self.bound_salt is None
+
+    def salt_for(self, request_salt: str | None) -> str:
+        return effective_salt(self.bound_salt, request_salt, self.default_salt)
+
+    def may_see(self, record_tenant: str | None) -> bool:
+        """Admins see every recent request; a tenant only its own."""
+        return self.is_admin or record_tenant == self.bound_salt
+
+
+def _match_key(settings: ServerSettings, presented: str) -> tuple[bool, str | None]:
+    found, bound = False, None
+    for key, salt in settings.api_keys.items():
+        # compare_digest on every key: the time taken does not tell which key was close.
+        if hmac.compare_digest(key.encode(), presented.encode()):
+            found, bound = True, salt
+    return found, bound
+
+
+async def current_tenant(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Tenant:
+    settings: ServerSettings = request.app.state.settings
+    if not settings.auth_required:
+        return Tenant(None, settings.default_salt)
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise APIError(401, "this server needs an API key: send the header 'Authorization: Bearer KEY'", code="missing_api_key")
+    found, bound = _match_key(settings, credentials.credentials)
+    if not found:
+        raise APIError(401, "the API key is not valid for this server", code="invalid_api_key")
+    return Tenant(bound, settings.default_salt)
+
+
+async def require_admin(tenant: Tenant = Depends(current_tenant)) -> Tenant:
+    if not tenant.is_admin:
+        raise APIError(403, "this key is bound to a tenant salt and may not change the shared cache; use an admin key",
+                       code="admin_only")  # fmt: skip
+    return tenant

@@ -1,0 +1,114 @@
+"""The event loop's side of the engine: stream events without blocking the loop.
+
+Operations: `EngineBridge.events(prepared)` (an async iterator of
+StreamEvents), `collect_result(events, request)` (a whole answer, given up
+when the client disconnects).
+
+Threads: the engine runs every request on its own worker thread, FIFO, so
+requests are served in the order they arrive. Here one pump thread per open
+stream waits on the engine's iterator and hands events to the loop; the
+server never calls the model itself. Disconnects: when the consumer goes
+away the pump stops at its next event and closes the engine's iterator,
+which cancels the request. (The engine gives no cancel handle apart from
+closing the iterator, so a request still queued in the engine when its
+client leaves runs until its first token, then stops.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+from fastapi import Request
+
+from kvcellar.engine import GenerationResult, StreamEvent
+from kvcellar.server.prepare import Prepared
+
+_END = object()
+
+
+class EngineBridge:
+    def __init__(self, engine: object, max_streams: int) -> None:
+        self._engine = engine
+        # Past max_streams, pumps wait on this while the engine's queue keeps their events.
+        self._slots = threading.BoundedSemaphore(max_streams)
+
+    def events(self, prepared: Prepared) -> AsyncIterator[StreamEvent]:
+        """Queue the request now (so requests queue in arrival order, and a refusal raises here,
+        before any response is sent) and return its events; the last one carries `.result`."""
+        iterator = self._engine.stream(prompt_ids=prepared.prompt_ids, params=prepared.params,
+                                       cache_salt=prepared.cache_salt)  # fmt: skip
+        return self._relay(iterator)
+
+    async def _relay(self, iterator: Iterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+        # Daemon threads: a stream still open at exit must not keep the process alive.
+        threading.Thread(target=_pump, args=(iterator, loop, inbox, stop, self._slots), name="kvcellar-stream",
+                         daemon=True).start()  # fmt: skip
+        try:
+            while True:
+                item = await inbox.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+
+def _pump(
+    iterator: Iterator[StreamEvent], loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue, stop: threading.Event,
+    slots: threading.BoundedSemaphore,
+) -> None:  # fmt: skip
+    def send(item: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown: nobody is listening
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+    slots.acquire()
+    try:
+        while not stop.is_set():
+            event = next(iterator, None)
+            if event is None:
+                break
+            send(event)
+    except BaseException as exc:  # noqa: BLE001 - the error belongs to the consumer
+        send(exc)
+    finally:
+        iterator.close()  # cancels the request if it has not finished
+        slots.release()
+        send(_END)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - a server that cannot tell us: never report a disconnect
+        await asyncio.Event().wait()
+
+
+async def _last_result(events: AsyncIterator[StreamEvent]) -> GenerationResult | None:
+    async for event in events:
+        if event.result is not None:
+            return event.result
+    return None
+
+
+async def collect_result(events: AsyncIterator[StreamEvent], request: Request) -> GenerationResult | None:
+    """The final result, or None when the client disconnected first (the request is then cancelled)."""
+    consumer = asyncio.ensure_future(_last_result(events))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        return await consumer
+    return None

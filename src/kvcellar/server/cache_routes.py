@@ -1,0 +1,91 @@
+"""Cache observability and administration.
+
+Operations (routes): GET /v1/cache/stats (cumulative counters, 1 / 5 / 15
+minute windows, optional history), POST /v1/cache/probe (how many tokens of
+a prompt are cached, per tier, without running the model), POST
+/v1/cache/clear (one tier or all; admin), POST /v1/cache/budget (a tier's
+byte budget; admin), GET /v1/requests/recent, GET /metrics (Prometheus).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from kvcellar.config import parse_size
+from kvcellar.server.auth import Tenant, current_tenant, require_admin
+from kvcellar.server.errors import APIError
+from kvcellar.server.prepare import check_model, encode_input
+from kvcellar.server.schemas import BudgetRequest, ClearRequest, ProbeRequest
+
+router = APIRouter(tags=["cache"])
+
+
+def _check_tier(engine: object, tier: str | None) -> None:
+    if tier is not None and tier not in engine.tier_names:
+        known = ", ".join(engine.tier_names) or "none (the cache is off)"
+        raise APIError(400, f"unknown cache tier {tier!r}; tiers: {known}", param="tier", code="unknown_tier")
+
+
+@router.get("/v1/cache/stats")
+async def cache_stats(request: Request, history: bool = Query(False, description="include the rate ring's snapshots"),
+                      tenant: Tenant = Depends(current_tenant)) -> dict:  # fmt: skip
+    """Cumulative cache counters, occupancy per tier and windowed rates over 1, 5 and 15 minutes."""
+    return await run_in_threadpool(request.app.state.telemetry.stats, history)
+
+
+@router.post("/v1/cache/probe")
+async def cache_probe(body: ProbeRequest, request: Request, tenant: Tenant = Depends(current_tenant)) -> dict:
+    """How many tokens of these messages (or this prompt) the cache holds for your salt; runs no model."""
+    engine = request.app.state.engine
+    check_model(engine, body.model)
+    if (body.messages is None) == (body.prompt is None):
+        raise APIError(400, "send exactly one of 'messages' or 'prompt'", param="messages", code="invalid_request")
+
+    def probe() -> dict:
+        ids = encode_input(engine, messages=body.messages, prompt=body.prompt)
+        found = engine.probe(prompt_ids=ids, cache_salt=tenant.salt_for(body.cache_salt))
+        return {"model": engine.model_name, "prompt_tokens": found.num_prompt_tokens,
+                "cached_tokens": found.num_cached_tokens, "cached_tokens_by_tier": dict(found.tokens_by_tier),
+                "uncached_tokens": found.num_prompt_tokens - found.num_cached_tokens}  # fmt: skip
+
+    return await run_in_threadpool(probe)
+
+
+@router.post("/v1/cache/clear")
+async def cache_clear(request: Request, body: ClearRequest | None = None, tenant: Tenant = Depends(require_admin)) -> dict:
+    """Drop every entry of one tier (`{"tier": "device"}`) or of all tiers (`{}`)."""
+    engine = request.app.state.engine
+    tier = body.tier if body is not None else None
+    _check_tier(engine, tier)
+    await run_in_threadpool(engine.clear_cache, tier)
+    return {"cleared": [tier] if tier else list(engine.tier_names), "tiers": engine.cache_stats()["tiers"]}
+
+
+@router.post("/v1/cache/budget")
+async def cache_budget(body: BudgetRequest, request: Request, tenant: Tenant = Depends(require_admin)) -> dict:
+    """Set a tier's byte budget at run time; lowering it evicts at once."""
+    engine = request.app.state.engine
+    _check_tier(engine, body.tier)
+    try:
+        num_bytes = parse_size(body.budget)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="budget", code="invalid_size") from None
+    await run_in_threadpool(engine.set_cache_budget, body.tier, num_bytes)
+    return {"tier": body.tier, "budget_bytes": num_bytes, "tiers": engine.cache_stats()["tiers"]}
+
+
+@router.get("/v1/requests/recent")
+async def recent_requests(request: Request, limit: int = Query(50, ge=1, le=1000),
+                          tenant: Tenant = Depends(current_tenant)) -> dict:  # fmt: skip
+    """The newest finished requests (yours only, for a tenant key): cached vs prefilled tokens, TTFT."""
+    records = request.app.state.telemetry.recent.newest(tenant.may_see, limit)
+    return {"object": "list", "data": [record.as_json() for record in records]}
+
+
+@router.get("/metrics", tags=["server"], response_class=Response)
+async def metrics(request: Request, tenant: Tenant = Depends(current_tenant)) -> Response:
+    """Prometheus text format."""
+    body, content_type = await run_in_threadpool(request.app.state.telemetry.metrics.render)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,85 @@
+"""Prometheus metrics, in a registry owned by one app (two apps in one process never clash).
+
+Operations: `ServerMetrics(engine)`: `observe(record)` after each request,
+`render()` -> (body, content type) for GET /metrics.
+
+Request metrics are counted as requests finish; cache metrics (hit / miss /
+saved tokens, evictions, bytes, budget and entries per tier, queue depth)
+are read from `engine.cache_stats()` at scrape time by a collector, so they
+can never drift from the engine's own counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kvcellar.server.recent import RequestRecord
+
+_TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_CACHE_COUNTERS = {
+    "lookups": "prefix-cache lookups (one per request)",
+    "hit_tokens": "prompt tokens restored from the cache",
+    "miss_tokens": "prompt tokens that had to be prefilled",
+    "saved_tokens": "prefill tokens the cache saved",
+    "evictions": "cache entries evicted",
+}
+_TIER_GAUGES = {"bytes": "bytes held by the tier", "budget_bytes": "byte budget of the tier", "entries": "entries in the tier"}
+
+
+class _CacheCollector:
+    """Reads the engine's cache report on every scrape."""
+
+    def __init__(self, engine: object) -> None:
+        self._engine = engine
+
+    def collect(self):
+        stats = self._engine.cache_stats()
+        for name, doc in _CACHE_COUNTERS.items():
+            family = CounterMetricFamily(f"kvcellar_cache_{name}", doc)
+            family.add_metric([], stats.get(name, 0))
+            yield family
+        by_tier = CounterMetricFamily("kvcellar_cache_tier_hit_tokens", "prompt tokens restored, by the tier they came from",
+                                      labels=["tier"])  # fmt: skip
+        for tier, count in stats.get("hit_tokens_by_tier", {}).items():
+            by_tier.add_metric([tier], count)
+        yield by_tier
+        for name, doc in _TIER_GAUGES.items():
+            family = GaugeMetricFamily(f"kvcellar_cache_tier_{name}", doc, labels=["tier"])
+            for tier, values in stats.get("tiers", {}).items():
+                family.add_metric([tier], values[name])
+            yield family
+        queue = GaugeMetricFamily("kvcellar_queue_depth", "requests waiting for the model")
+        queue.add_metric([], self._engine.queue_depth)
+        yield queue
+
+
+class ServerMetrics:
+    def __init__(self, engine: object) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_CacheCollector(engine))
+        labels = ["endpoint", "finish_reason"]
+        self._requests = Counter("kvcellar_requests", "finished generation requests", labels, registry=self.registry)
+        self._prompt = Counter("kvcellar_prompt_tokens", "prompt tokens of finished requests", ["endpoint"],
+                               registry=self.registry)  # fmt: skip
+        self._cached = Counter("kvcellar_request_cached_tokens", "prompt tokens served from the cache, by tier",
+                               ["tier"], registry=self.registry)  # fmt: skip
+        self._completion = Counter("kvcellar_completion_tokens", "generated tokens", ["endpoint"], registry=self.registry)
+        self._ttft = Histogram("kvcellar_ttft_seconds", "time to first token", ["endpoint"], buckets=_TTFT_BUCKETS_S,
+                               registry=self.registry)  # fmt: skip
+        self._latency = Histogram("kvcellar_request_seconds", "request time, queueing excluded", ["endpoint"],
+                                  buckets=_TTFT_BUCKETS_S, registry=self.registry)  # fmt: skip
+
+    def observe(self, record: RequestRecord) -> None:
+        self._requests.labels(record.endpoint, record.finish_reason).inc()
+        self._prompt.labels(record.endpoint).inc(record.num_prompt_tokens)
+        self._completion.labels(record.endpoint).inc(record.num_completion_tokens)
+        for tier, count in record.cached_tokens_by_tier.items():
+            self._cached.labels(tier).inc(count)
+        if record.ttft_s is not None:
+            self._ttft.labels(record.endpoint).observe(record.ttft_s)
+        self._latency.labels(record.endpoint).observe(record.total_s)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

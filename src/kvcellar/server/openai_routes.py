@@ -1,0 +1,105 @@
+"""OpenAI-compatible endpoints: chat completions, completions (streamed or whole), models, health.
+
+Operations (routes): POST /v1/chat/completions, POST /v1/completions,
+GET /v1/models, GET /health. A request is prepared in a worker thread
+(tokenize, validate), queued to the engine at once, then either streamed as
+server-sent events or collected whole; a client that disconnects cancels it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from kvcellar.engine import GenerationResult, StreamEvent
+from kvcellar.server.auth import Tenant, current_tenant
+from kvcellar.server.bridge import collect_result
+from kvcellar.server.errors import error_body
+from kvcellar.server.prepare import Prepared, prepare_generation
+from kvcellar.server.responses import chunk_body, completion_body, finish_reason, sse, usage_chunk
+from kvcellar.server.schemas import ChatCompletionRequest, CompletionRequest
+from kvcellar.server.telemetry import new_request_id
+
+router = APIRouter()
+_ENDPOINTS = {"chat": ("chat.completions", "chatcmpl"), "text": ("completions", "cmpl")}
+
+
+@router.post("/v1/chat/completions", tags=["openai"])
+async def chat_completions(body: ChatCompletionRequest, request: Request, tenant: Tenant = Depends(current_tenant)):
+    """Chat completion; `usage.prompt_tokens_details` tells how many prompt tokens came from the cache."""
+    return await _generate("chat", body, request, tenant)
+
+
+@router.post("/v1/completions", tags=["openai"])
+async def completions(body: CompletionRequest, request: Request, tenant: Tenant = Depends(current_tenant)):
+    """Text completion of a prompt (text, a list of one text, or token ids)."""
+    return await _generate("text", body, request, tenant)
+
+
+@router.get("/v1/models", tags=["openai"])
+async def list_models(request: Request, tenant: Tenant = Depends(current_tenant)) -> dict:
+    state = request.app.state
+    model = {"id": state.engine.model_name, "object": "model", "created": int(state.started_s), "owned_by": "kvcellar",
+             "context_length": state.engine.context_length}  # fmt: skip
+    return {"object": "list", "data": [model]}
+
+
+@router.get("/health", tags=["server"])
+async def health(request: Request, tenant: Tenant = Depends(current_tenant)) -> dict:
+    engine = request.app.state.engine
+    return {"status": "ok", "model": engine.model_name, "queue_depth": engine.queue_depth}
+
+
+async def _generate(kind: str, body: ChatCompletionRequest | CompletionRequest, request: Request, tenant: Tenant):
+    state = request.app.state
+    created_s = time.time()
+    prepared = await run_in_threadpool(prepare_generation, state.engine, body, tenant, state.settings)
+    endpoint, prefix = _ENDPOINTS[kind]
+    request_id = new_request_id(prefix)
+    events = state.bridge.events(prepared)
+    header = (kind, request_id, int(created_s), state.engine.model_name)
+    if body.stream:
+        chunks = _stream_chunks(header, events, body.include_usage, request, prepared, created_s)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    result = await collect_result(events, request)
+    state.telemetry.finish(request_id, endpoint, prepared, created_s, False, result)
+    if result is None:  # the client is gone; this answer reaches nobody
+        return JSONResponse(error_body(499, "the client closed the request"), status_code=499)
+    return completion_body(*header, result)
+
+
+async def _stream_chunks(
+    header: tuple, events: AsyncIterator[StreamEvent], include_usage: bool, request: Request, prepared: Prepared,
+    created_s: float,
+) -> AsyncIterator[str]:  # fmt: skip
+    kind, request_id = header[0], header[1]
+    result: GenerationResult | None = None
+    num_streamed = 0
+    try:
+        if kind == "chat":
+            yield sse(chunk_body(*header, "", first=True))
+        try:
+            async for event in events:
+                if event.result is not None:
+                    result = event.result
+                elif event.text:
+                    num_streamed += 1
+                    yield sse(chunk_body(*header, event.text))
+        except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
+            yield sse(error_body(500, f"generation failed ({type(exc).__name__}: {exc})"))
+            return
+        if result is None:
+            yield sse(error_body(500, "generation ended without a result"))
+            return
+        yield sse(chunk_body(*header, None, finish_reason(result)))
+        if include_usage:
+            yield sse(usage_chunk(*header, result))
+        yield sse("[DONE]")
+    finally:
+        await events.aclose()
+        endpoint = _ENDPOINTS[kind][0]
+        request.app.state.telemetry.finish(request_id, endpoint, prepared, created_s, True, result, num_streamed)

@@ -1,0 +1,85 @@
+"""Turn a validated request body into what the engine runs: token ids, sampling, salt.
+
+Operations: `check_model`, `prepare_generation(engine, body, tenant, settings) -> Prepared`,
+`encode_input(engine, messages=..., prompt=...)`. Runs in a worker thread
+(tokenizing a long prompt must not stall the event loop); raises APIError or
+InvalidRequestError, which the error handlers turn into 4xx answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcellar.engine import SamplingParams
+from kvcellar.errors import InvalidRequestError
+from kvcellar.server.auth import Tenant
+from kvcellar.server.errors import APIError
+from kvcellar.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from kvcellar.server.settings import ServerSettings
+
+
+@dataclass(frozen=True)
+class Prepared:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    cache_salt: str
+    tenant: Tenant
+
+
+def check_model(engine: object, model: str | None) -> None:
+    if model is not None and model != engine.model_name:
+        raise APIError(404, f"the model {model!r} does not exist on this server; it serves {engine.model_name!r} "
+                            "(see GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
+
+
+def encode_input(engine: object, *, messages: list[ChatMessage] | None = None, prompt: object = None) -> list[int]:
+    """Token ids of chat messages, a text prompt, a list of one text, or a list of token ids."""
+    if messages is not None:
+        return engine.encode(messages=[message.as_engine_message() for message in messages])[0]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return engine.encode(prompt=prompt)[0]
+    vocab = len(engine.tokenizer)
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt", code="invalid_token")
+    return list(prompt)
+
+
+def _check_lengths(num_prompt: int, max_tokens: int | None, context: int, prompt_param: str) -> None:
+    if num_prompt == 0:
+        raise APIError(400, "the prompt is empty: send at least one token of text", param=prompt_param, code="empty_prompt")
+    if num_prompt >= context:
+        raise APIError(400, f"the prompt has {num_prompt} tokens but the model's context is {context} tokens: "
+                            "shorten the prompt and leave room for the answer",
+                       param=prompt_param, code="context_length_exceeded")  # fmt: skip
+    if max_tokens is not None and not 1 <= max_tokens <= context - num_prompt:
+        raise APIError(400, f"max_tokens must be between 1 and {context - num_prompt} for this prompt "
+                            f"({num_prompt} prompt tokens, {context} tokens of context), got {max_tokens}",
+                       param="max_tokens", code="max_tokens_out_of_range")  # fmt: skip
+
+
+def prepare_generation(
+    engine: object, body: ChatCompletionRequest | CompletionRequest, tenant: Tenant, settings: ServerSettings
+) -> Prepared:
+    check_model(engine, body.model)
+    unsupported = body.unsupported_fields()
+    if unsupported:
+        raise APIError(400, f"not supported by this server: {', '.join(unsupported)}; drop the field(s)",
+                       param=unsupported[0].split(" ")[0], code="unsupported_parameter")  # fmt: skip
+    fields = body.sampling()
+    if isinstance(body, ChatCompletionRequest):
+        ids, prompt_param = encode_input(engine, messages=body.messages), "messages"
+    else:
+        ids, prompt_param = encode_input(engine, prompt=body.prompt), "prompt"
+    context = engine.context_length
+    _check_lengths(len(ids), fields["max_tokens"], context, prompt_param)
+    if fields["max_tokens"] is None:
+        fields["max_tokens"] = min(settings.default_max_tokens, context - len(ids))
+    try:
+        params = SamplingParams.from_request(**fields)
+    except InvalidRequestError as exc:  # its message starts with the field's name
+        name = str(exc).split(" ", 1)[0]
+        raise APIError(400, str(exc), param=name if name in fields else None, code="invalid_sampling") from None
+    return Prepared(tuple(ids), params, tenant.salt_for(body.cache_salt), tenant)

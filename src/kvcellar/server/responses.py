@@ -1,0 +1,73 @@
+"""OpenAI response bodies: whole answers, stream chunks, usage with cached tokens per tier.
+
+Operations: `usage(result)`, `completion_body`, `chunk_body`, `usage_chunk`,
+`sse(data)`. `kind` is "chat" (chat.completion[.chunk]) or "text"
+(text_completion). `usage.prompt_tokens_details.cached_tokens` is OpenAI's
+field; `cached_tokens_by_tier` (tier name -> tokens) is ours, and so is the
+top-level `timings` object.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kvcellar.engine import GenerationResult
+
+_OBJECTS = {"chat": ("chat.completion", "chat.completion.chunk"), "text": ("text_completion", "text_completion")}
+
+
+def finish_reason(result: GenerationResult) -> str:
+    # "cancelled" only reaches a client that is gone; anything else is OpenAI's own word.
+    return result.finish_reason if result.finish_reason in ("stop", "length") else "stop"
+
+
+def usage(result: GenerationResult) -> dict:
+    completion = len(result.token_ids)
+    return {
+        "prompt_tokens": result.num_prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": result.num_prompt_tokens + completion,
+        "prompt_tokens_details": {
+            "cached_tokens": result.num_cached_tokens,
+            "cached_tokens_by_tier": dict(result.cached_tokens_by_tier),
+        },
+    }
+
+
+def _header(kind: str, request_id: str, created: int, model: str, chunk: bool) -> dict:
+    return {"id": request_id, "object": _OBJECTS[kind][chunk], "created": created, "model": model}
+
+
+def completion_body(kind: str, request_id: str, created: int, model: str, result: GenerationResult) -> dict:
+    choice: dict = {"index": 0, "finish_reason": finish_reason(result), "logprobs": None}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice["text"] = result.text
+    return {**_header(kind, request_id, created, model, False), "choices": [choice], "usage": usage(result),
+            "timings": result.timings.as_dict()}  # fmt: skip
+
+
+def chunk_body(kind: str, request_id: str, created: int, model: str, text: str | None, finish: str | None = None,
+               first: bool = False) -> dict:  # fmt: skip
+    """One stream chunk: new text, or (text None) the closing chunk with its finish_reason."""
+    choice: dict = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if kind == "chat":
+        delta: dict = {"role": "assistant"} if first else {}
+        if text is not None:
+            delta["content"] = text
+        choice["delta"] = delta
+    else:
+        choice["text"] = text or ""
+    return {**_header(kind, request_id, created, model, True), "choices": [choice]}
+
+
+def usage_chunk(kind: str, request_id: str, created: int, model: str, result: GenerationResult) -> dict:
+    """Sent last when the request asked for stream_options.include_usage (choices empty, as OpenAI does)."""
+    return {**_header(kind, request_id, created, model, True), "choices": [], "usage": usage(result),
+            "timings": result.timings.as_dict()}  # fmt: skip
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n"

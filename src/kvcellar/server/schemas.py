@@ -1,0 +1,152 @@
+"""Request bodies, as strict pydantic models (they are also the OpenAPI schema).
+
+Operations: `ChatCompletionRequest`, `CompletionRequest`, `ProbeRequest`,
+`ClearRequest`, `BudgetRequest`. Types are strict (`"1"` is not a number,
+`true` is not an integer); unknown fields are ignored as OpenAI clients send
+new ones often. Fields we know but do not support are refused by
+`unsupported_fields` with a message naming them, instead of being silently
+dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_STRICT = ConfigDict(strict=True, extra="ignore")
+Stop = str | Annotated[list[str], Field(max_length=16)] | None
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_engine_message(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        # OpenAI's newer "developer" role plays the system prompt's part.
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What every generation request shares: sampling, streaming, salts, extensions."""
+
+    model_config = _STRICT
+    model: str | None = Field(None, description="the served model's id (GET /v1/models); omitted = that model")
+    max_tokens: int | None = Field(None, description="tokens to generate at most; prompt + max_tokens must fit the context")
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="extension: keep the k most likely tokens (0 = off)")
+    min_p: float | None = Field(None, description="extension: drop tokens below min_p times the top probability")
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = Field(None, description="extension: keep generating past end-of-sequence")
+    cache_salt: str | None = Field(None, max_length=256, description="cache namespace of this request (as in vLLM)")
+    n: int | None = Field(None, description="only 1 is supported")
+    presence_penalty: float | None = Field(None, description="only 0 is supported")
+    frequency_penalty: float | None = Field(None, description="only 0 is supported")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported")
+    user: str | None = None
+
+    def sampling(self) -> dict:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed,
+                "stop": self.stop, "ignore_eos": self.ignore_eos}  # fmt: skip
+
+    def unsupported_fields(self) -> list[str]:
+        problems = []
+        if self.n not in (None, 1):
+            problems.append("n (only 1 choice per request)")
+        if self.presence_penalty not in (None, 0):
+            problems.append("presence_penalty (only 0)")
+        if self.frequency_penalty not in (None, 0):
+            problems.append("frequency_penalty (only 0)")
+        if self.logit_bias:
+            problems.append("logit_bias")
+        return problems
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, description="newer name of max_tokens")
+    logprobs: bool | None = Field(None, description="not supported")
+    tools: list[dict] | None = Field(None, description="not supported")
+
+    def sampling(self) -> dict:
+        fields = super().sampling()
+        if fields["max_tokens"] is None:
+            fields["max_tokens"] = self.max_completion_tokens
+        return fields
+
+    def unsupported_fields(self) -> list[str]:
+        problems = super().unsupported_fields()
+        if self.logprobs:
+            problems.append("logprobs")
+        if self.tools:
+            problems.append("tools")
+        return problems
+
+
+PromptInput = str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptInput = Field(description="text, a list of one text, or a list of token ids")
+    echo: bool | None = Field(None, description="not supported")
+    suffix: str | None = Field(None, description="not supported")
+    best_of: int | None = Field(None, description="only 1 is supported")
+    logprobs: int | None = Field(None, description="not supported")
+
+    def unsupported_fields(self) -> list[str]:
+        problems = super().unsupported_fields()
+        if self.echo:
+            problems.append("echo")
+        if self.suffix:
+            problems.append("suffix")
+        if self.best_of not in (None, 1):
+            problems.append("best_of (only 1)")
+        if self.logprobs is not None:
+            problems.append("logprobs")
+        return problems
+
+
+class ProbeRequest(BaseModel):
+    """Exactly one of `messages` (chat) or `prompt` (text or token ids)."""
+
+    model_config = _STRICT
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    prompt: PromptInput | None = None
+    cache_salt: str | None = Field(None, max_length=256)
+
+
+class ClearRequest(BaseModel):
+    model_config = _STRICT
+    tier: str | None = Field(None, description="a tier name from GET /v1/cache/stats; omitted = every tier")
+
+
+class BudgetRequest(BaseModel):
+    model_config = _STRICT
+    tier: str
+    budget: int | str = Field(description="bytes, or a size such as '512M', '2G', '0'")

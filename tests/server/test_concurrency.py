@@ -1,0 +1,64 @@
+"""Many clients at once: every stream gets exactly its sequential greedy answer; a client that leaves is cancelled."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+
+from .support import long_text
+
+NUM_CLIENTS = 16
+
+
+def _stream_text(client, model: str, messages: list[dict]) -> tuple[str, str]:
+    chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0, stream=True)
+    parts, finish = [], None
+    for chunk in chunks:
+        parts.append(chunk.choices[0].delta.content or "")
+        finish = chunk.choices[0].finish_reason or finish
+    return "".join(parts), finish
+
+
+def test_sixteen_concurrent_streams_equal_sequential_greedy_runs(server, unique):
+    client = server.client()
+    conversations = [[{"role": "user", "content": long_text(f"client {i} {unique}", 6 + i)}] for i in range(NUM_CLIENTS)]
+    sequential = []
+    for messages in conversations:
+        reply = client.chat.completions.create(model=server.model, messages=messages, max_tokens=16, temperature=0)
+        sequential.append((reply.choices[0].message.content, reply.choices[0].finish_reason))
+
+    server.post("/v1/cache/clear", {})  # the concurrent runs start cold, as the sequential ones did
+    with ThreadPoolExecutor(NUM_CLIENTS) as pool:  # one client per thread, as separate users would be
+        futures = [pool.submit(_stream_text, server.client(), server.model, messages) for messages in conversations]
+        concurrent = [future.result(timeout=120) for future in futures]
+    assert concurrent == sequential
+    assert server.get("/health").json()["queue_depth"] == 0
+
+
+def test_a_client_that_disconnects_cancels_its_generation(server, unique):
+    body = {"model": server.model, "prompt": long_text(unique, 8), "max_tokens": 2000, "ignore_eos": True,
+            "temperature": 0, "stream": True}  # fmt: skip
+    with requests.Session() as session:  # closing the session closes the socket: the client is gone
+        response = session.post(server.base_url + "/v1/completions", json=body, stream=True, timeout=30)
+        lines = response.iter_lines(decode_unicode=True)
+        received = [line for _, line in zip(range(6), lines)]  # a few events, then hang up
+        response.close()
+    assert any(line.startswith("data: ") for line in received)
+
+    deadline = time.monotonic() + 20
+    record = None
+    while time.monotonic() < deadline and record is None:
+        records = server.get("/v1/requests/recent", params={"limit": 20}).json()["data"]
+        record = next((r for r in records if r["num_prompt_tokens"] and r["finish_reason"] == "cancelled"
+                       and r["endpoint"] == "completions" and r["stream"]), None)  # fmt: skip
+        time.sleep(0.1)
+    assert record is not None, "the disconnected stream was never recorded as cancelled"
+    assert record["num_completion_tokens"] < 2000
+    # The model is free again: a new request is answered at once, not after the ~2000 abandoned tokens
+    # (seconds of decoding even for the tiny model).
+    started = time.monotonic()
+    reply = server.client().completions.create(model=server.model, prompt="x", max_tokens=2)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert time.monotonic() - started < 1.5
