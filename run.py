@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Quickstart for a fresh machine that has only python3.
 
-    python3 run.py demo    # set up, make the demo model once, stream an answer from it
+    python3 run.py serve   # set up, make the demo model once, serve it on http://127.0.0.1:8000
     python3 run.py test    # set up, run the test suite
 
+Also: `python3 run.py demo` streams one answer from the demo model in the terminal.
 Set-up is idempotent: a virtual environment in .venv, torch (the pinned build
 below), then kvcellar itself in editable mode with its test extras. A stamp
 file skips the install when nothing changed. Extra arguments after the
-command go to `kvcellar generate` or to pytest.
+command go to `kvcellar serve`, `kvcellar generate` or pytest.
 """
 
 from __future__ import annotations
@@ -46,13 +47,15 @@ def _setup() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test"):
+    if not argv or argv[0] not in ("serve", "demo", "test"):
         print(__doc__)
         return 2
     _setup()
     command, rest = argv[0], argv[1:]
     if command == "test":
         return subprocess.call([str(_python()), "-m", "pytest", "-q", *rest], cwd=ROOT)
+    if command == "serve":
+        return subprocess.call([str(_python()), "-m", "kvcellar.cli", "serve", *rest], cwd=ROOT)
     prompt = ["--prompt", "Explain what a prefix cache does."] if "--prompt" not in rest else []
     return subprocess.call([str(_python()), "-m", "kvcellar.cli", "generate", "--chat", *prompt, *rest], cwd=ROOT)
 

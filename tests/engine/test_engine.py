@@ -152,3 +152,12 @@ def test_chat_segments_mark_system_and_last_user(engines):
     system_only = engine.tokenizer.apply_chat_template(messages[:1], tokenize=False)
     assert segments.system_end == len(engine.encode(system_only)[0])
     assert segments.system_end < segments.last_user_end < len(ids)
+
+
+def test_a_cancelled_queued_request_never_runs(engines):
+    engine = engines["qwen3"]
+    first = engine.stream(PROMPT, max_tokens=40)
+    queued = engine.stream(PROMPT, max_tokens=40)
+    queued.cancel()  # from this thread, while the first request holds the worker
+    assert [e.result.finish_reason for e in queued if e.result] == ["cancelled"]
+    assert list(first)[-1].result.finish_reason == "length"

@@ -7,7 +7,7 @@ Operations: `Engine.load(model_dir, ...)`, `generate`, `stream`, `encode_chat`,
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -20,7 +20,7 @@ from kvcellar.engine.prompt import encode_chat, encode_text
 from kvcellar.engine.request import GenerationRequest, GenerationResult, PromptSegments, StreamEvent
 from kvcellar.engine.runner import RequestRunner
 from kvcellar.engine.sampling import SamplingParams
-from kvcellar.engine.worker import ModelWorker
+from kvcellar.engine.worker import GenerationStream, ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,10 @@ class Engine:
         params: SamplingParams | None = None,
         cache_salt: str = "",
         **sampling: object,
-    ) -> Iterator[StreamEvent]:
-        """Queue a request and yield its text as it is generated; the last event carries `.result`.
+    ) -> GenerationStream:
+        """Queue a request; iterate the returned stream for its text, the last event carries `.result`.
 
-        Closing the iterator early (break, or a client that disconnects) cancels the request.
+        `stream.cancel()` (from any thread) or dropping the stream cancels the request.
         """
         if prompt_ids is not None:
             ids, segments = list(prompt_ids), PromptSegments()
@@ -86,15 +86,7 @@ class Engine:
             ids, segments = self.encode(prompt, messages)
         params = replace(params, **sampling) if params is not None and sampling else params
         params = params or SamplingParams.from_request(**sampling)
-        job = self._worker.submit(GenerationRequest(tuple(ids), params, segments, cache_salt))
-        return self._follow(job)
-
-    @staticmethod
-    def _follow(job) -> Iterator[StreamEvent]:
-        try:
-            yield from job
-        finally:
-            job.cancel()  # no-op once finished; stops the worker's loop if the caller walked away
+        return GenerationStream(self._worker.submit(GenerationRequest(tuple(ids), params, segments, cache_salt)))
 
     def generate(self, prompt: str | None = None, **kwargs: object) -> GenerationResult:
         """Generate to the end and return the whole result (text, tokens, cached tokens, timings)."""

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent
+from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
 from kvcellar.engine.runner import RequestRunner
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,36 @@ class Job:
         raise RuntimeError("the stream ended without a result")
 
 
+def cancelled_result(request: GenerationRequest) -> GenerationResult:
+    return GenerationResult("", (), "cancelled", len(request.prompt_ids), 0, {}, Timings())
+
+
+class GenerationStream:
+    """The events of one request. Iterate it; `cancel()` may be called from any thread, at any time.
+
+    A request cancelled while still queued never reaches the model; a running
+    one stops at its next chunk or token. Closing the stream cancels it too.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self._job = job
+        self._events = iter(job)
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> StreamEvent:
+        return next(self._events)
+
+    def cancel(self) -> None:
+        self._job.cancel()
+
+    close = cancel
+
+    def __del__(self) -> None:
+        self._job.cancel()  # a stream nobody reads any more must not keep the model busy
+
+
 class ModelWorker:
     def __init__(self, runner: RequestRunner) -> None:
         self.runner = runner
@@ -78,8 +108,8 @@ class ModelWorker:
             job = self._jobs.get()
             if job is _STOP:
                 return
-            if job.is_cancelled():
-                job.put(RuntimeError("the request was cancelled before it started"))
+            if job.is_cancelled():  # the caller left while it waited: never touch the model for it
+                job.put(StreamEvent(result=cancelled_result(job.request)))
                 continue
             try:
                 self.runner.run(job.request, job.put, job.is_cancelled)

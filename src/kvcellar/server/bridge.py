@@ -59,6 +59,7 @@ class EngineBridge:
                 yield item
         finally:
             stop.set()
+            iterator.cancel()  # thread-safe: a queued request never reaches the model, a running one stops
 
 
 def _pump(
