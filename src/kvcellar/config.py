@@ -7,6 +7,7 @@ argparse lives only in `kvcellar.cli`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -65,10 +66,26 @@ class CacheConfig:
     exact: bool = True
     eviction_policy: str = "priority-lru"
     tenant_salt: str = ""
+    # Persistent and host tiers. The disk tier exists only with a cache_dir; the host tier only
+    # when the model runs on a GPU (on a CPU run, device memory is host memory).
+    cache_dir: str | None = None
+    disk_cache_bytes: int = 16 * 1024**3
+    host_cache_bytes: int = 4 * 1024**3
+    use_disk_tier: bool = True
+    use_host_tier: bool = True
+    disk_write_queue_bytes: int = 1024**3  # write-behind memory; past it, new writes are dropped (counted)
 
     def __post_init__(self) -> None:
-        if self.device_cache_bytes < 0:
-            raise ValueError(f"device_cache_bytes must be >= 0 (got {self.device_cache_bytes})")
+        for name in ("device_cache_bytes", "disk_cache_bytes", "host_cache_bytes", "disk_write_queue_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a byte count >= 0, e.g. parse_size('4G') (got {value!r})")
+        if self.disk_write_queue_bytes == 0:
+            raise ValueError("disk_write_queue_bytes must be > 0: the disk tier writes through this queue")
+        if isinstance(self.cache_dir, os.PathLike):
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
+            raise ValueError(f"cache_dir must be a folder path or None (no disk tier), got {self.cache_dir!r}")
         if self.max_partial_entries < 0:
             raise ValueError(
                 f"max_partial_entries (--tail-cache-entries) must be >= 0, 0 disables tails (got {self.max_partial_entries})"

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from kvcellar.cache import CacheStats, Priority, hash_block
+from kvcellar.cache import CacheStats, Priority, TierStats, hash_block
 
 from .fakes import B, RecordingObserver, insert_chain, make_cache, payload
 
@@ -110,6 +110,9 @@ def test_stats_are_exact() -> None:
         num_entries_by_priority={"ASSISTANT": 1, "USER": 0, "SYSTEM": 2},
         num_bytes_by_priority={"ASSISTANT": 5, "USER": 0, "SYSTEM": 20},
         tokens_by_tier={"device": 10},
+        tiers={"device": TierStats(
+            "device", 3, 1, 25, 10_000, {"ASSISTANT": 1, "USER": 0, "SYSTEM": 2}, {"ASSISTANT": 5, "USER": 0, "SYSTEM": 20}
+        )},
     )  # fmt: skip
     assert stats.hit_rate == pytest.approx(10 / 13)
     cache.set_budget_bytes(20)  # the ASSISTANT tail is the lowest-priority leaf

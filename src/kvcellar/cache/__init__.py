@@ -8,8 +8,12 @@ layer kind can restore (`layout`), pinned until released.
 
 Modules: `hashing` (keys, stable byte encoding), `layout` (what a restore may
 do), `entry` (entries and priorities), `policy` (eviction order), `tier`
-(storage protocol, `MemoryTier`), `match` (restore-point rules), `prefix_cache`
-(`PrefixCache`: lookup / insert / discard / stats), `stats`, `observer`.
+(storage protocol, `TierStats`), `memory_tier` (`MemoryTier`: device and host),
+`match` (restore-point rules), `loading` (pin and load a match), `movement`
+(promotion, demotion, write-through between tiers), `prefix_cache`
+(`PrefixCache`: lookup / insert / discard / stats), `stats`, `observer`,
+`cost_model` (restore or recompute). Persistent tiers (disk) live in
+`kvcellar.tiers`, which implements the same `Tier` protocol.
 No module here imports torch or numpy; tensors exist only in payloads.
 """
 
@@ -24,11 +28,12 @@ from kvcellar.cache.hashing import (
 )
 from kvcellar.cache.layout import LayoutCapabilities
 from kvcellar.cache.match import Match
+from kvcellar.cache.memory_tier import MemoryTier
 from kvcellar.cache.observer import CacheObserver, NullObserver
 from kvcellar.cache.policy import EVICTION_POLICIES, LRU, EvictionPolicy, PriorityLRU, make_policy
 from kvcellar.cache.prefix_cache import PrefixCache
 from kvcellar.cache.stats import CacheStats
-from kvcellar.cache.tier import TIER_NAMES, MemoryTier, StoreResult, Tier
+from kvcellar.cache.tier import TIER_NAMES, StoreResult, Tier, TierStats
 
 __all__ = [
     "EVICTION_POLICIES",
@@ -49,6 +54,7 @@ __all__ = [
     "PriorityLRU",
     "StoreResult",
     "Tier",
+    "TierStats",
     "hash_block",
     "hash_blocks",
     "hash_partial",

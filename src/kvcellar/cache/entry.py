@@ -12,6 +12,7 @@ which knows it; an entry checks only what it can see.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -44,9 +45,12 @@ class CacheEntry:
     has_logits: bool = False  # payload carries the next-token logits at the entry's end
     last_used: int = 0  # tier clock value of the last touch (monotonic, not wall time)
     num_pins: int = 0  # outstanding loads; a pinned entry is never evicted for space
+    namespace: BlockHash | None = None  # root of the entry's chain; persistent tiers check it on read
 
     def __post_init__(self) -> None:
-        for label, digest in (("key", self.key), ("parent", self.parent)):
+        for label, digest in (("key", self.key), ("parent", self.parent), ("namespace", self.namespace)):
+            if label == "namespace" and digest is None:
+                continue
             if not isinstance(digest, bytes) or len(digest) != HASH_NUM_BYTES:
                 raise ValueError(f"{label} must be a {HASH_NUM_BYTES}-byte BlockHash, got {digest!r:.80}")
         self.token_ids = tuple(self.token_ids)
@@ -59,3 +63,9 @@ class CacheEntry:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def copy_for_tier(self, payload: object | None = None) -> CacheEntry:
+        """A fresh, unpinned copy for another tier (a tier owns `last_used` and `num_pins` of its objects)."""
+        return dataclasses.replace(
+            self, payload=self.payload if payload is None else payload, last_used=0, num_pins=0
+        )

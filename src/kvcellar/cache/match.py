@@ -42,6 +42,8 @@ class Match:
     num_partial_tokens: int = 0
     use_logits: bool = False
     tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    load_s_by_tier: dict[str, float] = field(default_factory=dict)  # time spent in each tier's prepare_load
+    loaded_bytes_by_tier: dict[str, int] = field(default_factory=dict)  # payload bytes each tier handed out
 
     @property
     def is_hit(self) -> bool:

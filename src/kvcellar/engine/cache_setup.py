@@ -1,7 +1,14 @@
 """Wire a loaded model to its prefix cache: namespace, tiers, one core per tenant salt.
 
 Operations: `build_prefix_cache(loaded, config) -> (prefix cache, CacheRegistry)`,
-`CacheRegistry.stats/clear/core_for_salt`.
+`CacheRegistry.stats/clear/set_budget/core_for_salt`, `.flush` (wait for
+disk writes) and `.close` (flush, then release the disk tier's files and
+thread: `Engine.close` calls it after the worker stopped).
+
+Tiers, fastest first: `device` (MemoryTier); `host` (MemoryTier in pinned RAM,
+only when the model runs on a GPU); `disk` (DiskTier, only with a cache_dir),
+which also receives every inserted entry (write-through, on its background
+thread) so a restart finds what was computed even if nothing was evicted.
 
 All salts share the same tiers (and so one byte budget): keys from different
 namespace roots never collide, because the root is hashed into every key.
@@ -13,11 +20,11 @@ import threading
 from dataclasses import dataclass, field
 
 from kvcellar.cache import CacheStats, LayoutCapabilities, MemoryTier, NamespaceSpec, PrefixCache, namespace_digest
-from kvcellar.config import EngineConfig
+from kvcellar.config import CacheConfig, EngineConfig
 from kvcellar.engine.loader import LoadedModel
 from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache
 from kvcellar.kv import inspect_layout
-from kvcellar.kv.layout import LAYOUT_VERSION
+from kvcellar.kv.layout import LAYOUT_VERSION, ModelLayout
 
 
 @dataclass
@@ -29,6 +36,7 @@ class CacheRegistry:
     tiers: list = field(default_factory=list)
     max_partial_entries: int = 0
     uncacheable_reason: str | None = None
+    write_through: tuple[str, ...] = ()
     _cores: dict[str, PrefixCache] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -37,7 +45,10 @@ class CacheRegistry:
             core = self._cores.get(salt)
             if core is None:
                 root = namespace_digest(self.spec.with_salt(salt) if salt else self.spec)
-                core = PrefixCache(root, self.capabilities, self.tiers, max_partial_entries=self.max_partial_entries)
+                core = PrefixCache(
+                    root, self.capabilities, self.tiers,
+                    max_partial_entries=self.max_partial_entries, write_through=self.write_through,
+                )  # fmt: skip
                 self._cores[salt] = core
             return core
 
@@ -56,6 +67,16 @@ class CacheRegistry:
         for tier in self.tiers:
             if tier_name is None or tier.name == tier_name:
                 tier.clear()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every tier's queued writes are durable; False if `timeout_s` passed first."""
+        return all([tier.flush(timeout_s) for tier in self.tiers])
+
+    def close(self, timeout_s: float | None = 30.0) -> None:
+        """Flush and release every tier (disk files, writer thread, directory lock). Idempotent."""
+        for tier in self.tiers:
+            tier.flush(timeout_s)
+            tier.close()
 
     def set_budget(self, tier_name: str, budget_bytes: int) -> None:
         """Change one tier's budget; evictions go through a core so they are counted."""
@@ -82,9 +103,35 @@ def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[Model
         exact=cache_config.exact,
         tenant_salt=cache_config.tenant_salt,
     )
-    tiers = [MemoryTier(cache_config.device_cache_bytes, name="device", policy=cache_config.eviction_policy)]
-    registry = CacheRegistry(spec, layout.capabilities(config.block_size), tiers, cache_config.max_partial_entries)
+    tiers = _build_tiers(loaded, layout, cache_config)
+    write_through = ("disk",) if any(tier.name == "disk" for tier in tiers) else ()
+    registry = CacheRegistry(
+        spec, layout.capabilities(config.block_size), tiers, cache_config.max_partial_entries, write_through=write_through
+    )
     prefix_cache = ModelPrefixCache(
         registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, loaded.device
     )
     return prefix_cache, registry
+
+
+def _build_tiers(loaded: LoadedModel, layout: ModelLayout, cache_config: CacheConfig) -> list:
+    policy = cache_config.eviction_policy
+    on_gpu = loaded.device.type != "cpu"
+    # torch-side helpers are imported here: the tiers package itself does not need torch
+    from kvcellar.tiers.host import payload_mover
+
+    device_adopt = payload_mover(loaded.device) if on_gpu else None  # promoted payloads land on the GPU
+    tiers = [MemoryTier(cache_config.device_cache_bytes, name="device", policy=policy, adopt=device_adopt)]
+    if on_gpu and cache_config.use_host_tier and cache_config.host_cache_bytes > 0:
+        tiers.append(MemoryTier(cache_config.host_cache_bytes, name="host", policy=policy, adopt=payload_mover("cpu")))
+    if cache_config.use_disk_tier and cache_config.cache_dir:
+        from kvcellar.tiers.disk import DiskTier
+        from kvcellar.tiers.torch_codec import TorchCodec, layout_string
+
+        codec = TorchCodec(layout_string(layout), loaded.device)
+        disk = DiskTier(
+            cache_config.cache_dir, cache_config.disk_cache_bytes, codec,
+            policy=policy, max_queue_bytes=cache_config.disk_write_queue_bytes,
+        )  # fmt: skip
+        tiers.append(disk)
+    return tiers

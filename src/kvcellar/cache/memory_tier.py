@@ -1,0 +1,256 @@
+"""The in-process memory tier: payloads held as Python objects, under a byte budget.
+
+Operations: the `Tier` protocol (tier.py); `flush` and `close` do nothing.
+Serves the `device` tier (where the model computes) and the `host` tier (RAM
+beside a GPU); an optional `adopt` callable moves a payload into the medium
+when it is stored (for example GPU -> pinned host memory).
+
+Eviction invariants:
+1. The byte total (resident plus reserved) never exceeds the budget, at any
+   moment: bytes are reserved, evicting first, before an entry is inserted,
+   and a store that cannot be fully reserved is refused with nothing evicted.
+2. Only leaves are evicted for space: an entry that is the parent of another
+   resident or reserved entry is not a candidate, so a chain never loses a
+   middle link; a child always goes before its parent. The parent of the entry
+   being stored is protected too.
+3. Among candidate leaves, the policy decides (priority-lru: lowest priority,
+   then least recently used). `last_used` comes from a per-tier integer clock
+   that increases on every touch, so the order is exact and testable.
+4. Pinned entries (num_pins > 0) are never evicted for space. `evict(key)`
+   and `clear()` are explicit requests and do remove pinned entries: the
+   loader keeps its reference to the payload object and `complete_load` of a
+   key that is gone is a no-op.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+
+from kvcellar.cache.entry import CacheEntry, Priority
+from kvcellar.cache.hashing import BlockHash
+from kvcellar.cache.policy import EvictionPolicy, make_policy
+from kvcellar.cache.tier import StoreResult, TierStats, check_budget, check_tier_name, usage_by_priority
+
+
+class MemoryTier:
+    """Payloads held as Python objects in this process, under a byte budget."""
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        *,
+        name: str = "device",
+        policy: str = "priority-lru",
+        adopt: Callable[[object], object] | None = None,
+    ) -> None:
+        check_tier_name(name)
+        check_budget(budget_bytes)
+        self.name = name
+        self._adopt = adopt  # payload -> payload in this medium, applied when a new entry is reserved
+        self._policy: EvictionPolicy = make_policy(policy)
+        self._budget_bytes = budget_bytes
+        self._num_bytes = 0  # resident + reserved; invariant: <= self._budget_bytes
+        self._clock = 0
+        self._entries: dict[BlockHash, CacheEntry] = {}  # visible to lookups
+        self._pending: dict[BlockHash, CacheEntry] = {}  # reserved, not yet visible
+        # parent key -> keys of resident and reserved children (dict as an ordered set, so
+        # children() has a deterministic order). An entry is a leaf iff its key is absent.
+        self._child_keys: dict[BlockHash, dict[BlockHash, None]] = {}
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @property
+    def num_bytes(self) -> int:
+        return self._num_bytes
+
+    @property
+    def num_entries(self) -> int:
+        return len(self._entries)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, budget_bytes: int) -> None:
+        self.set_budget(budget_bytes)
+
+    def get(self, key: BlockHash) -> CacheEntry | None:
+        return self._entries.get(key)
+
+    def contains(self, key: BlockHash) -> bool:
+        return key in self._entries
+
+    def children(self, parent: BlockHash) -> list[CacheEntry]:
+        keys = self._child_keys.get(parent, {})
+        return [self._entries[key] for key in keys if key in self._entries]
+
+    def entries(self) -> list[CacheEntry]:
+        return list(self._entries.values())
+
+    # -- load --------------------------------------------------------------------------------
+
+    def prepare_load(self, keys: Iterable[BlockHash]) -> list[CacheEntry]:
+        """Pin and touch the entries of `keys` (all resident, or KeyError and nothing pinned)."""
+        keys = list(keys)
+        missing = [key.hex() for key in keys if key not in self._entries]
+        if missing:
+            raise KeyError(f"tier {self.name!r} holds no entry {missing[0]}; look it up again")
+        loaded = [self._entries[key] for key in keys]
+        for entry in loaded:
+            entry.num_pins += 1
+            entry.last_used = self._tick()
+        return loaded
+
+    def complete_load(self, keys: Iterable[BlockHash]) -> None:
+        """Unpin; keys evicted meanwhile (explicitly) are skipped."""
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            if entry.num_pins <= 0:
+                raise ValueError(f"entry {key.hex()} is not pinned; complete_load called twice?")
+            entry.num_pins -= 1
+
+    # -- store -------------------------------------------------------------------------------
+
+    def prepare_store(self, entry: CacheEntry) -> StoreResult:
+        """Reserve `entry.num_bytes`, evicting leaves as needed; `complete_store` publishes it.
+
+        An existing key (resident or reserved) is touched and its priority raised
+        to max(old, new); nothing is counted twice.
+        """
+        existing = self._entries.get(entry.key) or self._pending.get(entry.key)
+        if existing is not None:
+            existing.priority = Priority(max(existing.priority, entry.priority))
+            existing.last_used = self._tick()
+            return StoreResult(True, (), "already stored")
+        if self._budget_bytes == 0 or entry.num_bytes > self._budget_bytes:
+            reason = f"entry of {entry.num_bytes} bytes exceeds the {self.name} budget of {self._budget_bytes} bytes"
+            return StoreResult(False, (), reason)
+        victims = self._plan_evictions(self._num_bytes + entry.num_bytes - self._budget_bytes, entry.parent)
+        if victims is None:
+            reason = f"cannot free {entry.num_bytes} bytes in {self.name}: the other entries are pinned or are parents"
+            return StoreResult(False, (), reason)
+        for victim in victims:
+            self._remove(victim)
+        if self._adopt is not None:
+            entry.payload = self._adopt(entry.payload)
+        entry.last_used = self._tick()
+        self._pending[entry.key] = entry
+        self._child_keys.setdefault(entry.parent, {})[entry.key] = None
+        self._num_bytes += entry.num_bytes
+        return StoreResult(True, tuple(victims), "")
+
+    def complete_store(self, key: BlockHash) -> None:
+        """Make a reserved entry visible (a no-op for a key that is already resident)."""
+        entry = self._pending.pop(key, None)
+        if entry is not None:
+            self._entries[key] = entry
+        elif key not in self._entries:
+            raise KeyError(f"tier {self.name!r} has no reservation for {key.hex()}; call prepare_store first")
+
+    def abort_store(self, key: BlockHash) -> None:
+        """Drop a reservation whose payload transfer failed."""
+        entry = self._pending.pop(key, None)
+        if entry is not None:
+            self._unlink(entry)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def touch(self, keys: Iterable[BlockHash]) -> None:
+        """Mark resident `keys` as used now, in order (the last key is the most recent)."""
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.last_used = self._tick()
+
+    def evict(self, key: BlockHash) -> CacheEntry | None:
+        """Remove exactly this resident entry, even if pinned or a parent (its children stay)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._remove(entry)
+        return entry
+
+    def set_budget(self, budget_bytes: int) -> tuple[CacheEntry, ...]:
+        """Change the budget; lowering it evicts leaves at once and returns them in eviction order.
+
+        Raises ValueError (and changes nothing) when pinned, reserved or parent
+        entries hold more bytes than the new budget.
+        """
+        check_budget(budget_bytes)
+        victims = self._plan_evictions(self._num_bytes - budget_bytes, None)
+        if victims is None:
+            raise ValueError(
+                f"cannot lower the {self.name} budget to {budget_bytes} bytes while pinned or in-flight entries "
+                f"hold more; finish the loads and stores (complete_load / complete_store) and retry"
+            )
+        for victim in victims:
+            self._remove(victim)
+        self._budget_bytes = budget_bytes
+        return tuple(victims)
+
+    def clear(self) -> None:
+        """Remove every resident entry; reservations in flight stay."""
+        for entry in list(self._entries.values()):
+            self._remove(entry)
+
+    def stats(self) -> TierStats:
+        num_entries, num_partial, by_count, by_bytes = usage_by_priority(self._entries.values())
+        return TierStats(self.name, num_entries, num_partial, self._num_bytes, self._budget_bytes, by_count, by_bytes)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return True  # nothing is ever in flight outside the caller's own calls
+
+    def close(self) -> None:
+        pass
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _is_candidate(self, entry: CacheEntry, protected: BlockHash | None) -> bool:
+        return entry.num_pins == 0 and entry.key not in self._child_keys and entry.key != protected
+
+    def _plan_evictions(self, num_bytes_needed: int, protected: BlockHash | None) -> list[CacheEntry] | None:
+        """The victims that free `num_bytes_needed` bytes, in policy order, or None if impossible.
+
+        Simulates evicting leaves one by one so a parent whose last child goes
+        becomes a candidate in turn. Builds the candidate heap by a linear scan:
+        a memory tier holds at most thousands of entries and this runs only
+        when the tier is full.
+        """
+        if num_bytes_needed <= 0:
+            return []
+        sort_key = self._policy.sort_key
+        heap = [(sort_key(e), e.key, e) for e in self._entries.values() if self._is_candidate(e, protected)]
+        heapq.heapify(heap)
+        num_children_left: dict[BlockHash, int] = {}  # simulated child counts of touched parents
+        victims: list[CacheEntry] = []
+        num_freed = 0
+        while num_freed < num_bytes_needed:
+            if not heap:
+                return None
+            victim = heapq.heappop(heap)[2]
+            victims.append(victim)
+            num_freed += victim.num_bytes
+            left = num_children_left.get(victim.parent, len(self._child_keys[victim.parent])) - 1
+            num_children_left[victim.parent] = left
+            parent = self._entries.get(victim.parent)
+            if left == 0 and parent is not None and parent.num_pins == 0 and parent.key != protected:
+                heapq.heappush(heap, (sort_key(parent), parent.key, parent))
+        return victims
+
+    def _remove(self, entry: CacheEntry) -> None:
+        del self._entries[entry.key]
+        self._unlink(entry)
+
+    def _unlink(self, entry: CacheEntry) -> None:
+        self._num_bytes -= entry.num_bytes
+        siblings = self._child_keys[entry.parent]
+        del siblings[entry.key]
+        if not siblings:
+            del self._child_keys[entry.parent]

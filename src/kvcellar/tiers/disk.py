@@ -1,0 +1,313 @@
+"""The disk tier: one safetensors file per entry, a SQLite index, a background writer.
+
+Operations: `DiskTier` (the `Tier` protocol, plus `start`, `flush`, `close`;
+`stats` reports load bandwidth, drops and corrupt files) and, for
+`kvcellar cache stats|ls|clear` with no model, `disk_cache_stats`,
+`list_disk_entries`, `clear_disk_cache` (admin.py).
+
+Life of an entry: `prepare_store` reserves its exact file size (evicting
+stored leaves, LRU) and a write-queue slot, or refuses (a counted drop);
+`complete_store` makes it visible at once, served from the queued payload;
+the writer thread writes the file atomically, indexes it, and only then
+drops the payload from memory: never in neither place, and requests never
+wait on a write. Loads map the file and check size, header, key hash, layout
+and checksum; a file that fails is quarantined: a miss, counted, never served.
+Threads: the tier's lock guards the catalog (shared with the writer thread),
+never file I/O. The directory is flock'ed while open: one process at a time.
+Close, or interpreter exit, flushes the queue.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import time
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+
+from kvcellar.cache import BlockHash, CacheEntry, StoreResult, TierStats
+from kvcellar.cache.tier import check_budget
+from kvcellar.tiers.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
+from kvcellar.tiers.catalog import RESERVED, STORED, Catalog, Record
+from kvcellar.tiers.codec import PayloadCodec
+from kvcellar.tiers.disk_state import DiskState
+from kvcellar.tiers.disk_writer import DiskWriter
+from kvcellar.tiers.entry_io import ReadFailure, plan_header
+from kvcellar.tiers.files import CacheDir, DirLock, quarantine
+from kvcellar.tiers.format import DEFAULT_CHECKSUM
+from kvcellar.tiers.index import DiskIndex
+from kvcellar.tiers.recovery import recover
+from kvcellar.tiers.writer import WriteQueue
+
+__all__ = ["DiskTier", "clear_disk_cache", "disk_cache_stats", "list_disk_entries"]
+log = logging.getLogger(__name__)
+_open_tiers: weakref.WeakSet[DiskTier] = weakref.WeakSet()
+
+
+class DiskTier:
+    name = "disk"
+
+    def __init__(self, cache_dir: str | Path, budget_bytes: int, codec: PayloadCodec, *, policy: str = "priority-lru",
+                 max_queue_entries: int = 256, max_queue_bytes: int = 1 << 30, checksum: str = DEFAULT_CHECKSUM,
+                 start_writer: bool = True) -> None:  # fmt: skip
+        """Open (or create) `cache_dir`: lock it, reconcile index and files, prune to the budget, start the writer."""
+        check_budget(budget_bytes)
+        started = time.perf_counter()
+        folder = CacheDir(cache_dir)
+        folder.create()
+        self._dir_lock = DirLock(folder.lock_path)
+        self._dir_lock.acquire()
+        try:
+            index = DiskIndex(folder.index_path)
+            state = DiskState(folder, codec, Catalog(policy), index, DiskIndex(folder.index_path))
+            self._recovery = recover(folder, index, state.catalog, budget_bytes)
+        except BaseException:
+            self._dir_lock.release()
+            raise
+        self._s = state
+        # Aliases of the shared state (never rebound): the request side's view.
+        self._dir, self._codec, self._catalog = folder, codec, state.catalog
+        self._lock, self._counters = state.lock, state.counters
+        self._budget_bytes = budget_bytes
+        self._checksum = checksum
+        self._queue = WriteQueue(DiskWriter(state), max_queue_entries, max_queue_bytes)
+        self._closed = False
+        self._open_s = time.perf_counter() - started
+        if start_writer:
+            self._queue.start()
+        _open_tiers.add(self)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @property
+    def cache_dir(self) -> Path:
+        return self._dir.root
+
+    @property
+    def num_bytes(self) -> int:
+        return self._catalog.num_bytes
+
+    @property
+    def num_entries(self) -> int:
+        return self._catalog.usage()[0]
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, budget_bytes: int) -> None:
+        self.set_budget(budget_bytes)
+
+    def get(self, key: BlockHash) -> CacheEntry | None:
+        with self._lock:
+            record = self._catalog.visible(key)
+            found = self._s.metadata_entries([record]) if record is not None else []
+            return found[0] if found else None
+
+    def contains(self, key: BlockHash) -> bool:
+        with self._lock:
+            return self._catalog.visible(key) is not None
+
+    def children(self, parent: BlockHash) -> list[CacheEntry]:
+        with self._lock:
+            return self._s.metadata_entries(self._catalog.children(parent))
+
+    def entries(self) -> list[CacheEntry]:
+        with self._lock:
+            return self._s.metadata_entries([r for r in self._catalog if r.state != RESERVED])
+
+    # -- load --------------------------------------------------------------------------------
+
+    def prepare_load(self, keys: Iterable[BlockHash]) -> list[CacheEntry]:
+        """Read and verify each entry; pins cover only the read (so `complete_load` is a no-op)."""
+        with self._lock:
+            records = [self._catalog.visible(key) for key in keys]
+            if any(record is None for record in records):
+                raise KeyError("the disk tier no longer holds an entry; look it up again")
+            queued = {r.key: r.entry for r in records if r.state != STORED}
+            self._counters["num_loads_from_queue"] += len(queued)
+            for record in records:
+                record.num_pins += 1
+                self._catalog.touch(record)
+                self._s.dirty.add(record.key)
+        loaded, failure = [], None
+        try:
+            for record in records:
+                if record.key in queued:  # not written yet: served from the queued payload
+                    loaded.append(queued[record.key].copy_for_tier())
+                    continue
+                try:
+                    loaded.append(self._s.read(record))
+                except ReadFailure as exc:
+                    failure = (record, exc)
+                    break
+        finally:
+            with self._lock:
+                for record in records:
+                    self._catalog.unpin(record)
+                if failure is not None:
+                    self._load_failed(*failure)
+        if failure is not None:
+            raise KeyError(f"disk entry {failure[0].key.hex()} cannot be served ({failure[1]}); it was dropped")
+        return loaded
+
+    def _load_failed(self, record: Record, failure: ReadFailure) -> None:
+        self._counters[f"num_{failure.kind}"] += 1  # num_corrupt / num_missing / num_unreadable
+        log.warning("disk cache entry %s not served (%s: %s)", record.key.hex()[:16], failure.kind, failure)
+        if self._catalog.get(record.key) is record:
+            path = self._dir.entry_path(record.namespace, record.key)
+            if failure.kind == "corrupt" and quarantine(self._dir, path, str(failure)):
+                self._counters["num_quarantined"] += 1
+            self._drop(record)
+
+    def complete_load(self, keys: Iterable[BlockHash]) -> None:
+        pass  # the payload was copied out (mapped) inside prepare_load
+
+    # -- store -------------------------------------------------------------------------------
+
+    def prepare_store(self, entry: CacheEntry) -> StoreResult:
+        """Reserve the file's bytes and a queue slot, evicting stored leaves; or refuse (counted)."""
+        with self._lock:
+            if self._closed:
+                return StoreResult(False, (), "the disk tier is closed")
+            existing = self._catalog.get(entry.key)
+            if existing is not None:
+                supersedes = entry.has_logits and not existing.has_logits and existing.state != RESERVED
+                if not supersedes:
+                    self._catalog.touch(existing, entry.priority)
+                    self._s.dirty.add(entry.key)
+                    return StoreResult(True, (), "already stored")
+                self._drop(existing)  # the same tail with logits replaces it
+            try:
+                header = plan_header(entry, self._codec, self._checksum)
+            except (ValueError, TypeError, AttributeError) as exc:
+                return self._refused("num_refused_payload", f"cannot store this payload on disk: {exc}")
+            size = header.file_size
+            if size > self._budget_bytes:
+                too_large = f"entry of {size} bytes exceeds the disk budget of {self._budget_bytes} bytes"
+                return self._refused("num_refused_too_large", too_large)
+            if not self._queue.try_reserve(size):
+                entries, queued = self._queue.depth
+                return self._refused("num_dropped_queue_full", f"disk write queue full ({entries} entries, {queued} bytes)")
+            victims = self._catalog.plan_evictions(self._catalog.num_bytes + size - self._budget_bytes, entry.parent)
+            if victims is None:
+                self._queue.unreserve(size)
+                no_room = f"cannot free {size} bytes on disk: the rest is queued, pinned or parents"
+                return self._refused("num_dropped_no_room", no_room)
+            evicted = self._evict_records(victims)
+            record = Record(entry.key, entry.parent, header.namespace, size, sum(s.num_bytes for s in header.tensors),
+                            entry.priority, self._catalog.tick(), entry.num_tokens, entry.is_partial, entry.has_logits,
+                            state=RESERVED, entry=entry, header=header)  # fmt: skip
+            self._catalog.add(record)
+            return StoreResult(True, evicted)
+
+    def _refused(self, counter: str, reason: str) -> StoreResult:
+        self._counters[counter] += 1
+        return StoreResult(False, (), reason)
+
+    def complete_store(self, key: BlockHash) -> None:
+        with self._lock:
+            record = self._catalog.get(key)
+            if record is None:
+                raise KeyError(f"the disk tier has no reservation for {key.hex()}; call prepare_store first")
+            if record.state == RESERVED:
+                self._catalog.publish(record)
+                self._queue.put(key, record, record.num_bytes)
+
+    def abort_store(self, key: BlockHash) -> None:
+        with self._lock:
+            record = self._catalog.get(key)
+            if record is not None and record.state == RESERVED:
+                self._catalog.remove(record)
+                self._queue.unreserve(record.num_bytes)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def touch(self, keys: Iterable[BlockHash]) -> None:
+        with self._lock:
+            for key in keys:
+                record = self._catalog.visible(key)
+                if record is not None:
+                    self._catalog.touch(record)
+                    self._s.dirty.add(key)
+
+    def evict(self, key: BlockHash) -> CacheEntry | None:
+        """Remove exactly this entry (even pinned or a parent); its file goes on the writer thread."""
+        with self._lock:
+            record = self._catalog.visible(key)
+            return self._evict_records([record], counted=False)[0] if record is not None else None
+
+    def set_budget(self, budget_bytes: int) -> tuple[CacheEntry, ...]:
+        """Change the budget, evicting stored leaves at once (queued writes are flushed first if needed)."""
+        check_budget(budget_bytes)
+        for attempt in range(2):
+            with self._lock:
+                victims = self._catalog.plan_evictions(self._catalog.num_bytes - budget_bytes, None)
+                if victims is not None:
+                    self._budget_bytes = budget_bytes
+                    return self._evict_records(victims)
+            if attempt == 0:
+                self.flush()
+        raise ValueError(f"cannot lower the disk budget to {budget_bytes} bytes while pinned entries hold more; retry")
+
+    def clear(self) -> None:
+        """Remove every visible entry (files deleted on the writer thread); reservations stay."""
+        with self._lock:
+            self._drop(*(record for record in self._catalog if record.state != RESERVED))
+
+    def _evict_records(self, records: list[Record], counted: bool = True) -> tuple[CacheEntry, ...]:
+        entries = self._s.metadata_entries(records)  # read token ids before the rows go
+        self._drop(*records)
+        self._counters["num_evictions"] += len(records) if counted else 0
+        return tuple(entries)
+
+    def _drop(self, *records: Record) -> None:
+        """Forget visible records; stored ones' files and rows are deleted by the writer.
+
+        A queued record's job is skipped (or its fresh file deleted) by the writer.
+        """
+        for record in records:
+            self._catalog.remove(record)
+            self._s.dirty.discard(record.key)
+        self._queue.delete([(r.key, r.namespace) for r in records if r.state == STORED])
+
+    # -- reporting and life cycle ------------------------------------------------------------
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            num_entries, num_partial, counts, sizes = self._catalog.usage()
+            counters = {**self._recovery, **self._s.counters_snapshot()}
+            num_bytes = self._catalog.num_bytes
+        counters["num_queued"], counters["queued_bytes"] = self._queue.depth
+        counters["open_s"] = self._open_s
+        counters["index_bytes"] = self._s.index.size_bytes()
+        return TierStats(self.name, num_entries, num_partial, num_bytes, self._budget_bytes, counts, sizes, counters)
+
+    def start(self) -> None:
+        """Start the writer thread (for a tier opened with start_writer=False)."""
+        self._queue.start()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return True if self._closed else self._queue.flush(timeout_s)
+
+    def close(self, timeout_s: float | None = 30.0) -> None:
+        """Flush queued writes (up to `timeout_s`), stop the writer, release the directory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if not self._queue.close(timeout_s):
+            log.warning("disk cache closed with writes still queued; they are lost (a miss after restart)")
+        with self._lock:
+            self._s.closed = True
+            self._s.reader.close()
+        self._s.index.close()
+        self._dir_lock.release()
+        _open_tiers.discard(self)
+
+
+@atexit.register
+def _close_open_tiers() -> None:
+    for tier in list(_open_tiers):
+        tier.close(timeout_s=10.0)

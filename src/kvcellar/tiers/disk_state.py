@@ -1,0 +1,84 @@
+"""State the disk tier's two sides share: folder, codec, catalog, index connections, counters, one lock.
+
+Operations: `DiskState.path`, `.metadata_entries` (entries without payload,
+for lookups), `.read` (load and verify one entry file, timed for the load
+bandwidth), `.counters_snapshot`; `COUNTERS` (what stats always reports).
+
+Threads: the request side (disk.py) and the writer thread (disk_writer.py)
+change the catalog, counters and dirty set only under `lock`; neither holds
+it during file I/O. `index` belongs to the writer thread (and to start-up and
+close, when that thread is not running); `reader` is used under `lock`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvcellar.cache import CacheEntry
+from kvcellar.tiers.catalog import Catalog, Record
+from kvcellar.tiers.codec import PayloadCodec
+from kvcellar.tiers.entry_io import Expected, read_entry
+from kvcellar.tiers.files import CacheDir
+from kvcellar.tiers.index import DiskIndex
+
+COUNTERS = (
+    "num_loads", "load_bytes", "load_s", "num_loads_from_queue", "num_written", "write_bytes", "write_s",
+    "num_evictions", "num_dropped_queue_full", "num_dropped_no_room", "num_dropped_write_error", "num_disk_full",
+    "num_refused_payload", "num_refused_too_large", "num_corrupt", "num_missing", "num_unreadable", "num_quarantined",
+)  # fmt: skip
+
+
+@dataclass
+class DiskState:
+    dir: CacheDir
+    codec: PayloadCodec
+    catalog: Catalog
+    index: DiskIndex  # the writer thread's connection (and start-up's, before the thread runs)
+    reader: DiskIndex  # token ids for lookups, used under `lock`
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    counters: Counter = field(default_factory=Counter)
+    dirty: set[bytes] = field(default_factory=set)  # keys whose recency or priority the index has not seen
+    known_dirs: set[Path] = field(default_factory=set)
+    closed: bool = False  # after close: nothing is stored, nothing is found (the index is shut)
+
+    def path(self, record: Record) -> Path:
+        return self.dir.entry_path(record.namespace, record.key)
+
+    def metadata_entries(self, records: list[Record]) -> list[CacheEntry]:
+        """Entries without payload; token ids from memory (queued) or the index. Call under `lock`."""
+        if self.closed:
+            return []
+        tokens = self.reader.tokens([r.key for r in records if r.entry is None])
+        found = []
+        for r in records:
+            token_ids = r.entry.token_ids if r.entry is not None else tokens.get(r.key)
+            if token_ids is not None:
+                found.append(CacheEntry(r.key, r.parent, token_ids, r.payload_bytes, r.priority, None, r.is_partial,
+                                        r.has_logits, r.last_used, r.num_pins, r.namespace))  # fmt: skip
+        return found
+
+    def read(self, r: Record) -> CacheEntry:
+        """The entry with its payload, from a file that passes every check (ReadFailure otherwise). No lock held."""
+        expected = Expected(r.key, r.parent, r.namespace, r.num_bytes, r.is_partial, r.has_logits, r.num_tokens)
+        started = time.perf_counter()
+        header, payload = read_entry(self.path(r), expected, self.codec)
+        seconds = time.perf_counter() - started
+        with self.lock:
+            self.counters["num_loads"] += 1
+            self.counters["load_bytes"] += r.num_bytes
+            self.counters["load_s"] += seconds
+        return CacheEntry(r.key, r.parent, header.token_ids, r.payload_bytes, r.priority, payload, r.is_partial,
+                          r.has_logits, namespace=r.namespace)  # fmt: skip
+
+    def counters_snapshot(self) -> dict[str, float]:
+        """Every counter (0 until it happens) plus the derived bandwidths. Call under `lock`."""
+        counters: dict[str, float] = {**dict.fromkeys(COUNTERS, 0), **self.counters}
+        drops = ("num_dropped_queue_full", "num_dropped_no_room", "num_dropped_write_error")
+        counters["num_dropped"] = sum(counters[k] for k in drops)
+        counters["load_bandwidth_bytes_per_s"] = counters["load_bytes"] / counters["load_s"] if counters["load_s"] else 0.0
+        counters["write_bandwidth_bytes_per_s"] = counters["write_bytes"] / counters["write_s"] if counters["write_s"] else 0.0
+        return counters

@@ -1,0 +1,113 @@
+"""The writer thread's side of the disk tier.
+
+Operations: `DiskWriter` (the `WriteHandler` the write queue's thread calls:
+`delete_files`, `write_batch`, `sync_recency`) and `index_row`.
+
+Invariants kept here (see also index.py):
+- a file is written and made durable, then indexed (commit), and only then
+  is its record marked STORED and its in-memory payload dropped: until that
+  moment lookups are served from the queued payload;
+- a record dropped while its file was being written gets that file (and
+  row) deleted right after; a failed write (ENOSPC...) removes the record
+  and frees its bytes: a counted drop, never a partial file (temp + rename);
+- file first, row second on deletion: a crash leaves a row without a file,
+  which start-up drops.
+The lock is held only for bookkeeping, never during file I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sqlite3
+import time
+
+from kvcellar.cache import CacheEntry
+from kvcellar.tiers.catalog import QUEUED, STORED, Record
+from kvcellar.tiers.disk_state import DiskState
+from kvcellar.tiers.entry_io import write_entry
+from kvcellar.tiers.index import IndexRow
+
+log = logging.getLogger(__name__)
+
+
+def index_row(r: Record) -> IndexRow:
+    return IndexRow(r.key, r.parent, r.namespace, r.num_bytes, r.payload_bytes, int(r.priority), r.last_used,
+                    r.num_tokens, r.is_partial, r.has_logits)  # fmt: skip
+
+
+class DiskWriter:
+    def __init__(self, state: DiskState) -> None:
+        self._state = state
+
+    def delete_files(self, items: list[tuple[bytes, bytes]]) -> None:
+        """(key, namespace) pairs: unlink each file, then delete the rows in one commit."""
+        state = self._state
+        for key, namespace in items:
+            state.dir.entry_path(namespace, key).unlink(missing_ok=True)
+        state.index.delete([key for key, _ in items])
+        state.index.commit()
+
+    def write_batch(self, jobs: list[Record]) -> None:
+        state = self._state
+        written: list[tuple[Record, CacheEntry]] = []
+        for record in jobs:
+            with state.lock:
+                if state.catalog.get(record.key) is not record or record.state != QUEUED:
+                    continue  # evicted or superseded while queued
+                entry, header = record.entry, record.header
+            started = time.perf_counter()
+            try:
+                write_entry(state.path(record), header, entry.payload, state.codec, state.known_dirs)
+            except Exception as exc:  # ENOSPC, EIO, a payload the codec cannot encode: a counted drop
+                self._failed(record, exc)
+                continue
+            with state.lock:
+                state.counters["num_written"] += 1
+                state.counters["write_bytes"] += record.num_bytes
+                state.counters["write_s"] += time.perf_counter() - started
+            written.append((record, entry))
+        if written:
+            self._index(written)
+
+    def _index(self, written: list[tuple[Record, CacheEntry]]) -> None:
+        state = self._state
+        try:
+            state.index.put([(index_row(record), entry.token_ids) for record, entry in written])
+            state.index.commit()
+        except sqlite3.Error as exc:  # the index's own disk is full: undo the files, count the drops
+            state.index.rollback()
+            for record, _ in written:
+                state.path(record).unlink(missing_ok=True)
+                self._failed(record, exc)
+            return
+        with state.lock:
+            stale = [r for r, _ in written if state.catalog.get(r.key) is not r]
+            for record, _ in written:
+                if state.catalog.get(record.key) is record:
+                    state.catalog.stored(record)
+        if stale:  # dropped while being written: delete what was just made
+            self.delete_files([(r.key, r.namespace) for r in stale])
+
+    def _failed(self, record: Record, exc: BaseException) -> None:
+        state = self._state
+        with state.lock:
+            state.counters["num_dropped_write_error"] += 1
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                state.counters["num_disk_full"] += 1
+            if state.catalog.get(record.key) is record:
+                state.catalog.remove(record)
+            num_failed = state.counters["num_dropped_write_error"]
+        if num_failed == 1 or num_failed % 100 == 0:
+            log.warning("disk cache write failed (%d so far), entry dropped: %s", num_failed, exc)
+
+    def sync_recency(self) -> None:
+        """Persist last-used clocks and raised priorities of stored entries (one commit)."""
+        state = self._state
+        with state.lock:
+            records = [(key, state.catalog.get(key)) for key in state.dirty]
+            updates = [(key, r.last_used, int(r.priority)) for key, r in records if r is not None and r.state == STORED]
+            state.dirty = {key for key, r in records if r is not None and r.state != STORED}
+        if updates:
+            state.index.update_recency(updates)
+            state.index.commit()

@@ -1,0 +1,164 @@
+"""Write and read one entry file, checking everything the file says about itself.
+
+Operations: `plan_header` (the header of an entry, exact file size known
+before any tensor byte is touched), `write_entry` (checksum, then atomic
+write), `read_entry` (map, parse, validate, checksum, decode), `read_header`
+(header only: start-up indexes orphan files with it), `Expected`, `ReadFailure`.
+
+The checksum covers the whole file, the checksum's own hex digits read as
+zeros: a flipped bit anywhere (header or tensors) is caught. A file is
+served only if its size, format, key, namespace, parent, kind, layout and
+`key == hash(parent, token_ids)` all match what the index expects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kvcellar.cache import CacheEntry, hash_block, hash_partial
+from kvcellar.tiers.codec import PayloadCodec
+from kvcellar.tiers.files import map_file, write_atomic
+from kvcellar.tiers.format import (
+    DEFAULT_CHECKSUM,
+    EntryHeader,
+    FormatError,
+    encode_header,
+    header_length,
+    new_checksum,
+    ordered,
+    parse_header,
+    placeholder_checksum,
+)
+
+_CHECKSUM_FIELD = b'"checksum":"'
+
+
+class ReadFailure(Exception):
+    """The file cannot be served. `kind`: missing | corrupt | unreadable."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the index says a file holds."""
+
+    key: bytes
+    parent: bytes
+    namespace: bytes
+    num_bytes: int
+    is_partial: bool
+    has_logits: bool
+    num_tokens: int
+
+
+def plan_header(entry: CacheEntry, codec: PayloadCodec, algorithm: str = DEFAULT_CHECKSUM) -> EntryHeader:
+    """The header `entry` will be written with (placeholder checksum); ValueError if not storable."""
+    if entry.namespace is None:
+        raise ValueError("an entry needs its namespace to be stored on disk")
+    return EntryHeader(
+        key=entry.key,
+        parent=entry.parent,
+        namespace=entry.namespace,
+        token_ids=entry.token_ids,
+        is_partial=entry.is_partial,
+        has_logits=entry.has_logits,
+        priority=int(entry.priority),
+        layout=codec.layout,
+        tensors=ordered(codec.describe(entry.payload)),
+        checksum=placeholder_checksum(algorithm),
+    )
+
+
+def _checksum_span(head: bytes | memoryview) -> tuple[int, int]:
+    """(start, end) of the checksum's hex digits inside the encoded header."""
+    start = bytes(head).find(_CHECKSUM_FIELD)
+    if start < 0:
+        raise FormatError("no checksum field")
+    start = bytes(head).index(b":", start + len(_CHECKSUM_FIELD)) + 1
+    end = bytes(head).index(b'"', start)
+    return start, end
+
+
+def _digest(algorithm: str, head: bytes, body: list[memoryview] | memoryview) -> str:
+    start, end = _checksum_span(head)
+    hasher = new_checksum(algorithm)
+    hasher.update(head[:start] + b"0" * (end - start) + head[end:])
+    for chunk in body if isinstance(body, list) else [body]:
+        hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def write_entry(path: Path, header: EntryHeader, payload: object, codec: PayloadCodec, known_dirs: set[Path]) -> int:
+    """Write the file atomically; returns its size (equal to `header.file_size`)."""
+    buffers = codec.tensor_bytes(payload, header.tensors)
+    for spec, buffer in zip(header.tensors, buffers):
+        if buffer.nbytes != spec.num_bytes:
+            raise ValueError(f"tensor {spec.name!r} has {buffer.nbytes} bytes, its spec says {spec.num_bytes}")
+    algorithm = header.checksum.split(":", 1)[0]
+    final = replace(header, checksum=f"{algorithm}:{_digest(algorithm, encode_header(header), buffers)}")
+    head = encode_header(final)
+    if len(head) + header.payload_bytes != header.file_size:  # the budget reserved exactly file_size bytes
+        raise ValueError(f"entry file would be {len(head) + header.payload_bytes} bytes, {header.file_size} were reserved")
+    return write_atomic(path, [head, *buffers], known_dirs)
+
+
+def _check(header: EntryHeader, size: int, expected: Expected, layout: str) -> None:
+    problems = [
+        (size != expected.num_bytes, f"size {size}, index says {expected.num_bytes}"),
+        (header.key != expected.key, "key differs from the file name"),
+        (header.namespace != expected.namespace, "namespace differs"),
+        (header.parent != expected.parent, "parent differs"),
+        (header.is_partial != expected.is_partial or header.has_logits != expected.has_logits, "entry kind differs"),
+        (len(header.token_ids) != expected.num_tokens, "token count differs"),
+        (header.layout != layout, f"layer layout {header.layout!r} is not this model's {layout!r}"),
+    ]
+    for failed, reason in problems:
+        if failed:
+            raise FormatError(reason)
+    rehash = hash_partial if header.is_partial else hash_block
+    if rehash(header.parent, header.token_ids) != header.key:
+        raise FormatError("key is not the hash of parent and token ids")
+
+
+def read_entry(path: Path, expected: Expected, codec: PayloadCodec) -> tuple[EntryHeader, object]:
+    """(header, payload) of a file that passes every check; ReadFailure otherwise."""
+    try:
+        data = map_file(path)
+    except FileNotFoundError:
+        raise ReadFailure("missing", "file is gone") from None
+    except OSError as exc:
+        raise ReadFailure("unreadable", f"cannot read: {exc}") from None
+    try:
+        header, offset = parse_header(data)
+        _check(header, len(data), expected, codec.layout)
+        algorithm, _, stored = header.checksum.partition(":")
+        try:
+            actual = _digest(algorithm, bytes(data[:offset]), data[offset:])
+        except ValueError as exc:  # an algorithm this process lacks: unverifiable, so never served
+            raise FormatError(str(exc)) from None
+        if actual != stored:
+            raise FormatError("checksum mismatch")
+        buffers, position = [], offset
+        for spec in header.tensors:
+            buffers.append(data[position : position + spec.num_bytes])
+            position += spec.num_bytes
+        return header, codec.decode(header, buffers)
+    except FormatError as exc:
+        raise ReadFailure("corrupt", str(exc)) from None
+
+
+def read_header(path: Path) -> tuple[EntryHeader, int]:
+    """(header, file size) reading only the header; FormatError / OSError otherwise."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        head = prefix + handle.read(header_length(prefix))
+    header, _ = parse_header(head)
+    if header.file_size != size:
+        raise FormatError(f"file has {size} bytes, its header describes {header.file_size}")
+    return header, size

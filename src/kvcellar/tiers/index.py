@@ -1,0 +1,141 @@
+"""The disk tier's index: one SQLite database (WAL mode) describing every entry file.
+
+Operations: `DiskIndex.rows` (every entry, no token ids: what start-up
+reads), `tokens` (token ids of some keys), `put`, `delete`, `update_recency`,
+`commit`, `size_bytes`, `close`; `IndexRow`.
+
+Crash safety (the files are the truth, the index is a fast summary of them):
+- a row is inserted only after its file is durable (written, fsynced,
+  renamed, folder fsynced): a row never names a file that was never complete;
+- a file is unlinked before its row is deleted: a crash in between leaves a
+  row without a file, which start-up drops;
+- a crash between a file's rename and its row's commit leaves an orphan file,
+  which start-up indexes from its header. `synchronous=NORMAL` may lose the
+  last commits on power loss, never consistency, so both cases stay covered.
+Token ids live in their own table so start-up reads only the small rows.
+Threads: a connection is used by one thread at a time (its owner's lock).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from array import array
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key BLOB PRIMARY KEY,
+    parent BLOB NOT NULL,
+    namespace BLOB NOT NULL,
+    num_bytes INTEGER NOT NULL,      -- file size
+    payload_bytes INTEGER NOT NULL,  -- tensor bytes (what the entry occupies in memory)
+    priority INTEGER NOT NULL,
+    last_used INTEGER NOT NULL,      -- the tier's logical clock, persisted
+    num_tokens INTEGER NOT NULL,
+    is_partial INTEGER NOT NULL,
+    has_logits INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tokens (key BLOB PRIMARY KEY, token_ids BLOB NOT NULL);
+"""
+# tokens keeps its rowid: a WITHOUT ROWID row over ~1/4 page (256 tokens = 1 KiB) spills into an overflow page.
+_COLUMNS = "key, parent, namespace, num_bytes, payload_bytes, priority, last_used, num_tokens, is_partial, has_logits"
+
+
+@dataclass(slots=True)
+class IndexRow:
+    key: bytes
+    parent: bytes
+    namespace: bytes
+    num_bytes: int
+    payload_bytes: int
+    priority: int
+    last_used: int
+    num_tokens: int
+    is_partial: bool
+    has_logits: bool
+
+
+def pack_tokens(token_ids: Sequence[int]) -> bytes:
+    packed = array("I", token_ids)
+    if sys.byteorder == "big":  # pragma: no cover - stored little-endian everywhere
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_tokens(data: bytes) -> tuple[int, ...]:
+    packed = array("I")
+    packed.frombytes(data)
+    if sys.byteorder == "big":  # pragma: no cover
+        packed.byteswap()
+    return tuple(packed)
+
+
+class DiskIndex:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # Autocommit mode; put/delete/update open one explicit transaction that commit() ends.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._in_transaction = False
+
+    def rows(self) -> list[IndexRow]:
+        cursor = self._db.execute(f"SELECT {_COLUMNS} FROM entries")
+        return [IndexRow(k, p, n, b, pb, pr, lu, nt, bool(ip), bool(hl)) for k, p, n, b, pb, pr, lu, nt, ip, hl in cursor]
+
+    def tokens(self, keys: Sequence[bytes]) -> dict[bytes, tuple[int, ...]]:
+        found: dict[bytes, tuple[int, ...]] = {}
+        for start in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, data in self._db.execute(f"SELECT key, token_ids FROM tokens WHERE key IN ({marks})", chunk):
+                found[key] = unpack_tokens(data)
+        return found
+
+    def _begin(self) -> None:
+        if not self._in_transaction:
+            self._db.execute("BEGIN")
+            self._in_transaction = True
+
+    def put(self, rows: Iterable[tuple[IndexRow, Sequence[int]]]) -> None:
+        """Insert or replace rows with their token ids (inside the open transaction)."""
+        self._begin()
+        for row, token_ids in rows:
+            self._db.execute(
+                f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (row.key, row.parent, row.namespace, row.num_bytes, row.payload_bytes, row.priority,
+                 row.last_used, row.num_tokens, int(row.is_partial), int(row.has_logits)),
+            )  # fmt: skip
+            self._db.execute("INSERT OR REPLACE INTO tokens (key, token_ids) VALUES (?, ?)", (row.key, pack_tokens(token_ids)))
+
+    def delete(self, keys: Iterable[bytes]) -> None:
+        self._begin()
+        params = [(key,) for key in keys]
+        self._db.executemany("DELETE FROM entries WHERE key = ?", params)
+        self._db.executemany("DELETE FROM tokens WHERE key = ?", params)
+
+    def update_recency(self, updates: Iterable[tuple[bytes, int, int]]) -> None:
+        """(key, last_used, priority) for rows that exist; others are ignored."""
+        self._begin()
+        self._db.executemany("UPDATE entries SET last_used = ?, priority = ? WHERE key = ?", [(u, p, k) for k, u, p in updates])
+
+    def rollback(self) -> None:
+        if self._in_transaction:
+            self._db.execute("ROLLBACK")
+            self._in_transaction = False
+
+    def commit(self) -> None:
+        if self._in_transaction:
+            self._db.execute("COMMIT")
+            self._in_transaction = False
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
+    def close(self) -> None:
+        self.commit()
+        self._db.close()

@@ -1,0 +1,114 @@
+"""Budgets hold at every moment (churn, start-up over budget); a full disk only costs counted drops."""
+
+from __future__ import annotations
+
+import errno
+import random
+import threading
+
+from kvcellar.cache import LayoutCapabilities, MemoryTier, PrefixCache, Priority
+from kvcellar.tiers import files
+
+from .helpers import B, ROOT_A, chain, check_consistent, entry_files, open_tier, payload_for
+
+
+def _disk_bytes(folder) -> int:
+    """Bytes of every entry and temp file on disk right now.
+
+    By inode: a file renamed while we list the folder may show up under both
+    names, and must count once. Files may vanish while we look.
+    """
+    sizes: dict[int, int] = {}
+    for path in (folder / "entries-v1").rglob("*"):
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            sizes[info.st_ino] = info.st_size
+    return sum(sizes.values())
+
+
+def _churn(cache: PrefixCache, rng: random.Random, num_steps: int) -> None:
+    prefixes = [[rng.randrange(6) for _ in range(B * 3)] for _ in range(4)]
+    for step in range(num_steps):
+        if step % 20 == 0:
+            cache.tiers[-1].flush(30)  # let the writer keep up now and then (fsyncs are slow here)
+        tokens = rng.choice(prefixes)[: rng.randrange(1, 3) * B] + [rng.randrange(30) for _ in range(rng.randrange(1, 4) * B + 2)]
+        match = cache.lookup(tokens, exact=False)
+        for block in match.blocks:
+            assert block.payload == payload_for(block.key)  # never a wrong payload, from any tier
+        cache.release(match)
+        parent = match.blocks[-1].key if match.blocks else ROOT_A
+        for entry in chain(tokens, priority=rng.choice(list(Priority)))[len(match.blocks) :]:
+            parent = cache.insert_block(parent, entry.token_ids, entry.payload, entry.num_bytes, entry.priority)
+            if parent is None:
+                break
+
+
+def test_budgets_hold_under_churn_and_at_start_up(tmp_path):
+    folder, budget = tmp_path / "kv", 30_000
+    disk = open_tier(folder, budget_bytes=budget, max_queue_entries=16)
+    cache = PrefixCache(ROOT_A, LayoutCapabilities(B, False, None), [MemoryTier(8_000), disk], write_through=("disk",))
+    worst, stop = [0], threading.Event()
+
+    def sample() -> None:  # the files on disk, watched while the writer works
+        while not stop.is_set():
+            worst[0] = max(worst[0], _disk_bytes(folder))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        _churn(cache, random.Random(7), 300)
+    finally:
+        stop.set()
+        sampler.join()
+    assert disk.flush(30)
+    stats = cache.stats()
+    assert stats.tiers["disk"].counters["num_evictions"] > 0 and stats.num_evictions > 0  # it did churn
+    assert worst[0] <= budget and disk.num_bytes <= budget and _disk_bytes(folder) == disk.num_bytes
+    assert stats.tiers["device"].num_bytes <= 8_000
+    num_entries = check_consistent(disk)
+    disk.close()
+
+    smaller = open_tier(folder, budget_bytes=budget // 3)  # start-up on an over-budget directory
+    counters = smaller.stats().counters
+    assert counters["num_pruned_at_open"] > 0 and smaller.num_entries == num_entries - counters["num_pruned_at_open"]
+    assert smaller.num_bytes <= budget // 3 and _disk_bytes(folder) == smaller.num_bytes
+    keys = {entry.key for entry in smaller.entries()}
+    assert all(entry.parent == ROOT_A or entry.parent in keys for entry in smaller.entries())  # chains stay connected
+    check_consistent(smaller)
+    smaller.close()
+
+
+def test_a_full_disk_drops_writes_and_serving_continues(tmp_path, monkeypatch):
+    disk = open_tier(tmp_path / "kv")
+    device = MemoryTier(1 << 20)
+    cache = PrefixCache(ROOT_A, LayoutCapabilities(B, False, None), [device, disk], write_through=("disk",))
+    real_write = files.write_chunks
+
+    def no_space(fd, chunks):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "write_chunks", no_space)
+    tokens = list(range(16))
+    parent = ROOT_A
+    for entry in chain(tokens):
+        parent = cache.insert_block(parent, entry.token_ids, entry.payload, entry.num_bytes, entry.priority)
+        assert parent is not None  # the insert never waits for, nor fails on, the disk
+    assert disk.flush(10)
+    counters = disk.stats().counters
+    assert counters["num_disk_full"] == 4 and counters["num_dropped_write_error"] == 4 and counters["num_dropped"] == 4
+    assert disk.num_entries == 0 and disk.num_bytes == 0 and entry_files(tmp_path / "kv") == []
+    assert not list((tmp_path / "kv").rglob("*.tmp"))
+    match = cache.lookup([*tokens, 1], exact=True)
+    assert match.num_tokens == 16 and match.tokens_by_tier == {"device": 16}  # served from memory
+    cache.release(match)
+
+    monkeypatch.setattr(files, "write_chunks", real_write)  # space again: writes resume
+    cache.set_budget_bytes(0)  # the device empties: its evictions are demoted to the disk
+    assert disk.flush(10) and disk.num_entries == 4 and check_consistent(disk) == 4
+    match = cache.lookup([*tokens, 1], exact=True)
+    assert match.tokens_by_tier == {"disk": 16}
+    cache.release(match)
+    disk.close()
