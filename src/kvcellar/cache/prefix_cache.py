@@ -64,6 +64,7 @@ class PrefixCache:
         max_partial_entries: int = 8,
         observer: CacheObserver | None = None,
         write_through: Sequence[str] = (),
+        lock: threading.RLock | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("a PrefixCache needs at least one tier (for example MemoryTier(budget_bytes))")
@@ -71,7 +72,8 @@ class PrefixCache:
         self._capabilities = capabilities
         self._block_size = capabilities.block_size
         self._observer: CacheObserver = observer if observer is not None else NullObserver()
-        self._lock = threading.RLock()  # re-entrant so an observer may read stats()
+        # Re-entrant so an observer may read stats(); pass one lock to every core that shares these tiers.
+        self._lock = lock if lock is not None else threading.RLock()
         self._counters: Counter[str] = Counter()  # the num_* fields of CacheStats
         self._tokens_by_tier: Counter[str] = Counter()
         partials = PartialLRU(max_partial_entries)

@@ -38,7 +38,9 @@ class CacheRegistry:
     uncacheable_reason: str | None = None
     write_through: tuple[str, ...] = ()
     _cores: dict[str, PrefixCache] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # One lock for the cores and the tiers they share: the worker inserts while server threads
+    # read stats, clear tiers or change budgets.
+    _lock: threading.RLock = field(default_factory=threading.RLock)
 
     def core_for_salt(self, salt: str) -> PrefixCache:
         with self._lock:
@@ -47,7 +49,7 @@ class CacheRegistry:
                 root = namespace_digest(self.spec.with_salt(salt) if salt else self.spec)
                 core = PrefixCache(
                     root, self.capabilities, self.tiers,
-                    max_partial_entries=self.max_partial_entries, write_through=self.write_through,
+                    max_partial_entries=self.max_partial_entries, write_through=self.write_through, lock=self._lock,
                 )  # fmt: skip
                 self._cores[salt] = core
             return core
@@ -61,12 +63,11 @@ class CacheRegistry:
     def clear(self, tier_name: str | None = None) -> None:
         """Drop the entries of one tier, or of all of them, for every salt."""
         with self._lock:
-            cores = list(self._cores.values())
-        for core in cores:
-            core.clear(tier_name)
-        for tier in self.tiers:
-            if tier_name is None or tier.name == tier_name:
-                tier.clear()
+            for core in self._cores.values():
+                core.clear(tier_name)
+            for tier in self.tiers:
+                if tier_name is None or tier.name == tier_name:
+                    tier.clear()
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every tier's queued writes are durable; False if `timeout_s` passed first."""
@@ -82,10 +83,10 @@ class CacheRegistry:
         """Change one tier's budget; evictions go through a core so they are counted."""
         with self._lock:
             core = next(iter(self._cores.values()), None)
-        if core is not None:
-            core.set_budget_bytes(budget_bytes, tier_name)
-        else:
-            next(t for t in self.tiers if t.name == tier_name).set_budget(budget_bytes)
+            if core is not None:
+                core.set_budget_bytes(budget_bytes, tier_name)
+            else:
+                next(t for t in self.tiers if t.name == tier_name).set_budget(budget_bytes)
 
 
 def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[ModelPrefixCache | DisabledPrefixCache, CacheRegistry]:

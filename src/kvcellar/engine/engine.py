@@ -148,7 +148,9 @@ class Engine:
         return self._worker.queue_depth
 
     def close(self) -> None:
+        """Finish queued work, then flush the cache's pending disk writes and release its directory."""
         self._worker.close()
+        self.cache_registry.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from kvcellar.cache import BlockHash, Match, Priority, PrefixCache, hash_blocks
+from kvcellar.cache.cost_model import CostModel
 from kvcellar.engine.request import PromptSegments
 from kvcellar.kv import ModelLayout, StatePayload, build_cache, capture_entry
 from kvcellar.kv.growing_layer import new_cache
@@ -66,6 +67,9 @@ class DisabledPrefixCache:
     def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
         return 0, {}
 
+    def record_prefill(self, num_tokens: int, seconds: float) -> None:
+        return None
+
     def capture_prompt_hook(self, token_ids, segments, cache, salt="") -> Callable[[int, torch.Tensor], None] | None:
         return None
 
@@ -90,6 +94,7 @@ class ModelPrefixCache:
     ) -> None:
         self._core_for_salt = core_for_salt
         self._device = device
+        self.cost_model = CostModel()  # fed by restores (load rates) and by the runner (prefill rate)
         self._config = model_config
         self._layout = layout
         self.block_size = block_size
@@ -100,8 +105,10 @@ class ModelPrefixCache:
         """Build the cache for the longest restorable prefix; `capacity` = tokens the request may reach."""
         core = self._core_for_salt(salt)
         started = time.perf_counter()
-        match = core.lookup(token_ids, exact=self.exact)
+        match = core.lookup(token_ids, exact=self.exact, planner=self.cost_model.plan)
         looked_up = time.perf_counter()
+        for tier_name, seconds in match.load_s_by_tier.items():
+            self.cost_model.record_load(tier_name, match.loaded_bytes_by_tier.get(tier_name, 0), seconds)
         try:
             payloads = [entry.payload for entry in match.blocks]
             if match.partial is not None:
@@ -121,10 +128,15 @@ class ModelPrefixCache:
 
     def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
         """Tokens the next request with these ids would restore, per tier (the lookup is released at once)."""
-        core = self._core_for_salt(salt)
-        match = core.lookup(token_ids, exact=self.exact)
-        core.release(match)
-        return match.num_tokens, dict(match.tokens_by_tier)
+        return self._core_for_salt(salt).probe(token_ids, exact=self.exact)
+
+    def record_prefill(self, num_tokens: int, seconds: float) -> None:
+        """Measured prefill speed: what the cost model weighs a slow tier's load time against.
+
+        Runs shorter than a block are mostly per-call overhead and would understate the rate.
+        """
+        if num_tokens >= self.block_size:
+            self.cost_model.record_prefill(num_tokens, seconds)
 
     def _discard_suspects(self, core: PrefixCache, match: Match) -> None:
         core.discard(match.partial.key if match.partial is not None else match.blocks[-1].key)

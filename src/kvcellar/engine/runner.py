@@ -88,6 +88,7 @@ class RequestRunner:
             logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts, hook, is_cancelled)
         timings.prefill_s = time.perf_counter() - started
         timings.num_prefill_tokens = len(prompt) - restored.num_tokens
+        self.prefix_cache.record_prefill(timings.num_prefill_tokens, timings.prefill_s)
         return restored, logits
 
     def _decode(self, request, cache, logits, generated, text_parts, emit, is_cancelled, timings, started) -> str:
