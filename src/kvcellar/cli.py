@@ -17,8 +17,37 @@ from kvcellar.config import CacheConfig, EngineConfig, format_size, parse_size
 from kvcellar.errors import KvcellarError
 
 
+# Values from the --config file (TOML, keys named like the long options: block-size = 512).
+# Precedence: command line > environment variable > config file > built-in default.
+_CONFIG_FILE_VALUES: dict[str, object] = {}
+
+
 def _env(name: str, default: object) -> object:
-    return os.environ.get(f"KVCELLAR_{name.upper().replace('-', '_')}", default)
+    key = name.lower().replace("_", "-")
+    fallback = _CONFIG_FILE_VALUES.get(key, default)
+    return os.environ.get(f"KVCELLAR_{name.upper().replace('-', '_')}", fallback)
+
+
+def _load_config_file(argv: list[str]) -> None:
+    """Read --config FILE (or $KVCELLAR_CONFIG) before the parser is built, so its values become defaults."""
+    path = os.environ.get("KVCELLAR_CONFIG")
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            path = argv[index + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    if not path:
+        return
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as exc:
+        raise SystemExit(f"kvcellar: error: cannot read the config file {path!r}: {exc.strerror}")
+    except tomllib.TOMLDecodeError as exc:
+        raise SystemExit(f"kvcellar: error: the config file {path!r} is not valid TOML: {exc}")
+    _CONFIG_FILE_VALUES.update({key.replace("_", "-"): value for key, value in values.items()})
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -38,6 +67,15 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exact", action=argparse.BooleanOptionalAction, default=_env_bool("exact", True),
                        help="bit-identical output with the cache (default on); --no-exact also reuses tails and generated tokens")
     group.add_argument("--no-cache", action="store_true", default=_env_bool("no_cache", False), help="turn the prefix cache off")
+    group.add_argument("--cache-dir", default=_env("cache_dir", None),
+                       help="folder of the disk tier (default: $KVCELLAR_HOME/kv-cache, i.e. ~/.cache/kvcellar/kv-cache)")
+    group.add_argument("--disk-cache-size", default=_env("disk_cache_size", "16G"), help="byte budget of the disk tier")
+    group.add_argument("--host-cache-size", default=_env("host_cache_size", "4G"),
+                       help="byte budget of the host-RAM tier (GPU runs only; pinned memory on CUDA)")
+    group.add_argument("--disk-tier", action=argparse.BooleanOptionalAction, default=_env_bool("disk_tier", True),
+                       help="keep blocks on disk so they survive restarts (default on)")
+    group.add_argument("--host-tier", action=argparse.BooleanOptionalAction, default=_env_bool("host_tier", True),
+                       help="keep blocks evicted from GPU memory in host RAM (default on)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -51,9 +89,40 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         device_cache_bytes=parse_size(args.device_cache_size),
         max_partial_entries=args.tail_cache_entries,
         exact=args.exact,
+        cache_dir=_cache_dir(args) if args.disk_tier else None,
+        disk_cache_bytes=parse_size(args.disk_cache_size),
+        host_cache_bytes=parse_size(args.host_cache_size),
+        use_disk_tier=args.disk_tier,
+        use_host_tier=args.host_tier,
     )
     threads = int(args.threads) if args.threads is not None else None
     return EngineConfig(model, args.device, args.dtype, args.block_size, threads, cache)
+
+
+def _cache_dir(args: argparse.Namespace) -> str:
+    if args.cache_dir:
+        return str(args.cache_dir)
+    from kvcellar.models.demo import kvcellar_home
+
+    return str(kvcellar_home() / "kv-cache")
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    """`kvcellar cache stats|ls|clear`: inspect or empty a disk tier, no model and no server needed."""
+    import json
+
+    from kvcellar.tiers.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
+
+    folder = _cache_dir(args)
+    if args.action == "stats":
+        print(json.dumps(disk_cache_stats(folder), indent=2))
+    elif args.action == "ls":
+        for row in list_disk_entries(folder, limit=args.limit):
+            print(json.dumps(row))
+    else:
+        removed = clear_disk_cache(folder, namespace=args.namespace)
+        print(f"removed {removed} entries from {folder}")
+    return 0
 
 
 def _cmd_make_model(args: argparse.Namespace) -> int:
@@ -128,7 +197,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcellar", description="LLM server and library with a persistent prefix KV cache")
     parser.add_argument("--log-level", default=_env("log_level", "warning"), choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--config", default=os.environ.get("KVCELLAR_CONFIG"),
+                        help="TOML file of option defaults (keys as the long options: block-size = 512)")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    cache = commands.add_parser("cache", help="inspect or clear a disk cache folder (no server needed)")
+    cache.add_argument("action", choices=["stats", "ls", "clear"])
+    cache.add_argument("--cache-dir", default=_env("cache_dir", None), help="the disk tier's folder (default: $KVCELLAR_HOME/kv-cache)")
+    cache.add_argument("--limit", type=int, default=50, help="ls: at most this many entries, most recent first")
+    cache.add_argument("--namespace", default=None, help="clear: only this namespace (hex prefix, >= 4 digits)")
+    cache.set_defaults(handler=_cmd_cache)
 
     make = commands.add_parser("make-model", help="write a random-weight model folder (no hub needed)")
     make.add_argument("out", help="folder to create")
@@ -167,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes (512 and 2K tokens, short workloads)")
     bench.add_argument("--lengths", default=_env("bench_lengths", None),
                        help="prompt lengths of cold / exact / nearest, e.g. 2048,8192 or 2K,8K,32K (default 2K,8K)")
-    bench.add_argument("--repeats", type=int, default=None, help="prompts per length (default 3, --quick 2)")
+    bench.add_argument("--repeats", type=int, default=None, help="prompts per length in cold / exact / nearest (default 3)")
     bench.add_argument("--modes", default=None, help="comma-separated subset of: no-cache, kvcellar, after-restart, "
                        "hf-deepcopy, device-only, host-only, disk-only (with --url: http-no-reuse, http)")
     bench.add_argument("--scenarios", default=None, help="comma-separated subset of: prefix, chat, doc-qa, agent, restart")
@@ -187,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _load_config_file(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

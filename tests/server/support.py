@@ -36,6 +36,8 @@ class ServerProcess:
         self.model = model_dir.name
         command = [sys.executable, "-m", "kvcellar.cli", "--log-level", "debug", "serve", "--model", str(model_dir),
                    "--host", "127.0.0.1", "--port", str(self.port), "--block-size", "16", "--threads", "1", *args]
+        if "--cache-dir" not in args:  # servers share nothing on disk unless a test asks for a folder
+            command.append("--no-disk-tier")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)

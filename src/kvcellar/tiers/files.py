@@ -26,6 +26,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvcellar.errors import KvcellarError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no advisory lock, one process per directory is on the user
@@ -39,7 +41,7 @@ _ENTRY_NAME = re.compile(r"^[0-9a-f]{64}\.safetensors$")
 _temp_counter = itertools.count()
 
 
-class CacheDirError(RuntimeError):
+class CacheDirError(KvcellarError, RuntimeError):
     """The directory cannot be used as a cache (in use, or not a kvcellar cache)."""
 
 

@@ -1,0 +1,57 @@
+"""The command line: config-file precedence, and `kvcellar cache` on a real disk tier."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvcellar import cli
+
+
+def _kvcellar(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvcellar.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_config_file_sets_defaults_and_env_and_flags_override(tmp_path, monkeypatch):
+    config = tmp_path / "kvcellar.toml"
+    config.write_text('block-size = 512\ndevice-cache-size = "1G"\nexact = false\n')
+    monkeypatch.setattr(cli, "_CONFIG_FILE_VALUES", {})
+    cli._load_config_file(["--config", str(config), "generate", "--prompt", "x"])
+    monkeypatch.setenv("KVCELLAR_DEVICE_CACHE_SIZE", "3G")
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--no-exact"])
+    assert args.block_size == 512  # from the file
+    assert args.device_cache_size == "3G"  # the environment beats the file
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--block-size", "64"])
+    assert args.block_size == 64  # the command line beats both
+
+
+def test_bad_config_file_is_a_clear_error(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("block-size = [")
+    result = _kvcellar("--config", str(config), "cache", "stats")
+    assert result.returncode != 0 and "not valid TOML" in result.stderr
+
+
+def test_cache_commands_on_a_disk_tier_written_by_generate(tiny_model_dirs, tmp_path):
+    cache_dir = str(tmp_path / "kv")
+    run = _kvcellar("generate", "--model", str(tiny_model_dirs["qwen3"]), "--prompt", "hello cache " * 20,
+                    "--max-tokens", "2", "--block-size", "16", "--cache-dir", cache_dir)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    stats = json.loads(_kvcellar("cache", "stats", "--cache-dir", cache_dir).stdout)
+    entries = [json.loads(line) for line in _kvcellar("cache", "ls", "--cache-dir", cache_dir).stdout.splitlines()]
+    assert stats["num_entries"] == len(entries) > 0
+    cleared = _kvcellar("cache", "clear", "--cache-dir", cache_dir)
+    assert cleared.returncode == 0 and f"removed {len(entries)} entries" in cleared.stdout
+    assert json.loads(_kvcellar("cache", "stats", "--cache-dir", cache_dir).stdout)["num_entries"] == 0
+
+
+@pytest.mark.parametrize("args, message", [(["generate", "--model", "/nonexistent/model", "--prompt", "x"], "does not exist"),
+                                           (["make-model", "--arch", "llama9", "/tmp/x"], "qwen3")])
+def test_user_errors_exit_2_with_a_message(args, message):
+    result = _kvcellar(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
