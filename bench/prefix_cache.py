@@ -1,7 +1,7 @@
 """Prefix-cache benchmark: time to first token cold vs. cached, chunking overhead, peak memory.
 
-Run:  PYTHONPATH=src .venv/bin/python bench/prefix_cache.py [--model DIR] [--lengths 2048,8192]
-                                                       [--block-size 256] [--out bench-out/prefix_cache.json]
+Run:  PYTHONPATH=src .venv/bin/python bench/prefix_cache.py [--model DIR] [--lengths 2048,8192] \
+          [--block-size 256] [--out bench-out/prefix_cache.json]
 
 Without --model it builds (once) the random-weight Qwen3-0.6B-shape folder
 `<$KVCELLAR_HOME or ~/.cache/kvcellar>/models/bench-qwen3-0.6b`. Prompts are seeded
@@ -21,7 +21,7 @@ Memory (Linux): RSS after load (+ a warm-up forward that pages the weights in); 
 peak RSS (high-water mark reset via /proc/self/clear_refs); cache bytes; one request's KV
 (L x layers x 2 x kv_heads x head_dim x dtype bytes). Check: hit peak <= load + cache + KV.
 Hit 1 runs as is; then malloc_trim(0) returns glibc's freed heap before hits 2-3.
-CPU use (CPU s / wall s; about 2 when the cores were ours) flags a shared machine.
+CPU use (CPU s / wall s: 1.5-2 with the cores to ourselves; lower: shared) flags bad runs.
 llama.cpp figures (same CPU, weights and token ids; /work/shared/ANCHORS.md) print alongside.
 """
 
@@ -43,10 +43,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ANCHORS = {  # llama.cpp llama-server, cache_prompt, 2 threads, same 2-core CPU (ANCHORS.md)
-    2048: {"cold_s": 32.3, "hit_s": 0.20, "extend64_s": 1.43},
-    8192: {"cold_s": 253.0, "hit_s": 0.53, "extend64_s": 3.50},
-}
+ANCHORS = {2048: {"cold_s": 32.3, "hit_s": 0.20, "extend64_s": 1.43},  # llama.cpp llama-server, cache_prompt,
+           8192: {"cold_s": 253.0, "hit_s": 0.53, "extend64_s": 3.50}}  # 2 threads, same CPU (ANCHORS.md)
 NEW_TOKENS, REPEATS, THREADS, MIB = 64, 3, 2, 1024**2
 SPLIT = ("ttft_s", "lookup_s", "restore_s", "prefill_s", "num_cached_tokens")
 
@@ -56,8 +54,7 @@ def log(msg: str) -> None:
 
 
 def make_ids(n: int, seed: int, hi: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, hi) for _ in range(n)]
+    return random.Random(seed).choices(range(100, hi), k=n)
 
 
 # -- memory and CPU use (Linux /proc; the fallback peak, ru_maxrss, cannot be reset) ----------------
@@ -142,11 +139,13 @@ def phase(name: str, model: str, length: int, block_size: int) -> dict:
            "request_kv_bytes": length * kv_per_token, "rss_load_mib": rss_mib()}
     log(f"  L={length} {name}: model loaded, RSS {out['rss_load_mib']:.0f} MiB; first request (cold)")
     out["first"] = first = request(engine, prompt)
+    shared = " (cores shared? timings suspect)" if first["cpu_util"] < 1.4 else ""
     log(f"  L={length} {name}: first request TTFT {first['ttft_s']:.2f} s, CPU use {first['cpu_util']:.2f} of {THREADS}"
-        f" (less: cores shared), load {first['loadavg_1m']:.1f}, {first['minor_faults']} minor faults")
+        f"{shared}, load {first['loadavg_1m']:.1f}, {first['minor_faults']} minor faults")
     if name == "cold":
+        engine.close()  # an unclosed engine can abort the process at exit (see bench/README.md)
         return out | bare_forwards(m, prompt, news)
-    out["cache_bytes"], out["rss_before_hit_mib"] = sum(s.num_bytes for s in engine.cache_stats()), rss_mib()
+    out["cache_bytes"], out["rss_before_hit_mib"] = cache_bytes(engine), rss_mib()
     out["hits"] = [request(engine, prompt)]
     malloc_trim()
     out["rss_trimmed_mib"] = rss_mib()
@@ -154,9 +153,14 @@ def phase(name: str, model: str, length: int, block_size: int) -> dict:
     log(f"  L={length} {name}: repeat hit TTFT {[round(h['ttft_s'], 3) for h in out['hits']]}")
     out["turns"] = [request(engine, prompt + new) for new in news]
     log(f"  L={length} {name}: +{NEW_TOKENS} tokens TTFT {[round(h['ttft_s'], 3) for h in out['turns']]}")
-    out["cache_bytes_end"] = sum(s.num_bytes for s in engine.cache_stats())
+    out["cache_bytes_end"] = cache_bytes(engine)
     engine.close()
     return out
+
+
+def cache_bytes(engine) -> int:  # cache_stats(): a dict now; a list of CacheStats (one per salt) before
+    stats = engine.cache_stats()
+    return stats["bytes"] if isinstance(stats, dict) else sum(s.num_bytes for s in stats)
 
 
 def run_child(name: str, model: str, length: int, block_size: int) -> dict:
@@ -219,8 +223,8 @@ def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
     return s
 
 
-def fmt(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}"
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    return "—" if x is None else format(x, spec)
 
 
 def md(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
@@ -241,7 +245,7 @@ def tables(summary: dict[int, dict], block_size: int) -> str:
               f"CPU use of {THREADS}: cold / unchunked / capture ×2", "llama.cpp cold (s)"],
              [[str(L), f"{s['cold_ttft_s']:.2f}", f"{s['cold_tok_s']:.0f}", f"{s['unchunked_s']:.2f}",
                f"{s['chunking_overhead']:+.1%}", " / ".join(f"{m['insert_ttft_s']:.2f}" for m in s["modes"].values()),
-               " / ".join(f"{u:.2f}" for u in s["cpu_util"]), fmt(s["anchor"].get("cold_s"))]
+               " / ".join(f"{u:.2f}" for u in s["cpu_util"]), fmt(s["anchor"].get("cold_s"), ".1f")]
               for L, s in summary.items()])
     out += md(f"Exact-repeat hit (median of {REPEATS})", [*split, "speedup vs cold", "llama.cpp (s)"],
               [[*split_row(L, mode, m["hit"]), f"{m['hit_speedup']:.0f}x", fmt(s["anchor"].get("hit_s"))]

@@ -7,6 +7,7 @@ Operations: `Engine.load(model_dir, ...)`, `generate`, `stream`, `encode_chat`,
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -25,6 +26,11 @@ from kvcellar.engine.worker import GenerationStream, ModelWorker
 log = logging.getLogger(__name__)
 
 
+def _shut_down(worker: ModelWorker, registry: object) -> None:
+    worker.close()
+    registry.close()
+
+
 class Engine:
     """Load once, then generate. Thread-safe: requests from any thread queue to the model's worker."""
 
@@ -35,6 +41,9 @@ class Engine:
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
         self.prefix_cache, self.cache_registry = build_prefix_cache(self.loaded, config)
         self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size))
+        # An engine nobody closed is closed at interpreter exit: the worker thread stops before torch
+        # tears down (else the process may abort), and queued disk writes are flushed.
+        self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry)
 
     @classmethod
     def load(
@@ -148,9 +157,8 @@ class Engine:
         return self._worker.queue_depth
 
     def close(self) -> None:
-        """Finish queued work, then flush the cache's pending disk writes and release its directory."""
-        self._worker.close()
-        self.cache_registry.close()
+        """Finish queued work, then flush the cache's pending disk writes and release its directory. Idempotent."""
+        self._finalizer()
 
     def __enter__(self) -> Engine:
         return self
