@@ -44,3 +44,11 @@ def test_rates_are_smoothed():
 def test_bad_smoothing_is_refused():
     with pytest.raises(ValueError, match="smoothing"):
         CostModel(smoothing=0)
+
+
+def test_a_trailing_logits_entry_is_always_kept():
+    model = CostModel(smoothing=1.0)
+    model.record_prefill(num_tokens=100, seconds=1.0)
+    model.record_load("device", num_bytes=10**9, seconds=1.0)
+    blocks = [Segment("device", 1000, 10)] * 3
+    assert model.plan([*blocks, Segment("device", 4096, 0)], num_rest_tokens=0) == 4

@@ -85,13 +85,17 @@ def test_exact_mode_matches_cold_bit_for_bit(exact_pairs, arch, operations):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_exact_repeat_restores_everything_and_uses_saved_logits(exact_pairs, arch):
+@pytest.mark.parametrize("aligned", [False, True], ids=["with-tail", "block-aligned"])
+def test_exact_repeat_restores_everything_and_uses_saved_logits(exact_pairs, arch, aligned):
     warm, cold = exact_pairs[arch]
-    ids = warm.encode(_sentence(3, 40))[0]
+    ids = warm.encode(_sentence(3 + aligned, 40))[0]
+    if aligned:  # the logits then live in a 0-token entry after the last block
+        ids = ids[: len(ids) // BLOCK * BLOCK]
     first = warm.generate(prompt_ids=ids, max_tokens=5)
-    again = warm.generate(prompt_ids=ids, max_tokens=5)
+    repeats = [warm.generate(prompt_ids=ids, max_tokens=5) for _ in range(3)]  # the cost model learns rates meanwhile
+    again = repeats[-1]
     assert first.num_cached_tokens == 0 or first.num_cached_tokens < len(ids)
-    assert again.num_cached_tokens == len(ids)  # the tail entry carries the next-token logits
+    assert [r.num_cached_tokens for r in repeats] == [len(ids)] * 3  # the tail entry carries the next-token logits
     assert again.timings.num_prefill_tokens == 0
     assert again.token_ids == first.token_ids == cold.generate(prompt_ids=ids, max_tokens=5).token_ids
 

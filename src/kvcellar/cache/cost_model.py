@@ -72,7 +72,10 @@ class CostModel:
         remaining = sum(s.num_tokens for s in segments)
         for count, segment in enumerate(segments, start=1):
             tier_rate = bandwidth.get(segment.tier_name)
-            elapsed_load += segment.num_bytes / tier_rate if tier_rate else 0.0
+            # A 0-token entry carries only the prompt's next-token logits: without it the last block
+            # must be recomputed, so it is always worth its few bytes.
+            if tier_rate and segment.num_tokens:
+                elapsed_load += segment.num_bytes / tier_rate
             remaining -= segment.num_tokens
             total = elapsed_load + remaining / rate
             if total <= best_time:

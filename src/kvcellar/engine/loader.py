@@ -122,6 +122,12 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
     folder = Path(path).expanduser().resolve()
     config = _check_folder(folder)
     torch_device = resolve_device(device)
+    if torch_device.type == "cpu":
+        # Chunked prefill passes a mask, and transformers then copies grouped K/V out to every query head
+        # before SDPA. On CPU, torch's masked SDPA handles GQA itself and twice as fast (measured:
+        # 64 -> 32 ms per 256-token chunk against 8K keys). GPUs keep transformers' choice: their
+        # masked GQA path would fall back to the slow math kernel. Process-wide; a user's value wins.
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     torch_dtype = resolve_dtype(dtype, torch_device, config.get("torch_dtype") or config.get("dtype"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
