@@ -129,7 +129,7 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
     from kvcellar.models import make_model
 
     path = make_model(args.arch, args.size, args.out, seed=args.seed, dtype=args.dtype, overwrite=args.force,
-                      progress=lambda message: print(message, file=sys.stderr))
+                      progress=lambda message: print(message, file=sys.stderr), init_device=args.init_device)
     print(path)
     return 0
 
@@ -211,10 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     make = commands.add_parser("make-model", help="write a random-weight model folder (no hub needed)")
     make.add_argument("out", help="folder to create")
     make.add_argument("--arch", required=True, help="qwen3, gemma3 or qwen3_5")
-    make.add_argument("--size", default="tiny", help="tiny, small or 0.6b")
+    make.add_argument("--size", default="tiny", help="tiny, small, 0.6b or 8b (8b: use --init-device cuda)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--dtype", default="bfloat16", help="bfloat16 or float32")
     make.add_argument("--force", action="store_true", help="replace the folder if it exists")
+    make.add_argument("--init-device", default="cpu", help="where to draw the random weights (cuda for the 8b size)")
     make.set_defaults(handler=_cmd_make_model)
 
     generate = commands.add_parser("generate", help="generate text and stream it to the terminal")

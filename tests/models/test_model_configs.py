@@ -94,3 +94,10 @@ def test_unknown_choice_lists_valid_ones(arch: str, size: str) -> None:
 def test_size_spec_rejects_a_spec_without_both_layer_kinds() -> None:
     with pytest.raises(ValueError, match="full_attention_interval"):
         dataclasses.replace(SIZE_SPECS["tiny"], full_attention_interval=1)
+
+
+def test_8b_has_qwen3_8b_shape() -> None:
+    config = build_config("qwen3", "8b")
+    shape = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+             config.head_dim, config.intermediate_size)  # fmt: skip
+    assert shape == (4096, 36, 32, 8, 128, 12288)

@@ -83,7 +83,9 @@ def _publish(staging: Path, out: Path, overwrite: bool) -> None:
         raise
 
 
-def _write_folder(arch: str, size: str, folder: Path, seed: int, dtype: str, progress: Progress) -> None:
+def _write_folder(
+    arch: str, size: str, folder: Path, seed: int, dtype: str, progress: Progress, init_device: str = "cpu"
+) -> None:
     spec = size_spec(size)
     progress(f"training tokenizer (vocab {spec.tokenizer_vocab_size})")
     tokenizer = build_tokenizer(spec.tokenizer_vocab_size, spec.max_position_embeddings)
@@ -92,9 +94,16 @@ def _write_folder(arch: str, size: str, folder: Path, seed: int, dtype: str, pro
     progress(f"building model ({arch} {size}, {config.num_hidden_layers} layers)")
     # fork_rng keeps the caller's global RNG untouched; seeding right before
     # construction makes the weights a function of `seed` alone.
-    with torch.random.fork_rng(devices=[]):
+    # Weights are drawn on `init_device` in the target dtype: an 8B shape fits a GPU in seconds,
+    # where a float32 CPU build would need 32 GB and minutes. Same seed + same device => same weights.
+    fork_devices = [torch.device(init_device).index or 0] if init_device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=fork_devices, device_type=torch.device(init_device).type):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        if init_device == "cpu":
+            model = AutoModelForCausalLM.from_config(config)
+        else:
+            with torch.device(init_device):
+                model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.to(getattr(torch, dtype))
 
     progress("saving weights and tokenizer")
@@ -111,6 +120,7 @@ def make_model(
     dtype: str = "bfloat16",
     overwrite: bool = False,
     progress: Progress | None = None,
+    init_device: str = "cpu",
 ) -> Path:
     """Write a random-weight model folder for `arch` at `size` to `out_dir` and return its path.
 
@@ -130,7 +140,7 @@ def make_model(
     # hidden, so a killed run's leftover is never mistaken for a model.
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _write_folder(arch, size, staging, seed, dtype, progress or _no_progress)
+        _write_folder(arch, size, staging, seed, dtype, progress or _no_progress, init_device)
         _publish(staging, out, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from kvcellar.errors import InvalidRequestError
 
 ARCHS: tuple[str, ...] = ("qwen3", "gemma3", "qwen3_5")
-SIZES: tuple[str, ...] = ("tiny", "small", "0.6b")
+SIZES: tuple[str, ...] = ("tiny", "small", "0.6b", "8b")
 DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 
 
@@ -125,6 +125,23 @@ SIZE_SPECS: dict[str, SizeSpec] = {
         full_attention_interval=4,
         num_linear_key_heads=16,
         num_linear_value_heads=16,
+        linear_head_dim=128,
+    ),
+    # Qwen3-8B's shape, for GPU measurements (build it with init_device="cuda": 16 GB of bf16 weights).
+    "8b": SizeSpec(
+        hidden_size=4096,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        tokenizer_vocab_size=8192,
+        model_vocab_size=151936,
+        max_position_embeddings=40960,
+        sliding_window=1024,
+        full_attention_interval=4,
+        num_linear_key_heads=16,
+        num_linear_value_heads=32,
         linear_head_dim=128,
     ),
 }
