@@ -1,0 +1,193 @@
+"""Run a whole benchmark: plan the modes, run each as a phase, summarise, write the files.
+
+Operations: `bench_model_dir()` (the Qwen3-0.6B-shape folder, made once),
+`plan_modes(config)`, `unavailable_modes(config)`, `run_bench(config) -> results` (writes results.json,
+results.md and the PNGs into `config.out_dir`).
+
+Each phase runs in a fresh Python process (`phases.main`)
+unless `config.isolate` is False: memory peaks do not mix, and the
+after-restart phase really is a new process opening the kvcellar phase's
+cache folder. A phase that fails is recorded as skipped with its exit code;
+the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import kvcellar
+from kvcellar.bench.config import BenchConfig
+from kvcellar.bench.hardware import Usage, hardware
+from kvcellar.bench.phases import BASELINE_MODE, HTTP_MODES, IN_PROCESS_MODES, MODES, run_phase
+from kvcellar.bench.report import markdown, ttft_matrix, write_json
+from kvcellar.bench.scenarios import SCENARIOS
+from kvcellar.bench.summary import check_consistency, summarise
+from kvcellar.errors import KvcellarError
+
+BENCH_MODEL = "bench-qwen3-0.6b"
+# Phases that read what an earlier phase left in the cache folder.
+NEEDS_EARLIER = {"after-restart": "kvcellar"}
+_CHILD = "import sys; from kvcellar.bench.phases import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def bench_model_dir(progress: Callable[[str], None] | None = _log) -> Path:
+    """`$KVCELLAR_HOME/models/bench-qwen3-0.6b` (random Qwen3-0.6B-shape weights), made on first use."""
+    from kvcellar.models import make_model
+    from kvcellar.models.demo import is_complete_model_dir, kvcellar_home
+
+    path = kvcellar_home() / "models" / BENCH_MODEL
+    if not is_complete_model_dir(path):
+        if progress is not None:
+            progress(f"building the Qwen3-0.6B-shape bench model in {path} (once)")
+        make_model("qwen3", "0.6b", path, overwrite=path.exists(), progress=progress)
+    return path
+
+
+def _cuda_wanted(config: BenchConfig) -> bool:
+    device = config.engine.device
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unavailable_modes(config: BenchConfig) -> dict[str, str]:
+    """Modes this target cannot run, with the reason (shown as skipped phases)."""
+    if config.url is not None:
+        reason = "runs in-process only: a client cannot restart, force the tiers of, or bypass a server"
+        return {mode: reason for mode in IN_PROCESS_MODES}
+    if not _cuda_wanted(config):
+        return {"host-only": "a host tier exists only beside a GPU (device is not CUDA)"}
+    return {}
+
+
+def plan_modes(config: BenchConfig) -> list[str]:
+    """The modes to run, in order; ValueError for a mode that does not fit the target."""
+    unavailable = unavailable_modes(config)
+    candidates = [m for m in (HTTP_MODES if config.url else IN_PROCESS_MODES) if m not in unavailable]
+    if config.scenarios is not None:
+        unknown = [s for s in config.scenarios if s not in SCENARIOS]
+        if unknown:
+            raise ValueError(f"unknown scenario(s) {', '.join(unknown)}: choose from {', '.join(SCENARIOS)}")
+        if "restart" in config.scenarios and "prefix" not in config.scenarios:
+            raise ValueError("the restart scenario re-sends the prefix prompts after a restart: add prefix to --scenarios")
+    if config.modes is None:
+        return candidates
+    unknown = [m for m in config.modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}")
+    misfit = [f"{m} ({unavailable.get(m, 'needs --url')})" for m in config.modes if m not in candidates]
+    if misfit:
+        raise ValueError(f"mode(s) {', '.join(misfit)} do not apply here; choose from {', '.join(candidates)}")
+    return [m for m in candidates if m in config.modes]
+
+
+def _child_env() -> dict[str, str]:
+    src = str(Path(kvcellar.__file__).resolve().parent.parent)  # so `-m kvcellar...` works without an install
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+
+
+def _run_isolated(spec: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="kvcellar-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "phase.json"
+        spec_path.write_text(json.dumps(spec))
+        done = subprocess.run([sys.executable, "-c", _CHILD, str(spec_path), str(out_path)], env=_child_env(), check=False)
+        if done.returncode != 0 or not out_path.exists():
+            mode = MODES[spec["mode"]]
+            return {"mode": mode.name, "description": mode.description, "samples": [], "info": {},
+                    "skipped": f"the phase's process failed (exit code {done.returncode}; its error is above)"}  # fmt: skip
+        return json.loads(out_path.read_text())
+
+
+def _run_phases(config: BenchConfig, modes: list[str], cache_base: Path, run_id: str) -> list[dict]:
+    phases: list[dict] = []
+    for number, mode in enumerate(modes, 1):
+        needed = NEEDS_EARLIER.get(mode)
+        earlier = next((p for p in phases if p["mode"] == needed), None)
+        if needed is not None and (earlier is None or earlier.get("skipped") or "disk" not in earlier["info"].get("tiers", [])):
+            phases.append({"mode": mode, "description": MODES[mode].description, "samples": [], "info": {},
+                           "skipped": f"needs the {needed} phase to have filled a disk tier first"})  # fmt: skip
+            _log(f"phase {number}/{len(modes)} {mode}: skipped ({phases[-1]['skipped']})")
+            continue
+        _log(f"phase {number}/{len(modes)} {mode}: {MODES[mode].description}"
+             + (" (fresh process)" if config.isolate else ""))  # fmt: skip
+        spec = {"mode": mode, "config": config.to_json(), "run_id": run_id, "cache_dir": str(cache_base)}
+        phase = _run_isolated(spec) if config.isolate else run_phase(spec)
+        if phase.get("skipped"):
+            _log(f"phase {mode}: skipped: {phase['skipped']}")
+        else:
+            usage = phase["usage"]
+            _log(f"phase {mode}: {len(phase['samples'])} requests, {usage['wall_s']:.1f} s, "
+                 f"CPU use {usage['cpu_util']:.2f}, peak RSS {phase['memory']['peak_rss_mib']:.0f} MiB")
+        phases.append(phase)
+    return phases
+
+
+def _check_extras() -> None:
+    import importlib.util
+
+    missing = [name for name in ("matplotlib", "tqdm") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise KvcellarError(f"kvcellar bench needs {' and '.join(missing)}: pip install 'kvcellar[bench]'")
+
+
+def run_bench(config: BenchConfig) -> dict:
+    """Run every planned phase and write results.json, results.md and the plots; returns the results."""
+    _check_extras()  # before any phase runs, not after
+    started, usage = time.perf_counter(), Usage.start()
+    modes = plan_modes(config)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_base = Path(config.cache_dir) if config.cache_dir else out_dir / "cache"
+    created = [cache_base / name for name in ("kvcellar", "disk-only") if not (cache_base / name).exists()]
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    hw = hardware(config.engine.device if config.engine else "cpu")
+    _log(f"kvcellar bench: {len(modes)} phases ({', '.join(modes)}) -> {out_dir}")
+    try:
+        phases = _run_phases(config, modes, cache_base, run_id)
+        if config.modes is None:  # say what did not run, and why
+            phases += [{"mode": mode, "description": MODES[mode].description, "samples": [], "info": {},
+                        "skipped": reason} for mode, reason in unavailable_modes(config).items()]  # fmt: skip
+    finally:
+        if not config.keep_cache:
+            for folder in created:
+                shutil.rmtree(folder, ignore_errors=True)
+            if not config.cache_dir and cache_base.exists() and not any(cache_base.iterdir()):
+                cache_base.rmdir()
+    kind = "http" if config.url else "in-process"
+    baseline, main = BASELINE_MODE[kind], "http" if config.url else "kvcellar"
+    server = next((p["info"] for p in phases if p["mode"] in HTTP_MODES and p.get("info")), {})
+    model = (server.get("model") or {}).get("id") if config.url else config.engine.model
+    results = {
+        "target": f"{kind}, {Path(str(model)).name}" + (f" at {config.url}" if config.url else ""),
+        "model": model, "server": server, "run_id": run_id, "config": config.to_json(), "hardware": hw,
+        "baseline_mode": baseline, "main_mode": main, "phases": phases,
+        "rows": summarise(phases, baseline), "checks": check_consistency(phases, config.block_size),
+        "wall_s": time.perf_counter() - started, "usage": usage.finish(),
+    }  # fmt: skip
+    from kvcellar.bench.plots import write_plots  # matplotlib: only the parent process needs it
+
+    results["plots"] = write_plots(results, out_dir)
+    write_json(results, out_dir / "results.json")
+    (out_dir / "results.md").write_text(markdown(results))
+    print(ttft_matrix(results), flush=True)
+    _log(f"wrote {out_dir / 'results.json'}, results.md, {', '.join(results['plots'])} in {results['wall_s']:.0f} s")
+    for problem in results["checks"]:
+        _log(f"check: {problem}")
+    return results

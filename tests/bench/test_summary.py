@@ -1,0 +1,49 @@
+"""Rows, percentiles, speedups and checks from fake samples (no model, milliseconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcellar.bench.summary import check_consistency, percentile, summarise
+
+
+def sample(label: str, kind: str, ttft: float, prompt: int, cached: int, tiers: dict | None = None) -> dict:
+    return {"label": label, "kind": kind, "num_prompt_tokens": prompt, "num_cached_tokens": cached, "ttft_s": ttft,
+            "total_s": ttft + 0.01, "lookup_s": 0.001, "restore_s": 0.002, "prefill_s": ttft - 0.003,
+            "num_prefill_tokens": prompt - cached, "cached_tokens_by_tier": tiers or {}}  # fmt: skip
+
+
+PHASES = [
+    {"mode": "no-cache", "samples": [sample("cold@2K", "cold", t, 2048, 0) for t in (1.0, 2.0, 3.0, 4.0)]},
+    {"mode": "kvcellar", "samples": [sample("cold@2K", "cold", 1.1, 2048, 0),
+                                     sample("exact@2K", "exact", 0.1, 2048, 2048, {"device": 2048}),
+                                     sample("exact@2K", "exact", 0.3, 2048, 2048, {"disk": 2048})]},
+    {"mode": "disk-only", "skipped": "this engine has no disk tier", "samples": []},
+]  # fmt: skip
+
+
+def test_percentile_interpolates():
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+    assert percentile([5.0], 99) == 5.0
+
+
+def test_rows_speedups_and_tiers():
+    rows = {(r["label"], r["mode"]): r for r in summarise(PHASES, "no-cache")}
+    assert set(rows) == {("cold@2K", "no-cache"), ("cold@2K", "kvcellar"), ("exact@2K", "kvcellar")}
+    base = rows[("cold@2K", "no-cache")]
+    assert base["ttft_p50_s"] == 2.5 and base["speedup"] == 1.0 and base["hit_rate"] == 0.0
+    exact = rows[("exact@2K", "kvcellar")]  # no no-cache exact row: compared with no-cache cold@2K
+    assert exact["ttft_p50_s"] == pytest.approx(0.2) and exact["speedup"] == pytest.approx(12.5)
+    assert exact["hit_rate"] == 1.0 and exact["hit_rate_by_tier"] == {"device": 0.5, "disk": 0.5}
+    assert exact["num_saved_tokens"] == 4096 and exact["num_requests"] == 2
+
+
+def test_checks_catch_broken_figures():
+    assert check_consistency(PHASES, 256) == []
+    bad = [{"mode": "no-cache", "samples": [sample("cold@2K", "cold", 1.0, 2048, 5, {"device": 5})]},
+           {"mode": "kvcellar", "samples": [sample("exact@2K", "exact", 0.1, 2048, 1792, {"device": 1000})]}]
+    problems = check_consistency(bad, 256)
+    assert any("no reuse possible" in p for p in problems)
+    assert any("exact repeat restored 1792 of 2048" in p for p in problems)
+    assert any("do not add up" in p for p in problems)
