@@ -30,10 +30,12 @@ def cache_report(registry: object) -> dict:
         "discards": sum(s.num_discards for s in snapshots),
     }
     looked_up = totals["hit_tokens"] + totals["miss_tokens"]
-    tiers = {
-        tier.name: {"bytes": tier.num_bytes, "budget_bytes": tier.budget_bytes, "entries": tier.num_entries}
-        for tier in registry.tiers
-    }
+    tiers = {}
+    for tier in registry.tiers:
+        # The medium's own counters too: write-behind drops, corrupt files, load bandwidth (disk).
+        counters = tier.stats().counters
+        tiers[tier.name] = {"bytes": tier.num_bytes, "budget_bytes": tier.budget_bytes, "entries": tier.num_entries,
+                            **{name: value for name, value in counters.items() if name not in ("bytes", "entries")}}
     by_priority: dict[str, dict[str, int]] = {}
     if snapshots:  # every core sees the same shared tiers: occupancy by priority from one of them
         first = snapshots[0]
