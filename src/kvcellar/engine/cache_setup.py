@@ -16,6 +16,7 @@ namespace roots never collide, because the root is hashed into every key.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 
@@ -69,6 +70,18 @@ class CacheRegistry:
                 if tier_name is None or tier.name == tier_name:
                     tier.clear()
 
+    @contextlib.contextmanager
+    def computing(self):
+        """Around a prefill: tiers that write in the background (disk) hold their writes back."""
+        deferring = [tier for tier in self.tiers if hasattr(tier, "defer_writes")]
+        for tier in deferring:
+            tier.defer_writes(True)
+        try:
+            yield
+        finally:
+            for tier in deferring:
+                tier.defer_writes(False)
+
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every tier's queued writes are durable; False if `timeout_s` passed first."""
         return all([tier.flush(timeout_s) for tier in self.tiers])
@@ -110,7 +123,8 @@ def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[Model
         spec, layout.capabilities(config.block_size), tiers, cache_config.max_partial_entries, write_through=write_through
     )
     prefix_cache = ModelPrefixCache(
-        registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, loaded.device
+        registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, loaded.device,
+        computing=registry.computing,
     )
     return prefix_cache, registry
 

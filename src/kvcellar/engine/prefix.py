@@ -10,6 +10,7 @@ Thread: only the engine's worker thread calls into these objects; the core
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +65,9 @@ class DisabledPrefixCache:
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
         return []
 
+    def computing(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
     def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
         return 0, {}
 
@@ -91,9 +95,11 @@ class ModelPrefixCache:
         block_size: int,
         exact: bool,
         device: torch.device,
+        computing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         self._core_for_salt = core_for_salt
         self._device = device
+        self.computing = computing  # context for a prefill: background writers step aside
         self.cost_model = CostModel()  # fed by restores (load rates) and by the runner (prefill rate)
         self._config = model_config
         self._layout = layout

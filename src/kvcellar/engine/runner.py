@@ -85,7 +85,9 @@ class RequestRunner:
             ids = torch.tensor(prompt, dtype=torch.long, device=self.loaded.device)
             hook = self.prefix_cache.capture_prompt_hook(prompt, request.segments, restored.cache, request.cache_salt)
             cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
-            logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts, hook, is_cancelled)
+            with self.prefix_cache.computing():
+                logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts, hook,
+                                 is_cancelled)  # fmt: skip
         timings.prefill_s = time.perf_counter() - started
         timings.num_prefill_tokens = len(prompt) - restored.num_tokens
         self.prefix_cache.record_prefill(timings.num_prefill_tokens, timings.prefill_s)

@@ -288,6 +288,10 @@ class DiskTier:
         """Start the writer thread (for a tier opened with start_writer=False)."""
         self._queue.start()
 
+    def defer_writes(self, active: bool) -> None:
+        """The engine is (not) computing a prefill: hold background writes back meanwhile."""
+        self._queue.defer(active)
+
     def flush(self, timeout_s: float | None = None) -> bool:
         return True if self._closed else self._queue.flush(timeout_s)
 

@@ -38,6 +38,11 @@ class WriteHandler(Protocol):
     def sync_recency(self) -> None: ...
 
 
+# Longest a batch of writes waits for the model to finish a prefill. Measured on a 2-core CPU: a
+# writer competing with prefill made cache misses ~12-16% slower at p99, even at nice 19.
+MAX_DEFER_S = 2.0
+
+
 class WriteQueue:
     def __init__(self, handler: WriteHandler, max_entries: int, max_bytes: int, sync_interval_s: float = 1.0) -> None:
         if max_entries < 1 or max_bytes < 1:
@@ -57,6 +62,17 @@ class WriteQueue:
         self._last_sync = time.monotonic()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Cleared while the model computes a prefill: the writer then waits (at most MAX_DEFER_S per
+        # batch, so it never starves) instead of taking CPU from torch's threads.
+        self._model_idle = threading.Event()
+        self._model_idle.set()
+
+    def defer(self, active: bool) -> None:
+        """While `active`, hold writes back (up to MAX_DEFER_S each); requests never wait on this."""
+        if active:
+            self._model_idle.clear()
+        else:
+            self._model_idle.set()
 
     @property
     def depth(self) -> tuple[int, int]:
@@ -150,6 +166,8 @@ class WriteQueue:
                 if taken is None:
                     return
             deletes, batch, sync_to = taken
+            if batch:
+                self._model_idle.wait(MAX_DEFER_S)
             try:
                 if deletes:
                     self._handler.delete_files(deletes)

@@ -1,0 +1,56 @@
+"""Background writes step aside while the model computes a prefill, but never starve."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kvcellar.tiers import writer
+from kvcellar.tiers.writer import WriteQueue
+
+
+class RecordingHandler:
+    def __init__(self) -> None:
+        self.written: list = []
+        self.wrote = threading.Event()
+
+    def delete_files(self, items: list) -> None:
+        pass
+
+    def write_batch(self, jobs: list) -> None:
+        self.written.extend(jobs)
+        self.wrote.set()
+
+    def sync_recency(self) -> None:
+        pass
+
+
+def _queue_one(queue: WriteQueue, job: str) -> None:
+    assert queue.try_reserve(10)
+    queue.put(job, job, 10)
+
+
+def test_writes_wait_for_the_prefill_to_end():
+    handler = RecordingHandler()
+    queue = WriteQueue(handler, max_entries=4, max_bytes=100)
+    queue.start()
+    queue.defer(True)
+    _queue_one(queue, "block-a")
+    assert not handler.wrote.wait(0.3)  # held back while the model computes
+    queue.defer(False)
+    assert handler.wrote.wait(2.0) and handler.written == ["block-a"]
+    queue.close(5.0)
+
+
+def test_a_long_prefill_does_not_starve_the_writer(monkeypatch):
+    monkeypatch.setattr(writer, "MAX_DEFER_S", 0.2)
+    handler = RecordingHandler()
+    queue = WriteQueue(handler, max_entries=4, max_bytes=100)
+    queue.start()
+    queue.defer(True)
+    started = time.monotonic()
+    _queue_one(queue, "block-b")
+    assert handler.wrote.wait(3.0)  # written although the "prefill" never ended
+    assert time.monotonic() - started >= 0.15
+    queue.defer(False)
+    queue.close(5.0)
