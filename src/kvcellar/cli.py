@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from kvcellar.config import CacheConfig, EngineConfig, format_size, parse_size
+from kvcellar.config import CacheConfig, EngineConfig, parse_size
 from kvcellar.errors import KvcellarError
 
 

@@ -167,3 +167,30 @@ def test_non_exact_reuses_up_to_the_previous_prompt_end(tiny_fp32_dirs):
     finally:
         warm.close()
         cold.close()
+
+
+def test_generated_blocks_keep_their_true_parents_when_a_store_is_refused(tiny_fp32_dirs):
+    from kvcellar.cache import hash_block, hash_blocks
+
+    engine = Engine.load(str(tiny_fp32_dirs["qwen3"]), block_size=BLOCK, dtype="float32", cache=CacheConfig(exact=False))
+    try:
+        core = engine.cache_registry.core_for_salt("")
+        calls: list[tuple[bytes, tuple[int, ...]]] = []
+        store = core.insert_block
+
+        def refuse_first_generated(parent, token_ids, *args, **kwargs):
+            calls.append((parent, tuple(token_ids)))
+            return None if len(calls) == 1 else store(parent, token_ids, *args, **kwargs)
+
+        ids = engine.encode(_sentence(6, 20))[0][: 2 * BLOCK]  # block-aligned: generated tokens fill new blocks
+        prompt_hook = engine.prefix_cache.capture_prompt_hook
+        core.insert_block = refuse_first_generated
+        engine.prefix_cache.capture_prompt_hook = lambda *a, **k: None  # record only the generated blocks
+        result = engine.generate(prompt_ids=ids, max_tokens=2 * BLOCK + 2, ignore_eos=True)
+        engine.prefix_cache.capture_prompt_hook = prompt_hook
+        assert len(calls) >= 2
+        sequence = list(ids) + list(result.token_ids)
+        chain = hash_blocks(core.root, sequence, BLOCK)
+        assert calls[1][0] == chain[len(ids) // BLOCK] == hash_block(calls[0][0], calls[0][1])
+    finally:
+        engine.close()

@@ -18,7 +18,7 @@ from kvcellar.engine.cache_report import ProbeResult, cache_report
 from kvcellar.engine.cache_setup import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
 from kvcellar.engine.prompt import encode_chat, encode_text
-from kvcellar.engine.request import GenerationRequest, GenerationResult, PromptSegments, StreamEvent
+from kvcellar.engine.request import GenerationRequest, GenerationResult, PromptSegments
 from kvcellar.engine.runner import RequestRunner
 from kvcellar.engine.sampling import SamplingParams
 from kvcellar.engine.worker import GenerationStream, ModelWorker

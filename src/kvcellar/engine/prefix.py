@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kvcellar.cache import BlockHash, Match, Priority, PrefixCache, hash_blocks
+from kvcellar.cache import Match, Priority, PrefixCache, hash_block, hash_blocks
 from kvcellar.cache.cost_model import CostModel
 from kvcellar.engine.request import PromptSegments
-from kvcellar.kv import ModelLayout, StatePayload, build_cache, capture_entry
+from kvcellar.kv import ModelLayout, build_cache, capture_entry
 from kvcellar.kv.growing_layer import new_cache
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,6 @@ def segment_priority(start: int, end: int, segments: PromptSegments) -> Priority
 
 class DisabledPrefixCache:
     """Null object: every lookup misses, nothing is stored."""
-
-    exact = True
 
     def __init__(self, config: object) -> None:
         self._config = config
@@ -201,10 +199,13 @@ class ModelPrefixCache:
             if end % block:
                 return
             parent = chain[-1] if chain else core.root
+            tokens = sequence[end - block:end]
             payload = capture_entry(cache, self._layout, end - block, end)
-            key = core.insert_block(parent, sequence[end - block:end], payload, payload.num_bytes, Priority.ASSISTANT)
-            if key is not None:
-                chain.append(key)
+            core.insert_block(parent, tokens, payload, payload.num_bytes, Priority.ASSISTANT)
+            # The chain follows the sequence even when the store was refused: a later block keyed
+            # under an older parent would claim a prefix it does not have (the core then refuses
+            # it, since its true parent is not resident).
+            chain.append(hash_block(parent, tokens))
 
         return on_token_fed
 
