@@ -19,7 +19,6 @@ refusal at reservation time, which the tier counts as a drop.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -159,7 +158,6 @@ class WriteQueue:
         return deletes, batch, sync_to
 
     def _loop(self) -> None:
-        _lower_priority()
         while True:
             with self._cond:
                 taken = self._take()
@@ -187,15 +185,3 @@ class WriteQueue:
                 self._busy = False
                 self._cond.notify_all()
 
-
-def _lower_priority() -> None:
-    """Run the writer at the lowest CPU priority (Linux: per thread), so write-behind yields to the model.
-
-    Measured on a 2-core CPU: a writer at normal priority took a core from torch's
-    threads during prefill and made cache misses ~12% slower at p99.
-    """
-    native_id = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, native_id, 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: keep the default priority
-        pass
