@@ -5,9 +5,11 @@ from __future__ import annotations
 import errno
 import random
 import threading
+import time
 
 from kvcellar.cache import LayoutCapabilities, MemoryTier, PrefixCache, Priority
-from kvcellar.tiers import files
+from kvcellar.tiers import entry_io, files
+from kvcellar.tiers.disk_writer import DiskWriter
 
 from .helpers import B, ROOT_A, chain, check_consistent, entry_files, open_tier, payload_for
 
@@ -29,6 +31,31 @@ def _disk_bytes(folder) -> int:
     return sum(sizes.values())
 
 
+def _serialise_file_changes(monkeypatch) -> threading.Lock:
+    """A lock held around every change the writer makes to entry files (whole atomic writes, deletions).
+
+    A directory walk is not a snapshot: unsynchronised, it can stat a file
+    just before the writer unlinks it and, later in the walk, a file written
+    right after, and sum two files that never coexisted (the old flake of
+    the test below). Holding this lock while walking makes each sample the
+    directory as it was at one instant.
+    """
+    lock = threading.Lock()
+    write_atomic, delete_files = entry_io.write_atomic, DiskWriter.delete_files
+
+    def locked_write(*args, **kwargs):
+        with lock:
+            return write_atomic(*args, **kwargs)
+
+    def locked_delete(self, items):
+        with lock:
+            return delete_files(self, items)
+
+    monkeypatch.setattr(entry_io, "write_atomic", locked_write)
+    monkeypatch.setattr(DiskWriter, "delete_files", locked_delete)
+    return lock
+
+
 def _churn(cache: PrefixCache, rng: random.Random, num_steps: int) -> None:
     prefixes = [[rng.randrange(6) for _ in range(B * 3)] for _ in range(4)]
     for step in range(num_steps):
@@ -46,15 +73,18 @@ def _churn(cache: PrefixCache, rng: random.Random, num_steps: int) -> None:
                 break
 
 
-def test_budgets_hold_under_churn_and_at_start_up(tmp_path):
+def test_budgets_hold_under_churn_and_at_start_up(tmp_path, monkeypatch):
     folder, budget = tmp_path / "kv", 30_000
+    file_changes = _serialise_file_changes(monkeypatch)
     disk = open_tier(folder, budget_bytes=budget, max_queue_entries=16)
     cache = PrefixCache(ROOT_A, LayoutCapabilities(B, False, None), [MemoryTier(8_000), disk], write_through=("disk",))
     worst, stop = [0], threading.Event()
 
     def sample() -> None:  # the files on disk, watched while the writer works
         while not stop.is_set():
-            worst[0] = max(worst[0], _disk_bytes(folder))
+            with file_changes:
+                worst[0] = max(worst[0], _disk_bytes(folder))
+            time.sleep(0)  # let the writer take the lock between walks
 
     sampler = threading.Thread(target=sample)
     sampler.start()
