@@ -1,7 +1,7 @@
 """Disk-tier benchmark: restart hit vs cold, restore vs raw read bandwidth, miss-only p99 with the tier on/off.
 
 Run:  PYTHONPATH=src .venv/bin/python bench/disk_tier.py [--model DIR] [--length 8192] [--block-size 256] \
-          [--miss-prompts 20] [--out bench-out/disk_tier.json] [--work-dir DIR --keep]
+          [--miss-prompts 20] [--only miss] [--out bench-out/disk_tier.json] [--work-dir DIR --keep]
 
 Qwen3-0.6B-shape folder as in bench/prefix_cache.py (helpers imported from it), bf16, 2 threads,
 seeded random token ids, 1 token per request, exact mode, each phase in a fresh process.
@@ -192,7 +192,10 @@ def hit_summary(hits: list[dict], cold_ttft: float, length: int) -> dict:
                 "all_from_disk": all(h["cached_tokens_by_tier"] == {"disk": length} for h in hits)}
 
 
-def summarise(A: dict, B: dict, miss: dict[str, list[dict]], drops: dict[str, float]) -> dict:
+def summarise(A: dict | None, B: dict | None, miss: dict[str, list[dict]], drops: dict[str, float]) -> dict:
+    m = miss_summary(miss, drops)
+    if A is None or B is None:  # --only miss
+        return {"miss": m, "targets": {"miss_p99_le_1.05": m["p99_ratio_wall"] <= 1.05}}
     cold, length = A["cold"]["ttft_s"], A["cold"]["tokens"]
     h = {"first": hit_summary(B["cold"][:1], cold, length)}
     for kind in ("cold", "warm"):
@@ -202,6 +205,14 @@ def summarise(A: dict, B: dict, miss: dict[str, list[dict]], drops: dict[str, fl
         h[kind] = hit_summary(hits, cold, length) | {
             "tier_bw": tier_bw, "e2e_bw": e2e_bw, "raw_bw": raw, "tier_vs_raw": tier_bw / raw, "e2e_vs_raw": e2e_bw / raw,
             "raw_resident_before": [x["resident_before"] for x in B[f"raw_{kind}"]]}
+    targets = {"restart_hit_10x": h["first"]["speedup"] >= 10 and h["first"]["all_from_disk"],
+               "restore_70pct_raw_cold": h["cold"]["tier_vs_raw"] >= 0.7, "restore_70pct_raw_warm": h["warm"]["tier_vs_raw"] >= 0.7,
+               "miss_p99_le_1.05": m["p99_ratio_wall"] <= 1.05}
+    return {"cold_ttft_s": cold, "cold_cpu_util": A["cold"]["cpu_util"], "flush_after_cold_s": A["flush_s"],
+            "hit": h, "miss": m, "targets": targets}
+
+
+def miss_summary(miss: dict[str, list[dict]], drops: dict[str, float]) -> dict:
     m = {}
     for disk, rows in miss.items():
         m[disk] = {"n": len(rows), "drops": drops[disk], "cpu_util_median": med(rows, "cpu_util"),
@@ -212,28 +223,24 @@ def summarise(A: dict, B: dict, miss: dict[str, list[dict]], drops: dict[str, fl
     m |= {"p99_ratio_ttft": m["on"]["ttft_s_p99"] / m["off"]["ttft_s_p99"],
           "p99_ratio_wall": m["on"]["wall_s_p99"] / m["off"]["wall_s_p99"],
           "paired_median_ratio_wall": statistics.median(on[i]["wall_s"] / off[i]["wall_s"] for i in on)}
-    targets = {"restart_hit_10x": h["first"]["speedup"] >= 10 and h["first"]["all_from_disk"],
-               "restore_70pct_raw_cold": h["cold"]["tier_vs_raw"] >= 0.7, "restore_70pct_raw_warm": h["warm"]["tier_vs_raw"] >= 0.7,
-               "miss_p99_le_1.05": m["p99_ratio_wall"] <= 1.05}
-    return {"cold_ttft_s": cold, "cold_cpu_util": A["cold"]["cpu_util"], "flush_after_cold_s": A["flush_s"],
-            "hit": h, "miss": m, "targets": targets}
+    return m
 
 
 def tables(s: dict, L: int) -> str:
-    h = s["hit"]
+    h, out = s.get("hit"), []
 
     def row(name: str, d: dict) -> list[str]:
         return [name, f"{d['ttft_s']:.3f}", f"{d['lookup_s']:.3f}", f"{d['disk_load_s']:.3f}", f"{d['restore_s']:.3f}",
                 f"{d['prefill_s']:.3f}", str(d["tiers"][0]), str(d["resident_before"]), f"{d['speedup']:.0f}x"]
 
-    out = md(f"1. {L}-token prompt: cold (process A, CPU use {s['cold_cpu_util']:.2f}) vs disk hit after a restart (B)",
+    out += [] if h is None else md(f"1. {L}-token prompt: cold (process A, CPU use {s['cold_cpu_util']:.2f}) vs disk hit after a restart (B)",
              ["case", "TTFT (s)", "lookup incl. disk read (s)", "of which disk tier load (s)", "restore (s)", "prefill (s)",
               "cached tokens by tier", "entry bytes in page cache before", "speedup vs cold"],
              [["cold (A)", f"{s['cold_ttft_s']:.2f}", "", "", "", "", "", "", "1x"],
               row("disk hit, first request after restart, page cache dropped", h["first"]),
               row(f"disk hit, page cache dropped (median of {ROUNDS})", h["cold"]),
               row(f"disk hit, page cache warm (median of {ROUNDS})", h["warm"])])
-    out += md("2. Restore bandwidth vs raw sequential read (4 MiB readinto) of the same entry files, MB/s (medians)",
+    out += [] if h is None else md("2. Restore bandwidth vs raw sequential read (4 MiB readinto) of the same entry files, MB/s (medians)",
               ["page cache", "MB per restore", "disk tier load (mmap+checksum+decode)", "end-to-end (bytes / lookup+restore)",
                "raw read", "tier / raw", "end-to-end / raw"],
               [[k, f"{h[k]['bytes'] / MB:.0f}", *(f"{h[k][x] / MB:.0f}" for x in ("tier_bw", "e2e_bw", "raw_bw")),
@@ -244,7 +251,7 @@ def tables(s: dict, L: int) -> str:
               [[d, *(f"{m[d][k]:.2f}" for k in ("ttft_s_p50", "ttft_s_p99", "wall_s_p50", "wall_s_p99")),
                 f"{m[d]['cpu_util_median']:.2f} / {m[d]['cpu_util_min']:.2f}", f"{m[d]['drops']:.0f}"] for d in ("on", "off")])
     out += ["", f"p99 on/off: TTFT {m['p99_ratio_ttft']:.3f}, total {m['p99_ratio_wall']:.3f}; median per-prompt "
-            + f"on/off {m['paired_median_ratio_wall']:.3f}", "",
+            + f"on/off {m['paired_median_ratio_wall']:.3f}; write-behind flush at close (s): {m['flush_at_close_s']}", "",
             "Targets: " + ", ".join(f"{k} {'MET' if v else 'NOT MET'}" for k, v in s["targets"].items())]
     return "\n".join(out).lstrip()
 
@@ -257,6 +264,7 @@ def main() -> None:
     p.add_argument("--miss-prompts", type=int, default=20, help="distinct prompts per config (a multiple of 4)")
     p.add_argument("--work-dir", help="folder for the cache directories (default: a new temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the cache directories")
+    p.add_argument("--only", choices=["miss"], help="run only the miss-only part (3)")
     p.add_argument("--out", default="bench-out/disk_tier.json")
     for hidden in ("--phase", "--phase-out", "--dir", "--disk", "--prompts"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
@@ -269,9 +277,9 @@ def main() -> None:
     D, D2 = work / "restart", work / "miss"
     [shutil.rmtree(d, ignore_errors=True) for d in (D, D2)]
     try:
-        log(f"1+2: restart hit, L={a.length}, cache dir {D}")
-        A = run_child(a, "write", dir=str(D))
-        B = run_child(a, "restore", dir=str(D))
+        log("1+2: skipped (--only miss)" if a.only else f"1+2: restart hit, L={a.length}, cache dir {D}")
+        A = None if a.only else run_child(a, "write", dir=str(D))
+        B = None if a.only else run_child(a, "restore", dir=str(D))
         q, miss, procs = a.miss_prompts // 4, {"on": [], "off": []}, {"on": [], "off": []}
         for k, disk in enumerate(["on", "off", "off", "on", "on", "off", "off", "on"]):
             ids = ",".join(str(i) for i in range(k // 2 * q, k // 2 * q + q))
@@ -280,6 +288,7 @@ def main() -> None:
             miss[disk] += procs[disk][-1].pop("requests")
         drops = {d: sum(r["disk_end"].get("num_dropped", 0) for r in procs[d]) for d in procs}
         summary = summarise(A, B, miss, drops)
+        summary["miss"]["flush_at_close_s"] = {d: [round(r["flush_s"], 2) for r in procs[d]] for d in procs}
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -17,8 +17,10 @@ class RecordingHandler:
     def delete_files(self, items: list) -> None:
         pass
 
-    def write_batch(self, jobs: list) -> None:
-        self.written.extend(jobs)
+    def write_batch(self, jobs: list, wait_turn) -> None:
+        for job in jobs:
+            wait_turn()
+            self.written.append(job)
         self.wrote.set()
 
     def sync_recency(self) -> None:
@@ -52,5 +54,18 @@ def test_a_long_prefill_does_not_starve_the_writer(monkeypatch):
     _queue_one(queue, "block-b")
     assert handler.wrote.wait(3.0)  # written although the "prefill" never ended
     assert time.monotonic() - started >= 0.15
+    queue.defer(False)
+    queue.close(5.0)
+
+
+def test_a_nearly_full_queue_is_written_during_a_prefill():
+    handler = RecordingHandler()
+    queue = WriteQueue(handler, max_entries=4, max_bytes=100)
+    queue.defer(True)
+    for job in ("c", "d", "e"):  # 3 of 4 entries: at the high-water mark, waiting could drop writes
+        _queue_one(queue, job)
+    queue.start()
+    assert handler.wrote.wait(2.0)
+    assert queue.flush(2.0) and handler.written == ["c", "d", "e"]
     queue.defer(False)
     queue.close(5.0)

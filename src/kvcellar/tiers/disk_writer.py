@@ -21,6 +21,7 @@ import errno
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 
 from kvcellar.cache import CacheEntry
 from kvcellar.tiers.catalog import QUEUED, STORED, Record
@@ -48,13 +49,17 @@ class DiskWriter:
         state.index.delete([key for key, _ in items])
         state.index.commit()
 
-    def write_batch(self, jobs: list[Record]) -> None:
+    def write_batch(self, jobs: list[Record], wait_turn: Callable[[], None] = lambda: None) -> None:
+        """Write each still-queued record's file (`wait_turn()` first: pacing), then index them in one commit."""
         state = self._state
         written: list[tuple[Record, CacheEntry]] = []
         for record in jobs:
+            if not self._still_queued(record):
+                continue  # evicted or superseded while queued
+            wait_turn()
             with state.lock:
-                if state.catalog.get(record.key) is not record or record.state != QUEUED:
-                    continue  # evicted or superseded while queued
+                if not self._still_queued(record):
+                    continue  # dropped while we waited
                 entry, header = record.entry, record.header
             started = time.perf_counter()
             try:
@@ -69,6 +74,10 @@ class DiskWriter:
             written.append((record, entry))
         if written:
             self._index(written)
+
+    def _still_queued(self, record: Record) -> bool:
+        with self._state.lock:
+            return self._state.catalog.get(record.key) is record and record.state == QUEUED
 
     def _index(self, written: list[tuple[Record, CacheEntry]]) -> None:
         state = self._state

@@ -1,8 +1,8 @@
 """Write and read one entry file, checking everything the file says about itself.
 
 Operations: `plan_header` (the header of an entry, exact file size known
-before any tensor byte is touched), `write_entry` (checksum, then atomic
-write), `read_entry` (map, parse, validate, checksum, decode), `read_header`
+before any tensor byte is touched), `write_entry` (checksum and atomic
+write in one pass), `read_entry` (map, parse, validate, checksum, decode), `read_header`
 (header only: start-up indexes orphan files with it), `Expected`, `ReadFailure`.
 
 The checksum covers the whole file, the checksum's own hex digits read as
@@ -14,6 +14,7 @@ served only if its size, format, key, namespace, parent, kind, layout and
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -94,17 +95,33 @@ def _digest(algorithm: str, head: bytes, body: list[memoryview] | memoryview) ->
 
 
 def write_entry(path: Path, header: EntryHeader, payload: object, codec: PayloadCodec, known_dirs: set[Path]) -> int:
-    """Write the file atomically; returns its size (equal to `header.file_size`)."""
+    """Write the file atomically in one pass; returns its size (equal to `header.file_size`).
+
+    The header goes first with its checksum digits as zeros (exactly the bytes
+    the checksum covers), each tensor is hashed right before it is written
+    (still in cache), and the final header overwrites the first one before
+    the fsync and rename: no copy of the payload, one read of it.
+    """
     buffers = codec.tensor_bytes(payload, header.tensors)
     for spec, buffer in zip(header.tensors, buffers):
         if buffer.nbytes != spec.num_bytes:
             raise ValueError(f"tensor {spec.name!r} has {buffer.nbytes} bytes, its spec says {spec.num_bytes}")
     algorithm = header.checksum.split(":", 1)[0]
-    final = replace(header, checksum=f"{algorithm}:{_digest(algorithm, encode_header(header), buffers)}")
-    head = encode_header(final)
-    if len(head) + header.payload_bytes != header.file_size:  # the budget reserved exactly file_size bytes
-        raise ValueError(f"entry file would be {len(head) + header.payload_bytes} bytes, {header.file_size} were reserved")
-    return write_atomic(path, [head, *buffers], known_dirs)
+    zeroed = encode_header(replace(header, checksum=placeholder_checksum(algorithm)))
+    hasher = new_checksum(algorithm)
+
+    def hashed(chunks: list[bytes | memoryview]) -> Iterator[bytes | memoryview]:
+        for chunk in chunks:
+            hasher.update(chunk)
+            yield chunk
+
+    def final_header() -> bytes:
+        head = encode_header(replace(header, checksum=f"{algorithm}:{hasher.hexdigest()}"))
+        if len(head) != len(zeroed):  # fixed-width digits: the budget reserved exactly file_size bytes
+            raise ValueError(f"entry header would be {len(head)} bytes, {len(zeroed)} were reserved")
+        return head
+
+    return write_atomic(path, hashed([zeroed, *buffers]), known_dirs, final_start=final_header)
 
 
 def _check(header: EntryHeader, size: int, expected: Expected, layout: str) -> None:

@@ -23,7 +23,7 @@ import itertools
 import mmap
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from kvcellar.errors import KvcellarError
@@ -75,7 +75,7 @@ class CacheDir:
             fsync_dir(self.root)
 
 
-def write_chunks(fd: int, chunks: Sequence[bytes | memoryview]) -> int:
+def write_chunks(fd: int, chunks: Iterable[bytes | memoryview]) -> int:
     """Write every chunk to `fd`; returns the bytes written. Raises OSError (e.g. ENOSPC)."""
     total = 0
     for chunk in chunks:
@@ -109,14 +109,25 @@ def ensure_dir(path: Path, known: set[Path]) -> None:
     known.add(path)
 
 
-def write_atomic(path: Path, chunks: Sequence[bytes | memoryview], known_dirs: set[Path]) -> int:
-    """Write `path` so that it either does not exist or is complete, even after kill -9 or power loss."""
+def write_atomic(
+    path: Path, chunks: Iterable[bytes | memoryview], known_dirs: set[Path], final_start: Callable[[], bytes] | None = None
+) -> int:
+    """Write `path` so that it either does not exist or is complete, even after kill -9 or power loss.
+
+    `final_start()`, called once every chunk is written, gives bytes that
+    overwrite the start of the (still invisible) temp file: a header whose
+    checksum covers the rest.
+    """
     ensure_dir(path.parent, known_dirs)
     temp = path.with_name(f"{path.name}.{os.getpid()}.{next(_temp_counter)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         try:
             num_bytes = write_chunks(fd, chunks)
+            if final_start is not None:
+                start = final_start()
+                if os.pwrite(fd, start, 0) != len(start):
+                    raise OSError(f"short write of the first {len(start)} bytes of {temp}")
             os.fsync(fd)  # data durable before the rename makes it visible
         finally:
             os.close(fd)

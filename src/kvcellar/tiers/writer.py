@@ -12,6 +12,11 @@ Ordering invariants (one thread does all file work, so they are simple):
 - a batch never holds the same key twice (an older version of a key is
   finished, and deleted if it was dropped meanwhile, before the newer one);
 - when idle, and on flush, the handler persists recency (last-used clocks).
+Pacing: while the model computes (`defer(True)`), the handler waits before
+each file (`wait_turn`) until the model is idle, unless the backlog is
+urgent: the oldest write in the batch is MAX_DEFER_S old, the queue holds
+HIGH_WATER of its entries or bytes, or a flush/close waits. Deletions and
+recency syncs are never held back (cheap, and deletions keep the budget).
 Requests never wait on this thread: `put` only appends; a full queue is a
 refusal at reservation time, which the tier counts as a drop.
 """
@@ -22,7 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -32,14 +37,20 @@ BATCH_SIZE = 32  # writes per index commit
 class WriteHandler(Protocol):
     def delete_files(self, items: list) -> None: ...
 
-    def write_batch(self, jobs: list) -> None: ...
+    def write_batch(self, jobs: list, wait_turn: Callable[[], None]) -> None:
+        """Write `jobs` in order, calling `wait_turn()` before each file it writes."""
+        ...
 
     def sync_recency(self) -> None: ...
 
 
-# Longest a batch of writes waits for the model to finish a prefill. Measured on a 2-core CPU: a
-# writer competing with prefill made cache misses ~12-16% slower at p99, even at nice 19.
-MAX_DEFER_S = 2.0
+# Measured on a 2-core CPU (2 torch threads): each 29 MB block written during a prefill cost the
+# prefill ~60 ms, about five times the writer's own CPU time (mostly the page-cache copy and its
+# writeback: the same work without the data written cost nothing). So writes wait for the model to be
+# idle, within these bounds: the oldest queued write waits at most MAX_DEFER_S, and nothing waits once
+# the queue holds HIGH_WATER of its entries or bytes (a full queue would drop writes).
+MAX_DEFER_S = 30.0
+HIGH_WATER = 0.75
 
 
 class WriteQueue:
@@ -51,7 +62,7 @@ class WriteQueue:
         self.max_bytes = max_bytes
         self._sync_interval_s = sync_interval_s
         self._cond = threading.Condition()
-        self._jobs: deque[tuple[Hashable, object, int]] = deque()  # (key, job, reserved bytes)
+        self._jobs: deque[tuple[Hashable, object, int, float]] = deque()  # (key, job, reserved bytes, queued at)
         self._deletes: list = []
         self._num_reserved = 0  # entries reserved or queued or being written
         self._reserved_bytes = 0
@@ -61,17 +72,14 @@ class WriteQueue:
         self._last_sync = time.monotonic()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # Cleared while the model computes a prefill: the writer then waits (at most MAX_DEFER_S per
-        # batch, so it never starves) instead of taking CPU from torch's threads.
-        self._model_idle = threading.Event()
-        self._model_idle.set()
+        self._model_busy = False  # set by defer(); guarded by _cond like the rest
 
     def defer(self, active: bool) -> None:
-        """While `active`, hold writes back (up to MAX_DEFER_S each); requests never wait on this."""
-        if active:
-            self._model_idle.clear()
-        else:
-            self._model_idle.set()
+        """While `active` (a prefill runs), hold file writes back; requests never wait on this."""
+        with self._cond:
+            self._model_busy = active
+            if not active:
+                self._cond.notify_all()
 
     @property
     def depth(self) -> tuple[int, int]:
@@ -95,7 +103,7 @@ class WriteQueue:
 
     def put(self, key: Hashable, job: object, num_bytes: int) -> None:
         with self._cond:
-            self._jobs.append((key, job, num_bytes))
+            self._jobs.append((key, job, num_bytes, time.monotonic()))
             self._cond.notify_all()
 
     def delete(self, items: list) -> None:
@@ -135,7 +143,7 @@ class WriteQueue:
             self._thread.join(timeout_s)
         return flushed
 
-    def _take(self) -> tuple[list, list[tuple[Hashable, object, int]], int | None] | None:
+    def _take(self) -> tuple[list, list[tuple[Hashable, object, int, float]], int | None] | None:
         """Under the lock: wait for work; None when stopping with nothing left."""
         idle = False
         while not (self._deletes or self._jobs or self._sync_done < self._sync_asked or self._stopping or idle):
@@ -143,7 +151,7 @@ class WriteQueue:
         if self._stopping and not (self._deletes or self._jobs or self._sync_done < self._sync_asked):
             return None
         deletes, self._deletes = self._deletes, []
-        batch: list[tuple[Hashable, object, int]] = []
+        batch: list[tuple[Hashable, object, int, float]] = []
         keys: set[Hashable] = set()
         while self._jobs and len(batch) < BATCH_SIZE and self._jobs[0][0] not in keys:
             item = self._jobs.popleft()
@@ -157,6 +165,24 @@ class WriteQueue:
         self._busy = True
         return deletes, batch, sync_to
 
+    def _urgent(self) -> bool:
+        """Under the lock: writes may not wait (flush or close waiting, or the queue nearly full)."""
+        return (
+            self._stopping
+            or self._sync_done < self._sync_asked
+            or self._num_reserved >= HIGH_WATER * self.max_entries
+            or self._reserved_bytes >= HIGH_WATER * self.max_bytes
+        )
+
+    def _wait_turn(self, deadline: float) -> None:
+        """Writer thread, before each file: wait while the model computes, until `deadline` or urgency."""
+        with self._cond:
+            while self._model_busy and not self._urgent():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -164,19 +190,18 @@ class WriteQueue:
                 if taken is None:
                     return
             deletes, batch, sync_to = taken
-            if batch:
-                self._model_idle.wait(MAX_DEFER_S)
             try:
                 if deletes:
                     self._handler.delete_files(deletes)
                 if batch:
-                    self._handler.write_batch([job for _, job, _ in batch])
+                    deadline = batch[0][3] + MAX_DEFER_S  # the batch's oldest write sets its deadline
+                    self._handler.write_batch([item[1] for item in batch], lambda: self._wait_turn(deadline))
                 if sync_to is not None:
                     self._handler.sync_recency()
             except Exception:  # the thread must survive: a lost write is a miss later, never a crash
                 log.exception("disk cache writer failed; continuing")
             with self._cond:
-                for _, _, num_bytes in batch:
+                for _, _, num_bytes, _ in batch:
                     self._num_reserved -= 1
                     self._reserved_bytes -= num_bytes
                 if sync_to is not None:
