@@ -11,7 +11,7 @@ tier can store it as it is (the disk tier writes it as one safetensors file):
 
 Ownership: captured tensors are fresh copies, never views of the live cache,
 because transformers mutates recurrent states in place and would otherwise
-rewrite a stored checkpoint.
+rewrite a stored checkpoint. They are packed into one allocation (`flat.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from kvcellar.kv import flat as flat_buffers
 from kvcellar.kv.growing_layer import GrowingLayer, new_cache
 from kvcellar.kv.layout import ModelLayout
 
@@ -30,18 +31,30 @@ from kvcellar.kv.layout import ModelLayout
 class StatePayload:
     tensors: dict[str, torch.Tensor]
     num_tokens: int
+    flat: torch.Tensor | None = None  # the one buffer all `tensors` view, when packed (flat.py)
 
     @property
     def num_bytes(self) -> int:
+        """Bytes held: the packed buffer (alignment padding included), else the tensors' own bytes."""
+        if self.flat is not None:
+            return self.flat.numel()
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.flat.device if self.flat is not None else next((t.device for t in self.tensors.values()), None)
+
+    def to(self, device: torch.device, pin_memory: bool = False) -> StatePayload:
+        """A packed copy on `device` (pinned host memory if asked): one copy when already packed."""
+        if self.flat is not None:
+            tensors, flat = flat_buffers.move(self.tensors, self.flat, device, pin_memory)
+        else:
+            tensors, flat = flat_buffers.pack(self.tensors, device, pin_memory)
+        return StatePayload(tensors, self.num_tokens, flat)
 
     @property
     def logits(self) -> torch.Tensor | None:
         return self.tensors.get("logits")
-
-
-def _copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def capture_entry(
@@ -57,15 +70,16 @@ def capture_entry(
             else:
                 kept = min(num_tokens, spec.sliding_window - 1)
                 keys, values = layer.keys[:, :, -kept:], layer.values[:, :, -kept:]
-            tensors[f"{index}.keys"], tensors[f"{index}.values"] = _copy(keys), _copy(values)
+            tensors[f"{index}.keys"], tensors[f"{index}.values"] = keys, values
         # Recurrent state exists only at `end`; a 0-token entry reuses its parent block's checkpoint.
         if num_tokens > 0:
             for state in range(spec.num_recurrent_states):
-                tensors[f"{index}.conv.{state}"] = _copy(layer.conv_states[state])
-                tensors[f"{index}.recurrent.{state}"] = _copy(layer.recurrent_states[state])
+                tensors[f"{index}.conv.{state}"] = layer.conv_states[state]
+                tensors[f"{index}.recurrent.{state}"] = layer.recurrent_states[state]
     if logits is not None:
-        tensors["logits"] = _copy(logits.float().reshape(-1))
-    return StatePayload(tensors, num_tokens)
+        tensors["logits"] = logits.float().reshape(-1)
+    views, flat = flat_buffers.pack(tensors)  # the copy: the live cache is never referenced
+    return StatePayload(views, num_tokens, flat)
 
 
 def _kv_pieces(payloads: Sequence[StatePayload], name: str, lengths: Sequence[int], needed: int | None) -> list[torch.Tensor]:

@@ -5,7 +5,8 @@ Operations: `payload_mover(device) -> callable` (the `adopt` hook of a
 
 On CUDA, host copies go to pinned memory (page-locked, so the copy back to
 the GPU runs at full bus speed). A payload already on the target device is
-returned as it is: no copy. These copies run on the request thread at
+returned as it is: no copy. A payload moves as one packed buffer (kv/flat.py):
+one copy, not one per tensor. These copies run on the request thread at
 eviction / promotion time; they are memory-speed copies, not disk writes.
 """
 
@@ -16,15 +17,6 @@ from collections.abc import Callable
 import torch
 
 from kvcellar.kv.state import StatePayload
-
-
-def _move(tensor: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    if tensor.device == device:
-        return tensor
-    if pin:
-        target = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-        return target.copy_(tensor)
-    return tensor.to(device)
 
 
 def payload_mover(device: torch.device | str) -> Callable[[object], object]:
@@ -39,6 +31,6 @@ def payload_mover(device: torch.device | str) -> Callable[[object], object]:
             return payload
         if all(tensor.device == target for tensor in payload.tensors.values()):
             return payload
-        return StatePayload({name: _move(t, target, pin) for name, t in payload.tensors.items()}, payload.num_tokens)
+        return payload.to(target, pin_memory=pin)  # one copy of the packed buffer
 
     return adopt

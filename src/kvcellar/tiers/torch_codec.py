@@ -65,5 +65,7 @@ class TorchCodec:
                 tensor = torch.empty(spec.shape, dtype=dtype)
             else:
                 tensor = torch.frombuffer(buffer, dtype=dtype).reshape(spec.shape)
-            tensors[spec.name] = tensor if self._device.type == "cpu" else tensor.to(self._device)
-        return StatePayload(tensors, len(header.token_ids))
+            tensors[spec.name] = tensor
+        payload = StatePayload(tensors, len(header.token_ids))
+        # On CPU the tensors stay views of the mapped file (no copy); elsewhere one packed buffer on the device.
+        return payload if self._device.type == "cpu" else payload.to(self._device)
