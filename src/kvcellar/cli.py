@@ -60,7 +60,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=_env("model", None), help="local Hugging Face model folder (default: the built-in demo model)")
     group.add_argument("--device", default=_env("device", "auto"), help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     group.add_argument("--dtype", default=_env("dtype", "auto"), help="auto, bf16, fp16, fp32")
-    group.add_argument("--block-size", type=int, default=int(_env("block_size", 256)), help="cache block = prefill chunk, in tokens")
+    block = _env("block_size", None)
+    group.add_argument("--block-size", type=int, default=int(block) if block else None,
+                       help="cache block = prefill chunk, in tokens (default: 256 on CPU, 2048 on CUDA)")
     group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch")
     group.add_argument("--device-cache-size", default=_env("device_cache_size", "2G"), help="byte budget of the in-memory tier, e.g. 512M, 4G")
     group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", 16)), help="prompt tails kept (0 disables)")
@@ -187,7 +189,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         out_dir=args.out, engine=None if args.url else _engine_config(args), url=args.url, api_key=args.api_key,
         lengths=parse_lengths(args.lengths) if args.lengths else (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS),
         sizes=sizes, modes=names(args.modes), scenarios=names(args.scenarios), max_tokens=args.max_tokens,
-        seed=args.seed, max_token_id=args.max_token_id, server_block_size=args.block_size,
+        seed=args.seed, max_token_id=args.max_token_id, server_block_size=args.block_size or 256,
         cache_dir=getattr(args, "cache_dir", None), keep_cache=args.keep_cache, isolate=not args.same_process,
         quick=args.quick, command="kvcellar " + " ".join(sys.argv[1:]),
     ))  # fmt: skip

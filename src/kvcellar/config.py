@@ -42,6 +42,23 @@ def format_size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+# Default block (= prefill chunk) per device, by measurement (docs/benchmarks.md). A CPU spends its
+# time in the matmuls, which stream every weight once per chunk: 256 tokens keeps that to ~+10% of
+# one pass at 2K. A GPU spends a fixed ~25 ms of kernel launches per forward on a 0.6B model and
+# its kernels want long chunks: 2048 is within 5% of 4096 for an 8B shape at 32K.
+DEFAULT_BLOCK_SIZE = {"cpu": 256, "mps": 256, "cuda": 2048}
+
+
+def default_block_size(device: str) -> int:
+    """The block size used when none is given, for a device name ('auto' is resolved as the engine does)."""
+    kind = device.split(":")[0]
+    if kind == "auto":
+        import torch
+
+        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return DEFAULT_BLOCK_SIZE[kind]
+
+
 def normalize_dtype(dtype: str) -> str:
     name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
     if name not in DTYPES:
@@ -100,13 +117,14 @@ class EngineConfig:
 
     `block_size` is both the cache block and the prefill chunk: prefill runs
     in chunks aligned to absolute position 0, which is what makes a restored
-    prefix bit-identical to a cold prefill.
+    prefix bit-identical to a cold prefill. None: the device's default
+    (`DEFAULT_BLOCK_SIZE`).
     """
 
     model: str
     device: str = "auto"
     dtype: str = "auto"
-    block_size: int = 256
+    block_size: int | None = None
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
 
@@ -116,6 +134,8 @@ class EngineConfig:
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)} (cuda:N also works)")
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", default_block_size(self.device))
         if not 1 <= self.block_size <= 65536:
             raise ValueError(f"block_size must be between 1 and 65536 tokens (got {self.block_size})")
         if self.num_threads is not None and self.num_threads < 1:

@@ -52,7 +52,7 @@ class Engine:
         *,
         device: str = "auto",
         dtype: str = "auto",
-        block_size: int = 256,
+        block_size: int | None = None,
         num_threads: int | None = None,
         cache: CacheConfig | None = None,
     ) -> Engine:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kvcellar.engine import attention
 from kvcellar.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,23 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _load_weights(folder: Path, torch_dtype: torch.dtype, torch_device: torch.device) -> torch.nn.Module:
+    """The model, on CUDA with `kvcellar_sdpa` attention (engine/attention.py) where the class takes it."""
+    from transformers import AutoModelForCausalLM
+
+    if torch_device.type == "cuda":
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch_dtype, local_files_only=True, attn_implementation=attention.register()
+            )
+        except (ValueError, ImportError) as exc:  # a class without pluggable attention: its default is right too
+            log.info("%s keeps its default attention (%s)", folder.name, exc)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+
+
 def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from a local folder, or raise ModelLoadError saying what to fix."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = Path(path).expanduser().resolve()
     config = _check_folder(folder)
@@ -134,7 +149,7 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
     except Exception as exc:  # transformers raises many types here; the user needs one message
         raise ModelLoadError(f"cannot load a tokenizer from {str(folder)!r}: {exc}") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+        model = _load_weights(folder, torch_dtype, torch_device)
     except ValueError as exc:
         raise ModelLoadError(
             f"{str(folder)!r} is not a causal language model transformers can load "

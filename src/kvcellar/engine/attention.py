@@ -1,0 +1,63 @@
+"""Chunked-prefill attention without a materialized mask (used on CUDA).
+
+A prefill chunk of q tokens on top of p cached ones attends causally with the
+diagonal aligned to the bottom right: query i sees keys [0, p + i]. transformers'
+`sdpa` attention builds that as a dense [q, p + q] boolean mask, and with a
+mask CUDA's SDPA can neither skip the masked tiles nor use its flash kernel
+for grouped K/V heads (it copies K/V out to every query head first). Measured
+on an H100: a 32K-token prompt in 4K chunks took 1.8x (0.6B shape) and 1.5x
+(8B shape) the time of one unchunked pass.
+
+So this registers `kvcellar_sdpa`, transformers' sdpa with one change: for a
+plain causal mask (no padding, no sliding window, no custom overlay) with a
+cached prefix, the mask function returns torch's `causal_lower_right` bias
+instead of a tensor, and the attention function hands it to SDPA, which runs
+the flash kernel with bottom-right causality. Every other case (sliding
+windows, padding, decode steps) goes through transformers' own code unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+NAME = "kvcellar_sdpa"
+
+
+def _mask(**kwargs: object) -> object:
+    """transformers' sdpa mask, or a lower-right causal bias where that is exactly the same mask."""
+    q_length = kwargs.get("q_length")
+    if q_length is None and "cache_position" in kwargs:  # transformers before q_length/q_offset
+        q_length = kwargs["cache_position"].shape[0]
+        q_end = kwargs.get("kv_offset", 0) + kwargs["kv_length"]  # a full cache: queries end where keys end
+    else:
+        q_end = kwargs.get("q_offset", 0) + (q_length or 0)
+    kv_length, kv_end = kwargs["kv_length"], kwargs.get("kv_offset", 0) + kwargs["kv_length"]
+    plain_causal = (
+        kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+        and kwargs.get("attention_mask") is None
+        and kwargs.get("local_size") is None
+    )
+    if plain_causal and q_length is not None and 1 < q_length < kv_length and q_end == kv_end:
+        return causal_lower_right(q_length, kv_length)
+    return sdpa_mask(**kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    if not isinstance(attention_mask, CausalBias):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make `kvcellar_sdpa` known to transformers (idempotent); returns its name for `attn_implementation`."""
+    AttentionInterface.register(NAME, _attention)
+    AttentionMaskInterface.register(NAME, _mask)
+    return NAME
