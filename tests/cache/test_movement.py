@@ -22,6 +22,22 @@ def _two_tiers(device_bytes=100, host_bytes=1000, write_through=(), observer=Non
     return cache, device, host
 
 
+def test_a_promoted_hit_restores_from_the_first_tier_copy():
+    to_device = lambda p: p if isinstance(p, tuple) else ("on-device", p)  # noqa: E731 - like payload_mover
+    to_host = lambda p: p[1] if isinstance(p, tuple) else p  # noqa: E731
+    device, host = MemoryTier(30, adopt=to_device), MemoryTier(1000, name="host", adopt=to_host)
+    cache = PrefixCache(ROOT, ATTENTION, [device, host])
+    insert_chain(cache, T, num_bytes=10)
+    cache.set_budget_bytes(0)  # down to the host
+    cache.set_budget_bytes(30)
+    match = cache.lookup([*T, 0], exact=True)
+    assert match.tokens_by_tier == {"host": 12}
+    # The entries are the host's (released there); what to restore from is the device copy, moved once.
+    assert [match.payload_of(b) for b in match.blocks] == [("on-device", payload(T[i : i + B])) for i in (0, 4, 8)]
+    assert all(not isinstance(b.payload, tuple) for b in match.blocks)
+    cache.release(match)
+
+
 def test_eviction_demotes_to_the_next_tier():
     observer = RecordingObserver()
     cache, device, host = _two_tiers(device_bytes=10, observer=observer)

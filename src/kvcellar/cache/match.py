@@ -44,10 +44,17 @@ class Match:
     tokens_by_tier: dict[str, int] = field(default_factory=dict)
     load_s_by_tier: dict[str, float] = field(default_factory=dict)  # time spent in each tier's prepare_load
     loaded_bytes_by_tier: dict[str, int] = field(default_factory=dict)  # payload bytes each tier handed out
+    # Payloads of the copies promoted into the first tier, by key: already in the fastest medium (e.g. on the
+    # GPU), so restoring from them spares a second copy out of the slower tier.
+    promoted_payloads: dict[object, object] = field(default_factory=dict)
 
     @property
     def is_hit(self) -> bool:
         return self.num_tokens > 0
+
+    def payload_of(self, entry: CacheEntry) -> object:
+        """The payload to restore `entry` from: its first-tier copy if it was just promoted, else its own."""
+        return self.promoted_payloads.get(entry.key, entry.payload)
 
     @property
     def entries(self) -> tuple[CacheEntry, ...]:

@@ -161,8 +161,12 @@ class TierSet:
             self._observer.on_store(entry, tier.name)
         return True
 
-    def promote(self, entries: Iterable[CacheEntry], where: dict[BlockHash, int]) -> None:
-        """After a hit: touch first-tier partials; copy entries loaded from slower tiers into the first."""
+    def promote(self, entries: Iterable[CacheEntry], where: dict[BlockHash, int]) -> dict[BlockHash, object]:
+        """After a hit: touch first-tier partials; copy entries loaded from slower tiers into the first.
+
+        Returns the promoted copies' payloads by key (the first tier may have moved them to its medium).
+        """
+        promoted: dict[BlockHash, object] = {}
         for entry in entries:
             if where[entry.key] == 0:
                 if entry.is_partial:
@@ -172,3 +176,5 @@ class TierSet:
             stored = self.store_partial(copy) if entry.is_partial else self.store(copy, 0)
             if stored is not None:
                 self._counters["num_promotions"] += 1
+                promoted[entry.key] = copy.payload
+        return promoted

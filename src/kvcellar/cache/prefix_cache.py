@@ -117,7 +117,7 @@ class PrefixCache:
                     self._counters["num_load_failures"] += 1
                 except KeyError:  # the tier dropped the entry (gone, or failed validation): walk again
                     self._counters["num_load_failures"] += 1
-            self._set.promote(match.entries, where)
+            match.promoted_payloads.update(self._set.promote(match.entries, where))
             self._counters["num_lookups"] += 1
             self._counters["num_hit_tokens"] += match.num_tokens
             self._counters["num_miss_tokens"] += len(tokens) - match.num_tokens

@@ -114,9 +114,7 @@ class ModelPrefixCache:
         for tier_name, seconds in match.load_s_by_tier.items():
             self.cost_model.record_load(tier_name, match.loaded_bytes_by_tier.get(tier_name, 0), seconds)
         try:
-            payloads = [entry.payload for entry in match.blocks]
-            if match.partial is not None:
-                payloads.append(match.partial.payload)
+            payloads = [match.payload_of(entry) for entry in match.entries]
             device = self._device
             try:
                 cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device, capacity)
@@ -125,7 +123,7 @@ class ModelPrefixCache:
                 log.warning("cached state did not fit (%s); discarding it and recomputing", exc)
                 self._discard_suspects(core, match)
                 return Restored(new_cache(self._config, capacity), 0, lookup_s=looked_up - started)
-            logits = match.partial.payload.logits.to(device) if match.use_logits else None
+            logits = match.payload_of(match.partial).logits.to(device) if match.use_logits else None
         finally:
             core.release(match)
         return Restored(cache, match.num_tokens, logits, dict(match.tokens_by_tier), looked_up - started, time.perf_counter() - looked_up)
