@@ -126,6 +126,8 @@ class ModelPrefixCache:
             logits = match.payload_of(match.partial).logits.to(device) if match.use_logits else None
         finally:
             core.release(match)
+        if device.type == "cuda":  # the copies run behind the CPU: wait, so restore_s is their true time
+            torch.cuda.synchronize(device)
         return Restored(cache, match.num_tokens, logits, dict(match.tokens_by_tier), looked_up - started, time.perf_counter() - looked_up)
 
     def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:

@@ -88,6 +88,8 @@ class RequestRunner:
             with self.prefix_cache.computing():
                 logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts, hook,
                                  is_cancelled)  # fmt: skip
+        if self.loaded.device.type == "cuda":  # kernels run behind the CPU: wait, so prefill_s is the true time
+            torch.cuda.synchronize(self.loaded.device)  # (free: sampling the first token waits for them anyway)
         timings.prefill_s = time.perf_counter() - started
         timings.num_prefill_tokens = len(prompt) - restored.num_tokens
         self.prefix_cache.record_prefill(timings.num_prefill_tokens, timings.prefill_s)

@@ -33,6 +33,21 @@ def layout_string(layout: ModelLayout) -> str:
     return f"v{LAYOUT_VERSION}:{kinds}"
 
 
+def _on_host(payload: StatePayload) -> dict[str, torch.Tensor]:
+    """The payload's tensors in host memory. A CUDA copy runs on a side stream: on the default stream it would
+    queue between the next request's kernels and hold them up for the whole transfer."""
+    device = payload.device
+    if device is None or device.type == "cpu":
+        return payload.tensors
+    if device.type != "cuda":
+        return payload.to(torch.device("cpu")).tensors
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))  # the capture that filled the payload has run
+    with torch.cuda.stream(side):
+        moved = payload.to(torch.device("cpu"))  # synchronous: done when this returns
+    return moved.tensors
+
+
 class TorchCodec:
     def __init__(self, layout: str, device: torch.device | str = "cpu") -> None:
         self.layout = layout
@@ -49,11 +64,12 @@ class TorchCodec:
         return specs
 
     def tensor_bytes(self, payload: object, specs: Sequence[TensorSpec]) -> list[memoryview]:
-        # Runs on the writer thread: .cpu() copies device tensors once; CPU tensors are viewed as they are.
+        # Runs on the writer thread: a GPU payload comes to host memory in one copy (packed, kv/flat.py);
+        # CPU tensors are viewed as they are.
+        tensors = _on_host(payload)
         views = []
         for spec in specs:
-            tensor = payload.tensors[spec.name].detach()
-            tensor = tensor.to("cpu").contiguous().reshape(-1)
+            tensor = tensors[spec.name].detach().contiguous().reshape(-1)
             views.append(memoryview(tensor.view(torch.uint8).numpy()))
         return views
 
