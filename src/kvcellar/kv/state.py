@@ -108,7 +108,9 @@ def _on(device: torch.device, payload: StatePayload) -> StatePayload:
     return payload.to(device)  # one copy of the packed buffer
 
 
-def _fill_growing_layers(cache: DynamicCache, payloads: Sequence[StatePayload], lengths: Sequence[int], device: torch.device) -> None:
+def _fill_growing_layers(
+    cache: DynamicCache, payloads: Sequence[StatePayload], lengths: Sequence[int], device: torch.device
+) -> None:
     """Append each payload's K/V to the full-attention layers, payload after payload.
 
     Payload-major so that a payload held elsewhere (pinned host RAM, a mapped
