@@ -117,10 +117,10 @@ def _fingerprint(path: Path) -> str:
 
 
 def _load_weights(folder: Path, torch_dtype: torch.dtype, torch_device: torch.device) -> torch.nn.Module:
-    """The model, on CUDA with `kvcellar_sdpa` attention (engine/attention.py) where the class takes it."""
+    """The model, with `kvcellar_sdpa` attention (engine/attention.py) on CUDA and CPU where the class takes it."""
     from transformers import AutoModelForCausalLM
 
-    if torch_device.type == "cuda":
+    if torch_device.type in ("cuda", "cpu"):
         try:
             return AutoModelForCausalLM.from_pretrained(
                 folder, dtype=torch_dtype, local_files_only=True, attn_implementation=attention.register()
