@@ -1,7 +1,7 @@
 """Prefix-cache benchmark: time to first token cold vs. cached, chunking overhead, peak memory.
 
 Run:  PYTHONPATH=src .venv/bin/python bench/prefix_cache.py [--model DIR] [--lengths 2048,8192] \
-          [--block-size 256] [--out bench-out/prefix_cache.json]
+          [--block-size 512] [--out bench-out/prefix_cache.json]
 
 Without --model it builds (once) the random-weight Qwen3-0.6B-shape folder
 `<$KVCELLAR_HOME or ~/.cache/kvcellar>/models/bench-qwen3-0.6b`. Prompts are seeded
@@ -11,9 +11,9 @@ first sends a warm-up request of L other tokens (a process's first long request 
 one-time allocator and page-fault costs; its TTFT is reported as "process's first request"),
 and the unchunked forward below also follows a warm-up forward of other tokens.
 
-- cold: engine with `CacheConfig(enabled=False)` sends prompt P (block-aligned chunked
-  prefill, the engine's normal path). Then on the bare model: one unchunked forward
-  of P (chunking overhead = chunked prefill_s / unchunked - 1), and 64 new tokens on
+- cold: engine with `CacheConfig(enabled=False)` sends 2 other prompts and P (block-aligned chunked
+  prefill, the engine's normal path). Then on the bare model: unchunked forwards of the
+  same 3 prompts (chunking overhead = median chunked prefill_s / median unchunked - 1), and 64 new tokens on
   top of that L-token KV, 3 times (the floor for a multi-turn extension).
 - exact / nonexact: engine with the cache on (exact=True / False, 8 GiB device tier)
   sends P (insert: cold + capture), P again 3 times (exact-repeat hit: TTFT and its
@@ -104,18 +104,25 @@ def request(engine, ids: list[int]) -> dict:
             "peak_mib": rss_mib(peak=True), "loadavg_1m": os.getloadavg()[0], **usage_since(start)}
 
 
-def bare_forwards(m, prompt: list[int], news: list[list[int]], warmup: list[int]) -> dict:
-    """One unchunked forward of the prompt (after one of `warmup`), then each of `news` on top of its KV (the floor)."""
+def bare_forwards(m, prompt: list[int], news: list[list[int]], warmup: list[int], extra_prompts: list[list[int]]) -> dict:
+    """Unchunked forwards of `extra_prompts` and the prompt (after one of `warmup`; median = unchunked_s),
+    then each of `news` on top of the prompt's KV (the floor)."""
     import torch
     from transformers import DynamicCache
 
     with torch.inference_mode():
         m(input_ids=torch.tensor([warmup]), past_key_values=DynamicCache(config=m.config), use_cache=True, logits_to_keep=1)
+        out = {"unchunked_runs_s": [], "extend_floor_s": []}
+        for others in extra_prompts:  # more samples of the one-pass time (its noise is ~10% here)
+            started = time.perf_counter()
+            m(input_ids=torch.tensor([others]), past_key_values=DynamicCache(config=m.config), use_cache=True, logits_to_keep=1)
+            out["unchunked_runs_s"].append(time.perf_counter() - started)
         cache, start = DynamicCache(config=m.config), counters()
         m(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        out = {"unchunked_s": time.perf_counter() - start[2], "extend_floor_s": []}
+        out["unchunked_runs_s"].append(time.perf_counter() - start[2])
         out.update({f"unchunked_{k}": v for k, v in usage_since(start).items()})
-        log(f"  L={len(prompt)} unchunked forward {out['unchunked_s']:.2f} s, CPU use {out['unchunked_cpu_util']:.2f}")
+        out["unchunked_s"] = statistics.median(out["unchunked_runs_s"])
+        log(f"  L={len(prompt)} unchunked forward {out['unchunked_runs_s']} s, CPU use {out['unchunked_cpu_util']:.2f}")
         for new in news:
             started = time.perf_counter()
             m(input_ids=torch.tensor([new]), past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -141,6 +148,7 @@ def phase(name: str, model: str, length: int, block_size: int) -> dict:
         tensor.detach().reshape(-1).view(torch.uint8).numpy()[::4096].sum()
     hi = min(8000, m.get_input_embeddings().num_embeddings)
     prompt, news = make_ids(length, length, hi), [make_ids(NEW_TOKENS, 1000 + i, hi) for i in range(REPEATS)]
+    extra = [make_ids(length, 11 * length + i, hi) for i in range(REPEATS - 1)]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * engine.loaded.dtype.itemsize
     out = {"phase": name, "length": length, "kv_bytes_per_token": kv_per_token,
@@ -151,13 +159,15 @@ def phase(name: str, model: str, length: int, block_size: int) -> dict:
     log(f"  L={length} {name}: model loaded, RSS {out['rss_load_mib']:.0f} MiB; warm-up request (other tokens)")
     out["warmup"] = request(engine, make_ids(length, 7 * length + 1, hi))
     log(f"  L={length} {name}: warm-up TTFT {out['warmup']['ttft_s']:.2f} s; measured request (cold)")
+    if name == "cold":  # more cold samples, other tokens: the median is the cold prefill time
+        out["extra_cold"] = [request(engine, ids) for ids in extra]
     out["first"] = first = request(engine, prompt)
     shared = " (cores shared? timings suspect)" if first["cpu_util"] < 1.4 else ""
     log(f"  L={length} {name}: first request TTFT {first['ttft_s']:.2f} s, CPU use {first['cpu_util']:.2f} of {THREADS}"
         f"{shared}, load {first['loadavg_1m']:.1f}, {first['minor_faults']} minor faults")
     if name == "cold":
         engine.close()  # an unclosed engine can abort the process at exit (see bench/README.md)
-        return out | bare_forwards(m, prompt, news, make_ids(length, 7 * length + 2, hi))
+        return out | bare_forwards(m, prompt, news, make_ids(length, 7 * length + 2, hi), extra)
     out["cache_bytes"], out["rss_before_hit_mib"] = cache_bytes(engine), rss_mib()
     out["hits"] = [request(engine, prompt)]
     malloc_trim()
@@ -210,9 +220,11 @@ def hardware() -> dict:
 
 
 def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
-    chunked, floor = cold["first"]["prefill_s"], statistics.median(cold["extend_floor_s"])
+    chunked = statistics.median([r["prefill_s"] for r in (*cold.get("extra_cold", []), cold["first"])])
+    floor = statistics.median(cold["extend_floor_s"])
     tok_s = length / chunked
-    s = {"cold_ttft_s": cold["first"]["ttft_s"], "cold_prefill_s": chunked, "cold_tok_s": tok_s,
+    s = {"cold_ttft_s": statistics.median([r["ttft_s"] for r in (*cold.get("extra_cold", []), cold["first"])]),
+         "cold_prefill_s": chunked, "cold_tok_s": tok_s,
          "process_first_ttft_s": cold["warmup"]["ttft_s"],
          "unchunked_s": cold["unchunked_s"], "chunking_overhead": chunked / cold["unchunked_s"] - 1,
          "extend_floor_s": floor, "anchor": ANCHORS.get(length, {}), "cold_peak_mib": cold["first"]["peak_mib"],
@@ -287,7 +299,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model folder (default: build/reuse the Qwen3-0.6B-shape bench model)")
     p.add_argument("--lengths", default="2048,8192", help="comma-separated prompt lengths in tokens")
-    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=512)  # the engine's CPU default
     p.add_argument("--out", default="bench-out/prefix_cache.json")
     p.add_argument("--phase", choices=("cold", "exact", "nonexact"), help=argparse.SUPPRESS)
     p.add_argument("--phase-out", help=argparse.SUPPRESS)

@@ -62,7 +62,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default=_env("dtype", "auto"), help="auto, bf16, fp16, fp32")
     block = _env("block_size", None)
     group.add_argument("--block-size", type=int, default=int(block) if block else None,
-                       help="cache block = prefill chunk, in tokens (default: 256 on CPU, 2048 on CUDA)")
+                       help="cache block = prefill chunk, in tokens (default: 512 on CPU, 2048 on CUDA)")
     group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch")
     group.add_argument("--device-cache-size", default=_env("device_cache_size", "2G"), help="byte budget of the in-memory tier, e.g. 512M, 4G")
     group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", 16)), help="prompt tails kept (0 disables)")
@@ -175,8 +175,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from kvcellar.bench import (DEFAULT_LENGTHS, FULL_SIZES, QUICK_LENGTHS, QUICK_SIZES, BenchConfig, bench_model_dir,
-                                parse_lengths, run_bench)  # fmt: skip
+    from kvcellar.bench import (FULL_SIZES, QUICK_SIZES, BenchConfig, bench_model_dir, default_lengths, parse_lengths,
+                                run_bench)  # fmt: skip
 
     if args.no_cache:
         raise ValueError("kvcellar bench runs the no-cache baseline itself: drop --no-cache")
@@ -185,9 +185,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     sizes = replace(sizes, repeats=args.repeats) if args.repeats else sizes
     names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip()) if text else None  # noqa: E731
+    engine = None if args.url else _engine_config(args)
+    block = engine.block_size if engine is not None else (args.block_size or 256)
     run_bench(BenchConfig(
-        out_dir=args.out, engine=None if args.url else _engine_config(args), url=args.url, api_key=args.api_key,
-        lengths=parse_lengths(args.lengths) if args.lengths else (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS),
+        out_dir=args.out, engine=engine, url=args.url, api_key=args.api_key,
+        lengths=parse_lengths(args.lengths) if args.lengths else default_lengths(block, args.quick),
         sizes=sizes, modes=names(args.modes), scenarios=names(args.scenarios), max_tokens=args.max_tokens,
         seed=args.seed, max_token_id=args.max_token_id, server_block_size=args.block_size or 256,
         cache_dir=getattr(args, "cache_dir", None), keep_cache=args.keep_cache, isolate=not args.same_process,

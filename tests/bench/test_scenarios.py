@@ -72,3 +72,12 @@ def test_labels_lengths_and_validation(tmp_path):
         BenchConfig(out_dir=str(tmp_path))
     with pytest.raises(ValueError, match="cannot read"):
         parse_lengths("2x")
+
+
+def test_default_lengths_keep_two_blocks_per_prompt():
+    from kvcellar.bench import default_lengths
+
+    assert default_lengths(512, quick=True) == (1024, 2048)  # the CPU default block
+    assert default_lengths(512, quick=False) == (2048, 8192)
+    assert default_lengths(2048, quick=False) == (8192, 32768)  # the CUDA default block
+    assert default_lengths(2048, quick=True) == (4096, 8192)  # none of the quick ones holds two blocks

@@ -19,11 +19,12 @@ from kvcellar.bench.config import (
     QUICK_SIZES,
     BenchConfig,
     WorkloadSizes,
+    default_lengths,
     parse_lengths,
 )
 from kvcellar.bench.runner import bench_model_dir, plan_modes, run_bench
 
 __all__ = [
     "DEFAULT_LENGTHS", "FULL_SIZES", "QUICK_LENGTHS", "QUICK_SIZES", "BenchConfig", "WorkloadSizes",
-    "bench_model_dir", "parse_lengths", "plan_modes", "run_bench",
+    "bench_model_dir", "default_lengths", "parse_lengths", "plan_modes", "run_bench",
 ]  # fmt: skip

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from kvcellar.config import CacheConfig, EngineConfig
 
 DEFAULT_LENGTHS = (2048, 8192)
-QUICK_LENGTHS = (512, 2048)
+LONG_BLOCK_LENGTHS = (8192, 32768)  # blocks of 2048 or more (the CUDA default): 2K would be one block
+QUICK_LENGTHS = (1024, 2048)
 # The 0.6b model's tokenizer has 8192 ids; llama.cpp's anchor runs used ids in [100, 8000) too.
 DEFAULT_MAX_TOKEN_ID = 8000
 
@@ -110,6 +111,12 @@ class BenchConfig:
             if data.get(name) is not None:
                 data[name] = tuple(data[name])
         return cls(**data)
+
+
+def default_lengths(block_size: int, quick: bool) -> tuple[int, ...]:
+    """Prompt lengths when none are given: each at least two blocks (the nearest-prefix scenario needs it)."""
+    base = QUICK_LENGTHS if quick else LONG_BLOCK_LENGTHS if block_size >= 2048 else DEFAULT_LENGTHS
+    return tuple(n for n in base if n >= 2 * block_size) or (2 * block_size, 4 * block_size)
 
 
 def parse_lengths(text: str) -> tuple[int, ...]:
