@@ -1,7 +1,7 @@
 """Prefix-cache benchmark: time to first token cold vs. cached, chunking overhead, peak memory.
 
 Run:  PYTHONPATH=src .venv/bin/python bench/prefix_cache.py [--model DIR] [--lengths 2048,8192] \
-          [--block-size 512] [--out bench-out/prefix_cache.json]
+          [--block-size 256] [--out bench-out/prefix_cache.json]
 
 Without --model it builds (once) the random-weight Qwen3-0.6B-shape folder
 `<$KVCELLAR_HOME or ~/.cache/kvcellar>/models/bench-qwen3-0.6b`. Prompts are seeded
@@ -299,7 +299,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="model folder (default: build/reuse the Qwen3-0.6B-shape bench model)")
     p.add_argument("--lengths", default="2048,8192", help="comma-separated prompt lengths in tokens")
-    p.add_argument("--block-size", type=int, default=512)  # the engine's CPU default
+    p.add_argument("--block-size", type=int, default=256)  # the engine's CPU default
     p.add_argument("--out", default="bench-out/prefix_cache.json")
     p.add_argument("--phase", choices=("cold", "exact", "nonexact"), help=argparse.SUPPRESS)
     p.add_argument("--phase-out", help=argparse.SUPPRESS)

@@ -62,7 +62,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default=_env("dtype", "auto"), help="auto, bf16, fp16, fp32")
     block = _env("block_size", None)
     group.add_argument("--block-size", type=int, default=int(block) if block else None,
-                       help="cache block = prefill chunk, in tokens (default: 512 on CPU, 2048 on CUDA)")
+                       help="cache block = prefill chunk, in tokens (default: 256 on CPU, 2048 on CUDA)")
     group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch")
     group.add_argument("--device-cache-size", default=_env("device_cache_size", "2G"), help="byte budget of the in-memory tier, e.g. 512M, 4G")
     group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", 16)), help="prompt tails kept (0 disables)")

@@ -42,13 +42,13 @@ def format_size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-# Default block (= prefill chunk) per device, by measurement (docs/benchmarks.md). A CPU chunk streams
-# every weight from memory once more and attends in small query tiles: on a 2-core Xeon (0.6B shape)
-# 256-token chunks made a cold 8K prefill ~30% slower than one pass, 512 about as fast (within the
-# ~10% run-to-run noise), 1024 no faster; smaller blocks reuse more of a chat in exact mode. A GPU
-# spends ~25 ms of launches per forward on a 0.6B model and wants long kernels: 2048 is within 5% of
-# 4096 for an 8B shape at 32K.
-DEFAULT_BLOCK_SIZE = {"cpu": 512, "mps": 512, "cuda": 2048}
+# Default block (= prefill chunk) per device, by measurement (docs/benchmarks.md). On a 2-core Xeon
+# (0.6B shape) 512- or 1024-token chunks prefill an 8K prompt about as fast as one pass and 256 ~1.3x
+# slower, but in exact mode a chat reuses only whole blocks: with 512, a 448-token chat prompt (the
+# quick bench's) reuses nothing and its turns ran 0.6x the speed of no cache. Chat comes first on a
+# CPU, so 256. A GPU spends ~25 ms of launches per forward on a 0.6B model and wants long kernels:
+# 2048 is within 5% of 4096 for an 8B shape at 32K.
+DEFAULT_BLOCK_SIZE = {"cpu": 256, "mps": 256, "cuda": 2048}
 
 
 def default_block_size(device: str) -> int:

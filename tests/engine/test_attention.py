@@ -40,3 +40,13 @@ def test_chunked_prefill_with_it_matches_transformers_sdpa(tiny_fp32_dirs, arch,
         logits[name] = torch.cat(outputs, dim=1)
     assert biases[:4] == [(8, 16), (8, 24), (8, 32), (5, 37)]  # every chunk after the first took the bias path
     torch.testing.assert_close(logits[attention.NAME], logits["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpu_split_equals_one_masked_pass() -> None:
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 4, 5, 8, generator=generator)  # 5 new queries, 4 heads
+    key, value = torch.randn(1, 2, 12, 8, generator=generator), torch.randn(1, 2, 12, 8, generator=generator)  # 7 cached
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=causal_lower_right(5, 12)._materialize(), enable_gqa=True
+    )
+    torch.testing.assert_close(attention._split_causal_cpu(query, key, value, None), expected, rtol=1e-5, atol=1e-6)

@@ -49,28 +49,29 @@ def _mask(**kwargs: object) -> object:
     return sdpa_mask(**kwargs)
 
 
+# Below this many cached keys one masked pass is as fast (measured, 256 queries, 2 threads).
+SPLIT_FROM_CACHED_KEYS = 1024
+
+
 def _split_causal_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Bottom-right causal attention as two unmasked flash passes, merged by their log-sum-exps.
 
     The chunk's queries see all cached keys (no mask) and their own keys causally (a square: plain
     is_causal). torch's CPU flash kernel runs both without a mask tensor and takes grouped K/V heads as
-    they are; for 256 queries on 8K keys (16 heads, 8 K/V heads, bf16, 2 threads) that measured 24.5 ms
-    against 33.1 ms for the masked call.
+    they are. Merged with one `lerp` (the weight of the second part is sigmoid(lse2 - lse1)). For 256
+    queries (16 heads, 8 K/V heads, bf16, 2 threads): 18.5 vs 29.7 ms on 8K keys, 5.1 vs 7.6 ms on 2K.
     """
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     past = key.shape[2] - query.shape[2]
     seen, seen_lse = flash(query, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scale)
     own, own_lse = flash(query, key[:, :, past:], value[:, :, past:], 0.0, True, scale=scale)
-    top = torch.maximum(seen_lse, own_lse)
-    seen_weight, own_weight = torch.exp(seen_lse - top).unsqueeze(-1), torch.exp(own_lse - top).unsqueeze(-1)
-    merged = (seen.float() * seen_weight + own.float() * own_weight) / (seen_weight + own_weight)
-    return merged.to(query.dtype)
+    return torch.lerp(seen, own, torch.sigmoid(own_lse - seen_lse).unsqueeze(-1).to(seen.dtype))
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     if not isinstance(attention_mask, CausalBias):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if query.device.type == "cpu" and dropout == 0.0:
+    if query.device.type == "cpu" and dropout == 0.0 and key.shape[2] - query.shape[2] >= SPLIT_FROM_CACHED_KEYS:
         output = _split_causal_cpu(query, key, value, scaling)
     else:
         groups = getattr(module, "num_key_value_groups", 1)

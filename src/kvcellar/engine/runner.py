@@ -77,15 +77,16 @@ class RequestRunner:
         timings = timings if timings is not None else Timings()
         prompt = list(request.prompt_ids)
         capacity = min(len(prompt) + request.params.max_tokens, self.loaded.context_length)
-        restored = self.prefix_cache.restore(prompt, request.cache_salt, capacity)
-        timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
-        started = time.perf_counter()
-        logits = restored.logits
-        if logits is None:
-            ids = torch.tensor(prompt, dtype=torch.long, device=self.loaded.device)
-            hook = self.prefix_cache.capture_prompt_hook(prompt, request.segments, restored.cache, request.cache_salt)
-            cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
-            with self.prefix_cache.computing():
+        # Background disk writes step aside until the first token: restore and prefill are what TTFT is made of.
+        with self.prefix_cache.computing():
+            restored = self.prefix_cache.restore(prompt, request.cache_salt, capacity)
+            timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
+            started = time.perf_counter()
+            logits = restored.logits
+            if logits is None:
+                ids = torch.tensor(prompt, dtype=torch.long, device=self.loaded.device)
+                hook = self.prefix_cache.capture_prompt_hook(prompt, request.segments, restored.cache, request.cache_salt)
+                cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
                 logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts, hook,
                                  is_cancelled)  # fmt: skip
         if self.loaded.device.type == "cuda":  # kernels run behind the CPU: wait, so prefill_s is the true time
