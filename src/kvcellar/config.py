@@ -43,7 +43,7 @@ def format_size(num_bytes: int) -> str:
 
 
 # Default block (= prefill chunk) per device, by measurement (docs/benchmarks.md). On a 2-core Xeon
-# (0.6B shape) 512- or 1024-token chunks prefill an 8K prompt about as fast as one pass and 256 ~1.3x
+# (0.6B shape) 512- or 1024-token chunks prefill an 8K prompt about as fast as one pass and 256 ~1.2x
 # slower, but in exact mode a chat reuses only whole blocks: with 512, a 448-token chat prompt (the
 # quick bench's) reuses nothing and its turns ran 0.6x the speed of no cache. Chat comes first on a
 # CPU, so 256. A GPU spends ~25 ms of launches per forward on a 0.6B model and wants long kernels:
