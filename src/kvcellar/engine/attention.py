@@ -13,7 +13,7 @@ plain causal mask (no padding, no sliding window, no custom overlay) with a
 cached prefix, the mask function returns torch's `causal_lower_right` bias
 instead of a tensor, and the attention function hands it to SDPA, which runs
 the flash kernel with bottom-right causality (on CPU, where SDPA would
-materialize that mask, it runs two unmasked flash passes instead:
+materialize that mask, it runs two unmasked flash passes instead once 1K keys are cached:
 `_split_causal_cpu`). Every other case (sliding windows, padding, decode
 steps) goes through transformers' own code unchanged. Cold and cached
 prefills take the same path, so exact mode stays bit-identical.
