@@ -58,14 +58,39 @@ def test_a_long_prefill_does_not_starve_the_writer(monkeypatch):
     queue.close(5.0)
 
 
-def test_a_nearly_full_queue_is_written_during_a_prefill():
+def test_a_full_queue_is_written_during_a_prefill():
     handler = RecordingHandler()
     queue = WriteQueue(handler, max_entries=4, max_bytes=100)
     queue.defer(True)
-    for job in ("c", "d", "e"):  # 3 of 4 entries: at the high-water mark, waiting could drop writes
+    for job in ("c", "d", "e", "f"):  # 4 of 4 entries: waiting longer would drop the next writes
         _queue_one(queue, job)
     queue.start()
     assert handler.wrote.wait(2.0)
+    assert queue.flush(2.0) and handler.written == ["c", "d", "e", "f"]
+
+
+def test_a_queue_with_room_waits_for_the_prefill():
+    handler = RecordingHandler()
+    queue = WriteQueue(handler, max_entries=4, max_bytes=100)
+    queue.defer(True)
+    for job in ("c", "d", "e"):  # 3 of 4: room left, so the prefill keeps the cores
+        _queue_one(queue, job)
+    queue.start()
+    assert not handler.wrote.wait(0.3)
+    queue.defer(False)
     assert queue.flush(2.0) and handler.written == ["c", "d", "e"]
+    queue.defer(False)
+    queue.close(5.0)
+
+
+def test_a_write_refused_for_room_lets_the_queue_drain_during_a_prefill():
+    handler = RecordingHandler()
+    queue = WriteQueue(handler, max_entries=10, max_bytes=100)
+    queue.defer(True)
+    _queue_one(queue, "c")  # 1 of 10 entries: room by count ...
+    queue.start()
+    assert not handler.wrote.wait(0.3)
+    assert not queue.try_reserve(95)  # ... but not by bytes: this write is dropped
+    assert handler.wrote.wait(2.0)  # so the queue drains now rather than drop the next ones too
     queue.defer(False)
     queue.close(5.0)

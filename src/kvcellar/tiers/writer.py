@@ -14,8 +14,9 @@ Ordering invariants (one thread does all file work, so they are simple):
 - when idle, and on flush, the handler persists recency (last-used clocks).
 Pacing: while the model computes (`defer(True)`), the handler waits before
 each file (`wait_turn`) until the model is idle, unless the backlog is
-urgent: the oldest write in the batch is MAX_DEFER_S old, the queue holds
-HIGH_WATER of its entries or bytes, or a flush/close waits. Deletions and
+urgent: the oldest write in the batch is MAX_DEFER_S old, the queue is full
+(HIGH_WATER of its entries or bytes, or it has just refused a write for room),
+or a flush/close waits. Deletions and
 recency syncs are never held back (cheap, and deletions keep the budget).
 Requests never wait on this thread: `put` only appends; a full queue is a
 refusal at reservation time, which the tier counts as a drop.
@@ -48,9 +49,9 @@ class WriteHandler(Protocol):
 # prefill ~60 ms, about five times the writer's own CPU time (mostly the page-cache copy and its
 # writeback: the same work without the data written cost nothing). So writes wait for the model to be
 # idle, within these bounds: the oldest queued write waits at most MAX_DEFER_S, and nothing waits once
-# the queue holds HIGH_WATER of its entries or bytes (a full queue would drop writes).
+# the queue holds HIGH_WATER of its entries or bytes or has just refused one (a full queue drops writes).
 MAX_DEFER_S = 30.0
-HIGH_WATER = 0.75
+HIGH_WATER = 1.0
 
 
 class WriteQueue:
@@ -73,6 +74,7 @@ class WriteQueue:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._model_busy = False  # set by defer(); guarded by _cond like the rest
+        self._out_of_room = False  # a reservation was refused since the queue last emptied
 
     def defer(self, active: bool) -> None:
         """While `active` (a prefill runs), hold file writes back; requests never wait on this."""
@@ -90,6 +92,8 @@ class WriteQueue:
     def try_reserve(self, num_bytes: int) -> bool:
         with self._cond:
             if self._num_reserved + 1 > self.max_entries or self._reserved_bytes + num_bytes > self.max_bytes:
+                self._out_of_room = True  # a write was just dropped: from now on writes may not wait
+                self._cond.notify_all()
                 return False
             self._num_reserved += 1
             self._reserved_bytes += num_bytes
@@ -166,10 +170,13 @@ class WriteQueue:
         return deletes, batch, sync_to
 
     def _urgent(self) -> bool:
-        """Under the lock: writes may not wait (flush or close waiting, or the queue nearly full)."""
+        """Under the lock: writes may not wait (flush or close waiting, or the queue full: writes being dropped)."""
+        if self._num_reserved == 0:  # everything reserved has been written: room again
+            self._out_of_room = False
         return (
             self._stopping
             or self._sync_done < self._sync_asked
+            or self._out_of_room
             or self._num_reserved >= HIGH_WATER * self.max_entries
             or self._reserved_bytes >= HIGH_WATER * self.max_bytes
         )
