@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from kvcellar.kv.growing_layer import GrowingLayer, KvArena
+from kvcellar.kv.growing_layer import GrowingLayer
 
 
 def test_appends_match_dynamic_layer_and_grow_past_capacity():
@@ -28,36 +28,3 @@ def test_history_is_written_in_place():
     layer.update(torch.zeros(1, 1, 8, 4), torch.zeros(1, 1, 8, 4))
     assert layer._key_buffer is buffer  # no reallocation within capacity
     assert layer.keys.data_ptr() == buffer.data_ptr()
-
-
-def _layers_from(arena: KvArena, capacity: int, count: int = 2) -> list[GrowingLayer]:
-    arena.begin(2 * count)
-    layers = [GrowingLayer(capacity, arena) for _ in range(count)]
-    for index, layer in enumerate(layers):
-        layer.update(torch.full((1, 2, 3, 4), float(index)), torch.full((1, 2, 3, 4), -float(index)))
-    return layers
-
-
-def test_an_arena_lends_one_storage_and_the_next_request_reuses_it():
-    arena = KvArena()
-    first = _layers_from(arena, capacity=8)
-    storage = arena._storage
-    assert arena.num_bytes == 4 * 1 * 2 * 8 * 4 * 4  # 2 layers x K,V of [1, 2, 8, 4] float32, 64-byte aligned
-    assert [layer.keys[0, 0, 0, 0].item() for layer in first] == [0.0, 1.0]
-    assert [layer.values[0, 0, 0, 0].item() for layer in first] == [-0.0, -1.0]  # K and V never overlap
-    _layers_from(arena, capacity=6)  # needs 3/4 of it: reused, no new memory
-    assert arena._storage is storage
-    _layers_from(arena, capacity=20)  # more than held: replaced
-    assert arena._storage is not storage and arena.num_bytes == 4 * 1 * 2 * 20 * 4 * 4
-    _layers_from(arena, capacity=4)  # under half of what is held: given back, a smaller one taken
-    assert arena.num_bytes == 4 * 1 * 2 * 4 * 4 * 4
-
-
-def test_a_layer_unlike_the_first_gets_its_own_buffer():
-    arena = KvArena()
-    arena.begin(4)
-    small, large = GrowingLayer(4, arena), GrowingLayer(16, arena)
-    small.update(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4))
-    large.update(torch.zeros(1, 1, 16, 4), torch.zeros(1, 1, 16, 4))
-    assert small.keys.sum().item() == 8.0 and large.keys.sum().item() == 0.0
-    assert large._key_buffer.untyped_storage().data_ptr() != arena._storage.untyped_storage().data_ptr()

@@ -23,7 +23,7 @@ from kvcellar.cache import Match, Priority, PrefixCache, hash_block, hash_blocks
 from kvcellar.cache.cost_model import CostModel
 from kvcellar.engine.request import PromptSegments
 from kvcellar.kv import ModelLayout, build_cache, capture_entry
-from kvcellar.kv.growing_layer import KvArena, new_cache
+from kvcellar.kv.growing_layer import new_cache
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,9 @@ class DisabledPrefixCache:
 
     def __init__(self, config: object) -> None:
         self._config = config
-        self._arena = KvArena()  # the request K/V storage, reused request after request
 
     def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0) -> Restored:
-        return Restored(new_cache(self._config, capacity, self._arena), 0)
+        return Restored(new_cache(self._config, capacity), 0)
 
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
         return []
@@ -104,9 +103,6 @@ class ModelPrefixCache:
         self._layout = layout
         self.block_size = block_size
         self.exact = exact
-        # The request K/V storage, reused request after request: restore() is called once per request, on
-        # the worker thread, after the previous request's cache is done with (kv/growing_layer.py).
-        self._arena = KvArena()
 
     # -- restore ---------------------------------------------------------------------------------
     def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0) -> Restored:
@@ -121,12 +117,12 @@ class ModelPrefixCache:
             payloads = [match.payload_of(entry) for entry in match.entries]
             device = self._device
             try:
-                cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device, capacity, self._arena)
+                cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device, capacity)
             except (KeyError, ValueError, RuntimeError) as exc:
                 # A payload that does not fit this model is a mismatch: evict exactly it and run cold.
                 log.warning("cached state did not fit (%s); discarding it and recomputing", exc)
                 self._discard_suspects(core, match)
-                return Restored(new_cache(self._config, capacity, self._arena), 0, lookup_s=looked_up - started)
+                return Restored(new_cache(self._config, capacity), 0, lookup_s=looked_up - started)
             logits = match.payload_of(match.partial).logits.to(device) if match.use_logits else None
         finally:
             core.release(match)

@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from kvcellar.kv import flat as flat_buffers
-from kvcellar.kv.growing_layer import GrowingLayer, KvArena, new_cache
+from kvcellar.kv.growing_layer import GrowingLayer, new_cache
 from kvcellar.kv.layout import ModelLayout
 
 
@@ -138,7 +138,6 @@ def build_cache(
     num_tokens: int,
     device: torch.device,
     capacity: int = 0,
-    arena: KvArena | None = None,
 ) -> DynamicCache:
     """A fresh DynamicCache standing at position `num_tokens`, from payloads covering [0, >= num_tokens).
 
@@ -153,7 +152,7 @@ def build_cache(
         raise ValueError(f"payloads cover {sum(lengths)} tokens, cannot restore position {num_tokens}")
     if excess:
         lengths[-1] -= excess
-    cache = new_cache(config, max(capacity, num_tokens), arena)
+    cache = new_cache(config, max(capacity, num_tokens))
     if num_tokens == 0:
         return cache
     state_source = next(p for p, used in zip(reversed(payloads), reversed(lengths)) if used > 0)
