@@ -191,7 +191,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         out_dir=args.out, engine=engine, url=args.url, api_key=args.api_key,
         lengths=parse_lengths(args.lengths) if args.lengths else default_lengths(block, args.quick),
         sizes=sizes, modes=names(args.modes), scenarios=names(args.scenarios), max_tokens=args.max_tokens,
-        seed=args.seed, max_token_id=args.max_token_id, server_block_size=args.block_size or 256,
+        seed=args.seed, max_token_id=args.max_token_id, server_block_size=block,
         cache_dir=getattr(args, "cache_dir", None), keep_cache=args.keep_cache, isolate=not args.same_process,
         quick=args.quick, command="kvcellar " + " ".join(sys.argv[1:]),
     ))  # fmt: skip

@@ -44,6 +44,11 @@ class StatePayload:
     def device(self) -> torch.device | None:
         return self.flat.device if self.flat is not None else next((t.device for t in self.tensors.values()), None)
 
+    def is_on(self, device: torch.device) -> bool:
+        """Whether the tensors already live on `device` (a device without an index matches any index)."""
+        here = self.device
+        return here is None or (here.type == device.type and (device.index is None or here.index == device.index))
+
     def to(self, device: torch.device, pin_memory: bool = False) -> StatePayload:
         """A packed copy on `device` (pinned host memory if asked): one copy when already packed."""
         if self.flat is not None:
@@ -101,13 +106,6 @@ def _kv_pieces(payloads: Sequence[StatePayload], name: str, lengths: Sequence[in
     return pieces
 
 
-def _on(device: torch.device, payload: StatePayload) -> StatePayload:
-    here = payload.device
-    if here is None or (here.type == device.type and (device.index is None or here.index == device.index)):
-        return payload
-    return payload.to(device)  # one copy of the packed buffer
-
-
 def _fill_growing_layers(
     cache: DynamicCache, payloads: Sequence[StatePayload], lengths: Sequence[int], device: torch.device
 ) -> None:
@@ -121,7 +119,7 @@ def _fill_growing_layers(
     for payload, used in zip(payloads, lengths):
         if used == 0 or not growing:
             continue
-        local = _on(device, payload)
+        local = payload if payload.is_on(device) else payload.to(device)  # one copy of the packed buffer
         for index in growing:
             keys = local.tensors[f"{index}.keys"][:, :, :used]
             values = local.tensors[f"{index}.values"][:, :, :used]

@@ -29,7 +29,7 @@ def payload_mover(device: torch.device | str) -> Callable[[object], object]:
     def adopt(payload: object) -> object:
         if not isinstance(payload, StatePayload):
             return payload
-        if all(tensor.device == target for tensor in payload.tensors.values()):
+        if payload.is_on(target):
             return payload
         return payload.to(target, pin_memory=pin)  # one copy of the packed buffer
 

@@ -15,8 +15,8 @@ Ordering invariants (one thread does all file work, so they are simple):
 Pacing: while the model computes (`defer(True)`), the handler waits before
 each file (`wait_turn`) until the model is idle, unless the backlog is
 urgent: the oldest write in the batch is MAX_DEFER_S old, the queue is full
-(HIGH_WATER of its entries or bytes, or it has just refused a write for room),
-or a flush/close waits. Deletions and
+(all its entries or bytes reserved, or it has refused a write for room since
+it last emptied), or a flush/close waits. Deletions and
 recency syncs are never held back (cheap, and deletions keep the budget).
 Requests never wait on this thread: `put` only appends; a full queue is a
 refusal at reservation time, which the tier counts as a drop.
@@ -49,9 +49,8 @@ class WriteHandler(Protocol):
 # prefill ~60 ms, about five times the writer's own CPU time (mostly the page-cache copy and its
 # writeback: the same work without the data written cost nothing). So writes wait for the model to be
 # idle, within these bounds: the oldest queued write waits at most MAX_DEFER_S, and nothing waits once
-# the queue holds HIGH_WATER of its entries or bytes or has just refused one (a full queue drops writes).
+# the queue is full or has refused a write (a full queue drops writes).
 MAX_DEFER_S = 30.0
-HIGH_WATER = 1.0
 
 
 class WriteQueue:
@@ -92,7 +91,9 @@ class WriteQueue:
     def try_reserve(self, num_bytes: int) -> bool:
         with self._cond:
             if self._num_reserved + 1 > self.max_entries or self._reserved_bytes + num_bytes > self.max_bytes:
-                self._out_of_room = True  # a write was just dropped: from now on writes may not wait
+                # A write was dropped for room: from now on writes may not wait (until the queue empties).
+                # Refused with nothing reserved, it is one write larger than the queue: draining cannot help.
+                self._out_of_room = self._num_reserved > 0
                 self._cond.notify_all()
                 return False
             self._num_reserved += 1
@@ -101,9 +102,15 @@ class WriteQueue:
 
     def unreserve(self, num_bytes: int) -> None:
         with self._cond:
-            self._num_reserved -= 1
-            self._reserved_bytes -= num_bytes
+            self._release(num_bytes)
             self._cond.notify_all()
+
+    def _release(self, num_bytes: int) -> None:
+        """Under the lock: one reservation is done (written, dropped or cancelled)."""
+        self._num_reserved -= 1
+        self._reserved_bytes -= num_bytes
+        if self._num_reserved == 0:  # everything reserved is done: room again
+            self._out_of_room = False
 
     def put(self, key: Hashable, job: object, num_bytes: int) -> None:
         with self._cond:
@@ -171,14 +178,12 @@ class WriteQueue:
 
     def _urgent(self) -> bool:
         """Under the lock: writes may not wait (flush or close waiting, or the queue full: writes being dropped)."""
-        if self._num_reserved == 0:  # everything reserved has been written: room again
-            self._out_of_room = False
         return (
             self._stopping
             or self._sync_done < self._sync_asked
             or self._out_of_room
-            or self._num_reserved >= HIGH_WATER * self.max_entries
-            or self._reserved_bytes >= HIGH_WATER * self.max_bytes
+            or self._num_reserved >= self.max_entries
+            or self._reserved_bytes >= self.max_bytes
         )
 
     def _wait_turn(self, deadline: float) -> None:
@@ -209,8 +214,7 @@ class WriteQueue:
                 log.exception("disk cache writer failed; continuing")
             with self._cond:
                 for _, _, num_bytes, _ in batch:
-                    self._num_reserved -= 1
-                    self._reserved_bytes -= num_bytes
+                    self._release(num_bytes)
                 if sync_to is not None:
                     self._last_sync = time.monotonic()
                     self._sync_done = max(self._sync_done, sync_to)
