@@ -72,6 +72,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-dir", default=_env("cache_dir", None),
                        help="folder of the disk tier (default: $KVCELLAR_HOME/kv-cache, i.e. ~/.cache/kvcellar/kv-cache)")
     group.add_argument("--disk-cache-size", default=_env("disk_cache_size", "16G"), help="byte budget of the disk tier")
+    group.add_argument("--disk-write-queue-size", default=_env("disk_write_queue_size", "1G"),
+                       help="memory for blocks waiting to be written to disk; past it new writes are dropped (counted)")
     group.add_argument("--host-cache-size", default=_env("host_cache_size", "4G"),
                        help="byte budget of the host-RAM tier (GPU runs only; pinned memory on CUDA)")
     group.add_argument("--disk-tier", action=argparse.BooleanOptionalAction, default=_env_bool("disk_tier", True),
@@ -94,6 +96,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         cache_dir=_cache_dir(args) if args.disk_tier else None,
         disk_cache_bytes=parse_size(args.disk_cache_size),
         host_cache_bytes=parse_size(args.host_cache_size),
+        disk_write_queue_bytes=parse_size(args.disk_write_queue_size),
         use_disk_tier=args.disk_tier,
         use_host_tier=args.host_tier,
     )

@@ -55,3 +55,12 @@ def test_cache_commands_on_a_disk_tier_written_by_generate(tiny_model_dirs, tmp_
 def test_user_errors_exit_2_with_a_message(args, message):
     result = _kvcellar(*args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_disk_write_queue_size_reaches_the_cache_config(monkeypatch):
+    monkeypatch.setattr(cli, "_CONFIG_FILE_VALUES", {})
+    monkeypatch.setenv("KVCELLAR_DISK_WRITE_QUEUE_SIZE", "3G")
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--model", "some-folder"])
+    assert cli._engine_config(args).cache.disk_write_queue_bytes == 3 * 1024**3
+    args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--model", "m", "--disk-write-queue-size", "512M"])
+    assert cli._engine_config(args).cache.disk_write_queue_bytes == 512 * 1024**2
