@@ -60,10 +60,21 @@ def byte_offset(flat: torch.Tensor, view: torch.Tensor) -> int:
 
 
 def move(
-    tensors: Mapping[str, torch.Tensor], flat: torch.Tensor, device: torch.device, pin_memory: bool = False
+    tensors: Mapping[str, torch.Tensor],
+    flat: torch.Tensor,
+    device: torch.device,
+    pin_memory: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The same views over a copy of `flat` on `device`: one copy however many tensors there are."""
-    if pin_memory:  # a DMA from a GPU, synchronous with the current stream
+    """The same views over a copy of `flat` on `device`: one copy however many tensors there are.
+
+    `out`: the buffer to copy into (uint8, `flat`'s size, on `device`), instead of a new one.
+    """
+    if out is not None:
+        if out.shape != flat.shape or out.dtype != torch.uint8 or out.device.type != device.type:
+            raise ValueError(f"out must be a uint8 buffer of {flat.numel()} bytes on {device}")
+        moved = out.copy_(flat)
+    elif pin_memory:  # a DMA from a GPU, synchronous with the current stream
         moved = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True).copy_(flat)
     else:
         moved = flat.to(device)

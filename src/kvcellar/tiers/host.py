@@ -1,13 +1,15 @@
 """Payload moves between media for the memory tiers: `host` RAM beside a GPU, and back to the `device`.
 
-Operations: `payload_mover(device) -> callable` (the `adopt` hook of a
-`MemoryTier`: it runs when an entry is stored in that tier).
+Operations: `payload_mover(device, reserve=None) -> callable` (the `adopt`
+hook of a `MemoryTier`: it runs when an entry is stored in that tier).
 
 On CUDA, host copies go to pinned memory (page-locked, so the copy back to
 the GPU runs at full bus speed). A payload already on the target device is
 returned as it is: no copy. A payload moves as one packed buffer (kv/flat.py):
 one copy, not one per tensor. These copies run on the request thread at
 eviction / promotion time; they are memory-speed copies, not disk writes.
+Their pinned buffers come from a `PinnedReserve` (pinned.py) when one is
+given: allocating pinned memory on the request thread is what is slow.
 """
 
 from __future__ import annotations
@@ -16,11 +18,18 @@ from collections.abc import Callable
 
 import torch
 
+from kvcellar.kv import flat as flat_buffers
 from kvcellar.kv.state import StatePayload
+from kvcellar.tiers.pinned import PinnedReserve
 
 
-def payload_mover(device: torch.device | str) -> Callable[[object], object]:
-    """A function that returns the payload with every tensor on `device` (pinned when it is host RAM beside CUDA)."""
+def payload_mover(
+    device: torch.device | str, reserve: PinnedReserve | None = None, block_size: int = 0
+) -> Callable[[object], object]:
+    """A function that returns the payload with every tensor on `device` (pinned when it is host RAM beside CUDA).
+
+    `reserve` supplies the pinned buffers; buffers of `block_size`-token payloads are allocated ahead.
+    """
     target = torch.device(device)
     if target.type == "cuda" and target.index is None:  # tensors report cuda:N, never bare cuda
         target = torch.device("cuda", torch.cuda.current_device())
@@ -31,6 +40,10 @@ def payload_mover(device: torch.device | str) -> Callable[[object], object]:
             return payload
         if payload.is_on(target):
             return payload
+        if pin and reserve is not None and payload.flat is not None:
+            buffer = reserve.take(payload.flat.numel(), ahead=payload.num_tokens == block_size)
+            tensors, flat = flat_buffers.move(payload.tensors, payload.flat, target, out=buffer)
+            return StatePayload(tensors, payload.num_tokens, flat)
         return payload.to(target, pin_memory=pin)  # one copy of the packed buffer
 
     return adopt

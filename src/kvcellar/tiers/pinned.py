@@ -1,0 +1,88 @@
+"""Pinned host buffers for the host tier, allocated ahead of need on a background thread.
+
+Operations: `PinnedReserve(budget_bytes).take(num_bytes, ahead) -> uint8 tensor`, `.stats()`, `.close()`.
+
+Why: page-locking fresh memory is slow (the driver faults in and pins every
+page). Measured on an H100 with the 0.6B shape: while the host tier was
+still growing, demoting one 32K-token request's blocks (16 of 235 MB) took
+3.0-5.7 s on the request thread and each cold request took 3.8-6.6 s instead
+of 0.86 s; with the pinned buffers already allocated the same demotions took
+0.11 s. So the first demotion of a whole block starts a thread that allocates
+buffers of that size until the host tier's budget is covered, and demotions
+take them (blocks of one model all have one size; partial entries, smaller
+and rarer, allocate as before).
+Buffers the host tier frees go back to torch's pinned allocator, which
+reuses them: once the tier is full, allocations are fast anyway.
+
+Invariant: the bytes allocated ahead never exceed the budget; a request
+never waits for the thread (no spare buffer: it allocates as before).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+
+
+def _pinned_empty(num_bytes: int) -> torch.Tensor:
+    return torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+
+
+class PinnedReserve:
+    def __init__(self, budget_bytes: int, allocate: Callable[[int], torch.Tensor] = _pinned_empty) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0 (got {budget_bytes})")
+        self._budget = budget_bytes
+        self._allocate = allocate
+        self._size: int | None = None  # the buffer size allocated ahead: the first block's
+        self._spare: list[torch.Tensor] = []
+        self._allocated_ahead = 0  # bytes the thread has allocated (handed out or spare)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._counts = {"taken_spare": 0, "allocated_on_request": 0}
+
+    def take(self, num_bytes: int, ahead: bool = True) -> torch.Tensor:
+        """A pinned uint8 buffer of exactly `num_bytes` (contents undefined).
+
+        `ahead`: this size is the one to allocate ahead (a whole block's payload).
+        """
+        with self._cond:
+            if ahead and self._size is None and not self._closed and num_bytes <= self._budget:
+                self._size = num_bytes
+                self._thread = threading.Thread(target=self._fill, name="kvcellar-pinned-reserve", daemon=True)
+                self._thread.start()
+            if num_bytes == self._size and self._spare:
+                self._counts["taken_spare"] += 1
+                return self._spare.pop()
+            self._counts["allocated_on_request"] += 1
+        return self._allocate(num_bytes)
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            spare_bytes = len(self._spare) * (self._size or 0)
+            return {**self._counts, "allocated_ahead_bytes": self._allocated_ahead, "spare_bytes": spare_bytes}
+
+    def close(self) -> None:
+        """Stop allocating and drop the spare buffers (those handed out live on with their payloads)."""
+        with self._cond:
+            self._closed = True
+            self._spare.clear()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _fill(self) -> None:
+        size = self._size
+        while True:
+            with self._cond:
+                if self._closed or self._allocated_ahead + size > self._budget:
+                    return
+                self._allocated_ahead += size
+            buffer = self._allocate(size)
+            with self._cond:
+                if self._closed:
+                    return
+                self._spare.append(buffer)

@@ -1,0 +1,86 @@
+"""PinnedReserve: buffers allocated ahead up to the budget, taken by demotions; flat.move into a given buffer."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from kvcellar.kv import flat as flat_buffers
+from kvcellar.tiers.pinned import PinnedReserve
+
+
+class CountingAllocator:
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, num_bytes: int) -> torch.Tensor:
+        with self.lock:
+            self.sizes.append(num_bytes)
+        return torch.empty(num_bytes, dtype=torch.uint8)
+
+
+def wait_for_spares(reserve: PinnedReserve, num_bytes: int) -> None:
+    for _ in range(1000):
+        if reserve.stats()["allocated_ahead_bytes"] >= num_bytes:
+            break
+        threading.Event().wait(0.005)
+    reserve.close()  # joins the thread: its allocations are all counted now
+
+
+def test_first_block_starts_allocating_ahead_up_to_the_budget():
+    allocator = CountingAllocator()
+    reserve = PinnedReserve(1000, allocate=allocator)
+    first = reserve.take(300)  # nothing spare yet: allocated on the request
+    assert first.numel() == 300
+    wait_for_spares(reserve, 900)
+    stats = reserve.stats()
+    assert stats["allocated_on_request"] == 1
+    assert stats["allocated_ahead_bytes"] == 900  # three more of 300 fit in 1000; a fourth would not
+    assert allocator.sizes == [300, 300, 300, 300]
+
+
+def test_demotions_take_spares_and_other_sizes_allocate_directly():
+    allocator = CountingAllocator()
+    reserve = PinnedReserve(1200, allocate=allocator)
+    reserve.take(400)
+    for _ in range(1000):
+        if reserve.stats()["spare_bytes"] == 1200:
+            break
+        threading.Event().wait(0.005)
+    assert reserve.stats()["spare_bytes"] == 1200
+    taken = reserve.take(400)
+    assert taken.numel() == 400 and reserve.stats()["taken_spare"] == 1
+    small = reserve.take(40, ahead=False)  # a partial entry: not the size allocated ahead
+    assert small.numel() == 40 and reserve.stats()["allocated_on_request"] == 2
+    reserve.close()
+    assert reserve.stats()["spare_bytes"] == 0  # close drops the spares
+
+
+def test_partial_first_does_not_fix_the_size_and_oversized_never_starts_the_thread():
+    allocator = CountingAllocator()
+    reserve = PinnedReserve(100, allocate=allocator)
+    reserve.take(10, ahead=False)
+    reserve.take(500)  # larger than the whole budget: allocated on the request, nothing ahead
+    reserve.close()
+    assert reserve.stats() == {"taken_spare": 0, "allocated_on_request": 2, "allocated_ahead_bytes": 0, "spare_bytes": 0}
+    assert allocator.sizes == [10, 500]
+
+
+def test_negative_budget_is_refused():
+    with pytest.raises(ValueError, match="budget_bytes must be >= 0"):
+        PinnedReserve(-1)
+
+
+def test_move_into_a_given_buffer_keeps_every_view():
+    tensors = {"0.keys": torch.arange(24, dtype=torch.bfloat16).view(1, 2, 3, 4), "logits": torch.rand(7)}
+    views, flat = flat_buffers.pack(tensors)
+    out = torch.full((flat.numel(),), 255, dtype=torch.uint8)
+    moved, moved_flat = flat_buffers.move(views, flat, torch.device("cpu"), out=out)
+    assert moved_flat.data_ptr() == out.data_ptr()
+    for name, tensor in tensors.items():
+        assert torch.equal(moved[name], tensor) and moved[name].shape == tensor.shape
+    with pytest.raises(ValueError, match=f"uint8 buffer of {flat.numel()} bytes"):
+        flat_buffers.move(views, flat, torch.device("cpu"), out=torch.empty(3, dtype=torch.uint8))
