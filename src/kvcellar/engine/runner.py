@@ -1,6 +1,9 @@
 """One request, start to finish, on the worker thread: restore, prefill, decode, store.
 
 Operations: `RequestRunner.run(request, emit, is_cancelled) -> GenerationResult`.
+On CPU the runner keeps the K/V buffers of the request that ended last for the
+next one (`kv.buffer_pool`): a fresh buffer of an 8K request faults in ~230k
+pages while a restore or prefill writes it. It then trims the freed heap (`heap.py`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from kvcellar.engine.heap import trim_heap
 from kvcellar.engine.loader import LoadedModel
 from kvcellar.engine.prefill import prefill
 from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache, Restored
@@ -17,6 +21,7 @@ from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamE
 from kvcellar.engine.sampling import Sampler
 from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
 from kvcellar.errors import InvalidRequestError
+from kvcellar.kv.buffer_pool import KvBufferPool, lending
 
 
 class RequestRunner:
@@ -25,6 +30,8 @@ class RequestRunner:
         self.prefix_cache = prefix_cache
         self.block_size = block_size
         self._eos_ids = loaded.eos_token_ids
+        # CUDA's caching allocator already reuses freed blocks (and could lend them to other tensors).
+        self.kv_buffers = KvBufferPool() if loaded.device.type == "cpu" else None
 
     def check(self, request: GenerationRequest) -> None:
         """Reject what cannot run, before it reaches the queue."""
@@ -67,6 +74,11 @@ class RequestRunner:
             cached_tokens_by_tier=restored.tokens_by_tier,
             timings=timings,
         )
+        # Only after a normal end: nothing reads this cache's K/V any more (an exception's traceback
+        # could still hold views of it, so a failed request's buffers are simply freed).
+        if self.kv_buffers is not None:
+            self.kv_buffers.give_back(cache)
+            trim_heap()  # CPU: the freed temporaries leave RSS before the caller sees the end (heap.py)
         emit(StreamEvent(result=result))
         return result
 
@@ -78,7 +90,7 @@ class RequestRunner:
         prompt = list(request.prompt_ids)
         capacity = min(len(prompt) + request.params.max_tokens, self.loaded.context_length)
         # Background disk writes step aside until the first token: restore and prefill are what TTFT is made of.
-        with self.prefix_cache.computing():
+        with self.prefix_cache.computing(), lending(self.kv_buffers):
             restored = self.prefix_cache.restore(prompt, request.cache_salt, capacity)
             timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
             started = time.perf_counter()

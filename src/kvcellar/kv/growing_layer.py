@@ -6,6 +6,10 @@ chunked prefill does O(n^2) copying and peaks at twice the request's KV.
 `GrowingLayer` reserves the request's capacity once (prompt + max_tokens,
 known before prefill) and writes each chunk into place; K/V are views of
 that buffer. If a request outgrows it (it should not), the buffer doubles.
+
+With a `KvBufferPool` (buffer_pool.py) the buffers may be a finished
+request's, at least `capacity` tokens long and holding its stale K/V: only
+[:length], written by this layer, is ever read.
 """
 
 from __future__ import annotations
@@ -14,21 +18,36 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvcellar.kv.buffer_pool import KvBufferPool, lending_pool
+
 
 class GrowingLayer(DynamicLayer):
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, buffers: KvBufferPool | None = None) -> None:
         super().__init__()
         self.capacity = max(capacity, 1)
         self.length = 0
+        self._buffers = buffers
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, _ = key_states.shape
-        # [B, H_kv, capacity, D]; only [:, :, :length] is meaningful.
-        self._key_buffer = key_states.new_empty((batch, heads, self.capacity, key_states.shape[-1]))
-        self._value_buffer = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
+        # [B, H_kv, >= capacity, D]; only [:, :, :length] is meaningful.
+        self._key_buffer = self._new_buffer(key_states, (batch, heads, self.capacity, key_states.shape[-1]))
+        self._value_buffer = self._new_buffer(value_states, (batch, heads, self.capacity, value_states.shape[-1]))
         self.keys, self.values = self._key_buffer[:, :, :0], self._value_buffer[:, :, :0]
         self.is_initialized = True
+
+    def _new_buffer(self, like: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+        if self._buffers is None:
+            return like.new_empty(shape)
+        return self._buffers.take(shape, like.dtype, like.device)
+
+    def detach_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hand the K/V buffers over (to a pool) and forget them: the layer is empty and uninitialized after."""
+        buffers = (self._key_buffer, self._value_buffer)
+        self._key_buffer = self._value_buffer = self.keys = self.values = None
+        self.length, self.is_initialized = 0, False
+        return buffers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
@@ -54,9 +73,13 @@ class GrowingLayer(DynamicLayer):
 
 
 def new_cache(config: object, capacity: int) -> DynamicCache:
-    """A DynamicCache for `config` whose plain full-attention layers append in place, `capacity` tokens reserved."""
+    """A DynamicCache for `config` whose plain full-attention layers append in place, `capacity` tokens reserved.
+
+    Inside `buffer_pool.lending(pool)` the layers take their buffers from `pool`.
+    """
     cache = DynamicCache(config=config)
+    buffers = lending_pool()
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:  # sliding / hybrid layers keep their own (bounded) storage
-            cache.layers[index] = GrowingLayer(capacity)
+            cache.layers[index] = GrowingLayer(capacity, buffers)
     return cache

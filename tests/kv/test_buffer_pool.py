@@ -1,0 +1,106 @@
+"""KvBufferPool: buffers of a finished cache are reused when they fit, never shared, never more than one cache's worth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvcellar.kv.buffer_pool import ROUND_TOKENS, KvBufferPool, lending, lending_pool
+from kvcellar.kv.growing_layer import GrowingLayer
+
+CPU = torch.device("cpu")
+
+
+def _cache(pool: KvBufferPool, capacity: int, num_layers: int = 3, heads: int = 2, dim: int = 8,
+           dtype: torch.dtype = torch.float32, tokens: int = 5, fill: float = 1.0) -> DynamicCache:
+    """A cache of GrowingLayers drawing from `pool`, `tokens` tokens of K/V = `fill` written into each layer."""
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer(capacity, pool) for _ in range(num_layers)]
+    for layer in cache.layers:
+        layer.update(torch.full((1, heads, tokens, dim), fill, dtype=dtype), torch.full((1, heads, tokens, dim), -fill, dtype=dtype))
+    return cache
+
+
+def _pointers(cache: DynamicCache) -> set[int]:
+    return {ptr for layer in cache.layers for ptr in (layer._key_buffer.data_ptr(), layer._value_buffer.data_ptr())}
+
+
+def test_buffers_given_back_are_reused_and_rounded_up():
+    pool = KvBufferPool()
+    first = _cache(pool, capacity=100)
+    assert first.layers[0]._key_buffer.shape == (1, 2, ROUND_TOKENS, 8)  # 100 rounded up: room for a longer turn
+    pointers = _pointers(first)
+    pool.give_back(first)
+    assert pool.num_bytes == 3 * 2 * ROUND_TOKENS * 2 * 8 * 4
+    second = _cache(pool, capacity=ROUND_TOKENS)  # larger than 100, still fits the rounded buffers
+    assert _pointers(second) == pointers
+    assert (pool.num_allocated, pool.num_reused, pool.num_bytes) == (6, 6, 0)  # taken out: never in two places
+
+
+def test_given_back_cache_is_detached():
+    pool = KvBufferPool()
+    cache = _cache(pool, capacity=16)
+    pool.give_back(cache)
+    assert all(not layer.is_initialized and layer.keys is None and layer._key_buffer is None for layer in cache.layers)
+    assert cache.get_seq_length() == 0
+
+
+def test_stale_contents_never_show():
+    pool = KvBufferPool()
+    pool.give_back(_cache(pool, capacity=64, tokens=40, fill=float("nan")))
+    reused = _cache(pool, capacity=64, tokens=3, fill=2.0)
+    assert pool.num_reused == 6
+    for layer in reused.layers:
+        assert layer.keys.shape[-2] == 3 and torch.equal(layer.keys, torch.full((1, 2, 3, 8), 2.0))
+        assert torch.equal(layer.values, torch.full((1, 2, 3, 8), -2.0))
+    assert torch.isnan(reused.layers[0]._key_buffer[:, :, 3:40]).all()  # the stale rows are there, only never read
+
+
+def test_too_small_buffers_are_dropped_before_allocating():
+    pool = KvBufferPool()
+    pool.give_back(_cache(pool, capacity=ROUND_TOKENS))
+    big = _cache(pool, capacity=ROUND_TOKENS + 1)
+    assert pool.num_reused == 0 and pool.num_bytes == 0  # the small ones were freed, not kept beside the new
+    assert big.layers[0]._key_buffer.shape[-2] == 2 * ROUND_TOKENS
+
+
+@pytest.mark.parametrize("change", [{"dtype": torch.bfloat16}, {"heads": 4}, {"dim": 16}])
+def test_other_shape_or_dtype_gets_a_fresh_buffer(change):
+    pool = KvBufferPool()
+    given = _cache(pool, capacity=32)
+    pointers = _pointers(given)
+    pool.give_back(given)
+    other = _cache(pool, capacity=32, **change)
+    assert pool.num_reused == 0 and not _pointers(other) & pointers
+    dtype = change.get("dtype", torch.float32)
+    assert all(layer.keys.dtype == dtype for layer in other.layers)
+
+
+def test_inference_buffers_are_not_lent_outside_inference_mode():
+    pool = KvBufferPool()
+    with torch.inference_mode():
+        pool.give_back(_cache(pool, capacity=32))
+    outside = _cache(pool, capacity=32)  # writing an inference tensor here would raise
+    assert pool.num_reused == 0 and not outside.layers[0]._key_buffer.is_inference()
+
+
+def test_pool_holds_one_cache_at_most():
+    pool = KvBufferPool()
+    a, b = _cache(pool, capacity=32), _cache(pool, capacity=32)
+    b_pointers = _pointers(b)
+    pool.give_back(a)
+    pool.give_back(b)  # a's buffers are dropped, not added to
+    assert pool.num_bytes == 3 * 2 * ROUND_TOKENS * 2 * 8 * 4
+    assert {buffer.data_ptr() for buffer in pool._free} == b_pointers
+
+
+def test_lending_scope_sets_and_restores_the_pool():
+    pool = KvBufferPool()
+    assert lending_pool() is None
+    with lending(pool):
+        assert lending_pool() is pool
+        with lending(None):
+            assert lending_pool() is None
+        assert lending_pool() is pool
+    assert lending_pool() is None
