@@ -1,7 +1,8 @@
 """Files of a disk cache directory: where each thing lives, atomic writes, mapped reads, quarantine, lock.
 
 Operations: `CacheDir` (paths; `entry_path` from namespace and key only),
-`write_atomic` (temp file in the same folder, fsync, rename, fsync folder),
+`write_atomic` (temp file in the same folder, fsync, drop its clean pages
+from the page cache, rename, fsync folder),
 `write_chunks` (the one place bytes hit a file: tests replace it to inject
 ENOSPC), `map_file` (the whole file as a private mapping),
 `quarantine`, `scan_entries`, `DirLock`, `CacheDirError`.
@@ -109,6 +110,22 @@ def ensure_dir(path: Path, known: set[Path]) -> None:
     known.add(path)
 
 
+def drop_cached_pages(fd: int) -> None:
+    """Evict the file's (clean, just fsynced) pages from the page cache; no-op without posix_fadvise (macOS).
+
+    Measured on the 2-core VM (29 MB files, back to back): write() cost 50-76 ms
+    of CPU per file while the page cache grew onto memory not touched lately,
+    and 7 ms with each file's pages dropped after its fsync (the next file's
+    write reuses them at once); the DONTNEED call itself is ~1 ms. A later read
+    of the entry comes from the disk instead of the page cache: the tier's
+    reads are restores after a restart or an eviction, rarely right after a
+    write, and the memory stays with the model and the RAM tiers.
+    """
+    fadvise = getattr(os, "posix_fadvise", None)
+    if fadvise is not None:
+        fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def write_atomic(
     path: Path, chunks: Iterable[bytes | memoryview], known_dirs: set[Path], final_start: Callable[[], bytes] | None = None
 ) -> int:
@@ -129,6 +146,7 @@ def write_atomic(
                 if os.pwrite(fd, start, 0) != len(start):
                     raise OSError(f"short write of the first {len(start)} bytes of {temp}")
             os.fsync(fd)  # data durable before the rename makes it visible
+            drop_cached_pages(fd)
         finally:
             os.close(fd)
         os.replace(temp, path)

@@ -18,6 +18,9 @@ urgent: the oldest write in the batch is MAX_DEFER_S old, the queue is full
 (all its entries or bytes reserved, or it has refused a write for room since
 it last emptied), or a flush/close waits. Deletions and
 recency syncs are never held back (cheap, and deletions keep the budget).
+The thread also runs at the lowest CPU priority (SCHED_IDLE on Linux,
+`priority` says what applied): a file begun between requests, or written
+because the backlog is urgent, yields the cores to a prefill that starts.
 Requests never wait on this thread: `put` only appends; a full queue is a
 refusal at reservation time, which the tier counts as a drop.
 """
@@ -30,6 +33,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Protocol
+
+from kvcellar.tiers.thread_priority import lower_current_thread
 
 log = logging.getLogger(__name__)
 BATCH_SIZE = 32  # writes per index commit
@@ -74,6 +79,7 @@ class WriteQueue:
         self._thread: threading.Thread | None = None
         self._model_busy = False  # set by defer(); guarded by _cond like the rest
         self._out_of_room = False  # a reservation was refused since the queue last emptied
+        self.priority = "unchanged"  # what the writer thread lowered itself to (thread_priority.py)
 
     def defer(self, active: bool) -> None:
         """While `active` (a prefill runs), hold file writes back; requests never wait on this."""
@@ -196,6 +202,8 @@ class WriteQueue:
                 self._cond.wait(left)
 
     def _loop(self) -> None:
+        # The lowest CPU priority: file work runs on cores the model leaves idle (thread_priority.py).
+        self.priority = lower_current_thread()
         while True:
             with self._cond:
                 taken = self._take()
