@@ -84,3 +84,35 @@ def test_move_into_a_given_buffer_keeps_every_view():
         assert torch.equal(moved[name], tensor) and moved[name].shape == tensor.shape
     with pytest.raises(ValueError, match=f"uint8 buffer of {flat.numel()} bytes"):
         flat_buffers.move(views, flat, torch.device("cpu"), out=torch.empty(3, dtype=torch.uint8))
+
+
+def test_nothing_is_allocated_ahead_while_paused():
+    allocator = CountingAllocator()
+    reserve = PinnedReserve(1000, allocate=allocator)
+    reserve.pause(True)  # a request is running
+    reserve.take(250)
+    threading.Event().wait(0.05)
+    assert reserve.stats()["allocated_ahead_bytes"] == 0 and allocator.sizes == [250]
+    reserve.pause(False)  # idle: the thread catches up
+    wait_for_spares(reserve, 1000)
+    assert reserve.stats()["allocated_ahead_bytes"] == 1000
+
+
+def test_serving_pauses_the_registry_helpers_for_the_whole_request():
+    from kvcellar.engine.cache_setup import CacheRegistry
+
+    calls = []
+
+    class Helper:
+        def pause(self, active: bool) -> None:
+            calls.append(active)
+
+        def close(self) -> None:
+            calls.append("closed")
+
+    registry = CacheRegistry(None, None, helpers=[Helper()])
+    with registry.serving():
+        assert calls == [True]
+    assert calls == [True, False]
+    registry.close()
+    assert calls[-1] == "closed"

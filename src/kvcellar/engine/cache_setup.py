@@ -38,7 +38,7 @@ class CacheRegistry:
     max_partial_entries: int = 0
     uncacheable_reason: str | None = None
     write_through: tuple[str, ...] = ()
-    on_close: list = field(default_factory=list)  # callables run after the tiers closed (e.g. stop a helper thread)
+    helpers: list = field(default_factory=list)  # background helpers of the tiers: .pause(active), .close()
     _cores: dict[str, PrefixCache] = field(default_factory=dict)
     # One lock for the cores and the tiers they share: the worker inserts while server threads
     # read stats, clear tiers or change budgets.
@@ -83,6 +83,17 @@ class CacheRegistry:
             for tier in deferring:
                 tier.defer_writes(False)
 
+    @contextlib.contextmanager
+    def serving(self):
+        """Around a whole request, decode included: background helpers (pinned-memory allocation) pause."""
+        for helper in self.helpers:
+            helper.pause(True)
+        try:
+            yield
+        finally:
+            for helper in self.helpers:
+                helper.pause(False)
+
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every tier's queued writes are durable; False if `timeout_s` passed first."""
         return all([tier.flush(timeout_s) for tier in self.tiers])
@@ -92,8 +103,8 @@ class CacheRegistry:
         for tier in self.tiers:
             tier.flush(timeout_s)
             tier.close()
-        for release in self.on_close:
-            release()
+        for helper in self.helpers:
+            helper.close()
 
     def set_budget(self, tier_name: str, budget_bytes: int) -> None:
         """Change one tier's budget; evictions go through a core so they are counted."""
@@ -120,34 +131,34 @@ def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[Model
         exact=cache_config.exact,
         tenant_salt=cache_config.tenant_salt,
     )
-    tiers, on_close = _build_tiers(loaded, layout, cache_config, config.block_size)
+    tiers, helpers = _build_tiers(loaded, layout, cache_config, config.block_size)
     write_through = ("disk",) if any(tier.name == "disk" for tier in tiers) else ()
     registry = CacheRegistry(
         spec, layout.capabilities(config.block_size), tiers, cache_config.max_partial_entries, write_through=write_through,
-        on_close=on_close,
+        helpers=helpers,
     )  # fmt: skip
     prefix_cache = ModelPrefixCache(
         registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, loaded.device,
-        computing=registry.computing,
+        computing=registry.computing, serving=registry.serving,
     )
     return prefix_cache, registry
 
 
 def _build_tiers(loaded: LoadedModel, layout: ModelLayout, cache_config: CacheConfig, block_size: int) -> tuple[list, list]:
-    """(tiers fastest first, callables that release what the tiers use besides themselves)."""
+    """(tiers fastest first, their background helpers)."""
     policy = cache_config.eviction_policy
     on_gpu = loaded.device.type != "cpu"
     # torch-side helpers are imported here: the tiers package itself does not need torch
     from kvcellar.tiers.host import payload_mover
     from kvcellar.tiers.pinned import PinnedReserve
 
-    on_close = []
+    helpers = []
     device_adopt = payload_mover(loaded.device) if on_gpu else None  # promoted payloads land on the GPU
     tiers = [MemoryTier(cache_config.device_cache_bytes, name="device", policy=policy, adopt=device_adopt)]
     if on_gpu and cache_config.use_host_tier and cache_config.host_cache_bytes > 0:
         reserve = PinnedReserve(cache_config.host_cache_bytes) if loaded.device.type == "cuda" else None
         if reserve is not None:
-            on_close.append(reserve.close)
+            helpers.append(reserve)
         host_adopt = payload_mover("cpu", reserve, block_size)
         tiers.append(MemoryTier(cache_config.host_cache_bytes, name="host", policy=policy, adopt=host_adopt))
     if cache_config.use_disk_tier and cache_config.cache_dir:
@@ -160,4 +171,4 @@ def _build_tiers(loaded: LoadedModel, layout: ModelLayout, cache_config: CacheCo
             policy=policy, max_queue_bytes=cache_config.disk_write_queue_bytes,
         )  # fmt: skip
         tiers.append(disk)
-    return tiers, on_close
+    return tiers, helpers

@@ -66,6 +66,9 @@ class DisabledPrefixCache:
     def computing(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def serving(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
     def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
         return 0, {}
 
@@ -94,10 +97,12 @@ class ModelPrefixCache:
         exact: bool,
         device: torch.device,
         computing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        serving: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> None:
         self._core_for_salt = core_for_salt
         self._device = device
         self.computing = computing  # context for a prefill: background writers step aside
+        self.serving = serving  # context for a whole request: background helpers pause
         self.cost_model = CostModel()  # fed by restores (load rates) and by the runner (prefill rate)
         self._config = model_config
         self._layout = layout

@@ -52,6 +52,13 @@ class RequestRunner:
     def run(
         self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool]
     ) -> GenerationResult:
+        # The cache's background helpers (pinned-memory allocation on a GPU) wait for the end of the request.
+        with self.prefix_cache.serving():
+            return self._run(request, emit, is_cancelled)
+
+    def _run(
+        self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool]
+    ) -> GenerationResult:
         self.check(request)
         started = time.perf_counter()
         timings = Timings()

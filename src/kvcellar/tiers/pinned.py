@@ -1,6 +1,7 @@
 """Pinned host buffers for the host tier, allocated ahead of need on a background thread.
 
-Operations: `PinnedReserve(budget_bytes).take(num_bytes, ahead) -> uint8 tensor`, `.stats()`, `.close()`.
+Operations: `PinnedReserve(budget_bytes).take(num_bytes, ahead) -> uint8 tensor`,
+`.pause(active)` (the model computes: allocate nothing), `.stats()`, `.close()`.
 
 Why: page-locking fresh memory is slow (the driver faults in and pins every
 page). Measured on an H100 with the 0.6B shape: while the host tier was
@@ -14,8 +15,13 @@ and rarer, allocate as before).
 Buffers the host tier frees go back to torch's pinned allocator, which
 reuses them: once the tier is full, allocations are fast anyway.
 
+The thread allocates only while the model is idle (`pause`): page-locking
+holds a CUDA driver lock, and a first attempt that allocated during a
+prefill stalled that prefill's kernel launches for 25 s. A request that
+starts while one buffer is being allocated waits for that one only.
+
 Invariant: the bytes allocated ahead never exceed the budget; a request
-never waits for the thread (no spare buffer: it allocates as before).
+never waits for spare buffers (none spare: it allocates as before).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class PinnedReserve:
         self._allocated_ahead = 0  # bytes the thread has allocated (handed out or spare)
         self._cond = threading.Condition()
         self._closed = False
+        self._paused = False
         self._thread: threading.Thread | None = None
         self._counts = {"taken_spare": 0, "allocated_on_request": 0}
 
@@ -60,6 +67,12 @@ class PinnedReserve:
             self._counts["allocated_on_request"] += 1
         return self._allocate(num_bytes)
 
+    def pause(self, active: bool) -> None:
+        """While active (a prefill runs), the thread allocates nothing."""
+        with self._cond:
+            self._paused = active
+            self._cond.notify_all()
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             spare_bytes = len(self._spare) * (self._size or 0)
@@ -78,6 +91,8 @@ class PinnedReserve:
         size = self._size
         while True:
             with self._cond:
+                while self._paused and not self._closed:
+                    self._cond.wait()
                 if self._closed or self._allocated_ahead + size > self._budget:
                     return
                 self._allocated_ahead += size
