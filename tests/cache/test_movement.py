@@ -84,6 +84,23 @@ def test_a_refusal_below_is_a_counted_drop():
     assert any(e[0] == "refuse" and e[2].startswith("host:") for e in observer.events)
 
 
+def test_a_tier_that_does_not_admit_refuses_before_evicting_anything():
+    observer = RecordingObserver()
+    admitting = {"now": False}
+    admit = lambda p: None if admitting["now"] else "no buffer ready"  # noqa: E731 - like pinned_admission
+    device, host = MemoryTier(10), MemoryTier(20, name="host", admit=admit)
+    cache = PrefixCache(ROOT, ATTENTION, [device, host], observer=observer)
+    admitting["now"] = True
+    insert_chain(cache, T[:4])
+    insert_chain(cache, [50, 51, 52, 53])  # evicts T's block from the device: the host admits it
+    assert host.num_entries == 1
+    admitting["now"] = False
+    insert_chain(cache, [60, 61, 62, 63])  # evicts [50..53]: refused, and the host keeps what it had
+    assert host.num_entries == 1 and host.num_bytes == 10
+    assert cache.stats().num_dropped == 1
+    assert ("refuse", (50, 51, 52, 53), "host: no buffer ready") in observer.events
+
+
 def test_partials_promoted_from_below_respect_the_count_limit():
     cache, device, host = _two_tiers(device_bytes=1000, max_partial_entries=1)
     for tail in ([7], [8]):

@@ -116,3 +116,29 @@ def test_serving_pauses_the_registry_helpers_for_the_whole_request():
     assert calls == [True, False]
     registry.close()
     assert calls[-1] == "closed"
+
+
+def test_refusal_only_while_a_request_runs_and_no_buffer_is_ready():
+    allocator = CountingAllocator()
+    reserve = PinnedReserve(600, allocate=allocator)
+    reserve.pause(True)  # a request runs
+    assert reserve.refusal(200) is not None  # nothing ready: refused (and the thread starts, paused)
+    assert allocator.sizes == []
+    reserve.pause(False)
+    assert reserve.refusal(200) is None  # no request runs: allocating now stalls nobody
+    for _ in range(1000):
+        if reserve.stats()["spare_bytes"] == 600:
+            break
+        threading.Event().wait(0.005)
+    reserve.pause(True)
+    assert reserve.refusal(200) is None  # a spare is ready
+    assert reserve.refusal(50, ahead=False) is None  # the budget is all allocated: freed buffers get reused
+    reserve.close()
+
+
+def test_a_partial_during_a_request_is_refused_until_the_budget_is_allocated():
+    reserve = PinnedReserve(10_000, allocate=CountingAllocator())
+    reserve.pause(True)
+    assert reserve.refusal(300, ahead=False) is not None
+    assert reserve.stats()["allocated_ahead_bytes"] == 0  # a partial never fixes the size
+    reserve.close()

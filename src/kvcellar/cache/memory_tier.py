@@ -3,7 +3,9 @@
 Operations: the `Tier` protocol (tier.py); `flush` and `close` do nothing.
 Serves the `device` tier (where the model computes) and the `host` tier (RAM
 beside a GPU); an optional `adopt` callable moves a payload into the medium
-when it is stored (for example GPU -> pinned host memory).
+when it is stored (for example GPU -> pinned host memory), and an optional
+`admit` callable may refuse a store the medium cannot take cheaply right now
+(it returns the reason; a refusal is a counted drop, as for a full tier).
 
 Eviction invariants:
 1. The byte total (resident plus reserved) never exceeds the budget, at any
@@ -43,11 +45,13 @@ class MemoryTier:
         name: str = "device",
         policy: str = "priority-lru",
         adopt: Callable[[object], object] | None = None,
+        admit: Callable[[object], str | None] | None = None,
     ) -> None:
         check_tier_name(name)
         check_budget(budget_bytes)
         self.name = name
         self._adopt = adopt  # payload -> payload in this medium, applied when a new entry is reserved
+        self._admit = admit  # payload -> None to accept, else why not (checked before anything is evicted)
         self._policy: EvictionPolicy = make_policy(policy)
         self._budget_bytes = budget_bytes
         self._num_bytes = 0  # resident + reserved; invariant: <= self._budget_bytes
@@ -129,6 +133,9 @@ class MemoryTier:
         if self._budget_bytes == 0 or entry.num_bytes > self._budget_bytes:
             reason = f"entry of {entry.num_bytes} bytes exceeds the {self.name} budget of {self._budget_bytes} bytes"
             return StoreResult(False, (), reason)
+        refusal = self._admit(entry.payload) if self._admit is not None else None
+        if refusal is not None:
+            return StoreResult(False, (), refusal)
         victims = self._plan_evictions(self._num_bytes + entry.num_bytes - self._budget_bytes, entry.parent)
         if victims is None:
             reason = f"cannot free {entry.num_bytes} bytes in {self.name}: the other entries are pinned or are parents"

@@ -149,7 +149,7 @@ def _build_tiers(loaded: LoadedModel, layout: ModelLayout, cache_config: CacheCo
     policy = cache_config.eviction_policy
     on_gpu = loaded.device.type != "cpu"
     # torch-side helpers are imported here: the tiers package itself does not need torch
-    from kvcellar.tiers.host import payload_mover
+    from kvcellar.tiers.host import payload_mover, pinned_admission
     from kvcellar.tiers.pinned import PinnedReserve
 
     helpers = []
@@ -160,7 +160,8 @@ def _build_tiers(loaded: LoadedModel, layout: ModelLayout, cache_config: CacheCo
         if reserve is not None:
             helpers.append(reserve)
         host_adopt = payload_mover("cpu", reserve, block_size)
-        tiers.append(MemoryTier(cache_config.host_cache_bytes, name="host", policy=policy, adopt=host_adopt))
+        admit = pinned_admission(reserve, block_size) if reserve is not None else None
+        tiers.append(MemoryTier(cache_config.host_cache_bytes, name="host", policy=policy, adopt=host_adopt, admit=admit))
     if cache_config.use_disk_tier and cache_config.cache_dir:
         from kvcellar.tiers.disk import DiskTier
         from kvcellar.tiers.torch_codec import TorchCodec, layout_string

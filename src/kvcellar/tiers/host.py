@@ -1,7 +1,8 @@
 """Payload moves between media for the memory tiers: `host` RAM beside a GPU, and back to the `device`.
 
 Operations: `payload_mover(device, reserve=None) -> callable` (the `adopt`
-hook of a `MemoryTier`: it runs when an entry is stored in that tier).
+hook of a `MemoryTier`: it runs when an entry is stored in that tier), and
+`pinned_admission(reserve, block_size)` (its `admit` hook).
 
 On CUDA, host copies go to pinned memory (page-locked, so the copy back to
 the GPU runs at full bus speed). A payload already on the target device is
@@ -47,3 +48,14 @@ def payload_mover(
         return payload.to(target, pin_memory=pin)  # one copy of the packed buffer
 
     return adopt
+
+
+def pinned_admission(reserve: PinnedReserve, block_size: int) -> Callable[[object], str | None]:
+    """The host tier's `admit` hook: refuse a demotion that would page-lock memory during a request."""
+
+    def admit(payload: object) -> str | None:
+        if not isinstance(payload, StatePayload) or payload.flat is None:
+            return None
+        return reserve.refusal(payload.flat.numel(), ahead=payload.num_tokens == block_size)
+
+    return admit

@@ -1,7 +1,8 @@
 """Pinned host buffers for the host tier, allocated ahead of need on a background thread.
 
 Operations: `PinnedReserve(budget_bytes).take(num_bytes, ahead) -> uint8 tensor`,
-`.pause(active)` (the model computes: allocate nothing), `.stats()`, `.close()`.
+`.refusal(num_bytes, ahead)` (why taking one now would stall a request),
+`.pause(active)` (a request runs: allocate nothing), `.stats()`, `.close()`.
 
 Why: page-locking fresh memory is slow (the driver faults in and pins every
 page). Measured on an H100 with the 0.6B shape: while the host tier was
@@ -20,8 +21,12 @@ holds a CUDA driver lock, and a first attempt that allocated during a
 prefill stalled that prefill's kernel launches for 25 s. A request that
 starts while one buffer is being allocated waits for that one only.
 
-Invariant: the bytes allocated ahead never exceed the budget; a request
-never waits for spare buffers (none spare: it allocates as before).
+While a request runs and no buffer is ready, the host tier refuses the
+demotion (`refusal`, a counted drop) rather than page-lock memory on the
+request thread: the block is still on disk when the disk tier is on.
+
+Invariant: the bytes allocated ahead never exceed the budget; nothing ever
+waits for the thread.
 """
 
 from __future__ import annotations
@@ -57,15 +62,32 @@ class PinnedReserve:
         `ahead`: this size is the one to allocate ahead (a whole block's payload).
         """
         with self._cond:
-            if ahead and self._size is None and not self._closed and num_bytes <= self._budget:
-                self._size = num_bytes
-                self._thread = threading.Thread(target=self._fill, name="kvcellar-pinned-reserve", daemon=True)
-                self._thread.start()
+            self._learn(num_bytes, ahead)
             if num_bytes == self._size and self._spare:
                 self._counts["taken_spare"] += 1
                 return self._spare.pop()
             self._counts["allocated_on_request"] += 1
         return self._allocate(num_bytes)
+
+    def refusal(self, num_bytes: int, ahead: bool = True) -> str | None:
+        """None if a buffer of `num_bytes` can be had now without page-locking memory during a request."""
+        with self._cond:
+            self._learn(num_bytes, ahead)
+            if not self._paused or (num_bytes == self._size and self._spare) or self._filled:
+                return None  # no request runs, or a buffer is ready, or torch's allocator recycles freed ones
+            return "no pinned buffer is ready during a request (they are allocated between requests)"
+
+    @property
+    def _filled(self) -> bool:
+        """Under the lock: the thread has allocated the whole budget (or never will)."""
+        return self._size is not None and self._allocated_ahead + self._size > self._budget
+
+    def _learn(self, num_bytes: int, ahead: bool) -> None:
+        """Under the lock: the first block-sized request fixes the size and starts the thread."""
+        if ahead and self._size is None and not self._closed and num_bytes <= self._budget:
+            self._size = num_bytes
+            self._thread = threading.Thread(target=self._fill, name="kvcellar-pinned-reserve", daemon=True)
+            self._thread.start()
 
     def pause(self, active: bool) -> None:
         """While active (a prefill runs), the thread allocates nothing."""
