@@ -8,13 +8,19 @@ the request thread or torch's OpenMP team. Elsewhere (macOS, Windows) there
 is no per-thread form in `os`: the thread keeps its priority.
 
 Why (measured on the 2-core VM, 2 torch threads): eight 29 MB entry files
-written during a 1536-token prefill made it 2.40 s against 2.20 s with no
-writes (medians of 6); with the writer at SCHED_IDLE 2.25 s, its files then
-finishing after the prefill. The engine thread was not slowed waiting for a
+written during a 1536-token prefill (pages dropped after each fsync) made it
+2.40 s against 2.20 s with no writes (medians of 6); with the writer at
+SCHED_IDLE 2.25 s, its files then finishing after the prefill. The engine thread was not slowed waiting for a
 GIL or lock held by the starved writer: when the engine thread blocks, its
 core goes idle and SCHED_IDLE work runs at once. Nice 19 alone (a CFS weight
 of 15 against 1024: still a share of a busy core) did not measurably help in an
 earlier benchmark run; it is kept only as a fallback.
+
+Consequence: while every core is busy (back-to-back prefills, or other
+processes), the writer barely runs, even for writes the queue marks urgent:
+the queue fills and further writes are dropped (counted) instead of slowing
+the prefills (a 40-prompt back-to-back benchmark: 103 drops, 4 at normal
+priority, whose sixth requests were then up to 1.7x slower).
 """
 
 from __future__ import annotations
