@@ -50,3 +50,19 @@ def test_an_unpacked_payload_is_packed_when_moved() -> None:
     assert payload.num_bytes == 144 + 28 + 0 + 44
     moved = payload.to(torch.device("cpu"))
     assert moved.num_bytes == 320 and all(torch.equal(moved.tensors[n], t) for n, t in tensors.items())
+
+
+def test_a_payload_still_being_filled_is_waited_for_once_before_it_is_read() -> None:
+    class Event:  # stands for the CUDA event of an asynchronous demotion copy
+        waits = 0
+
+        def synchronize(self) -> None:
+            Event.waits += 1
+
+    tensors, buffer = flat.pack({"0.keys": torch.ones(1, 2, 3, 4)})
+    payload = StatePayload(tensors, 3, buffer, ready=Event())
+    moved = payload.to(torch.device("cpu"))
+    assert Event.waits == 1 and payload.ready is None and moved.ready is None
+    payload.wait_ready()  # already waited: nothing more
+    assert Event.waits == 1
+    assert torch.equal(moved.tensors["0.keys"], torch.ones(1, 2, 3, 4))

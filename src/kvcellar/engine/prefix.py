@@ -120,6 +120,8 @@ class ModelPrefixCache:
             self.cost_model.record_load(tier_name, match.loaded_bytes_by_tier.get(tier_name, 0), seconds)
         try:
             payloads = [match.payload_of(entry) for entry in match.entries]
+            for payload in payloads:
+                payload.wait_ready()  # a demotion's asynchronous copy may still be filling it
             device = self._device
             try:
                 cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device, capacity)

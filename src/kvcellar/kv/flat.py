@@ -65,15 +65,17 @@ def move(
     device: torch.device,
     pin_memory: bool = False,
     out: torch.Tensor | None = None,
+    non_blocking: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The same views over a copy of `flat` on `device`: one copy however many tensors there are.
 
-    `out`: the buffer to copy into (uint8, `flat`'s size, on `device`), instead of a new one.
+    `out`: the buffer to copy into (uint8, `flat`'s size, on `device`), instead of a new one;
+    `non_blocking`: the copy into `out` may still run when this returns (the caller syncs).
     """
     if out is not None:
         if out.shape != flat.shape or out.dtype != torch.uint8 or out.device.type != device.type:
             raise ValueError(f"out must be a uint8 buffer of {flat.numel()} bytes on {device}")
-        moved = out.copy_(flat)
+        moved = out.copy_(flat, non_blocking=non_blocking)
     elif pin_memory:  # a DMA from a GPU, synchronous with the current stream
         moved = torch.empty(flat.shape, dtype=torch.uint8, pin_memory=True).copy_(flat)
     else:

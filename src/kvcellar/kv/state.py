@@ -32,6 +32,15 @@ class StatePayload:
     tensors: dict[str, torch.Tensor]
     num_tokens: int
     flat: torch.Tensor | None = None  # the one buffer all `tensors` view, when packed (flat.py)
+    # A CUDA event the contents wait for: the tensors are being filled by an asynchronous copy (a
+    # demotion to pinned host memory). Whoever reads them calls `wait_ready()` first.
+    ready: object | None = None
+
+    def wait_ready(self) -> None:
+        """Block until the copy that fills the tensors has finished (at once when there is none)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
 
     @property
     def num_bytes(self) -> int:
@@ -51,6 +60,7 @@ class StatePayload:
 
     def to(self, device: torch.device, pin_memory: bool = False) -> StatePayload:
         """A packed copy on `device` (pinned host memory if asked): one copy when already packed."""
+        self.wait_ready()
         if self.flat is not None:
             tensors, flat = flat_buffers.move(self.tensors, self.flat, device, pin_memory)
         else:
