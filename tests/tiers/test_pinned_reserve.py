@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvcellar.kv import flat as flat_buffers
-from kvcellar.tiers.pinned import PinnedReserve
+from kvcellar.tiers.pinned import SMALL_BYTES, PinnedReserve
 
 
 class CountingAllocator:
@@ -120,7 +120,7 @@ def test_serving_pauses_the_registry_helpers_for_the_whole_request():
 
 def test_refusal_only_while_a_request_runs_and_no_buffer_is_ready():
     allocator = CountingAllocator()
-    reserve = PinnedReserve(600, allocate=allocator)
+    reserve = PinnedReserve(600, allocate=allocator, small_bytes=0)
     reserve.pause(True)  # a request runs
     assert reserve.refusal(200) is not None  # nothing ready: refused (and the thread starts, paused)
     assert allocator.sizes == []
@@ -136,9 +136,11 @@ def test_refusal_only_while_a_request_runs_and_no_buffer_is_ready():
     reserve.close()
 
 
-def test_a_partial_during_a_request_is_refused_until_the_budget_is_allocated():
-    reserve = PinnedReserve(10_000, allocate=CountingAllocator())
+def test_a_large_partial_during_a_request_is_refused_a_small_one_admitted():
+    mib = 1024**2
+    reserve = PinnedReserve(1000 * mib, allocate=CountingAllocator())
     reserve.pause(True)
-    assert reserve.refusal(300, ahead=False) is not None
+    assert reserve.refusal(SMALL_BYTES + 1, ahead=False) is not None  # a long tail: refused
+    assert reserve.refusal(600_000, ahead=False) is None  # a prompt's logits: pinned at once
     assert reserve.stats()["allocated_ahead_bytes"] == 0  # a partial never fixes the size
     reserve.close()

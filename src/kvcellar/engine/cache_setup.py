@@ -38,7 +38,7 @@ class CacheRegistry:
     max_partial_entries: int = 0
     uncacheable_reason: str | None = None
     write_through: tuple[str, ...] = ()
-    helpers: list = field(default_factory=list)  # background helpers of the tiers: .pause(active), .close()
+    helpers: list = field(default_factory=list)  # the tiers' background helpers: .pause(active), .flush(), .close()
     _cores: dict[str, PrefixCache] = field(default_factory=dict)
     # One lock for the cores and the tiers they share: the worker inserts while server threads
     # read stats, clear tiers or change budgets.
@@ -95,8 +95,8 @@ class CacheRegistry:
                 helper.pause(False)
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every tier's queued writes are durable; False if `timeout_s` passed first."""
-        return all([tier.flush(timeout_s) for tier in self.tiers])
+        """Wait until every tier's queued writes are durable (and demotion copies landed); False on timeout."""
+        return all([tier.flush(timeout_s) for tier in self.tiers] + [helper.flush(timeout_s) for helper in self.helpers])
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Flush and release every tier (disk files, writer thread, directory lock). Idempotent."""

@@ -52,9 +52,12 @@ class RequestRunner:
     def run(
         self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool]
     ) -> GenerationResult:
-        # The cache's background helpers (pinned-memory allocation on a GPU) wait for the end of the request.
+        # The cache's background helpers (pinned-memory allocation on a GPU) wait for the end of the request;
+        # the result is emitted after, so a caller that acts on it finds the request over.
         with self.prefix_cache.serving():
-            return self._run(request, emit, is_cancelled)
+            result = self._run(request, emit, is_cancelled)
+        emit(StreamEvent(result=result))
+        return result
 
     def _run(
         self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool]
@@ -86,7 +89,6 @@ class RequestRunner:
         if self.kv_buffers is not None:
             self.kv_buffers.give_back(cache)
             trim_heap()  # CPU: the freed temporaries leave RSS before the caller sees the end (heap.py)
-        emit(StreamEvent(result=result))
         return result
 
     def prefill_prompt(

@@ -2,7 +2,8 @@
 
 Operations: `PinnedReserve(budget_bytes).take(num_bytes, ahead) -> uint8 tensor`,
 `.refusal(num_bytes, ahead)` (why taking one now would stall a request),
-`.pause(active)` (a request runs: allocate nothing), `.stats()`, `.close()`.
+`.pause(active)` (a request runs: allocate nothing), `.copy_stream(device)`
+(where demotions copy) and `.flush()` (wait for those copies), `.stats()`, `.close()`.
 
 Why: page-locking fresh memory is slow (the driver faults in and pins every
 page). Measured on an H100 with the 0.6B shape: while the host tier was
@@ -37,22 +38,29 @@ from collections.abc import Callable
 import torch
 
 
+SMALL_BYTES = 16 * 1024**2  # buffers up to this size are pinned on the request thread (milliseconds)
+
+
 def _pinned_empty(num_bytes: int) -> torch.Tensor:
     return torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
 
 
 class PinnedReserve:
-    def __init__(self, budget_bytes: int, allocate: Callable[[int], torch.Tensor] = _pinned_empty) -> None:
+    def __init__(
+        self, budget_bytes: int, allocate: Callable[[int], torch.Tensor] = _pinned_empty, small_bytes: int = SMALL_BYTES
+    ) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0 (got {budget_bytes})")
         self._budget = budget_bytes
         self._allocate = allocate
+        self._small_bytes = small_bytes  # pinned on the request thread even during a request
         self._size: int | None = None  # the buffer size allocated ahead: the first block's
         self._spare: list[torch.Tensor] = []
         self._allocated_ahead = 0  # bytes the thread has allocated (handed out or spare)
         self._cond = threading.Condition()
         self._closed = False
         self._paused = False
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._thread: threading.Thread | None = None
         self._counts = {"taken_spare": 0, "allocated_on_request": 0}
 
@@ -70,11 +78,13 @@ class PinnedReserve:
         return self._allocate(num_bytes)
 
     def refusal(self, num_bytes: int, ahead: bool = True) -> str | None:
-        """None if a buffer of `num_bytes` can be had now without page-locking memory during a request."""
+        """None if a buffer of `num_bytes` can be had now without page-locking much memory during a request."""
         with self._cond:
             self._learn(num_bytes, ahead)
             if not self._paused or (num_bytes == self._size and self._spare) or self._filled:
                 return None  # no request runs, or a buffer is ready, or torch's allocator recycles freed ones
+            if num_bytes <= self._small_bytes:
+                return None  # a prompt's logits, a short tail: quick to pin
             return "no pinned buffer is ready during a request (they are allocated between requests)"
 
     @property
@@ -94,6 +104,21 @@ class PinnedReserve:
         with self._cond:
             self._paused = active
             self._cond.notify_all()
+
+    def copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The side stream demotions copy on (one per device; `flush` waits for it)."""
+        with self._cond:
+            if device not in self._streams:
+                self._streams[device] = torch.cuda.Stream(device)
+            return self._streams[device]
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every demotion copy issued so far has landed in host memory."""
+        with self._cond:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.synchronize()
+        return True
 
     def stats(self) -> dict[str, int]:
         with self._cond:
