@@ -57,5 +57,20 @@ def test_new_process_restores_from_disk_bit_identically(tiny_model_dirs, tmp_pat
     # The whole prompt was cached with its next-token logits (a 'tail' entry): nothing is recomputed.
     assert warm["cached"] == warm["prompt"] == expected.num_prompt_tokens
     assert warm["by_tier"] == {"disk": warm["prompt"]}
-    assert warm["loads"] == warm["prompt"] // 16 + 1 and warm["corrupt"] == 0  # the blocks, then the tail
+    # One block timed at start-up (cache_setup.prime_load_rates), then the blocks and the tail.
+    assert warm["loads"] == 1 + warm["prompt"] // 16 + 1 and warm["corrupt"] == 0
     assert warm["tokens"] == list(expected.token_ids)
+
+
+def test_an_engine_started_on_a_filled_folder_has_measured_the_disk_before_its_first_hit(tiny_model_dirs, tmp_path):
+    model, cache_dir = str(tiny_model_dirs["qwen3"]), str(tmp_path / "kv")
+    engine = Engine.load(model, block_size=16, cache=CacheConfig(cache_dir=cache_dir))
+    assert "disk" not in engine.prefix_cache.cost_model.snapshot()["load_bytes_per_s"]  # an empty folder: nothing to time
+    engine.generate(PROMPT, max_tokens=1)
+    engine.close()
+    restarted = Engine.load(model, block_size=16, cache=CacheConfig(cache_dir=cache_dir))
+    try:
+        assert restarted.prefix_cache.cost_model.snapshot()["load_bytes_per_s"]["disk"] > 0
+        assert restarted.cache_stats()["tiers"]["disk"]["num_loads"] == 1  # one stored block, timed at start-up
+    finally:
+        restarted.close()

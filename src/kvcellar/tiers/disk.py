@@ -113,6 +113,12 @@ class DiskTier:
         with self._lock:
             return self._s.metadata_entries(self._catalog.children(parent))
 
+    def sample_key(self) -> BlockHash | None:
+        """The most recently used stored whole block (to time one load at start-up); None when there is none."""
+        with self._lock:
+            stored = [r for r in self._catalog if r.state == STORED and not r.is_partial]
+            return max(stored, key=lambda r: r.last_used).key if stored else None
+
     def entries(self) -> list[CacheEntry]:
         with self._lock:
             return self._s.metadata_entries([r for r in self._catalog if r.state != RESERVED])
