@@ -74,3 +74,22 @@ def test_an_engine_started_on_a_filled_folder_has_measured_the_disk_before_its_f
         assert restarted.cache_stats()["tiers"]["disk"]["num_loads"] == 1  # one stored block, timed at start-up
     finally:
         restarted.close()
+
+
+def test_the_worker_times_one_block_of_prefill_at_start_when_a_slower_tier_exists(tiny_model_dirs, tmp_path):
+    import time
+
+    model = str(tiny_model_dirs["qwen3"])
+    with_disk = Engine.load(model, block_size=16, cache=CacheConfig(cache_dir=str(tmp_path / "kv")))
+    device_only = Engine.load(model, block_size=16, cache=CacheConfig())
+    try:
+        deadline = time.monotonic() + 30
+        while with_disk.prefix_cache.cost_model.snapshot()["prefill_tokens_per_s"] is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert with_disk.prefix_cache.cost_model.snapshot()["prefill_tokens_per_s"] > 0
+        assert with_disk.cache_stats()["entries"] == 0  # the timed prefill stored nothing
+        device_only.generate(PROMPT[:10], max_tokens=1)  # runs after the worker's start-up step
+        assert device_only.prefix_cache.cost_model.snapshot()["prefill_tokens_per_s"] is None  # nothing to weigh
+    finally:
+        with_disk.close()
+        device_only.close()

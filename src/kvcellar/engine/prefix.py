@@ -69,6 +69,9 @@ class DisabledPrefixCache:
     def serving(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def wants_prefill_rate(self) -> bool:
+        return False
+
     def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
         return 0, {}
 
@@ -140,6 +143,10 @@ class ModelPrefixCache:
     def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
         """Tokens the next request with these ids would restore, per tier (the lookup is released at once)."""
         return self._core_for_salt(salt).probe(token_ids, exact=self.exact)
+
+    def wants_prefill_rate(self) -> bool:
+        """Whether the cost model has a tier to weigh against recomputing (any tier below the first)."""
+        return len(self._core_for_salt("").tiers) > 1
 
     def record_prefill(self, num_tokens: int, seconds: float) -> None:
         """Measured prefill speed: what the cost model weighs a slow tier's load time against.

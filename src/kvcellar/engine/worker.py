@@ -104,6 +104,10 @@ class ModelWorker:
         return job
 
     def _loop(self) -> None:
+        try:
+            self.runner.time_prefill()  # on this thread: torch compute elsewhere would start a second thread pool
+        except Exception:  # a failed measurement only leaves the cost model unprimed
+            log.exception("the start-up prefill measurement failed; the cost model learns from requests instead")
         while True:
             job = self._jobs.get()
             if job is _STOP:
