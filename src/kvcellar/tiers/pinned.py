@@ -37,7 +37,6 @@ from collections.abc import Callable
 
 import torch
 
-
 SMALL_BYTES = 16 * 1024**2  # buffers up to this size are pinned on the request thread (milliseconds)
 
 
@@ -46,6 +45,8 @@ def _pinned_empty(num_bytes: int) -> torch.Tensor:
 
 
 class PinnedReserve:
+    """Pinned buffers of one size (a block's payload), allocated ahead between requests, up to a budget."""
+
     def __init__(
         self, budget_bytes: int, allocate: Callable[[int], torch.Tensor] = _pinned_empty, small_bytes: int = SMALL_BYTES
     ) -> None:
@@ -100,7 +101,7 @@ class PinnedReserve:
             self._thread.start()
 
     def pause(self, active: bool) -> None:
-        """While active (a prefill runs), the thread allocates nothing."""
+        """While active (a request runs), the thread allocates nothing."""
         with self._cond:
             self._paused = active
             self._cond.notify_all()
