@@ -27,6 +27,12 @@ from kvcellar.bench.scenarios import AGENT, CHAT, DOC_QA, PREFIX, RESTART, build
 WORKLOADS = (PREFIX, CHAT, DOC_QA, AGENT)
 
 
+def wanted_scenarios(config: BenchConfig, scenarios: tuple[str, ...]) -> list[str]:
+    """The scenarios of a mode that this run asked for (restart comes with prefix)."""
+    return [kind for kind in scenarios if config.scenarios is None or kind in config.scenarios
+            or (kind == RESTART and PREFIX in config.scenarios)]  # fmt: skip
+
+
 def warm_up_ids(config: BenchConfig, scenarios: tuple[str, ...]) -> list[int]:
     """Token ids of the request each phase sends before its measured ones (under its own cache salt).
 
@@ -34,8 +40,7 @@ def warm_up_ids(config: BenchConfig, scenarios: tuple[str, ...]) -> list[int]:
     costs (allocator growth, first-touch pages; measured on an H100: a 32K-token prefill took 0.90 s
     the first time, 0.63 s after), which a server pays once, not per request.
     """
-    wanted = [kind for kind in scenarios if config.scenarios is None or kind in config.scenarios
-              or (kind == RESTART and PREFIX in config.scenarios)]  # fmt: skip
+    wanted = wanted_scenarios(config, scenarios)
     longest = max(config.lengths) if PREFIX in wanted or RESTART in wanted else min(config.block_size, 256)
     return make_ids(longest, "warm-up", 1000)
 
@@ -190,9 +195,7 @@ def run_phase(spec: dict, progress: bool = True) -> dict:
         out["skipped"] = opened.skipped
         return out | {"usage": usage.finish()}
     out["memory_after_load"] = memory_report(opened.device)
-    wanted = [kind for kind in mode.scenarios if config.scenarios is None or kind in config.scenarios
-              or (kind == RESTART and PREFIX in config.scenarios)]  # fmt: skip
-    requests = [r for kind in wanted for r in build_requests(kind, config, opened.hi)]
+    requests = [r for kind in wanted_scenarios(config, mode.scenarios) for r in build_requests(kind, config, opened.hi)]
     try:
         bar = tqdm(requests, desc=f"{mode.name:>13}", unit="req", disable=None if progress else True,
                    file=sys.stderr)  # fmt: skip
