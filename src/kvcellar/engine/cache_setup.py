@@ -21,8 +21,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from kvcellar.cache.cost_model import CostModel
 from kvcellar.cache import CacheStats, LayoutCapabilities, MemoryTier, NamespaceSpec, PrefixCache, namespace_digest
+from kvcellar.cache.cost_model import CostModel
 from kvcellar.config import CacheConfig, EngineConfig
 from kvcellar.engine.loader import LoadedModel
 from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache
