@@ -62,7 +62,11 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default=_env("dtype", "auto"), help="auto, bf16, fp16, fp32")
     block = _env("block_size", None)
     group.add_argument("--block-size", type=int, default=int(block) if block else None,
-                       help="cache block = prefill chunk, in tokens (default: 256 on CPU, 2048 on CUDA)")
+                       help="cache block, in tokens (default: 256 on CPU, 2048 on CUDA)")
+    chunk = _env("prefill_chunk_size", None)
+    group.add_argument("--prefill-chunk-size", type=int, default=int(chunk) if chunk else None,
+                       help="tokens per prefill forward pass, a multiple of the block size (default: 1024 on CPU for "
+                            "models with only full-attention layers, else one block)")
     group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch")
     group.add_argument("--device-cache-size", default=_env("device_cache_size", "2G"), help="byte budget of the in-memory tier, e.g. 512M, 4G")
     group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", 16)), help="prompt tails kept (0 disables)")
@@ -101,7 +105,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         use_host_tier=args.host_tier,
     )
     threads = int(args.threads) if args.threads is not None else None
-    return EngineConfig(model, args.device, args.dtype, args.block_size, threads, cache)
+    return EngineConfig(model, args.device, args.dtype, args.block_size, threads, cache, args.prefill_chunk_size)
 
 
 def _cache_dir(args: argparse.Namespace) -> str:

@@ -42,11 +42,10 @@ def format_size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-# Default block (= prefill chunk) per device, by measurement (docs/benchmarks.md). On a 2-core Xeon
-# (0.6B shape) 512- or 1024-token chunks prefill an 8K prompt about as fast as one pass and 256 ~1.2x
-# slower, but in exact mode a chat reuses only whole blocks: with 512, a 448-token chat prompt (the
-# quick bench's) reuses nothing and its turns ran 0.6x the speed of no cache. Chat comes first on a
-# CPU, so 256. A GPU spends ~25 ms of launches per forward on a 0.6B model and wants long kernels:
+# Default block per device, by measurement (docs/benchmarks.md). On a CPU the block is small so that
+# exact mode reuses a chat fine-grained (with 512, a 448-token chat prompt, the quick bench's, reused
+# nothing); the prefill still runs 1024-token chunks where the model allows (engine/prefill.py), since
+# 256-token forward passes prefilled an 8K prompt 1.28x slower than one pass. A GPU spends ~25 ms of launches per forward on a 0.6B model and wants long kernels:
 # 2048 is within 5% of 4096 for an 8B shape at 32K.
 DEFAULT_BLOCK_SIZE = {"cpu": 256, "mps": 256, "cuda": 2048}
 
@@ -117,10 +116,13 @@ class CacheConfig:
 class EngineConfig:
     """How to load and run one model.
 
-    `block_size` is both the cache block and the prefill chunk: prefill runs
-    in chunks aligned to absolute position 0, which is what makes a restored
-    prefix bit-identical to a cold prefill. None: the device's default
-    (`DEFAULT_BLOCK_SIZE`).
+    `block_size` is the cache block. None: the device's default
+    (`DEFAULT_BLOCK_SIZE`). `prefill_chunk_size` (a multiple of it) is the
+    prefill's forward pass: chunks aligned to absolute position 0 up to the
+    prompt's last whole chunk, then one block at a time, which is what makes
+    a restored prefix bit-identical to a cold prefill (cache/layout.py).
+    None: 1024 tokens on a CPU for models whose layers are all full
+    attention, else one block; the engine stores the value it resolved.
     """
 
     model: str
@@ -129,6 +131,7 @@ class EngineConfig:
     block_size: int | None = None
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
+    prefill_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -140,5 +143,8 @@ class EngineConfig:
             object.__setattr__(self, "block_size", default_block_size(self.device))
         if not 1 <= self.block_size <= 65536:
             raise ValueError(f"block_size must be between 1 and 65536 tokens (got {self.block_size})")
+        chunk = self.prefill_chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk % self.block_size):
+            raise ValueError(f"prefill_chunk_size must be a multiple of the block size ({self.block_size}), got {chunk!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 (got {self.num_threads})")

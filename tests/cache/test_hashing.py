@@ -30,7 +30,10 @@ def test_byte_encoding_matches_the_documented_format() -> None:
     assert hash_block(ZERO, tokens) == hashlib.sha256(body).digest()
     partial_body = b"kvcellar-partial-v1\x00" + ZERO + struct.pack("<I", 2) + struct.pack("<2I", 7, 0)
     assert hash_partial(ZERO, [7, 0]) == hashlib.sha256(partial_body).digest()
-    text = json.dumps(dataclasses.asdict(SPEC), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    stepped_body = b"kvcellar-stepped-block-v1\x00" + body.removeprefix(b"kvcellar-block-v1\x00")
+    assert hash_block(ZERO, tokens, stepped=True) == hashlib.sha256(stepped_body).digest()
+    fields = {k: v for k, v in dataclasses.asdict(SPEC).items() if v is not None}  # chunk_size=None is left out
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     assert text == '{"block_size":4,"dtype":"bfloat16","exact":false,"layout_version":1,"model_fingerprint":"model-abc","tenant_salt":""}'
     assert namespace_digest(SPEC) == hashlib.sha256(b"kvcellar-namespace-v1\x00" + text.encode()).digest()
 
@@ -58,6 +61,7 @@ def test_every_namespace_field_and_salt_changes_the_digest() -> None:
         dataclasses.replace(SPEC, block_size=8),
         dataclasses.replace(SPEC, layout_version=2),
         dataclasses.replace(SPEC, exact=True),
+        dataclasses.replace(SPEC, chunk_size=16),
         SPEC.with_salt("tenant-a"),
         SPEC.with_salt("tenant-b"),
     ]
@@ -99,3 +103,18 @@ def test_bad_parent_and_spec_raise_value_error() -> None:
         dataclasses.replace(SPEC, model_fingerprint="")
     with pytest.raises(ValueError, match="block_size"):
         hash_blocks(ZERO, [1, 2], 0)
+
+
+def test_blocks_from_stepped_from_on_get_stepped_keys() -> None:
+    root = namespace_digest(SPEC)
+    tokens = list(range(12))
+    plain, stepped = hash_blocks(root, tokens, 4), hash_blocks(root, tokens, 4, stepped_from=4)
+    assert stepped[0] == plain[0]
+    assert stepped[1] == hash_block(plain[0], tokens[4:8], stepped=True) != plain[1]
+    assert stepped[2] == hash_block(stepped[1], tokens[8:12], stepped=True)
+    assert hash_blocks(root, tokens, 4, stepped_from=12) == plain  # a stepped span with no full block
+
+
+def test_a_chunk_size_that_is_not_a_multiple_of_the_block_is_refused() -> None:
+    with pytest.raises(ValueError, match="chunk_size must be None or a multiple of block_size"):
+        dataclasses.replace(SPEC, chunk_size=6)

@@ -48,6 +48,27 @@ def test_chunks_are_aligned_to_absolute_position_zero():
     assert chunk_ends(0, 40, 16) == [16, 32, 40]
     assert chunk_ends(20, 40, 16) == [32, 40]  # a restore at 20 first completes the block 16..32
     assert chunk_ends(0, 32, 16, extra_cuts=[5, 40]) == [5, 16, 32]
+    # Chunks of 64 up to the last whole chunk, then one block at a time.
+    assert chunk_ends(0, 150, 16, chunk_size=64) == [64, 128, 144, 150]
+    assert chunk_ends(0, 128, 16, chunk_size=64) == [64, 128]
+    assert chunk_ends(80, 150, 16, chunk_size=64) == [128, 144, 150]  # a restore inside a chunk completes it
+    assert chunk_ends(128, 170, 16, chunk_size=64) == [144, 160, 170]
+
+
+def test_prefill_chunk_defaults_to_1024_on_cpu_only_for_full_attention_models(engines):
+    # block 16: 1024 is 64 blocks; sliding-window (gemma3) and recurrent (qwen3_5) layers need one chunk per block
+    assert {arch: engines[arch].config.prefill_chunk_size for arch in ARCHS} == {"qwen3": 1024, "gemma3": 16, "qwen3_5": 16}
+
+
+def test_a_longer_prefill_chunk_than_a_model_allows_falls_back_to_one_block(tiny_model_dirs, caplog):
+    engine = Engine.load(str(tiny_model_dirs["qwen3_5"]), block_size=16, prefill_chunk_size=64, cache=CacheConfig(enabled=False))
+    try:
+        assert engine.config.prefill_chunk_size == 16
+        assert "prefill chunk of 64 tokens ignored" in caplog.text and "recurrent" in caplog.text
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match=r"prefill_chunk_size must be a multiple of the block size \(16\), got 40"):
+        Engine.load(str(tiny_model_dirs["qwen3"]), block_size=16, prefill_chunk_size=40)
 
 
 def test_seeded_sampling_reproduces_and_seeds_differ(engines):

@@ -18,20 +18,25 @@ from kvcellar.engine.request import GenerationRequest
 
 ARCHS = ("qwen3", "gemma3", "qwen3_5")
 BLOCK = 16
+# qwen3 (full attention only) also in prefill chunks of 4 blocks: whole chunks, then stepped blocks.
+CHUNKED = "qwen3-chunked"
+CHUNK = 64
 WORDS = ["cache", "prefix", "token", "block", "layer", "window", "state", "the", "a", "of", "model", "hit", "miss", "disk"]
 # Non-exact mode reuses state computed with other chunk boundaries: float32 rounding differs at ~1e-6.
 NON_EXACT_ATOL = 1e-4
 
 
-def _pair(model_dir, exact=True, dtype="auto"):
-    warm = Engine.load(str(model_dir), block_size=BLOCK, dtype=dtype, cache=CacheConfig(exact=exact))
-    cold = Engine.load(str(model_dir), block_size=BLOCK, dtype=dtype, cache=CacheConfig(enabled=False))
+def _pair(model_dir, exact=True, dtype="auto", chunk=BLOCK):
+    options = {"block_size": BLOCK, "dtype": dtype, "prefill_chunk_size": chunk}
+    warm = Engine.load(str(model_dir), cache=CacheConfig(exact=exact), **options)
+    cold = Engine.load(str(model_dir), cache=CacheConfig(enabled=False), **options)
     return warm, cold
 
 
 @pytest.fixture(scope="module")
 def exact_pairs(tiny_model_dirs):
     pairs = {arch: _pair(tiny_model_dirs[arch]) for arch in ARCHS}
+    pairs[CHUNKED] = _pair(tiny_model_dirs["qwen3"], chunk=CHUNK)
     yield pairs
     for warm, cold in pairs.values():
         warm.close()
@@ -54,7 +59,7 @@ operation = st.one_of(
 )
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", (*ARCHS, CHUNKED))
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations=st.lists(operation, min_size=2, max_size=5))
 def test_exact_mode_matches_cold_bit_for_bit(exact_pairs, arch, operations):
@@ -84,7 +89,7 @@ def test_exact_mode_matches_cold_bit_for_bit(exact_pairs, arch, operations):
             messages.append({"role": "assistant", "content": answer})
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", (*ARCHS, CHUNKED))
 @pytest.mark.parametrize("aligned", [False, True], ids=["with-tail", "block-aligned"])
 def test_exact_repeat_restores_everything_and_uses_saved_logits(exact_pairs, arch, aligned):
     warm, cold = exact_pairs[arch]
@@ -107,6 +112,24 @@ def test_multi_turn_exact_reuses_whole_blocks(exact_pairs):
     prompts = [r.num_prompt_tokens for r in session.results]
     assert cached[1] == (prompts[0] // BLOCK) * BLOCK  # exact mode restores the previous prompt's full blocks
     assert cached[2] >= (prompts[1] // BLOCK) * BLOCK > cached[1]
+
+
+def test_chunked_prefill_reuses_stepped_blocks_only_within_the_same_chunk_span(exact_pairs):
+    # Chunks of 64 tokens (4 blocks) up to the prompt's last whole chunk, then one block at a time.
+    warm, cold = exact_pairs[CHUNKED]
+    warm.clear_cache()  # other tests' prompts share these words
+    ids = warm.encode(_sentence(13, 120))[0]
+    assert len(ids) >= 150
+    expected = [
+        (100, 0),  # cold: [0, 64) in one chunk, then stepped blocks [64, 80) and [80, 96)
+        (120, 96),  # same last whole chunk (64): its stepped blocks are what a cold run computes
+        (140, 64),  # a whole chunk now ends at 128: [64, 128) is one chunk, the stepped blocks do not fit
+        (150, 128),  # the previous request stored [64, 128) as computed in a whole chunk
+    ]
+    for length, cached in expected:
+        restored, warm_logits = _logits(warm, ids[:length])
+        assert restored.num_tokens == cached, f"prompt of {length} tokens"
+        assert torch.equal(warm_logits, _logits(cold, ids[:length])[1])
 
 
 def test_recurrent_model_falls_back_to_block_boundary_and_stays_exact(tiny_model_dirs):

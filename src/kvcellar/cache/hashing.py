@@ -9,11 +9,17 @@ change here needs a new domain tag, never Python's `hash()` or pickle):
 
 - namespace digest = sha256(b"kvcellar-namespace-v1\\x00" + J) where J is the
   UTF-8 encoding of the JSON object of the `NamespaceSpec` fields, written
-  with sorted keys, separators (",", ":") and ASCII escapes.
+  with sorted keys, separators (",", ":") and ASCII escapes; an optional
+  field whose value is None is left out (so adding one keeps older digests).
 - block key = sha256(b"kvcellar-block-v1\\x00" + parent + count + tokens)
   where parent is the 32-byte parent key (the namespace digest for the first
   block), count is the number of tokens as uint32 little-endian and tokens
   are the token ids, each as uint32 little-endian.
+- stepped block key = the same with the tag b"kvcellar-stepped-block-v1\\x00":
+  a block prefilled on its own after the prompt's last full chunk (exact
+  mode with chunks longer than a block; cache/layout.py). Its K/V differ in
+  rounding from the same tokens computed inside a chunk, so it must not
+  share their key.
 - partial key = the same with the tag b"kvcellar-partial-v1\\x00". The
   distinct tag guarantees a partial key never equals a block key.
 
@@ -39,6 +45,7 @@ MAX_TOKEN_ID = 2**32 - 1
 
 _NAMESPACE_TAG = b"kvcellar-namespace-v1\x00"
 _BLOCK_TAG = b"kvcellar-block-v1\x00"
+_STEPPED_BLOCK_TAG = b"kvcellar-stepped-block-v1\x00"
 _PARTIAL_TAG = b"kvcellar-partial-v1\x00"
 
 
@@ -52,6 +59,7 @@ class NamespaceSpec:
     layout_version: int  # payload layout of the tensor side
     exact: bool  # bit-exact mode (block-aligned prefill)
     tenant_salt: str = ""  # isolates tenants (timing side channel)
+    chunk_size: int | None = None  # prefill chunk when longer than a block (it changes the K/V's rounding)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_fingerprint, str) or not self.model_fingerprint:
@@ -66,6 +74,8 @@ class NamespaceSpec:
             raise ValueError(f"exact must be True or False, got {self.exact!r}")
         if not isinstance(self.tenant_salt, str):
             raise ValueError(f"tenant_salt must be a string, got {type(self.tenant_salt).__name__}")
+        if self.chunk_size is not None and (not _is_int(self.chunk_size) or self.chunk_size % self.block_size):
+            raise ValueError(f"chunk_size must be None or a multiple of block_size, got {self.chunk_size!r}")
 
     def with_salt(self, salt: str) -> NamespaceSpec:
         """A copy of this spec in the tenant namespace `salt`."""
@@ -74,14 +84,14 @@ class NamespaceSpec:
 
 def namespace_digest(spec: NamespaceSpec) -> BlockHash:
     """Root key of the namespace `spec`: the parent of every first block."""
-    fields = dataclasses.asdict(spec)
+    fields = {name: value for name, value in dataclasses.asdict(spec).items() if value is not None}
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return BlockHash(hashlib.sha256(_NAMESPACE_TAG + text.encode("utf-8")).digest())
 
 
-def hash_block(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
-    """Key of the full block `token_ids` that follows the entry keyed `parent`."""
-    return _chained(_BLOCK_TAG, parent, token_ids)
+def hash_block(parent: BlockHash, token_ids: Sequence[int], stepped: bool = False) -> BlockHash:
+    """Key of the full block `token_ids` that follows the entry keyed `parent` (`stepped`: see the module doc)."""
+    return _chained(_STEPPED_BLOCK_TAG if stepped else _BLOCK_TAG, parent, token_ids)
 
 
 def hash_partial(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
@@ -89,14 +99,20 @@ def hash_partial(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
     return _chained(_PARTIAL_TAG, parent, token_ids)
 
 
-def hash_blocks(root: BlockHash, token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
-    """Chained keys of the full blocks of `token_ids`; a trailing partial block gets none."""
+def hash_blocks(
+    root: BlockHash, token_ids: Sequence[int], block_size: int, stepped_from: int | None = None
+) -> list[BlockHash]:
+    """Chained keys of the full blocks of `token_ids`; a trailing partial block gets none.
+
+    Blocks starting at or after `stepped_from` (a token position) get stepped keys.
+    """
     if not _is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     keys: list[BlockHash] = []
     parent = root
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
+        stepped = stepped_from is not None and start >= stepped_from
+        parent = hash_block(parent, token_ids[start : start + block_size], stepped)
         keys.append(parent)
     return keys
 

@@ -13,7 +13,9 @@ Rules (n prompt tokens, B = block_size, k leading full blocks found):
   or partial sharing c >= 1 leading tokens with the rest gives p = kB + c;
 - p == n is valid only through a full partial match whose entry has logits;
   otherwise p == n becomes n - 1 when trimming is allowed, else it is dropped;
-- exact mode keeps only block boundaries below n and p == n with logits;
+- exact mode keeps only block boundaries below n that the prompt's own
+  prefill schedule also reaches (`on_schedule`: a chunk boundary, or any
+  block boundary after the last full chunk), and p == n with logits;
 - when kB == n, the children of block k-1's parent are candidates too, so the
   fallback below n can end inside the last block.
 """
@@ -87,6 +89,7 @@ def choose_restore_point(
     block_size: int,
     can_trim: bool,
     exact: bool,
+    chunk_size: int | None = None,
 ) -> RestorePoint:
     """The best valid restore point (RestorePoint(0) on a miss).
 
@@ -99,15 +102,18 @@ def choose_restore_point(
     if n == 0:
         return RestorePoint(0)
     allow_trim = can_trim and not exact
+    chunk = chunk_size or block_size
     raw = [RestorePoint(k), *_child_points(k, children, token_ids[k * block_size :], allow_trim)]
     if k > 0:
         raw.append(RestorePoint(k - 1))
+        if exact:
+            raw.append(RestorePoint(exact_boundary(k, n, block_size, chunk)))
         if k * block_size == n:
             rest = token_ids[(k - 1) * block_size :]
             raw.extend(_child_points(k - 1, previous_children, rest, allow_trim))
     best = RestorePoint(0)
     for point in raw:
-        valid = _validate(point, n, chain, block_size, allow_trim, exact)
+        valid = _validate(point, n, chain, block_size, allow_trim, exact, chunk)
         if valid is not None and valid.rank(block_size) > best.rank(block_size):
             best = valid
     return best
@@ -128,15 +134,30 @@ def _child_points(
             yield RestorePoint(num_blocks, child, common)
 
 
+def on_schedule(p: int, n: int, chunk_size: int) -> bool:
+    """Whether an n-token prompt's prefill passes through position p (a block boundary; cache/layout.py)."""
+    return p % chunk_size == 0 or p > n // chunk_size * chunk_size
+
+
+def exact_boundary(num_blocks: int, n: int, block_size: int, chunk_size: int) -> int:
+    """The most leading blocks, at most `num_blocks`, that exact mode may restore for an n-token prompt."""
+    for count in range(num_blocks, 0, -1):
+        p = count * block_size
+        if p < n and on_schedule(p, n, chunk_size):
+            return count
+    return 0
+
+
 def _validate(
-    point: RestorePoint, n: int, chain: Sequence[CacheEntry], block_size: int, allow_trim: bool, exact: bool
+    point: RestorePoint, n: int, chain: Sequence[CacheEntry], block_size: int, allow_trim: bool, exact: bool,
+    chunk_size: int,
 ) -> RestorePoint | None:
     """`point` itself, its n - 1 trim, or None when it breaks the rules."""
     p = point.num_tokens(block_size)
     if point.use_logits:
         return point
     if exact:
-        return point if point.entry is None and p < n else None
+        return point if point.entry is None and p < n and on_schedule(p, n, chunk_size) else None
     if p < n:
         return point
     if not allow_trim or p == 0:

@@ -34,10 +34,10 @@ from collections.abc import Callable, Sequence
 
 from kvcellar.cache.cost_model import Segment
 from kvcellar.cache.entry import CacheEntry, Priority
-from kvcellar.cache.hashing import BlockHash, hash_block, hash_partial
+from kvcellar.cache.hashing import BlockHash, hash_block, hash_blocks, hash_partial
 from kvcellar.cache.layout import LayoutCapabilities
 from kvcellar.cache.loading import LoadFailed, load_match, restore_entries, tokens_by_tier
-from kvcellar.cache.match import Match, RestorePoint, choose_restore_point
+from kvcellar.cache.match import Match, RestorePoint, choose_restore_point, exact_boundary
 from kvcellar.cache.movement import TierSet
 from kvcellar.cache.observer import CacheObserver, NullObserver
 from kvcellar.cache.partials import PartialLRU
@@ -108,7 +108,7 @@ class PrefixCache:
                 where = {}
                 point, chain = self._restore_point(tokens, exact, where)
                 if planner is not None:
-                    point = self._plan(point, chain, where, planner, len(tokens))
+                    point = self._plan(point, chain, where, planner, len(tokens), exact)
                 try:
                     match = load_match(self._tiers, point, chain, where, self._block_size, self._root)
                     break
@@ -143,10 +143,21 @@ class PrefixCache:
                         tier.complete_load([entry.key])
                         break
 
+    def stepped_from(self, num_tokens: int, exact: bool) -> int | None:
+        """Where an n-token prompt's stepped blocks start (exact mode: see cache/layout.py); None: no stepped keys.
+
+        Outside exact mode any schedule's K/V are good enough, so every block has its plain key.
+        """
+        return self._capabilities.full_chunks_end(num_tokens) if exact else None
+
+    def block_keys(self, token_ids: Sequence[int], *, exact: bool) -> list[BlockHash]:
+        """The chained keys of the prompt's full blocks, as lookups and inserts of this prompt use them."""
+        return hash_blocks(self._root, token_ids, self._block_size, self.stepped_from(len(token_ids), exact))
+
     def _restore_point(
         self, tokens: tuple[int, ...], exact: bool, where: dict[BlockHash, int]
     ) -> tuple[RestorePoint, list[CacheEntry]]:
-        chain = self._walk_chain(tokens, where)
+        chain = self._walk_chain(tokens, where, self.stepped_from(len(tokens), exact))
         parent = chain[-1].key if chain else self._root
         children = self._set.children(parent, where)
         previous: list[CacheEntry] = []
@@ -155,15 +166,19 @@ class PrefixCache:
         point = choose_restore_point(
             tokens, chain, children, previous,
             block_size=self._block_size, can_trim=self._capabilities.can_trim, exact=exact,
+            chunk_size=self._capabilities.chunk_size,
         )  # fmt: skip
         return point, chain
 
-    def _walk_chain(self, tokens: tuple[int, ...], where: dict[BlockHash, int]) -> list[CacheEntry]:
+    def _walk_chain(
+        self, tokens: tuple[int, ...], where: dict[BlockHash, int], stepped_from: int | None
+    ) -> list[CacheEntry]:
         chain: list[CacheEntry] = []
         parent = self._root
         block_size = self._block_size
         for start in range(0, len(tokens) - block_size + 1, block_size):
-            key = hash_block(parent, tokens[start : start + block_size])
+            stepped = stepped_from is not None and start >= stepped_from
+            key = hash_block(parent, tokens[start : start + block_size], stepped)
             found = self._set.find(key)
             if found is None:
                 break
@@ -173,7 +188,8 @@ class PrefixCache:
         return chain
 
     def _plan(
-        self, point: RestorePoint, chain: list[CacheEntry], where: dict[BlockHash, int], planner: Planner, n: int
+        self, point: RestorePoint, chain: list[CacheEntry], where: dict[BlockHash, int], planner: Planner, n: int,
+        exact: bool,
     ) -> RestorePoint:
         """Keep only the leading entries the planner finds faster to load than to compute."""
         used = restore_entries(point, chain)
@@ -185,10 +201,12 @@ class PrefixCache:
         count = planner(segments, n - point.num_tokens(block_size))
         if count >= len(used):
             return point
-        shorter = RestorePoint(min(count, point.num_blocks))
-        if shorter.num_tokens(block_size) >= n:  # a boundary at the prompt's end needs logits: step back
-            shorter = RestorePoint(shorter.num_blocks - 1)
-        return shorter
+        num_blocks = min(count, point.num_blocks)
+        if exact:  # only where the prompt's own prefill schedule passes (match.on_schedule)
+            return RestorePoint(exact_boundary(num_blocks, n, block_size, self._capabilities.chunk_size))
+        if num_blocks * block_size >= n:  # a boundary at the prompt's end needs logits: step back
+            num_blocks -= 1
+        return RestorePoint(num_blocks)
 
     # -- insert ------------------------------------------------------------------------------
 
@@ -200,12 +218,16 @@ class PrefixCache:
         num_bytes: int,
         priority: Priority,
         tier_name: str | None = None,
+        stepped: bool = False,
     ) -> BlockHash | None:
-        """Store a full block after `parent`; its key, or None when refused (parent missing, no room)."""
+        """Store a full block after `parent`; its key, or None when refused (parent missing, no room).
+
+        `stepped`: the block was prefilled on its own, after its prompt's last full chunk (`stepped_from`).
+        """
         tokens = tuple(token_ids)
         if len(tokens) != self._block_size:
             raise ValueError(f"a block holds exactly {self._block_size} tokens, got {len(tokens)}; use insert_partial")
-        key = hash_block(parent, tokens)
+        key = hash_block(parent, tokens, stepped)
         entry = CacheEntry(key, parent, tokens, num_bytes, priority, payload, is_partial=False, namespace=self._root)
         with self._lock:
             stored = self._set.store(entry, self._set.index_of(tier_name))

@@ -125,6 +125,7 @@ def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[Model
     if not cache_config.enabled or not layout.is_cacheable:
         reason = "disabled by configuration" if not cache_config.enabled else layout.uncacheable_reason
         return DisabledPrefixCache(model_config), CacheRegistry(None, None, uncacheable_reason=reason)
+    chunk = config.prefill_chunk_size or config.block_size
     spec = NamespaceSpec(
         model_fingerprint=loaded.fingerprint,
         dtype=str(loaded.dtype).removeprefix("torch."),
@@ -132,11 +133,12 @@ def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[Model
         layout_version=LAYOUT_VERSION,
         exact=cache_config.exact,
         tenant_salt=cache_config.tenant_salt,
+        chunk_size=chunk if chunk > config.block_size else None,  # None keeps the digests of one-block chunks
     )
     tiers, helpers = _build_tiers(loaded, layout, cache_config, config.block_size)
     write_through = ("disk",) if any(tier.name == "disk" for tier in tiers) else ()
     registry = CacheRegistry(
-        spec, layout.capabilities(config.block_size), tiers, cache_config.max_partial_entries, write_through=write_through,
+        spec, layout.capabilities(config.block_size, chunk), tiers, cache_config.max_partial_entries, write_through=write_through,
         helpers=helpers,
     )  # fmt: skip
     prefix_cache = ModelPrefixCache(

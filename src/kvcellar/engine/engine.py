@@ -17,11 +17,13 @@ from kvcellar.config import CacheConfig, EngineConfig
 from kvcellar.engine.cache_report import ProbeResult, cache_report
 from kvcellar.engine.cache_setup import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
+from kvcellar.engine.prefill import chunk_size_for
 from kvcellar.engine.prompt import encode_chat, encode_text
 from kvcellar.engine.request import GenerationRequest, GenerationResult, PromptSegments
 from kvcellar.engine.runner import RequestRunner
 from kvcellar.engine.sampling import SamplingParams
 from kvcellar.engine.worker import GenerationStream, ModelWorker
+from kvcellar.kv import inspect_layout
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,11 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
+        chunk = chunk_size_for(config.prefill_chunk_size, config.block_size, inspect_layout(self.loaded.model.config),
+                               self.loaded.device.type)  # fmt: skip
+        self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved, like block_size
         self.prefix_cache, self.cache_registry = build_prefix_cache(self.loaded, config)
-        self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size))
+        self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk))
         # An engine nobody closed is closed at interpreter exit: the worker thread stops before torch
         # tears down (else the process may abort), and queued disk writes are flushed.
         self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry)
@@ -55,8 +60,9 @@ class Engine:
         block_size: int | None = None,
         num_threads: int | None = None,
         cache: CacheConfig | None = None,
+        prefill_chunk_size: int | None = None,
     ) -> Engine:
-        return cls(EngineConfig(model, device, dtype, block_size, num_threads, cache or CacheConfig()))
+        return cls(EngineConfig(model, device, dtype, block_size, num_threads, cache or CacheConfig(), prefill_chunk_size))
 
     # -- prompts ---------------------------------------------------------------------------------
     @property

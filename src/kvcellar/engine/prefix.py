@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kvcellar.cache import Match, Priority, PrefixCache, hash_block, hash_blocks
+from kvcellar.cache import Match, Priority, PrefixCache, hash_block
 from kvcellar.cache.cost_model import CostModel
 from kvcellar.engine.request import PromptSegments
 from kvcellar.kv import ModelLayout, build_cache, capture_entry
@@ -78,7 +78,7 @@ class DisabledPrefixCache:
     def record_prefill(self, num_tokens: int, seconds: float) -> None:
         return None
 
-    def capture_prompt_hook(self, token_ids, segments, cache, salt="") -> Callable[[int, torch.Tensor], None] | None:
+    def capture_prompt_hook(self, token_ids, segments, cache, salt="") -> Callable[[int, int, torch.Tensor | None], None] | None:
         return None
 
     def decode_hook(self, token_ids, cache, salt="") -> Callable[[list[int]], None] | None:
@@ -168,24 +168,29 @@ class ModelPrefixCache:
 
     def capture_prompt_hook(
         self, token_ids: Sequence[int], segments: PromptSegments, cache: DynamicCache, salt: str = ""
-    ) -> Callable[[int, torch.Tensor], None]:
-        """A prefill hook that stores each full block, each message-boundary checkpoint and the prompt's tail."""
+    ) -> Callable[[int, int, torch.Tensor | None], None]:
+        """A prefill hook that stores each full block, each message-boundary checkpoint and the prompt's tail.
+
+        A chunk may span several blocks (engine/prefill.py): each is captured, keyed as its prompt's
+        schedule computed it (`PrefixCache.stepped_from`).
+        """
         core = self._core_for_salt(salt)
         block = self.block_size
-        hashes = hash_blocks(core.root, token_ids, block)
+        hashes = core.block_keys(token_ids, exact=self.exact)
+        stepped_from = core.stepped_from(len(token_ids), self.exact)
         checkpoints = set(self.checkpoint_positions(token_ids, segments))
         num_tokens = len(token_ids)
 
-        def on_chunk_end(end: int, logits: torch.Tensor) -> None:
-            if end % block == 0:
-                start = end - block
+        def on_chunk_end(chunk_start: int, end: int, logits: torch.Tensor | None) -> None:
+            for block_end in range((chunk_start // block + 1) * block, end + 1, block):
+                start = block_end - block
                 parent = hashes[start // block - 1] if start else core.root
-                payload = capture_entry(cache, self._layout, start, end)
-                priority = segment_priority(start, end, segments)
-                core.insert_block(parent, token_ids[start:end], payload, payload.num_bytes, priority)
+                payload = capture_entry(cache, self._layout, start, block_end)
+                priority = segment_priority(start, block_end, segments)
+                stepped = stepped_from is not None and start >= stepped_from
+                core.insert_block(parent, token_ids[start:block_end], payload, payload.num_bytes, priority, stepped=stepped)
             if end == num_tokens or end in checkpoints:
-                final_logits = logits if end == num_tokens else None
-                self._store_partial(core, cache, token_ids, end, final_logits, segment_priority(end - 1, end, segments), hashes)
+                self._store_partial(core, cache, token_ids, end, logits, segment_priority(end - 1, end, segments), hashes)
 
         return on_chunk_end
 
@@ -205,7 +210,7 @@ class ModelPrefixCache:
             return None
         core = self._core_for_salt(salt)
         block = self.block_size
-        chain = hash_blocks(core.root, token_ids, block)
+        chain = core.block_keys(token_ids, exact=False)
 
         def on_token_fed(sequence: list[int]) -> None:
             # `sequence` = prompt + generated tokens whose KV is now in `cache`.
@@ -228,5 +233,5 @@ class ModelPrefixCache:
         if self.exact or len(sequence) % self.block_size == 0:
             return
         core = self._core_for_salt(salt)
-        hashes = hash_blocks(core.root, sequence, self.block_size)
+        hashes = core.block_keys(sequence, exact=False)
         self._store_partial(core, cache, sequence, len(sequence), None, Priority.ASSISTANT, hashes)

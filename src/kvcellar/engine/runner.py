@@ -26,10 +26,13 @@ from kvcellar.kv.growing_layer import new_cache
 
 
 class RequestRunner:
-    def __init__(self, loaded: LoadedModel, prefix_cache: ModelPrefixCache | DisabledPrefixCache, block_size: int) -> None:
+    def __init__(
+        self, loaded: LoadedModel, prefix_cache: ModelPrefixCache | DisabledPrefixCache, block_size: int, chunk_size: int
+    ) -> None:
         self.loaded = loaded
         self.prefix_cache = prefix_cache
         self.block_size = block_size
+        self.chunk_size = chunk_size  # prefill chunk, a multiple of block_size (engine/prefill.py)
         self._eos_ids = loaded.eos_token_ids
         # CUDA's caching allocator already reuses freed blocks (and could lend them to other tensors).
         self.kv_buffers = KvBufferPool() if loaded.device.type == "cpu" else None
@@ -65,7 +68,7 @@ class RequestRunner:
         ids = torch.arange(length, device=self.loaded.device) % vocab
         cache = new_cache(self.loaded.model.config, length)
         started = time.perf_counter()
-        prefill(self.loaded.model, cache, ids, 0, self.block_size)
+        prefill(self.loaded.model, cache, ids, 0, self.block_size, chunk_size=self.chunk_size)
         if self.loaded.device.type == "cuda":
             torch.cuda.synchronize(self.loaded.device)
         self.prefix_cache.record_prefill(length, time.perf_counter() - started)
@@ -131,7 +134,7 @@ class RequestRunner:
                 hook = self.prefix_cache.capture_prompt_hook(prompt, request.segments, restored.cache, request.cache_salt)
                 cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
                 logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts, hook,
-                                 is_cancelled)  # fmt: skip
+                                 is_cancelled, self.chunk_size)  # fmt: skip
         if self.loaded.device.type == "cuda":  # kernels run behind the CPU: wait, so prefill_s is the true time
             torch.cuda.synchronize(self.loaded.device)  # (free: sampling the first token waits for them anyway)
         timings.prefill_s = time.perf_counter() - started
