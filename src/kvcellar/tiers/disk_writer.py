@@ -50,7 +50,11 @@ class DiskWriter:
         state.index.commit()
 
     def write_batch(self, jobs: list[Record], wait_turn: Callable[[], None] = lambda: None) -> None:
-        """Write each still-queued record's file (`wait_turn()` first: pacing), then index them in one commit."""
+        """Write each still-queued record's file, then index them in one commit.
+
+        Pacing: `wait_turn()` before each file and inside it (before each tensor and the fsync): the
+        queue's thread waits there while a prefill runs (writer.py).
+        """
         state = self._state
         written: list[tuple[Record, CacheEntry]] = []
         for record in jobs:
@@ -63,7 +67,7 @@ class DiskWriter:
                 entry, header = record.entry, record.header
             started = time.perf_counter()
             try:
-                write_entry(state.path(record), header, entry.payload, state.codec, state.known_dirs)
+                write_entry(state.path(record), header, entry.payload, state.codec, state.known_dirs, wait_turn)
             except Exception as exc:  # ENOSPC, EIO, a payload the codec cannot encode: a counted drop
                 self._failed(record, exc)
                 continue

@@ -14,7 +14,7 @@ served only if its size, format, key, namespace, parent, kind, layout and
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -94,13 +94,20 @@ def _digest(algorithm: str, head: bytes, body: list[memoryview] | memoryview) ->
     return hasher.hexdigest()
 
 
-def write_entry(path: Path, header: EntryHeader, payload: object, codec: PayloadCodec, known_dirs: set[Path]) -> int:
+def write_entry(
+    path: Path, header: EntryHeader, payload: object, codec: PayloadCodec, known_dirs: set[Path],
+    pause: Callable[[], None] = lambda: None,
+) -> int:  # fmt: skip
     """Write the file atomically in one pass; returns its size (equal to `header.file_size`).
 
     The header goes first with its checksum digits as zeros (exactly the bytes
     the checksum covers), each tensor is hashed right before it is written
     (still in cache), and the final header overwrites the first one before
     the fsync and rename: no copy of the payload, one read of it.
+    `pause()` is called before each tensor and before the fsync: the writer
+    thread waits there while a prefill runs, so a file begun between two
+    requests stops within one tensor (~0.5 MB) instead of running on through
+    the next prefill (the temp file stays invisible meanwhile).
     """
     buffers = codec.tensor_bytes(payload, header.tensors)
     for spec, buffer in zip(header.tensors, buffers):
@@ -112,10 +119,12 @@ def write_entry(path: Path, header: EntryHeader, payload: object, codec: Payload
 
     def hashed(chunks: list[bytes | memoryview]) -> Iterator[bytes | memoryview]:
         for chunk in chunks:
+            pause()
             hasher.update(chunk)
             yield chunk
 
-    def final_header() -> bytes:
+    def final_header() -> bytes:  # called once every chunk is written, right before the fsync
+        pause()
         head = encode_header(replace(header, checksum=f"{algorithm}:{hasher.hexdigest()}"))
         if len(head) != len(zeroed):  # fixed-width digits: the budget reserved exactly file_size bytes
             raise ValueError(f"entry header would be {len(head)} bytes, {len(zeroed)} were reserved")

@@ -13,7 +13,9 @@ Ordering invariants (one thread does all file work, so they are simple):
   finished, and deleted if it was dropped meanwhile, before the newer one);
 - when idle, and on flush, the handler persists recency (last-used clocks).
 Pacing: while the model computes (`defer(True)`), the handler waits before
-each file (`wait_turn`) until the model is idle, unless the backlog is
+each file and inside it (`wait_turn`: before each tensor and the fsync, so
+a file begun between two requests stops within ~0.5 MB when the next
+prefill starts) until the model is idle, unless the backlog is
 urgent: the oldest write in the batch is MAX_DEFER_S old, the queue is full
 (all its entries or bytes reserved, or it has refused a write for room since
 it last emptied), or a flush/close waits. Deletions and
@@ -44,7 +46,7 @@ class WriteHandler(Protocol):
     def delete_files(self, items: list) -> None: ...
 
     def write_batch(self, jobs: list, wait_turn: Callable[[], None]) -> None:
-        """Write `jobs` in order, calling `wait_turn()` before each file it writes."""
+        """Write `jobs` in order, calling `wait_turn()` before each file it writes and between its pieces."""
         ...
 
     def sync_recency(self) -> None: ...
