@@ -47,3 +47,12 @@ def test_checks_catch_broken_figures():
     assert any("no reuse possible" in p for p in problems)
     assert any("exact repeat restored 1792 of 2048" in p for p in problems)
     assert any("do not add up" in p for p in problems)
+
+
+def test_a_nearest_prefix_may_fall_back_to_a_whole_chunk():
+    nearest = sample("nearest@2K", "nearest", 0.5, 2048, 1024, {"device": 1024})  # diverged at 1920
+    assert any("expected at least 1792" in p for p in check_consistency([{"mode": "kvcellar", "samples": [nearest]}], 256))
+    chunked = {"mode": "kvcellar", "samples": [nearest], "info": {"prefill_chunk_size": 1024}}
+    assert check_consistency([chunked], 256) == []
+    short = {**chunked, "samples": [sample("nearest@2K", "nearest", 0.5, 2048, 768, {"device": 768})]}
+    assert any("expected at least 1024" in p for p in check_consistency([short], 256))

@@ -88,6 +88,8 @@ def test_stats_have_cumulative_counters_and_windows(server, unique):
         assert window["requests"] >= 2 and 0 < window["hit_rate"] <= 1 and window["span_s"] >= 0
     assert after["history"] and {"time_s", "hit_tokens", "saved_tokens"} <= set(after["history"][0])
     assert after["model"] == server.model and after["queue_depth"] == 0
+    health = server.get("/health").json()
+    assert health["block_size"] > 0 and health["prefill_chunk_size"] % health["block_size"] == 0
 
 
 def _metric(text: str, name: str) -> float:

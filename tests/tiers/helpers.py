@@ -32,9 +32,10 @@ def payload_for(key: bytes) -> dict[str, bytes]:
 
 
 def make_block(
-    parent: BlockHash, tokens: Sequence[int], root: BlockHash = ROOT_A, priority: Priority = Priority.USER
+    parent: BlockHash, tokens: Sequence[int], root: BlockHash = ROOT_A, priority: Priority = Priority.USER,
+    stepped: bool = False,
 ) -> CacheEntry:
-    key = hash_block(parent, tokens)
+    key = hash_block(parent, tokens, stepped)
     body = payload_for(key)
     size = sum(len(v) for v in body.values())
     return CacheEntry(key, parent, tuple(tokens), size, priority, body, is_partial=False, namespace=root)

@@ -55,6 +55,7 @@ def test_restart_in_a_new_process_finds_every_entry_byte_for_byte(tmp_path):
     tier = open_tier(tmp_path / "kv")
     entries = chain(range(20)) + chain(range(100, 108), root=ROOT_B)
     entries.append(make_partial(entries[1].key, [7, 7], has_logits=True))
+    entries.append(make_block(entries[4].key, [5, 5, 5, 5], stepped=True))  # keyed as prefilled after the last chunk
     for entry in entries:
         assert store(tier, entry)
     tier.close()  # flushes the queue

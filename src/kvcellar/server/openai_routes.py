@@ -51,7 +51,9 @@ async def list_models(request: Request, tenant: Tenant = Depends(current_tenant)
 @router.get("/health", tags=["server"])
 async def health(request: Request, tenant: Tenant = Depends(current_tenant)) -> dict:
     engine = request.app.state.engine
-    return {"status": "ok", "model": engine.model_name, "queue_depth": engine.queue_depth}
+    config = engine.config
+    return {"status": "ok", "model": engine.model_name, "queue_depth": engine.queue_depth,
+            "block_size": config.block_size, "prefill_chunk_size": config.prefill_chunk_size}  # fmt: skip
 
 
 async def _generate(kind: str, body: ChatCompletionRequest | CompletionRequest, request: Request, tenant: Tenant):

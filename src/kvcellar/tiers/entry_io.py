@@ -146,8 +146,11 @@ def _check(header: EntryHeader, size: int, expected: Expected, layout: str) -> N
     for failed, reason in problems:
         if failed:
             raise FormatError(reason)
-    rehash = hash_partial if header.is_partial else hash_block
-    if rehash(header.parent, header.token_ids) != header.key:
+    if header.is_partial:
+        keys = {hash_partial(header.parent, header.token_ids)}
+    else:  # a block's key is plain or "stepped" (prefilled after its prompt's last whole chunk: cache/hashing.py)
+        keys = {hash_block(header.parent, header.token_ids, stepped) for stepped in (False, True)}
+    if header.key not in keys:
         raise FormatError("key is not the hash of parent and token ids")
 
 
