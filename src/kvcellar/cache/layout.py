@@ -20,6 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def full_chunks_end(num_tokens: int, chunk_size: int) -> int:
+    """Where an n-token prompt's whole prefill chunks end; blocks after it are prefilled (and keyed) stepped."""
+    return num_tokens // chunk_size * chunk_size
+
+
 @dataclass(frozen=True)
 class LayoutCapabilities:
     block_size: int  # tokens per block
@@ -46,8 +51,7 @@ class LayoutCapabilities:
             raise ValueError("chunk_size > block_size needs every layer to be full attention (no recurrent or sliding layers)")
 
     def full_chunks_end(self, num_tokens: int) -> int:
-        """Where an n-token prompt's whole chunks end: blocks after it are prefilled (and keyed) stepped."""
-        return num_tokens // self.chunk_size * self.chunk_size
+        return full_chunks_end(num_tokens, self.chunk_size)
 
     @property
     def can_trim(self) -> bool:

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvcellar.cache.entry import CacheEntry
+from kvcellar.cache.layout import full_chunks_end
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def _child_points(
 
 def on_schedule(p: int, n: int, chunk_size: int) -> bool:
     """Whether an n-token prompt's prefill passes through position p (a block boundary; cache/layout.py)."""
-    return p % chunk_size == 0 or p > n // chunk_size * chunk_size
+    return p % chunk_size == 0 or p > full_chunks_end(n, chunk_size)
 
 
 def exact_boundary(num_blocks: int, n: int, block_size: int, chunk_size: int) -> int:

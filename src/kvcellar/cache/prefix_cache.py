@@ -157,7 +157,7 @@ class PrefixCache:
     def _restore_point(
         self, tokens: tuple[int, ...], exact: bool, where: dict[BlockHash, int]
     ) -> tuple[RestorePoint, list[CacheEntry]]:
-        chain = self._walk_chain(tokens, where, self.stepped_from(len(tokens), exact))
+        chain = self._walk_chain(self.block_keys(tokens, exact=exact), where)
         parent = chain[-1].key if chain else self._root
         children = self._set.children(parent, where)
         previous: list[CacheEntry] = []
@@ -170,21 +170,15 @@ class PrefixCache:
         )  # fmt: skip
         return point, chain
 
-    def _walk_chain(
-        self, tokens: tuple[int, ...], where: dict[BlockHash, int], stepped_from: int | None
-    ) -> list[CacheEntry]:
+    def _walk_chain(self, keys: Sequence[BlockHash], where: dict[BlockHash, int]) -> list[CacheEntry]:
+        """The resident entries of the leading `keys` (the prompt's block keys), up to the first one missing."""
         chain: list[CacheEntry] = []
-        parent = self._root
-        block_size = self._block_size
-        for start in range(0, len(tokens) - block_size + 1, block_size):
-            stepped = stepped_from is not None and start >= stepped_from
-            key = hash_block(parent, tokens[start : start + block_size], stepped)
+        for key in keys:
             found = self._set.find(key)
             if found is None:
                 break
             chain.append(found[0])
             where[key] = found[1]
-            parent = key
         return chain
 
     def _plan(

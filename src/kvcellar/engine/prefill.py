@@ -9,9 +9,10 @@ kernels on the same shapes, which is what makes their logits bit-identical.
 
 Why chunks longer than a block (CPU only, `chunk_size_for`): each forward
 pass streams all weights and runs the matrix units at the chunk's row count.
-On a 2-core Xeon with AMX, the 0.6B shape prefilled an 8K prompt in
-256-token chunks 1.28x slower than in one pass, and in 1024-token chunks
-1.01x (docs/benchmarks.md).
+On a 2-core Xeon with AMX (0.6B shape, `bench/chunking.py`, docs/benchmarks.md),
+1024-token chunks took 0.89x / 0.82x the time of one pass at 2K / 8K tokens,
+256-token chunks 1.04x / 0.98x in the same run and up to 1.22x / 1.28x in
+earlier ones; 512-token chunks sat between.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from kvcellar.cache.layout import full_chunks_end
 from kvcellar.kv.layout import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 # (chunk start, chunk end, the next-token logits at end - 1: only for the chunk that ends the prompt, else None)
 ChunkHook = Callable[[int, int, "torch.Tensor | None"], None]
 
-CPU_CHUNK_TOKENS = 1024  # measured, see the module doc; past it a CPU gains little (2048: 1.00x at 8K)
+CPU_CHUNK_TOKENS = 1024  # measured, see the module doc
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that skips the LM head (no logits wanted)
 
 
@@ -56,9 +58,9 @@ def chunk_size_for(requested: int | None, block_size: int, layout: ModelLayout, 
 def chunk_ends(start: int, end: int, block_size: int, extra_cuts: Iterable[int] = (), chunk_size: int | None = None) -> list[int]:
     """Sorted chunk end positions in (start, end]: chunk then block boundaries, extra cuts, and `end`."""
     chunk = chunk_size or block_size
-    full_chunks_end = end // chunk * chunk
-    ends = set(range((start // chunk + 1) * chunk, full_chunks_end + 1, chunk))
-    ends.update(range(max(start, full_chunks_end) // block_size * block_size + block_size, end, block_size))
+    chunks_end = full_chunks_end(end, chunk)
+    ends = set(range((start // chunk + 1) * chunk, chunks_end + 1, chunk))
+    ends.update(range(max(start, chunks_end) // block_size * block_size + block_size, end, block_size))
     ends.update(cut for cut in extra_cuts if start < cut < end)
     ends.add(end)
     return sorted(ends)
