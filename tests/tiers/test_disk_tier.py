@@ -225,3 +225,17 @@ def test_a_closed_tier_refuses_stores_and_finds_nothing(tmp_path):
     tier.close()
     assert not tier.prepare_store(second).accepted and tier.get(first.key) is None and tier.children(ROOT_A) == []
     assert tier.flush(1)
+
+
+def test_the_start_up_sample_comes_from_the_asking_namespace_only(tmp_path):
+    tier = open_tier(tmp_path / "kv")
+    try:
+        mine, other = chain(range(8)), chain(range(100, 108), root=ROOT_B)
+        for entry in [*mine, *other]:  # the other namespace's blocks are the most recent
+            assert store(tier, entry)
+        tier.flush()  # only written files are sampled
+        assert tier.sample_key(ROOT_A) in {entry.key for entry in mine}
+        assert tier.sample_key(ROOT_B) in {entry.key for entry in other}
+        assert tier.sample_key(bytes(32)) is None
+    finally:
+        tier.close()

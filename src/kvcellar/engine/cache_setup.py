@@ -21,7 +21,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from kvcellar.cache import CacheStats, LayoutCapabilities, MemoryTier, NamespaceSpec, PrefixCache, namespace_digest
+from kvcellar.cache import (
+    BlockHash, CacheStats, LayoutCapabilities, MemoryTier, NamespaceSpec, PrefixCache, namespace_digest,
+)  # fmt: skip
 from kvcellar.cache.cost_model import CostModel
 from kvcellar.config import CacheConfig, EngineConfig
 from kvcellar.engine.loader import LoadedModel
@@ -145,19 +147,19 @@ def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[Model
         registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, loaded.device,
         computing=registry.computing, serving=registry.serving,
     )
-    prime_load_rates(tiers, prefix_cache.cost_model)
+    prime_load_rates(tiers, prefix_cache.cost_model, namespace_digest(spec))  # the default salt's namespace
     return prefix_cache, registry
 
 
-def prime_load_rates(tiers: list, cost_model: CostModel) -> None:
-    """Time one stored block's load from each tier that persists across restarts (`sample_key`).
+def prime_load_rates(tiers: list, cost_model: CostModel, namespace: BlockHash) -> None:
+    """Time one stored block of `namespace` loading from each tier that persists across restarts (`sample_key`).
 
     Without it, a process started on a full cache folder loads its first hits whatever they cost, to
     find out: on an H100 with the 0.6B shape the first 8K-token restart hit read the disk for 0.64 s,
     where a prefill takes 0.11 s. The cost model then weighs the first hits against a measured rate.
     """
     for tier in tiers:
-        key = tier.sample_key() if hasattr(tier, "sample_key") else None
+        key = tier.sample_key(namespace) if hasattr(tier, "sample_key") else None
         if key is None:
             continue
         started = time.perf_counter()

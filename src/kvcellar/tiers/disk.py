@@ -113,10 +113,14 @@ class DiskTier:
         with self._lock:
             return self._s.metadata_entries(self._catalog.children(parent))
 
-    def sample_key(self) -> BlockHash | None:
-        """The most recently used stored whole block (to time one load at start-up); None when there is none."""
+    def sample_key(self, namespace: BlockHash) -> BlockHash | None:
+        """The most recently used stored whole block of `namespace` (to time one load at start-up), or None.
+
+        Only the caller's namespace: another model's block would fail its layout check, and a failed
+        check quarantines the file, a valid block of that other model.
+        """
         with self._lock:
-            stored = [r for r in self._catalog if r.state == STORED and not r.is_partial]
+            stored = [r for r in self._catalog if r.state == STORED and not r.is_partial and r.namespace == namespace]
             return max(stored, key=lambda r: r.last_used).key if stored else None
 
     def entries(self) -> list[CacheEntry]:
