@@ -19,6 +19,10 @@ and the unchunked forward below also follows a warm-up forward of other tokens.
   sends P (insert: cold + capture), P again 3 times (exact-repeat hit: TTFT and its
   lookup / restore / prefill split), then P + 64 new tokens 3 times with different new
   tokens (multi-turn hit; ratios to the floor and to 64 / cold tok/s). Medians reported.
+  Each of these follows a request that shared P, so its K/V buffers still hold P's blocks
+  and the hit adopts them in place ("in place": kv/buffer_pool.py). The same two kinds of
+  hit run again 3 times each right after another cached prompt ("copied": P's blocks are
+  restored from the memory tier by copy, as when requests of other users interleave).
 
 Memory (Linux): RSS after load (weights paged in, no forward yet); per-request
 peak RSS (high-water mark reset via /proc/self/clear_refs); cache bytes; one request's KV
@@ -26,7 +30,7 @@ peak RSS (high-water mark reset via /proc/self/clear_refs); cache bytes; one req
 Second baseline (cached modes): RSS after the warm-up request with the cache and the engine's
 K/V buffer pool emptied and the heap trimmed (the runtime state of a model that has run once);
 "warm budget" = that + cache + KV. A second warm-up request (other tokens) then refills the pool.
-Hit 1 runs as is; then malloc_trim(0) returns glibc's freed heap before hits 2-3 (the engine
+Hit 1 runs as is; then malloc_trim(0) returns glibc's freed heap before hits 2-3 and the copied ones (the engine
 itself trims after each CPU request, so the two should now agree).
 CPU use (CPU s / wall s: 1.5-2 with the cores to ourselves; lower: shared) flags bad runs.
 llama.cpp figures (same CPU, weights and token ids; /work/shared/ANCHORS.md) print alongside.
@@ -53,7 +57,8 @@ from pathlib import Path
 ANCHORS = {2048: {"cold_s": 32.3, "hit_s": 0.20, "extend64_s": 1.43},  # llama.cpp llama-server, cache_prompt,
            8192: {"cold_s": 253.0, "hit_s": 0.53, "extend64_s": 3.50}}  # 2 threads, same CPU (ANCHORS.md)
 NEW_TOKENS, REPEATS, THREADS, MIB = 64, 3, 2, 1024**2
-SPLIT = ("ttft_s", "lookup_s", "restore_s", "prefill_s", "num_cached_tokens")
+SPLIT = ("ttft_s", "lookup_s", "restore_s", "prefill_s", "num_cached_tokens", "num_resident_tokens")
+PARTS = (("hit", "hits"), ("hit_copied", "hits_copied"), ("turn", "turns"), ("turn_copied", "turns_copied"))
 
 
 def log(msg: str) -> None:
@@ -105,6 +110,7 @@ def request(engine, ids: list[int]) -> dict:
     t = r.timings
     return {"ttft_s": t.ttft_s, "lookup_s": t.lookup_s, "restore_s": t.restore_s, "prefill_s": t.prefill_s,
             "num_prefill_tokens": t.num_prefill_tokens, "num_cached_tokens": r.num_cached_tokens,
+            "num_resident_tokens": t.num_resident_tokens,
             "peak_mib": rss_mib(peak=True), "loadavg_1m": os.getloadavg()[0], **usage_since(start)}
 
 
@@ -191,6 +197,12 @@ def phase(name: str, model: str, length: int, block_size: int) -> dict:
     log(f"  L={length} {name}: repeat hit TTFT {[round(h['ttft_s'], 3) for h in out['hits']]}")
     out["turns"] = [request(engine, prompt + new) for new in news]
     log(f"  L={length} {name}: +{NEW_TOKENS} tokens TTFT {[round(h['ttft_s'], 3) for h in out['turns']]}")
+    # After another cached prompt (the second warm-up's), P's blocks are restored by copy.
+    other, copied_news = make_ids(length, 7 * length + 3, hi), [make_ids(NEW_TOKENS, 2000 + i, hi) for i in range(REPEATS)]
+    out["hits_copied"] = [(request(engine, other), request(engine, prompt))[1] for _ in range(REPEATS)]
+    out["turns_copied"] = [(request(engine, other), request(engine, prompt + new))[1] for new in copied_news]
+    log(f"  L={length} {name}: after another prompt, hit TTFT {[round(h['ttft_s'], 3) for h in out['hits_copied']]}, "
+        f"+{NEW_TOKENS} tokens TTFT {[round(h['ttft_s'], 3) for h in out['turns_copied']]}")
     out["cache_bytes_end"] = cache_bytes(engine)
     engine.close()
     return out
@@ -248,12 +260,12 @@ def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
     for mode, r in modes.items():
         budget = r["rss_load_mib"] + (r["cache_bytes"] + r["request_kv_bytes"]) / MIB
         warm_budget = budget - r["rss_load_mib"] + r["rss_warm_mib"]
-        peaks = [h["peak_mib"] for h in r["hits"]]
+        peaks = [h["peak_mib"] for h in r["hits"]] + [max(h["peak_mib"] for h in r["hits_copied"])]
         mem = {"rss_load_mib": r["rss_load_mib"], "cache_mib": r["cache_bytes"] / MIB,
                "request_kv_mib": r["request_kv_bytes"] / MIB, "budget_mib": budget, "peak_insert_mib": r["first"]["peak_mib"],
                "rss_before_hit_mib": r["rss_before_hit_mib"], "peak_hit_mib": peaks[0],
                "rss_trimmed_mib": r["rss_trimmed_mib"], "peak_hit_trimmed_mib": max(peaks[1:], default=peaks[0]),
-               "peak_turn_mib": max(t["peak_mib"] for t in r["turns"])}
+               "peak_turn_mib": max(t["peak_mib"] for t in (*r["turns"], *r["turns_copied"]))}
         mem.update(excess_mib=mem["peak_hit_mib"] - budget, excess_trimmed_mib=mem["peak_hit_trimmed_mib"] - budget,
                    rss_warm_mib=r["rss_warm_mib"], warm_budget_mib=warm_budget,
                    excess_warm_mib=mem["peak_hit_mib"] - warm_budget,
@@ -261,10 +273,12 @@ def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
         s["modes"][mode] = {
             "insert_ttft_s": r["first"]["ttft_s"], "memory": mem,
             **{part: {k: statistics.median(x[k] for x in r[rows]) for k in SPLIT}
-               for part, rows in (("hit", "hits"), ("turn", "turns"))}}
+               for part, rows in PARTS}}
         m = s["modes"][mode]
-        m.update(hit_speedup=s["cold_ttft_s"] / m["hit"]["ttft_s"], turn_vs_floor=m["turn"]["ttft_s"] / floor,
-                 turn_vs_est=m["turn"]["ttft_s"] / (NEW_TOKENS / tok_s))
+        for kind in ("", "_copied"):
+            m.update({f"hit{kind}_speedup": s["cold_ttft_s"] / m[f"hit{kind}"]["ttft_s"],
+                      f"turn{kind}_vs_floor": m[f"turn{kind}"]["ttft_s"] / floor,
+                      f"turn{kind}_vs_est": m[f"turn{kind}"]["ttft_s"] / (NEW_TOKENS / tok_s)})
     return s
 
 
@@ -277,14 +291,14 @@ def md(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def split_row(L: int, mode: str, d: dict) -> list[str]:
-    return [str(L), mode, f"{d['ttft_s']:.3f}", f"{d['lookup_s']:.4f}", f"{d['restore_s']:.3f}", f"{d['prefill_s']:.3f}",
-            f"{d['num_cached_tokens']:.0f}"]
+def split_row(L: int, mode: str, kind: str, d: dict) -> list[str]:
+    return [str(L), mode, "in place" if kind == "" else "copied", f"{d['ttft_s']:.3f}", f"{d['lookup_s']:.4f}",
+            f"{d['restore_s']:.3f}", f"{d['prefill_s']:.3f}", f"{d['num_cached_tokens']:.0f}", f"{d['num_resident_tokens']:.0f}"]
 
 
 def tables(summary: dict[int, dict], block_size: int) -> str:
     per_mode = [(L, s, mode, m) for L, s in summary.items() for mode, m in s["modes"].items()]
-    split = ["L", "mode", "TTFT (s)", "lookup (s)", "restore (s)", "prefill (s)", "cached"]
+    split = ["L", "mode", "K/V", "TTFT (s)", "lookup (s)", "restore (s)", "prefill (s)", "cached", "in place"]
     out = md(f"Cold prefill: cache off, block-aligned chunks of {block_size}, vs one unchunked forward",
              ["L", "cold TTFT (s)", "process's first request (s)", "tok/s", "unchunked (s)", "chunking overhead",
               "cold+capture exact / non-exact (s)",
@@ -295,13 +309,14 @@ def tables(summary: dict[int, dict], block_size: int) -> str:
                " / ".join(f"{u:.2f}" for u in s["cpu_util"]), fmt(s["anchor"].get("cold_s"), ".1f")]
               for L, s in summary.items()])
     out += md(f"Exact-repeat hit (median of {REPEATS})", [*split, "speedup vs cold", "llama.cpp (s)"],
-              [[*split_row(L, mode, m["hit"]), f"{m['hit_speedup']:.0f}x", fmt(s["anchor"].get("hit_s"))]
-               for L, s, mode, m in per_mode])
+              [[*split_row(L, mode, kind, m[f"hit{kind}"]), f"{m[f'hit{kind}_speedup']:.0f}x", fmt(s["anchor"].get("hit_s"))]
+               for L, s, mode, m in per_mode for kind in ("", "_copied")])
     out += md(f"Multi-turn hit: P + {NEW_TOKENS} new tokens (median of {REPEATS}); floor = the new tokens' forward "
               f"on a warm L-token DynamicCache; est = {NEW_TOKENS} / cold tok/s",
               [*split, "floor (s)", "TTFT/floor", "TTFT/est", "llama.cpp (s)"],
-              [[*split_row(L, mode, m["turn"]), f"{s['extend_floor_s']:.3f}", f"{m['turn_vs_floor']:.2f}",
-                f"{m['turn_vs_est']:.2f}", fmt(s["anchor"].get("extend64_s"))] for L, s, mode, m in per_mode])
+              [[*split_row(L, mode, kind, m[f"turn{kind}"]), f"{s['extend_floor_s']:.3f}", f"{m[f'turn{kind}_vs_floor']:.2f}",
+                f"{m[f'turn{kind}_vs_est']:.2f}", fmt(s["anchor"].get("extend64_s"))]
+               for L, s, mode, m in per_mode for kind in ("", "_copied")])
     keys = ("rss_load_mib", "cache_mib", "request_kv_mib", "budget_mib", "peak_insert_mib", "rss_before_hit_mib",
             "peak_hit_mib", "rss_trimmed_mib", "peak_hit_trimmed_mib", "peak_turn_mib")
     out += md("Memory (MiB; each peak isolated per request via /proc/self/clear_refs; budget = load + cache + KV)",

@@ -1,4 +1,5 @@
-"""The runner's K/V buffer pool: a request reuses the last one's buffers, and their stale contents never change a result."""
+"""The runner's K/V buffer pool: a request reuses the last one's buffers, and their stale contents never change a result;
+a request that continues the last one adopts its prompt's K/V in place, bit-identical to cold."""
 
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ BLOCK = 16
 
 
 def _poison(engine: Engine) -> None:
-    """Overwrite every pooled buffer with NaN: any stale row that is read turns the logits into NaN."""
+    """Overwrite every pooled buffer with NaN: any stale row that is read turns the logits into NaN.
+
+    Also forgets the resident keys: the buffers no longer hold what they vouch for.
+    """
+    pool = engine._worker.runner.kv_buffers
     with torch.inference_mode():  # the runner made them as inference tensors
-        for buffer in engine._worker.runner.kv_buffers._free:
+        for buffer in pool._free.values():
             buffer.fill_(float("nan"))
+    pool._resident = ()
 
 
 def _prefill_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
@@ -79,3 +85,53 @@ def test_exact_hit_into_stale_buffers_is_bit_identical_to_cold(engines, arch):
     warm_out, cold_out = warm[arch].generate(prompt_ids=turn, max_tokens=5), cold[arch].generate(prompt_ids=turn, max_tokens=5)
     assert warm_out.num_cached_tokens >= 3 * BLOCK and warm[arch]._worker.runner.kv_buffers.num_reused > reused
     assert warm_out.token_ids == cold_out.token_ids
+
+
+def _run(engine: Engine, ids: list[int], max_tokens: int = 4):
+    return engine.generate(prompt_ids=ids, max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_next_turn_adopts_the_last_prompts_kv_in_place_bit_identically(engines, arch):
+    warm, cold = engines
+    prompt = _ids(11, 4 * BLOCK + 3)
+    first = _run(warm[arch], prompt)
+    assert first.timings.num_resident_tokens == 0
+    turn = prompt + list(first.token_ids) + _ids(12, 21)  # a chat's next turn: the last prompt, the answer, more
+    warm_out, cold_out = _run(warm[arch], turn, 6), _run(cold[arch], turn, 6)
+    assert warm_out.num_cached_tokens >= 4 * BLOCK
+    assert warm_out.timings.num_resident_tokens == 4 * BLOCK  # the last prompt's full blocks, none of the answer's
+    assert warm_out.token_ids == cold_out.token_ids
+    _run(warm[arch], prompt)  # the pool now vouches for `prompt`'s blocks again
+    with torch.inference_mode():
+        restored, warm_logits = warm[arch]._worker.runner.prefill_prompt(GenerationRequest(tuple(turn)))
+    assert restored.num_resident_tokens == 4 * BLOCK
+    assert torch.equal(warm_logits, _prefill_logits(cold[arch], turn))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_another_prompt_in_between_restores_by_copy(engines, arch):
+    warm, _ = engines
+    prompt = _ids(13, 3 * BLOCK)
+    _run(warm[arch], prompt)
+    _run(warm[arch], _ids(14, 2 * BLOCK))  # the buffers now hold this one
+    again = _run(warm[arch], prompt + _ids(15, 5))
+    assert again.num_cached_tokens == 3 * BLOCK and again.timings.num_resident_tokens == 0
+
+
+def test_resident_kv_is_not_shared_across_cache_salts(engines):
+    warm, _ = engines
+    prompt = _ids(16, 3 * BLOCK)
+    warm["qwen3"].generate(prompt_ids=prompt, max_tokens=2, cache_salt="tenant-a")
+    other = warm["qwen3"].generate(prompt_ids=prompt + _ids(17, 4), max_tokens=2, cache_salt="tenant-b")
+    assert other.num_cached_tokens == 0 and other.timings.num_resident_tokens == 0
+
+
+def test_a_cancelled_prefill_leaves_no_resident_kv(engines):
+    warm, _ = engines
+    engine = warm["qwen3"]
+    runner = engine._worker.runner
+    prompt = _ids(18, 4 * BLOCK)
+    with torch.inference_mode():
+        runner.run(GenerationRequest(tuple(prompt)), emit=lambda event: None, is_cancelled=lambda: True)
+    assert runner.kv_buffers._resident == ()

@@ -44,7 +44,12 @@ def exact_pairs(tiny_model_dirs):
 
 
 def _logits(engine, ids):
-    return engine._worker.runner.prefill_prompt(GenerationRequest(tuple(ids)))
+    """Prefill `ids` as a request would, keeping its K/V buffers for the next one (adopted in place if it shares them)."""
+    runner = engine._worker.runner
+    with torch.inference_mode():  # as in a request: the pooled buffers are inference tensors
+        restored, logits = runner.prefill_prompt(GenerationRequest(tuple(ids)))
+        runner.keep_buffers(restored.cache, ids)
+    return restored, logits
 
 
 def _sentence(seed: int, length: int) -> str:
@@ -79,6 +84,8 @@ def test_exact_mode_matches_cold_bit_for_bit(exact_pairs, arch, operations):
             if messages[-1]["role"] != "user":
                 messages.append({"role": "user", "content": _sentence(seed, 5)})
             last_ids, _ = warm.encode(messages=messages)
+        # The prefill adopts in place whatever blocks it shares with the request before (the last op's
+        # generate); the rest is restored by copy or computed. generate then runs on the prefill's buffers.
         (_, warm_logits), (_, cold_logits) = _logits(warm, last_ids), _logits(cold, last_ids)
         assert torch.equal(warm_logits, cold_logits), f"{arch}: logits differ after {kind}"
         warm_out = warm.generate(prompt_ids=last_ids, max_tokens=4)

@@ -1,4 +1,5 @@
-"""KvBufferPool: buffers of a finished cache are reused when they fit, never shared, never more than one cache's worth."""
+"""KvBufferPool: buffers of a finished cache are reused when they fit, never shared, never more than one cache's worth;
+the K/V they hold are adopted in place only for the resident keys, and only while every buffer is still pooled."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def _cache(pool: KvBufferPool, capacity: int, num_layers: int = 3, heads: int = 
            dtype: torch.dtype = torch.float32, tokens: int = 5, fill: float = 1.0) -> DynamicCache:
     """A cache of GrowingLayers drawing from `pool`, `tokens` tokens of K/V = `fill` written into each layer."""
     cache = DynamicCache()
-    cache.layers = [GrowingLayer(capacity, pool) for _ in range(num_layers)]
+    cache.layers = [GrowingLayer(capacity, pool, index) for index in range(num_layers)]
     for layer in cache.layers:
         layer.update(torch.full((1, heads, tokens, dim), fill, dtype=dtype), torch.full((1, heads, tokens, dim), -fill, dtype=dtype))
     return cache
@@ -92,7 +93,7 @@ def test_pool_holds_one_cache_at_most():
     pool.give_back(a)
     pool.give_back(b)  # a's buffers are dropped, not added to
     assert pool.num_bytes == 3 * 2 * ROUND_TOKENS * 2 * 8 * 4
-    assert {buffer.data_ptr() for buffer in pool._free} == b_pointers
+    assert {buffer.data_ptr() for buffer in pool._free.values()} == b_pointers
 
 
 def test_lending_scope_sets_and_restores_the_pool():
@@ -104,3 +105,58 @@ def test_lending_scope_sets_and_restores_the_pool():
             assert lending_pool() is None
         assert lending_pool() is pool
     assert lending_pool() is None
+
+
+def test_each_layer_takes_back_its_own_buffers():
+    pool = KvBufferPool()
+    first = _cache(pool, capacity=32)
+    own = [(layer._key_buffer.data_ptr(), layer._value_buffer.data_ptr()) for layer in first.layers]
+    pool.give_back(first)
+    second = _cache(pool, capacity=32)
+    assert [(layer._key_buffer.data_ptr(), layer._value_buffer.data_ptr()) for layer in second.layers] == own
+
+
+def test_resident_blocks_counts_the_common_leading_keys():
+    pool = KvBufferPool()
+    pool.give_back(_cache(pool, capacity=32, tokens=12), resident_keys=[b"a", b"b", b"c"])
+    assert pool.resident_blocks([b"a", b"b", b"c", b"d"], capacity=32) == 3
+    assert pool.resident_blocks([b"a", b"b"], capacity=32) == 2
+    assert pool.resident_blocks([b"a", b"x", b"c"], capacity=32) == 1  # chained keys: nothing after a difference
+    assert pool.resident_blocks([b"x", b"b"], capacity=32) == 0
+    assert pool.resident_blocks([b"a"], capacity=ROUND_TOKENS + 1) == 0  # the buffers would have to grow: copy instead
+
+
+def test_resume_adopts_the_resident_tokens_in_place():
+    pool = KvBufferPool()
+    given = _cache(pool, capacity=32, tokens=12, fill=3.0)
+    pointers = _pointers(given)
+    pool.give_back(given, resident_keys=[b"a", b"b", b"c"])
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer(32, pool, index) for index in range(3)]
+    for layer in cache.layers:
+        layer.resume(8)
+    assert _pointers(cache) == pointers
+    for layer in cache.layers:
+        assert layer.keys.shape[-2] == 8 and torch.equal(layer.keys, torch.full((1, 2, 8, 8), 3.0))
+        layer.update(torch.full((1, 2, 1, 8), 5.0), torch.full((1, 2, 1, 8), -5.0))  # appends after the adopted tokens
+        assert layer.keys.shape[-2] == 9 and layer.keys[0, 0, 8, 0] == 5.0 and layer.values[0, 0, 7, 0] == -3.0
+
+
+def test_taking_any_buffer_forgets_the_resident_keys():
+    pool = KvBufferPool()
+    pool.give_back(_cache(pool, capacity=32), resident_keys=[b"a"])
+    pool.take((0, 0), (1, 2, 32, 8), torch.float32, CPU)  # about to be overwritten by another request
+    assert pool.resident_blocks([b"a"], capacity=32) == 0
+    with pytest.raises(RuntimeError, match="no resident buffer"):
+        pool.take_resident((1, 0))
+
+
+@pytest.mark.parametrize("reset", ["clear", "give_back"])
+def test_clear_and_give_back_replace_the_resident_keys(reset):
+    pool = KvBufferPool()
+    pool.give_back(_cache(pool, capacity=32), resident_keys=[b"a"])
+    if reset == "clear":
+        pool.clear()
+    else:
+        pool.give_back(_cache(KvBufferPool(), capacity=32))  # another cache, no keys
+    assert pool.resident_blocks([b"a"], capacity=32) == 0

@@ -23,6 +23,7 @@ from kvcellar.cache import Match, Priority, PrefixCache, hash_block
 from kvcellar.cache.cost_model import CostModel
 from kvcellar.engine.request import PromptSegments
 from kvcellar.kv import ModelLayout, build_cache, capture_entry
+from kvcellar.kv.buffer_pool import lending_pool
 from kvcellar.kv.growing_layer import new_cache
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Restored:
     tokens_by_tier: dict[str, int] = field(default_factory=dict)
     lookup_s: float = 0.0
     restore_s: float = 0.0
+    num_resident_tokens: int = 0  # of num_tokens, adopted in place from the last request's buffers
 
 
 def segment_priority(start: int, end: int, segments: PromptSegments) -> Priority:
@@ -74,6 +76,9 @@ class DisabledPrefixCache:
 
     def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
         return 0, {}
+
+    def resident_keys(self, token_ids: Sequence[int], salt: str = "") -> list[bytes]:
+        return []
 
     def record_prefill(self, num_tokens: int, seconds: float) -> None:
         return None
@@ -126,8 +131,9 @@ class ModelPrefixCache:
             for payload in payloads:
                 payload.wait_ready()  # a demotion's asynchronous copy may still be filling it
             device = self._device
+            resident = self._resident_tokens(match, capacity)
             try:
-                cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device, capacity)
+                cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device, capacity, resident)
             except (KeyError, ValueError, RuntimeError) as exc:
                 # A payload that does not fit this model is a mismatch: evict exactly it and run cold.
                 log.warning("cached state did not fit (%s); discarding it and recomputing", exc)
@@ -138,7 +144,24 @@ class ModelPrefixCache:
             core.release(match)
         if device.type == "cuda":  # the copies run behind the CPU: wait, so restore_s is their true time
             torch.cuda.synchronize(device)
-        return Restored(cache, match.num_tokens, logits, dict(match.tokens_by_tier), looked_up - started, time.perf_counter() - looked_up)
+        return Restored(cache, match.num_tokens, logits, dict(match.tokens_by_tier), looked_up - started,
+                        time.perf_counter() - looked_up, resident)
+
+    def _resident_tokens(self, match: Match, capacity: int) -> int:
+        """Leading tokens of `match` whose K/V the lending pool's buffers still hold from the last request."""
+        pool = lending_pool()
+        if pool is None:
+            return 0
+        whole = match.num_tokens // self.block_size  # a trimmed last block is copied, never adopted
+        keys = [entry.key for entry in match.blocks[:whole]]
+        return pool.resident_blocks(keys, max(capacity, match.num_tokens)) * self.block_size
+
+    def resident_keys(self, token_ids: Sequence[int], salt: str = "") -> list[bytes]:
+        """Keys of the prompt's full blocks, as a finished request leaves them in its K/V buffers.
+
+        Only the prompt's: generated tokens' K/V come from decode steps, off the prefill schedule.
+        """
+        return self._core_for_salt(salt).block_keys(token_ids, exact=self.exact)
 
     def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
         """Tokens the next request with these ids would restore, per tier (the lookup is released at once)."""

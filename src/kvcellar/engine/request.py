@@ -40,6 +40,8 @@ class Timings:
     total_s: float = 0.0
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    # Cached tokens whose K/V the request's buffers still held from the request before: nothing copied.
+    num_resident_tokens: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -59,6 +61,7 @@ class Timings:
             "total_s": self.total_s,
             "prefill_tok_s": self.prefill_tok_s,
             "decode_tok_s": self.decode_tok_s,
+            "resident_tokens": self.num_resident_tokens,
         }
 
 

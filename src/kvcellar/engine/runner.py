@@ -116,10 +116,20 @@ class RequestRunner:
         )
         # Only after a normal end: nothing reads this cache's K/V any more (an exception's traceback
         # could still hold views of it, so a failed request's buffers are simply freed).
-        if self.kv_buffers is not None:
-            self.kv_buffers.give_back(cache)
-            trim_heap()  # CPU: the freed temporaries leave RSS before the caller sees the end (heap.py)
+        # A prefill cancelled part-way left only some of the prompt's blocks: vouch for none.
+        self.keep_buffers(cache, prompt if logits is not None else (), request.cache_salt)
         return result
+
+    def keep_buffers(self, cache: object, prompt: tuple[int, ...] | list[int], salt: str = "") -> None:
+        """CPU: keep a finished request's K/V buffers for the next one, with `prompt`'s K/V in them.
+
+        The next request adopts the blocks it shares with `prompt` in place (kv/buffer_pool.py); then the
+        heap is trimmed, so the freed temporaries leave RSS before the caller sees the end (heap.py).
+        """
+        if self.kv_buffers is None:
+            return
+        self.kv_buffers.give_back(cache, self.prefix_cache.resident_keys(prompt, salt))
+        trim_heap()
 
     def prefill_prompt(
         self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False, timings: Timings | None = None
@@ -132,6 +142,7 @@ class RequestRunner:
         with self.prefix_cache.computing(), lending(self.kv_buffers):
             restored = self.prefix_cache.restore(prompt, request.cache_salt, capacity)
             timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
+            timings.num_resident_tokens = restored.num_resident_tokens
             started = time.perf_counter()
             logits = restored.logits
             if logits is None:

@@ -9,7 +9,9 @@ that buffer. If a request outgrows it (it should not), the buffer doubles.
 
 With a `KvBufferPool` (buffer_pool.py) the buffers may be a finished
 request's, at least `capacity` tokens long and holding its stale K/V: only
-[:length], written by this layer, is ever read.
+[:length], written by this layer, is ever read. `resume(n)` instead adopts
+the layer's own pooled buffers with their first n tokens in place: the pool
+vouches for them (buffer_pool.py, "Resident prefix").
 """
 
 from __future__ import annotations
@@ -22,25 +24,38 @@ from kvcellar.kv.buffer_pool import KvBufferPool, lending_pool
 
 
 class GrowingLayer(DynamicLayer):
-    def __init__(self, capacity: int, buffers: KvBufferPool | None = None) -> None:
+    def __init__(self, capacity: int, buffers: KvBufferPool | None = None, index: int = 0) -> None:
         super().__init__()
         self.capacity = max(capacity, 1)
         self.length = 0
         self._buffers = buffers
+        self.index = index  # the layer's place in its cache: which pooled buffers are its own
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, _ = key_states.shape
         # [B, H_kv, >= capacity, D]; only [:, :, :length] is meaningful.
-        self._key_buffer = self._new_buffer(key_states, (batch, heads, self.capacity, key_states.shape[-1]))
-        self._value_buffer = self._new_buffer(value_states, (batch, heads, self.capacity, value_states.shape[-1]))
+        self._key_buffer = self._new_buffer(0, key_states, (batch, heads, self.capacity, key_states.shape[-1]))
+        self._value_buffer = self._new_buffer(1, value_states, (batch, heads, self.capacity, value_states.shape[-1]))
         self.keys, self.values = self._key_buffer[:, :, :0], self._value_buffer[:, :, :0]
         self.is_initialized = True
 
-    def _new_buffer(self, like: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    def _new_buffer(self, which: int, like: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+        """A buffer for the keys (`which` 0) or the values (1), from the pool when there is one."""
         if self._buffers is None:
             return like.new_empty(shape)
-        return self._buffers.take(shape, like.dtype, like.device)
+        return self._buffers.take((self.index, which), shape, like.dtype, like.device)
+
+    def resume(self, num_tokens: int) -> None:
+        """Stand at `num_tokens`, adopting this layer's pooled buffers, whose first `num_tokens` K/V are resident."""
+        if self._buffers is None or self.is_initialized:
+            raise RuntimeError("resume needs a fresh layer that draws from a buffer pool")
+        self._key_buffer = self._buffers.take_resident((self.index, 0))
+        self._value_buffer = self._buffers.take_resident((self.index, 1))
+        self.dtype, self.device = self._key_buffer.dtype, self._key_buffer.device
+        self.length = num_tokens
+        self.keys, self.values = self._key_buffer[:, :, :num_tokens], self._value_buffer[:, :, :num_tokens]
+        self.is_initialized = True
 
     def detach_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Hand the K/V buffers over (to a pool) and forget them: the layer is empty and uninitialized after."""
@@ -81,5 +96,5 @@ def new_cache(config: object, capacity: int) -> DynamicCache:
     buffers = lending_pool()
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:  # sliding / hybrid layers keep their own (bounded) storage
-            cache.layers[index] = GrowingLayer(capacity, buffers)
+            cache.layers[index] = GrowingLayer(capacity, buffers, index)
     return cache

@@ -117,16 +117,23 @@ def _kv_pieces(payloads: Sequence[StatePayload], name: str, lengths: Sequence[in
 
 
 def _fill_growing_layers(
-    cache: DynamicCache, payloads: Sequence[StatePayload], lengths: Sequence[int], device: torch.device
+    cache: DynamicCache, payloads: Sequence[StatePayload], lengths: Sequence[int], device: torch.device, resident: int
 ) -> None:
-    """Append each payload's K/V to the full-attention layers, payload after payload.
+    """Append each payload's K/V to the full-attention layers, payload after payload, after `resident` tokens.
 
     Payload-major so that a payload held elsewhere (pinned host RAM, a mapped
     file) crosses to `device` as one copy of its packed buffer, not one per
-    tensor (on an H100: 53 GB/s against 38 GB/s for 2 MB pieces).
+    tensor (on an H100: 53 GB/s against 38 GB/s for 2 MB pieces). The first
+    `resident` tokens (whole payloads) are already in the layers' buffers.
     """
     growing = [index for index, layer in enumerate(cache.layers) if isinstance(layer, GrowingLayer)]
+    if resident:
+        for index in growing:
+            cache.layers[index].resume(resident)
     for payload, used in zip(payloads, lengths):
+        if resident >= used > 0:
+            resident -= used
+            continue
         if used == 0 or not growing:
             continue
         local = payload if payload.is_on(device) else payload.to(device)  # one copy of the packed buffer
@@ -146,6 +153,7 @@ def build_cache(
     num_tokens: int,
     device: torch.device,
     capacity: int = 0,
+    resident_tokens: int = 0,
 ) -> DynamicCache:
     """A fresh DynamicCache standing at position `num_tokens`, from payloads covering [0, >= num_tokens).
 
@@ -153,6 +161,8 @@ def build_cache(
     that only for layouts without recurrent layers, whose state cannot be cut.
     Copies each K/V byte once, straight into the layers' reserved buffers
     (`capacity` tokens: prompt + max_tokens); nothing is deep-copied.
+    `resident_tokens`: the K/V of the first payloads' tokens (whole payloads) already sit in the
+    lending pool's buffers (`KvBufferPool.resident_blocks`); the full-attention layers adopt them.
     """
     lengths = [payload.num_tokens for payload in payloads]
     excess = sum(lengths) - num_tokens
@@ -164,7 +174,7 @@ def build_cache(
     if num_tokens == 0:
         return cache
     state_source = next(p for p, used in zip(reversed(payloads), reversed(lengths)) if used > 0)
-    _fill_growing_layers(cache, payloads, lengths, device)
+    _fill_growing_layers(cache, payloads, lengths, device, resident_tokens)
     for index, (spec, layer) in enumerate(zip(layout.layers, cache.layers)):
         if spec.has_kv and not isinstance(layer, GrowingLayer):  # sliding / other K/V layers: the needed tail
             needed = None if spec.sliding_window is None else min(num_tokens, spec.sliding_window - 1)
