@@ -162,7 +162,8 @@ def phase(name: str, model: str, length: int, block_size: int) -> dict:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * engine.loaded.dtype.itemsize
     out = {"phase": name, "length": length, "kv_bytes_per_token": kv_per_token,
-           "request_kv_bytes": length * kv_per_token, "rss_load_mib": rss_mib()}
+           "request_kv_bytes": length * kv_per_token, "rss_load_mib": rss_mib(),
+           "prefill_chunk_size": engine.config.prefill_chunk_size}
     # A process's first long request pays one-time costs (the allocator growing, pages faulted in for the
     # first time): measured +1-2 s at 2K. A server pays them once, so a warm-up request of the same
     # length (other tokens; with the cache on it is cached too and counted in the cache bytes) runs first.
@@ -252,7 +253,7 @@ def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
     tok_s = length / chunked
     s = {"cold_ttft_s": statistics.median([r["ttft_s"] for r in (*cold.get("extra_cold", []), cold["first"])]),
          "cold_prefill_s": chunked, "cold_tok_s": tok_s,
-         "process_first_ttft_s": cold["warmup"]["ttft_s"],
+         "process_first_ttft_s": cold["warmup"]["ttft_s"], "prefill_chunk_size": cold.get("prefill_chunk_size"),
          "unchunked_s": cold["unchunked_s"], "chunking_overhead": chunked / cold["unchunked_s"] - 1,
          "extend_floor_s": floor, "anchor": ANCHORS.get(length, {}), "cold_peak_mib": cold["first"]["peak_mib"],
          "cpu_util": [cold["first"]["cpu_util"], cold["unchunked_cpu_util"], *(r["first"]["cpu_util"] for r in modes.values())],
@@ -299,7 +300,8 @@ def split_row(L: int, mode: str, kind: str, d: dict) -> list[str]:
 def tables(summary: dict[int, dict], block_size: int) -> str:
     per_mode = [(L, s, mode, m) for L, s in summary.items() for mode, m in s["modes"].items()]
     split = ["L", "mode", "K/V", "TTFT (s)", "lookup (s)", "restore (s)", "prefill (s)", "cached", "in place"]
-    out = md(f"Cold prefill: cache off, block-aligned chunks of {block_size}, vs one unchunked forward",
+    chunk = next(iter(summary.values()))["prefill_chunk_size"]
+    out = md(f"Cold prefill: cache off, the engine's schedule (chunks of {chunk} on blocks of {block_size}), vs one unchunked forward",
              ["L", "cold TTFT (s)", "process's first request (s)", "tok/s", "unchunked (s)", "chunking overhead",
               "cold+capture exact / non-exact (s)",
               f"CPU use of {THREADS}: cold / unchunked / capture ×2", "llama.cpp cold (s)"],

@@ -160,3 +160,11 @@ def test_clear_and_give_back_replace_the_resident_keys(reset):
     else:
         pool.give_back(_cache(KvBufferPool(), capacity=32))  # another cache, no keys
     assert pool.resident_blocks([b"a"], capacity=32) == 0
+
+
+def test_no_resident_keys_unless_every_layer_handed_its_buffers_over():
+    pool = KvBufferPool()
+    cache = _cache(pool, capacity=32)
+    cache.layers.append(GrowingLayer(32, pool, 3))  # never written: nothing of it to resume
+    pool.give_back(cache, resident_keys=[b"a"])
+    assert pool.resident_blocks([b"a"], capacity=32) == 0 and pool.num_bytes > 0

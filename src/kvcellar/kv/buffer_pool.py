@@ -113,11 +113,15 @@ class KvBufferPool:
         request ended normally).
         """
         kept: dict[tuple[int, int], torch.Tensor] = {}
+        complete = True  # every growing layer hands its buffers over: only then can they be resumed
         for index, layer in enumerate(cache.layers):  # GrowingLayers (growing_layer.py) detach; other kinds keep theirs
-            if hasattr(layer, "detach_buffers") and layer.is_initialized:
-                kept[(index, 0)], kept[(index, 1)] = layer.detach_buffers()
+            if hasattr(layer, "detach_buffers"):
+                if layer.is_initialized:
+                    kept[(index, 0)], kept[(index, 1)] = layer.detach_buffers()
+                else:
+                    complete = False
         self._free = kept  # drops what the pool held before: one request's worth at most
-        self._resident = tuple(resident_keys) if kept else ()
+        self._resident = tuple(resident_keys) if kept and complete else ()
 
     def clear(self) -> None:
         self._free, self._resident = {}, ()
