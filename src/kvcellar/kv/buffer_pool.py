@@ -150,18 +150,18 @@ def _fresh_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _fits_here(buffer: torch.Tensor, capacity: int) -> bool:
+    """Long enough for `capacity` tokens and writable in the current mode."""
+    # An inference tensor (made under torch.inference_mode, as the runner's are) cannot be written outside it.
     return buffer.shape[2] >= capacity and buffer.is_inference() == torch.is_inference_mode_enabled()
 
 
 def _fits(buffer: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> bool:
     batch, heads, capacity, head_dim = shape
-    # An inference tensor (made under torch.inference_mode, as the runner's are) cannot be written outside it.
     return (
-        buffer.is_inference() == torch.is_inference_mode_enabled()
+        _fits_here(buffer, capacity)
         and buffer.dtype == dtype
         and buffer.device == device
         and (buffer.shape[0], buffer.shape[1], buffer.shape[3]) == (batch, heads, head_dim)
-        and buffer.shape[2] >= capacity
     )
 
 
