@@ -24,14 +24,14 @@ and the unchunked forward below also follows a warm-up forward of other tokens.
   hit run again 3 times each right after another cached prompt ("copied": P's blocks are
   restored from the memory tier by copy, as when requests of other users interleave).
 
-Memory (Linux): RSS after load (weights paged in, no forward yet); per-request
-peak RSS (high-water mark reset via /proc/self/clear_refs); cache bytes; one request's KV
-(L x layers x 2 x kv_heads x head_dim x dtype bytes). Check: hit peak <= load + cache + KV.
-Second baseline (cached modes): RSS after the warm-up request with the cache and the engine's
-K/V buffer pool emptied and the heap trimmed (the runtime state of a model that has run once);
-"warm budget" = that + cache + KV. A second warm-up request (other tokens) then refills the pool.
-Hit 1 runs as is; then malloc_trim(0) returns glibc's freed heap before hits 2-3 and the copied ones (the engine
-itself trims after each CPU request, so the two should now agree).
+Memory (Linux): RSS after load (weights paged in, no forward yet); per-request peak RSS
+(high-water mark reset via /proc/self/clear_refs) and the RSS and cache bytes just before it
+(the cache's larger size, before or after the request, counts). Check, for every hit and turn:
+peak <= RSS after load + cache at that request + that request's KV (tokens x layers x 2 x
+kv_heads x head_dim x dtype bytes); the table shows the worst repeat. Second baseline (cached
+modes): RSS after the warm-up request with the cache and the engine's K/V buffer pool emptied and
+the heap trimmed (the runtime state of a model that has run once, which "after load" lacks);
+"peak - warm budget" uses it instead. A second warm-up request (other tokens) then refills the pool.
 CPU use (CPU s / wall s: 1.5-2 with the cores to ourselves; lower: shared) flags bad runs.
 llama.cpp figures (same CPU, weights and token ids; /work/shared/ANCHORS.md) print alongside.
 """
@@ -104,14 +104,18 @@ def usage_since(start: tuple[float, int, float]) -> dict:
 
 # -- child phases ----------------------------------------------------------------------------------
 def request(engine, ids: list[int]) -> dict:
+    rss_before, cache_before = rss_mib(), cache_bytes(engine)
     reset_peak()
     start = counters()
     r = engine.generate(prompt_ids=ids, max_tokens=1)
-    t = r.timings
+    t, peak, usage = r.timings, rss_mib(peak=True), usage_since(start)
+    # The cache may grow during the request (its own blocks, a tail, generated K/V): its budget share
+    # is the larger of its sizes before and after, never the size at some earlier request.
     return {"ttft_s": t.ttft_s, "lookup_s": t.lookup_s, "restore_s": t.restore_s, "prefill_s": t.prefill_s,
             "num_prefill_tokens": t.num_prefill_tokens, "num_cached_tokens": r.num_cached_tokens,
-            "num_resident_tokens": t.num_resident_tokens,
-            "peak_mib": rss_mib(peak=True), "loadavg_1m": os.getloadavg()[0], **usage_since(start)}
+            "num_resident_tokens": t.num_resident_tokens, "num_tokens": len(ids),
+            "rss_before_mib": rss_before, "cache_mib": max(cache_before, cache_bytes(engine)) / MIB,
+            "peak_mib": peak, "loadavg_1m": os.getloadavg()[0], **usage}
 
 
 def bare_forwards(m, prompt: list[int], news: list[list[int]], warmup: list[int], extra_prompts: list[list[int]]) -> dict:
@@ -190,11 +194,7 @@ def phase(name: str, model: str, length: int, block_size: int) -> dict:
     if name == "cold":
         engine.close()  # an unclosed engine can abort the process at exit (see bench/README.md)
         return out | bare_forwards(m, prompt, news, make_ids(length, 7 * length + 2, hi), extra)
-    out["cache_bytes"], out["rss_before_hit_mib"] = cache_bytes(engine), rss_mib()
-    out["hits"] = [request(engine, prompt)]
-    malloc_trim()
-    out["rss_trimmed_mib"] = rss_mib()
-    out["hits"] += [request(engine, prompt) for _ in range(REPEATS - 1)]
+    out["hits"] = [request(engine, prompt) for _ in range(REPEATS)]
     log(f"  L={length} {name}: repeat hit TTFT {[round(h['ttft_s'], 3) for h in out['hits']]}")
     out["turns"] = [request(engine, prompt + new) for new in news]
     log(f"  L={length} {name}: +{NEW_TOKENS} tokens TTFT {[round(h['ttft_s'], 3) for h in out['turns']]}")
@@ -259,20 +259,10 @@ def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
          "cpu_util": [cold["first"]["cpu_util"], cold["unchunked_cpu_util"], *(r["first"]["cpu_util"] for r in modes.values())],
          "modes": {}}
     for mode, r in modes.items():
-        budget = r["rss_load_mib"] + (r["cache_bytes"] + r["request_kv_bytes"]) / MIB
-        warm_budget = budget - r["rss_load_mib"] + r["rss_warm_mib"]
-        peaks = [h["peak_mib"] for h in r["hits"]] + [max(h["peak_mib"] for h in r["hits_copied"])]
-        mem = {"rss_load_mib": r["rss_load_mib"], "cache_mib": r["cache_bytes"] / MIB,
-               "request_kv_mib": r["request_kv_bytes"] / MIB, "budget_mib": budget, "peak_insert_mib": r["first"]["peak_mib"],
-               "rss_before_hit_mib": r["rss_before_hit_mib"], "peak_hit_mib": peaks[0],
-               "rss_trimmed_mib": r["rss_trimmed_mib"], "peak_hit_trimmed_mib": max(peaks[1:], default=peaks[0]),
-               "peak_turn_mib": max(t["peak_mib"] for t in (*r["turns"], *r["turns_copied"]))}
-        mem.update(excess_mib=mem["peak_hit_mib"] - budget, excess_trimmed_mib=mem["peak_hit_trimmed_mib"] - budget,
-                   rss_warm_mib=r["rss_warm_mib"], warm_budget_mib=warm_budget,
-                   excess_warm_mib=mem["peak_hit_mib"] - warm_budget,
-                   excess_warm_trimmed_mib=mem["peak_hit_trimmed_mib"] - warm_budget)
         s["modes"][mode] = {
-            "insert_ttft_s": r["first"]["ttft_s"], "memory": mem,
+            "insert_ttft_s": r["first"]["ttft_s"], "peak_insert_mib": r["first"]["peak_mib"],
+            "rss_load_mib": r["rss_load_mib"], "rss_warm_mib": r["rss_warm_mib"],
+            "memory": {part: worst_over_budget(r, r[rows]) for part, rows in PARTS},
             **{part: {k: statistics.median(x[k] for x in r[rows]) for k in SPLIT}
                for part, rows in PARTS}}
         m = s["modes"][mode]
@@ -281,6 +271,22 @@ def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
                       f"turn{kind}_vs_floor": m[f"turn{kind}"]["ttft_s"] / floor,
                       f"turn{kind}_vs_est": m[f"turn{kind}"]["ttft_s"] / (NEW_TOKENS / tok_s)})
     return s
+
+
+def worst_over_budget(phase: dict, rows: list[dict]) -> dict:
+    """The request whose peak RSS went furthest over load + cache (at that request) + its own KV.
+    "warm": the same with the RSS of a model that has run once (see the module docstring)."""
+    def over(row: dict) -> float:
+        return row["peak_mib"] - budget(row)
+
+    def budget(row: dict) -> float:
+        return phase["rss_load_mib"] + row["cache_mib"] + row["num_tokens"] * phase["kv_bytes_per_token"] / MIB
+
+    row = max(rows, key=over)
+    warm_over = over(row) - phase["rss_warm_mib"] + phase["rss_load_mib"]
+    return {"budget_mib": budget(row), "cache_mib": row["cache_mib"], "rss_before_mib": row["rss_before_mib"],
+            "peak_mib": row["peak_mib"], "over_budget_mib": over(row), "over_warm_budget_mib": warm_over,
+            "peak_minus_before_mib": row["peak_mib"] - row["rss_before_mib"]}
 
 
 def fmt(x: float | None, spec: str = ".2f") -> str:
@@ -304,11 +310,11 @@ def tables(summary: dict[int, dict], block_size: int) -> str:
     out = md(f"Cold prefill: cache off, the engine's schedule (chunks of {chunk} on blocks of {block_size}), vs one unchunked forward",
              ["L", "cold TTFT (s)", "process's first request (s)", "tok/s", "unchunked (s)", "chunking overhead",
               "cold+capture exact / non-exact (s)",
-              f"CPU use of {THREADS}: cold / unchunked / capture ×2", "llama.cpp cold (s)"],
+              f"CPU use of {THREADS}: cold / unchunked / capture ×2", "cold peak RSS (MiB)", "llama.cpp cold (s)"],
              [[str(L), f"{s['cold_ttft_s']:.2f}", f"{s['process_first_ttft_s']:.2f}", f"{s['cold_tok_s']:.0f}",
                f"{s['unchunked_s']:.2f}",
                f"{s['chunking_overhead']:+.1%}", " / ".join(f"{m['insert_ttft_s']:.2f}" for m in s["modes"].values()),
-               " / ".join(f"{u:.2f}" for u in s["cpu_util"]), fmt(s["anchor"].get("cold_s"), ".1f")]
+               " / ".join(f"{u:.2f}" for u in s["cpu_util"]), f"{s['cold_peak_mib']:.0f}", fmt(s["anchor"].get("cold_s"), ".1f")]
               for L, s in summary.items()])
     out += md(f"Exact-repeat hit (median of {REPEATS})", [*split, "speedup vs cold", "llama.cpp (s)"],
               [[*split_row(L, mode, kind, m[f"hit{kind}"]), f"{m[f'hit{kind}_speedup']:.0f}x", fmt(s["anchor"].get("hit_s"))]
@@ -319,18 +325,14 @@ def tables(summary: dict[int, dict], block_size: int) -> str:
               [[*split_row(L, mode, kind, m[f"turn{kind}"]), f"{s['extend_floor_s']:.3f}", f"{m[f'turn{kind}_vs_floor']:.2f}",
                 f"{m[f'turn{kind}_vs_est']:.2f}", fmt(s["anchor"].get("extend64_s"))]
                for L, s, mode, m in per_mode for kind in ("", "_copied")])
-    keys = ("rss_load_mib", "cache_mib", "request_kv_mib", "budget_mib", "peak_insert_mib", "rss_before_hit_mib",
-            "peak_hit_mib", "rss_trimmed_mib", "peak_hit_trimmed_mib", "peak_turn_mib")
-    out += md("Memory (MiB; each peak isolated per request via /proc/self/clear_refs; budget = load + cache + KV)",
-              ["L", "mode", "RSS after load", "cache", "request KV", "budget", "peak insert", "RSS before hit", "peak hit",
-               "RSS after malloc_trim", "peak hit (trimmed)", "peak turn", "cold peak (cache off)",
-               "hit peak − budget (as is / trimmed)", "RSS after a warm-up (emptied, trimmed)",
-               "hit peak − warm budget (as is / trimmed)"],
-              [[str(L), mode, *(f"{m['memory'][k]:.0f}" for k in keys), f"{s['cold_peak_mib']:.0f}",
-                f"{m['memory']['excess_mib']:+.0f} / {m['memory']['excess_trimmed_mib']:+.0f}",
-                f"{m['memory']['rss_warm_mib']:.0f}",
-                f"{m['memory']['excess_warm_mib']:+.0f} / {m['memory']['excess_warm_trimmed_mib']:+.0f}"]
-               for L, s, mode, m in per_mode])
+    out += md("Memory (MiB; each peak isolated per request via /proc/self/clear_refs; budget = RSS after load + "
+              "cache at that request + that request's KV; the worst of its repeats)",
+              ["L", "mode", "request", "RSS after load / after a warm-up", "cache", "budget", "RSS before",
+               "peak", "peak − RSS before", "peak − budget", "peak − warm budget"],
+              [[str(L), mode, part.replace("_", " "), f"{m['rss_load_mib']:.0f} / {m['rss_warm_mib']:.0f}",
+                f"{w['cache_mib']:.0f}", f"{w['budget_mib']:.0f}", f"{w['rss_before_mib']:.0f}", f"{w['peak_mib']:.0f}",
+                f"{w['peak_minus_before_mib']:+.0f}", f"{w['over_budget_mib']:+.0f}", f"{w['over_warm_budget_mib']:+.0f}"]
+               for L, s, mode, m in per_mode for part, w in m["memory"].items()])
     return "\n".join(out).lstrip()
 
 
