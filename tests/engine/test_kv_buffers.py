@@ -8,6 +8,7 @@ import torch
 
 from kvcellar import CacheConfig, Engine
 from kvcellar.engine.request import GenerationRequest
+from kvcellar.kv.buffer_pool import PoolMisuseError, lending
 
 ARCHS = ("qwen3", "gemma3", "qwen3_5")
 BLOCK = 16
@@ -135,3 +136,19 @@ def test_a_cancelled_prefill_leaves_no_resident_kv(engines):
     with torch.inference_mode():
         runner.run(GenerationRequest(tuple(prompt)), emit=lambda event: None, is_cancelled=lambda: True)
     assert runner.kv_buffers._resident == ()
+
+
+def test_a_pool_misuse_fails_loudly_and_keeps_the_cached_entry(engines, monkeypatch):
+    # Were the pool's error a RuntimeError, restore would take it for a payload that does not fit
+    # and discard a valid entry; a bug in the pool's use must surface instead.
+    warm, _ = engines
+    engine = warm["qwen3"]
+    prefix, pool = engine.prefix_cache, engine._worker.runner.kv_buffers
+    prompt = _ids(19, 3 * BLOCK)
+    _run(engine, prompt)
+    pool.clear()  # nothing is resident any more, but the restore is told otherwise
+    monkeypatch.setattr(prefix, "_resident_tokens", lambda match, capacity: match.num_tokens)
+    with torch.inference_mode(), lending(pool), pytest.raises(PoolMisuseError, match="no resident buffer"):
+        prefix.restore(prompt, capacity=4 * BLOCK)
+    monkeypatch.undo()
+    assert engine.probe(prompt_ids=prompt).num_cached_tokens == 3 * BLOCK

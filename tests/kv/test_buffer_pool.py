@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvcellar.kv.buffer_pool import ROUND_TOKENS, KvBufferPool, lending, lending_pool
+from kvcellar.kv.buffer_pool import ROUND_TOKENS, KvBufferPool, PoolMisuseError, lending, lending_pool
 from kvcellar.kv.growing_layer import GrowingLayer
 
 CPU = torch.device("cpu")
@@ -147,7 +147,7 @@ def test_taking_any_buffer_forgets_the_resident_keys():
     pool.give_back(_cache(pool, capacity=32), resident_keys=[b"a"])
     pool.take((0, 0), (1, 2, 32, 8), torch.float32, CPU)  # about to be overwritten by another request
     assert pool.resident_blocks([b"a"], capacity=32) == 0
-    with pytest.raises(RuntimeError, match="no resident buffer"):
+    with pytest.raises(PoolMisuseError, match="no resident buffer"):
         pool.take_resident((1, 0))
 
 

@@ -17,7 +17,8 @@ them. An 8K-token restore copies 0.9 GB (0.10 s on the 2-core Xeon), which was
 most of the gap between a multi-turn hit and the new tokens' prefill.
 
 Operations: `KvBufferPool.take(slot, shape, dtype, device)`, `.give_back(cache,
-resident_keys)`, `.resident_blocks(keys, capacity)`, `.take_resident(slot)`,
+resident_keys)`, `.resident_blocks(keys, capacity)`, `.take_resident(slot)`
+(`PoolMisuseError` when nothing is resident),
 `.clear()`, `.num_bytes`; `lending(pool)`, the scope in which new caches
 (`growing_layer.new_cache`) take their buffers from `pool`, and
 `lending_pool()`, the pool of the current scope. A slot is (layer index, 0
@@ -59,6 +60,14 @@ import torch
 # written unless a request reaches them, so they are not resident (each buffer is its own anonymous
 # mapping, `_fresh_pages`): it costs address space, not RSS.
 ROUND_TOKENS = 1024
+
+
+class PoolMisuseError(Exception):
+    """A caller asked the pool for buffers it does not hold: a bug, never a sign of a bad cached payload.
+
+    Not a RuntimeError on purpose: restore treats KeyError / ValueError / RuntimeError from building a
+    cache as a payload that does not fit and discards the entry, which here would drop a valid one.
+    """
 
 
 class KvBufferPool:
@@ -106,7 +115,7 @@ class KvBufferPool:
     def take_resident(self, slot: tuple[int, int]) -> torch.Tensor:
         """The slot's own buffer with its resident K/V (call after `resident_blocks` said they are there)."""
         if not self._resident or slot not in self._free:
-            raise RuntimeError(f"no resident buffer for layer {slot[0]}: the pool was taken from or emptied")
+            raise PoolMisuseError(f"no resident buffer for layer {slot[0]}: the pool was taken from or emptied")
         self.num_reused += 1
         return self._free.pop(slot)
 

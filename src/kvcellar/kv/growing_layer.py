@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvcellar.kv.buffer_pool import KvBufferPool, lending_pool
+from kvcellar.kv.buffer_pool import KvBufferPool, PoolMisuseError, lending_pool
 
 
 class GrowingLayer(DynamicLayer):
@@ -49,7 +49,7 @@ class GrowingLayer(DynamicLayer):
     def resume(self, num_tokens: int) -> None:
         """Stand at `num_tokens`, adopting this layer's pooled buffers, whose first `num_tokens` K/V are resident."""
         if self._buffers is None or self.is_initialized:
-            raise RuntimeError("resume needs a fresh layer that draws from a buffer pool")
+            raise PoolMisuseError("resume needs a fresh layer that draws from a buffer pool")
         self._key_buffer = self._buffers.take_resident((self.index, 0))
         self._value_buffer = self._buffers.take_resident((self.index, 1))
         self.dtype, self.device = self._key_buffer.dtype, self._key_buffer.device
