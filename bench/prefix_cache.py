@@ -261,6 +261,7 @@ def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
     for mode, r in modes.items():
         s["modes"][mode] = {
             "insert_ttft_s": r["first"]["ttft_s"], "peak_insert_mib": r["first"]["peak_mib"],
+            "prefill_chunk_size": r["prefill_chunk_size"],
             "rss_load_mib": r["rss_load_mib"], "rss_warm_mib": r["rss_warm_mib"],
             "memory": {part: worst_over_budget(r, r[rows]) for part, rows in PARTS},
             **{part: {k: statistics.median(x[k] for x in r[rows]) for k in SPLIT}
@@ -306,8 +307,10 @@ def split_row(L: int, mode: str, kind: str, d: dict) -> list[str]:
 def tables(summary: dict[int, dict], block_size: int) -> str:
     per_mode = [(L, s, mode, m) for L, s in summary.items() for mode, m in s["modes"].items()]
     split = ["L", "mode", "K/V", "TTFT (s)", "lookup (s)", "restore (s)", "prefill (s)", "cached", "in place"]
-    chunk = next(iter(summary.values()))["prefill_chunk_size"]
-    out = md(f"Cold prefill: cache off, the engine's schedule (chunks of {chunk} on blocks of {block_size}), vs one unchunked forward",
+    first = next(iter(summary.values()))
+    chunks = ", ".join(f"{mode} {m['prefill_chunk_size']}" for mode, m in first["modes"].items())
+    out = md(f"Cold prefill: cache off, the engine's schedule (chunks of {first['prefill_chunk_size']} on blocks of "
+             f"{block_size}; with the cache: {chunks}), vs one unchunked forward",
              ["L", "cold TTFT (s)", "process's first request (s)", "tok/s", "unchunked (s)", "chunking overhead",
               "cold+capture exact / non-exact (s)",
               f"CPU use of {THREADS}: cold / unchunked / capture ×2", "cold peak RSS (MiB)", "llama.cpp cold (s)"],

@@ -65,8 +65,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="cache block, in tokens (default: 256 on CPU, 2048 on CUDA)")
     chunk = _env("prefill_chunk_size", None)
     group.add_argument("--prefill-chunk-size", type=int, default=int(chunk) if chunk else None,
-                       help="tokens per prefill forward pass, a multiple of the block size (default: 1024 on CPU for "
-                            "models with only full-attention layers, else one block)")
+                       help="tokens per prefill forward pass, a multiple of the block size (default: one block; 1024 on "
+                            "CPU with --no-exact or --no-cache, for models with only full-attention layers)")
     group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch")
     group.add_argument("--device-cache-size", default=_env("device_cache_size", "2G"), help="byte budget of the in-memory tier, e.g. 512M, 4G")
     group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", 16)), help="prompt tails kept (0 disables)")

@@ -60,6 +60,20 @@ def test_prefill_chunk_defaults_to_1024_on_cpu_only_for_full_attention_models(en
     assert {arch: engines[arch].config.prefill_chunk_size for arch in ARCHS} == {"qwen3": 1024, "gemma3": 16, "qwen3_5": 16}
 
 
+@pytest.mark.parametrize(("cache", "chunk"), [(CacheConfig(exact=True), 16), (CacheConfig(exact=False), 1024)])
+def test_an_exact_cache_prefills_one_block_per_chunk_by_default(tiny_model_dirs, cache, chunk):
+    # Exact mode reuses only on-schedule state; chunks longer than a block would make a growing chat
+    # prefill again what it had prefilled block by block, at each chunk boundary it crosses.
+    engine = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=16, cache=cache)
+    try:
+        assert engine.config.prefill_chunk_size == chunk
+        explicit = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=16, cache=cache, prefill_chunk_size=64)
+        explicit.close()
+        assert explicit.config.prefill_chunk_size == 64  # a chunk asked for is kept in either mode
+    finally:
+        engine.close()
+
+
 def test_a_longer_prefill_chunk_than_a_model_allows_falls_back_to_one_block(tiny_model_dirs, caplog):
     engine = Engine.load(str(tiny_model_dirs["qwen3_5"]), block_size=16, prefill_chunk_size=64, cache=CacheConfig(enabled=False))
     try:

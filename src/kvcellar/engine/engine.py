@@ -41,8 +41,9 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
+        exact = config.cache.enabled and config.cache.exact
         chunk = chunk_size_for(config.prefill_chunk_size, config.block_size, inspect_layout(self.loaded.model.config),
-                               self.loaded.device.type)  # fmt: skip
+                               self.loaded.device.type, exact)  # fmt: skip
         self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved, like block_size
         self.prefix_cache, self.cache_registry = build_prefix_cache(self.loaded, config)
         self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk))
