@@ -20,8 +20,8 @@ prompt grows. When a chat's prompt crosses a chunk boundary, the blocks it
 prefilled one at a time since its last whole chunk are prefilled again, as
 part of one chunk: every token of a growing chat is computed about twice.
 On the EPYC (`kvcellar bench --scenarios chat,agent`), 1024-token chunks
-made the chat scenario's summed TTFT 40.5 s against 25.8 s with 256-token
-ones, and the agent's 22.9 s against 16.7 s; a cold prompt gains only 4-9%.
+made the chat scenario's summed TTFT 39.6 s against 28.7 s with 256-token
+ones, and the agent's 25.1 s against 16.9 s; a cold prompt gains 4-13%.
 """
 
 from __future__ import annotations
