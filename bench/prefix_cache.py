@@ -292,7 +292,9 @@ def mark_pool_tokens(phase: dict) -> None:
 
 def worst_over_budget(phase: dict, rows: list[dict]) -> dict:
     """The request whose peak RSS went furthest over load + cache (at that request) + one request's KV.
-    "warm": the same with the RSS of a model that has run once (see the module docstring)."""
+
+    `over_warm_budget_mib`: the same against the RSS of a model that has run once (module docstring).
+    """
     def over(row: dict) -> float:
         return row["peak_mib"] - budget(row)
 
