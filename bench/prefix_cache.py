@@ -166,14 +166,23 @@ def phase(name: str, model: str, length: int, block_size: int) -> dict:
     extra = [make_ids(length, 11 * length + i, hi) for i in range(REPEATS - 1)]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * engine.loaded.dtype.itemsize
-    out = {"phase": name, "length": length, "kv_bytes_per_token": kv_per_token,
-           "request_kv_bytes": length * kv_per_token, "rss_load_mib": rss_mib(),
+    out = {"phase": name, "length": length, "kv_bytes_per_token": kv_per_token, "rss_load_mib": rss_mib(),
            "prefill_chunk_size": engine.config.prefill_chunk_size}
+    # The pool hands the same K/V buffers to request after request, and a page a longer request wrote
+    # stays resident: the "one request's KV" in RSS is the longest request's since the pool was emptied
+    # (e.g. P + 64 tokens for a hit that follows the turns). Each row records it as "pool_tokens".
+    longest = 0
+
+    def send(ids: list[int]) -> dict:
+        nonlocal longest
+        longest = max(longest, len(ids))
+        return request(engine, ids) | {"pool_tokens": longest}
+
     # A process's first long request pays one-time costs (the allocator growing, pages faulted in for the
     # first time): measured +1-2 s at 2K. A server pays them once, so a warm-up request of the same
     # length (other tokens; with the cache on it is cached too and counted in the cache bytes) runs first.
     log(f"  L={length} {name}: model loaded, RSS {out['rss_load_mib']:.0f} MiB; warm-up request (other tokens)")
-    out["warmup"] = request(engine, make_ids(length, 7 * length + 1, hi))
+    out["warmup"] = send(make_ids(length, 7 * length + 1, hi))
     log(f"  L={length} {name}: warm-up TTFT {out['warmup']['ttft_s']:.2f} s; measured request (cold)")
     if name != "cold":
         # A second baseline: a model that has run once holds runtime state that "RSS after load" lacks
@@ -181,28 +190,29 @@ def phase(name: str, model: str, length: int, block_size: int) -> dict:
         # K/V buffer pool emptied and the heap trimmed; then a second warm-up (other tokens) refills the pool.
         engine.clear_cache()
         engine._worker.runner.kv_buffers.clear()
+        longest = 0
         malloc_trim()
         out["rss_warm_mib"] = rss_mib()
-        out["warmup2"] = request(engine, make_ids(length, 7 * length + 3, hi))
+        out["warmup2"] = send(make_ids(length, 7 * length + 3, hi))
         log(f"  L={length} {name}: RSS after a warm-up, emptied and trimmed {out['rss_warm_mib']:.0f} MiB; "
             f"second warm-up TTFT {out['warmup2']['ttft_s']:.2f} s")
     if name == "cold":  # more cold samples, other tokens: the median is the cold prefill time
-        out["extra_cold"] = [request(engine, ids) for ids in extra]
-    out["first"] = first = request(engine, prompt)
+        out["extra_cold"] = [send(ids) for ids in extra]
+    out["first"] = first = send(prompt)
     shared = " (cores shared? timings suspect)" if first["cpu_util"] < 1.4 else ""
     log(f"  L={length} {name}: first request TTFT {first['ttft_s']:.2f} s, CPU use {first['cpu_util']:.2f} of {THREADS}"
         f"{shared}, load {first['loadavg_1m']:.1f}, {first['minor_faults']} minor faults")
     if name == "cold":
         engine.close()  # an unclosed engine can abort the process at exit (see bench/README.md)
         return out | bare_forwards(m, prompt, news, make_ids(length, 7 * length + 2, hi), extra)
-    out["hits"] = [request(engine, prompt) for _ in range(REPEATS)]
+    out["hits"] = [send(prompt) for _ in range(REPEATS)]
     log(f"  L={length} {name}: repeat hit TTFT {[round(h['ttft_s'], 3) for h in out['hits']]}")
-    out["turns"] = [request(engine, prompt + new) for new in news]
+    out["turns"] = [send(prompt + new) for new in news]
     log(f"  L={length} {name}: +{NEW_TOKENS} tokens TTFT {[round(h['ttft_s'], 3) for h in out['turns']]}")
     # After another cached prompt (the second warm-up's), P's blocks are restored by copy.
     other, copied_news = make_ids(length, 7 * length + 3, hi), [make_ids(NEW_TOKENS, 2000 + i, hi) for i in range(REPEATS)]
-    out["hits_copied"] = [(request(engine, other), request(engine, prompt))[1] for _ in range(REPEATS)]
-    out["turns_copied"] = [(request(engine, other), request(engine, prompt + new))[1] for new in copied_news]
+    out["hits_copied"] = [(send(other), send(prompt))[1] for _ in range(REPEATS)]
+    out["turns_copied"] = [(send(other), send(prompt + new))[1] for new in copied_news]
     log(f"  L={length} {name}: after another prompt, hit TTFT {[round(h['ttft_s'], 3) for h in out['hits_copied']]}, "
         f"+{NEW_TOKENS} tokens TTFT {[round(h['ttft_s'], 3) for h in out['turns_copied']]}")
     out["cache_bytes_end"] = cache_bytes(engine)
@@ -260,7 +270,6 @@ def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
          "cpu_util": [cold["first"]["cpu_util"], cold["unchunked_cpu_util"], *(r["first"]["cpu_util"] for r in modes.values())],
          "modes": {}}
     for mode, r in modes.items():
-        mark_pool_tokens(r)
         s["modes"][mode] = {
             "insert_ttft_s": r["first"]["ttft_s"], "peak_insert_mib": r["first"]["peak_mib"],
             "prefill_chunk_size": r["prefill_chunk_size"],
@@ -274,20 +283,6 @@ def summarise(length: int, cold: dict, modes: dict[str, dict]) -> dict:
                       f"turn{kind}_vs_floor": m[f"turn{kind}"]["ttft_s"] / floor,
                       f"turn{kind}_vs_est": m[f"turn{kind}"]["ttft_s"] / (NEW_TOKENS / tok_s)})
     return s
-
-
-def mark_pool_tokens(phase: dict) -> None:
-    """Give each request row its "pool_tokens": the most tokens the pooled K/V buffers have held by then.
-
-    The pool hands the same buffers to request after request, and a page a longer request wrote stays
-    resident: the "one request's KV" in RSS is that of the longest request since the pool was emptied
-    (before the second warm-up), e.g. P + 64 tokens for a hit that follows the turns.
-    """
-    most = 0
-    for part in ("warmup2", "first", "hits", "turns", "hits_copied", "turns_copied"):  # the order phase() sends them
-        for row in phase[part] if isinstance(phase[part], list) else [phase[part]]:
-            most = max(most, row["num_tokens"])
-            row["pool_tokens"] = most
 
 
 def worst_over_budget(phase: dict, rows: list[dict]) -> dict:
