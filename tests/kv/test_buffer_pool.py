@@ -3,6 +3,8 @@ the K/V they hold are adopted in place only for the resident keys, and only whil
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -170,14 +172,12 @@ def test_no_resident_keys_unless_every_layer_handed_its_buffers_over():
     assert pool.resident_blocks([b"a"], capacity=32) == 0 and pool.num_bytes > 0
 
 
-def test_new_cpu_buffers_are_their_own_mappings_and_untouched_rows_stay_out_of_rss():
-    import mmap as mmap_module
-
-    if not hasattr(mmap_module, "MAP_PRIVATE"):
+def test_new_cpu_buffers_are_writable_mappings_of_the_rounded_size():
+    if not hasattr(mmap, "MAP_PRIVATE"):
         pytest.skip("no private anonymous mappings here")
     pool = KvBufferPool()
     buffer = pool.take((0, 0), (1, 2, 10, 8), torch.float32, CPU)
     assert buffer.shape == (1, 2, ROUND_TOKENS, 8) and buffer.is_contiguous()
-    buffer[:, :, :10] = 7.0  # writable, and the storage is not a heap allocation torch made
+    buffer[:, :, :10] = 7.0  # writable (a frombuffer tensor over a read-only mapping would not be)
     assert torch.equal(buffer[:, :, :10], torch.full((1, 2, 10, 8), 7.0))
     assert buffer.untyped_storage().nbytes() == 2 * ROUND_TOKENS * 8 * 4
