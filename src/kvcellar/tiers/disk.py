@@ -58,9 +58,9 @@ class DiskTier:
         self._dir_lock = DirLock(folder.lock_path)
         self._dir_lock.acquire()
         try:
-            index = DiskIndex(folder.index_path)
-            state = DiskState(folder, codec, Catalog(policy), index, DiskIndex(folder.index_path))
-            self._recovery = recover(folder, index, state.catalog, budget_bytes)
+            catalog = Catalog(policy)
+            index, self._recovery = recover(folder, catalog, budget_bytes)  # a damaged index is rebuilt here
+            state = DiskState(folder, codec, catalog, index, DiskIndex(folder.index_path))
         except BaseException:
             self._dir_lock.release()
             raise
@@ -102,7 +102,7 @@ class DiskTier:
     def get(self, key: BlockHash) -> CacheEntry | None:
         with self._lock:
             record = self._catalog.visible(key)
-            found = self._s.metadata_entries([record]) if record is not None else []
+            found = self._metadata([record]) if record is not None else []
             return found[0] if found else None
 
     def contains(self, key: BlockHash) -> bool:
@@ -111,7 +111,7 @@ class DiskTier:
 
     def children(self, parent: BlockHash) -> list[CacheEntry]:
         with self._lock:
-            return self._s.metadata_entries(self._catalog.children(parent))
+            return self._metadata(self._catalog.children(parent))
 
     def sample_key(self, namespace: BlockHash) -> BlockHash | None:
         """The most recently used stored whole block of `namespace` (to time one load at start-up), or None.
@@ -125,7 +125,17 @@ class DiskTier:
 
     def entries(self) -> list[CacheEntry]:
         with self._lock:
-            return self._s.metadata_entries([r for r in self._catalog if r.state != RESERVED])
+            return self._metadata([r for r in self._catalog if r.state != RESERVED])
+
+    def _metadata(self, records: list[Record]) -> list[CacheEntry]:
+        """Entries of `records`; a record whose token ids cannot be read is dropped (counted). Under the lock."""
+        entries, unreadable = self._s.metadata_entries(records)
+        if unreadable:
+            self._counters["num_bad_rows"] += len(unreadable)
+            log.warning("disk cache: %d index rows without usable token ids dropped (first %s)", len(unreadable),
+                        unreadable[0].key.hex()[:16])  # fmt: skip
+            self._drop(*unreadable)
+        return entries
 
     # -- load --------------------------------------------------------------------------------
 
@@ -163,6 +173,9 @@ class DiskTier:
         return loaded
 
     def _load_failed(self, record: Record, failure: ReadFailure) -> None:
+        if failure.entry is not None:  # a valid file its row misdescribes
+            self._row_disagrees(record, failure)
+            return
         self._counters[f"num_{failure.kind}"] += 1  # num_corrupt / num_missing / num_unreadable
         log.warning("disk cache entry %s not served (%s: %s)", record.key.hex()[:16], failure.kind, failure)
         if self._catalog.get(record.key) is record:
@@ -170,6 +183,23 @@ class DiskTier:
             if failure.kind == "corrupt" and quarantine(self._dir, path, str(failure)):
                 self._counters["num_quarantined"] += 1
             self._drop(record)
+
+    def _row_disagrees(self, record: Record, failure: ReadFailure) -> None:
+        """The file passed its own checks but its row says otherwise: a miss now, the row re-derived from the file.
+
+        The lookup that chose this record used the row's values, so this load is not served. The
+        record is dropped and the verified entry stored again (rewritten, then indexed from what it
+        is), unless that store is refused (a counted drop, like any store).
+        """
+        self._counters["num_bad_rows"] += 1
+        log.warning("disk cache entry %s: its index row disagrees with its valid file (%s); re-indexed from the file",
+                    record.key.hex()[:16], failure)  # fmt: skip
+        if self._catalog.get(record.key) is record:
+            self._drop(record)
+            entry = failure.entry
+            entry.priority = max(entry.priority, record.priority)
+            if self.prepare_store(entry).accepted:
+                self.complete_store(entry.key)
 
     def complete_load(self, keys: Iterable[BlockHash]) -> None:
         pass  # the payload was copied out (mapped) inside prepare_load
@@ -182,6 +212,9 @@ class DiskTier:
             if self._closed:
                 return StoreResult(False, (), "the disk tier is closed")
             existing = self._catalog.get(entry.key)
+            if existing is not None and existing.state == STORED:
+                self._metadata([existing])  # one whose token ids cannot be read is dropped: it must not block this store
+                existing = self._catalog.get(entry.key)
             if existing is not None:
                 supersedes = entry.has_logits and not existing.has_logits and existing.state != RESERVED
                 if not supersedes:
@@ -267,7 +300,7 @@ class DiskTier:
             self._drop(*(record for record in self._catalog if record.state != RESERVED))
 
     def _evict_records(self, records: list[Record], counted: bool = True) -> tuple[CacheEntry, ...]:
-        entries = self._s.metadata_entries(records)  # read token ids before the rows go
+        entries, _ = self._s.metadata_entries(records)  # read token ids before the rows go
         self._drop(*records)
         self._counters["num_evictions"] += len(records) if counted else 0
         return tuple(entries)

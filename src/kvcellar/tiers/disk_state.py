@@ -1,8 +1,10 @@
 """State the disk tier's two sides share: folder, codec, catalog, index connections, counters, one lock.
 
 Operations: `DiskState.path`, `.metadata_entries` (entries without payload,
-for lookups), `.read` (load and verify one entry file, timed for the load
-bandwidth), `.counters_snapshot`; `COUNTERS` (what stats always reports).
+for lookups, and the records whose token ids cannot be read), `.read` (load
+and verify one entry file, timed for the load bandwidth; a RowMismatch
+carries the file's entry), `.counters_snapshot`; `COUNTERS` (what stats
+always reports).
 
 Threads: the request side (disk.py) and the writer thread (disk_writer.py)
 change the catalog, counters and dirty set only under `lock`; neither holds
@@ -12,23 +14,28 @@ close, when that thread is not running); `reader` is used under `lock`.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvcellar.cache import CacheEntry
+from kvcellar.cache import CacheEntry, Priority
 from kvcellar.tiers.catalog import Catalog, Record
 from kvcellar.tiers.codec import PayloadCodec
-from kvcellar.tiers.entry_io import Expected, read_entry
+from kvcellar.tiers.entry_io import Expected, RowMismatch, read_entry
 from kvcellar.tiers.files import CacheDir
 from kvcellar.tiers.index import DiskIndex
+
+log = logging.getLogger(__name__)
 
 COUNTERS = (
     "num_loads", "load_bytes", "load_s", "num_loads_from_queue", "num_written", "write_bytes", "write_s",
     "num_evictions", "num_dropped_queue_full", "num_dropped_no_room", "num_dropped_write_error", "num_disk_full",
     "num_refused_payload", "num_refused_too_large", "num_corrupt", "num_missing", "num_unreadable", "num_quarantined",
+    "num_bad_rows", "num_index_errors",
 )  # fmt: skip
 
 
@@ -48,24 +55,44 @@ class DiskState:
     def path(self, record: Record) -> Path:
         return self.dir.entry_path(record.namespace, record.key)
 
-    def metadata_entries(self, records: list[Record]) -> list[CacheEntry]:
-        """Entries without payload; token ids from memory (queued) or the index. Call under `lock`."""
+    def metadata_entries(self, records: list[Record]) -> tuple[list[CacheEntry], list[Record]]:
+        """(entries without payload, records whose token ids cannot be read). Call under `lock`.
+
+        Token ids come from memory (queued) or the index. A stored record whose token row is
+        missing, or does not hold exactly its num_tokens ids, can never be looked up: the caller
+        drops it (counted), so it neither holds budget nor blocks a new store of its key. An index
+        that fails to answer at all is a miss for this call only (counted); nothing is dropped.
+        """
         if self.closed:
-            return []
-        tokens = self.reader.tokens([r.key for r in records if r.entry is None])
-        found = []
+            return [], []
+        try:
+            tokens = self.reader.tokens([r.key for r in records if r.entry is None])
+        except sqlite3.Error as exc:
+            self.counters["num_index_errors"] += 1
+            if self.counters["num_index_errors"] % 100 == 1:
+                log.warning("disk cache index read failed (%d so far), a miss: %s", self.counters["num_index_errors"], exc)
+            return [], []
+        found, unreadable = [], []
         for r in records:
             token_ids = r.entry.token_ids if r.entry is not None else tokens.get(r.key)
-            if token_ids is not None:
-                found.append(CacheEntry(r.key, r.parent, token_ids, r.payload_bytes, r.priority, None, r.is_partial,
-                                        r.has_logits, r.last_used, r.num_pins, r.namespace))  # fmt: skip
-        return found
+            if token_ids is None or len(token_ids) != r.num_tokens:
+                unreadable.append(r)
+                continue
+            found.append(CacheEntry(r.key, r.parent, token_ids, r.payload_bytes, r.priority, None, r.is_partial,
+                                    r.has_logits, r.last_used, r.num_pins, r.namespace))  # fmt: skip
+        return found, unreadable
 
     def read(self, r: Record) -> CacheEntry:
         """The entry with its payload, from a file that passes every check (ReadFailure otherwise). No lock held."""
         expected = Expected(r.key, r.parent, r.namespace, r.num_bytes, r.is_partial, r.has_logits, r.num_tokens)
         started = time.perf_counter()
-        header, payload = read_entry(self.path(r), expected, self.codec)
+        try:
+            header, payload = read_entry(self.path(r), expected, self.codec)
+        except RowMismatch as exc:  # what the file holds, for the tier to re-index it (disk.py)
+            h = exc.header
+            exc.entry = CacheEntry(h.key, h.parent, h.token_ids, h.payload_bytes, Priority(h.priority), exc.payload,
+                                   h.is_partial, h.has_logits, namespace=h.namespace)  # fmt: skip
+            raise
         seconds = time.perf_counter() - started
         with self.lock:
             self.counters["num_loads"] += 1

@@ -3,12 +3,16 @@
 Operations: `plan_header` (the header of an entry, exact file size known
 before any tensor byte is touched), `write_entry` (checksum and atomic
 write in one pass), `read_entry` (map, parse, validate, checksum, decode), `read_header`
-(header only: start-up indexes orphan files with it), `Expected`, `ReadFailure`.
+(header only: start-up indexes orphan files with it), `Expected`, `ReadFailure`,
+`RowMismatch` (a valid file whose index row is wrong).
 
 The checksum covers the whole file, the checksum's own hex digits read as
 zeros: a flipped bit anywhere (header or tensors) is caught. A file is
 served only if its size, format, key, namespace, parent, kind, layout and
-`key == hash(parent, token_ids)` all match what the index expects.
+`key == hash(parent, token_ids)` all match what the index expects. A file
+that fails a check of its own is corrupt (quarantined); a valid file whose
+row says otherwise (size, parent, kind, token count) is a RowMismatch: the
+row is re-derived from the file, the file kept.
 """
 
 from __future__ import annotations
@@ -37,11 +41,26 @@ _CHECKSUM_FIELD = b'"checksum":"'
 
 
 class ReadFailure(Exception):
-    """The file cannot be served. `kind`: missing | corrupt | unreadable."""
+    """The file cannot be served. `kind`: missing | corrupt | unreadable | row (see RowMismatch).
+
+    `entry`: for a RowMismatch, the verified entry the file holds (set by the tier), else None.
+    """
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
         self.kind = kind
+        self.entry: CacheEntry | None = None
+
+
+class RowMismatch(ReadFailure):
+    """The file passes every check of its own (format, size, checksum, key hash, layout, key and
+    namespace of its place) but the index row disagrees on its size, parent, kind or token count:
+    the row is wrong, the file is the truth. Carries what was read."""
+
+    def __init__(self, reason: str, header: EntryHeader, payload: object) -> None:
+        super().__init__("row", reason)
+        self.header = header
+        self.payload = payload
 
 
 @dataclass(frozen=True)
@@ -134,13 +153,11 @@ def write_entry(
 
 
 def _check(header: EntryHeader, size: int, expected: Expected, layout: str) -> None:
+    """FormatError unless the file is consistent in itself and is the entry its place names."""
     problems = [
-        (size != expected.num_bytes, f"size {size}, index says {expected.num_bytes}"),
+        (size != header.file_size, f"file has {size} bytes, its header describes {header.file_size}"),
         (header.key != expected.key, "key differs from the file name"),
         (header.namespace != expected.namespace, "namespace differs"),
-        (header.parent != expected.parent, "parent differs"),
-        (header.is_partial != expected.is_partial or header.has_logits != expected.has_logits, "entry kind differs"),
-        (len(header.token_ids) != expected.num_tokens, "token count differs"),
         (header.layout != layout, f"layer layout {header.layout!r} is not this model's {layout!r}"),
     ]
     for failed, reason in problems:
@@ -176,9 +193,27 @@ def read_entry(path: Path, expected: Expected, codec: PayloadCodec) -> tuple[Ent
         for spec in header.tensors:
             buffers.append(data[position : position + spec.num_bytes])
             position += spec.num_bytes
-        return header, codec.decode(header, buffers)
+        try:
+            payload = codec.decode(header, buffers)
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # tensors the codec cannot rebuild
+            raise FormatError(f"payload does not decode: {exc!r:.200}") from None
     except FormatError as exc:
         raise ReadFailure("corrupt", str(exc)) from None
+    _check_row(header, len(data), expected, payload)
+    return header, payload
+
+
+def _check_row(header: EntryHeader, size: int, expected: Expected, payload: object) -> None:
+    """RowMismatch where the index row describes a verified file otherwise than the file does."""
+    problems = [
+        (size != expected.num_bytes, f"size {size}, index says {expected.num_bytes}"),
+        (header.parent != expected.parent, "parent differs"),
+        (header.is_partial != expected.is_partial or header.has_logits != expected.has_logits, "entry kind differs"),
+        (len(header.token_ids) != expected.num_tokens, "token count differs"),
+    ]
+    reasons = [reason for failed, reason in problems if failed]
+    if reasons:
+        raise RowMismatch("; ".join(reasons), header, payload)
 
 
 def read_header(path: Path) -> tuple[EntryHeader, int]:

@@ -5,7 +5,8 @@ Operations: `CacheDir` (paths; `entry_path` from namespace and key only),
 from the page cache, rename, fsync folder),
 `write_chunks` (the one place bytes hit a file: tests replace it to inject
 ENOSPC), `map_file` (the whole file as a private mapping),
-`quarantine`, `scan_entries`, `DirLock`, `CacheDirError`.
+`quarantine`, `set_index_aside` (a damaged index, before it is rebuilt),
+`scan_entries`, `DirLock`, `CacheDirError`.
 
 Layout of a cache directory:
   KVCELLAR_CACHE                     marker: only a folder holding it (or an empty one) is used
@@ -13,6 +14,7 @@ Layout of a cache directory:
   index.sqlite3                      the index (WAL mode)
   entries-v1/<ns16>/<k2>/<key>.safetensors   one entry; ns16 = first 16 hex digits of the namespace
   quarantine/<key>.<reason>.safetensors      files that failed validation (at most MAX_QUARANTINE kept)
+  quarantine/index.sqlite3.damaged-<time>    an index SQLite could not use (rebuilt from the files' headers)
 Temp files are `<key>.safetensors.<pid>.<n>.tmp` beside their target; any
 left at start-up belong to a write that never finished and are deleted.
 """
@@ -24,6 +26,8 @@ import itertools
 import mmap
 import os
 import re
+import shutil
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -193,10 +197,36 @@ def quarantine(cache_dir: CacheDir, path: Path, reason: str) -> Path | None:
         os.replace(path, target)
     except FileNotFoundError:
         return None
-    kept = sorted(cache_dir.quarantine_dir.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in kept[MAX_QUARANTINE:]:
-        old.unlink(missing_ok=True)
+    _prune_quarantine(cache_dir)
     return target
+
+
+def set_index_aside(cache_dir: CacheDir) -> list[Path]:
+    """Move the index and its -wal / -shm (files, or whatever else sits there) into quarantine/.
+
+    Named `<name>.damaged-<UTC time>`, kept like quarantined entries; returns the new paths.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    cache_dir.quarantine_dir.mkdir(exist_ok=True)
+    moved = []
+    for path in (cache_dir.index_path, Path(f"{cache_dir.index_path}-wal"), Path(f"{cache_dir.index_path}-shm")):
+        if path.exists() or path.is_symlink():
+            target = cache_dir.quarantine_dir / f"{path.name}.damaged-{stamp}"
+            os.replace(path, target)
+            moved.append(target)
+    fsync_dir(cache_dir.root)
+    _prune_quarantine(cache_dir)
+    return moved
+
+
+def _prune_quarantine(cache_dir: CacheDir) -> None:
+    """Keep the newest MAX_QUARANTINE items (a damaged index path may have been a folder)."""
+    kept = sorted(cache_dir.quarantine_dir.iterdir(), key=lambda p: p.lstat().st_mtime, reverse=True)
+    for old in kept[MAX_QUARANTINE:]:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def scan_entries(cache_dir: CacheDir) -> tuple[dict[bytes, tuple[str, str]], list[Path], list[Path]]:

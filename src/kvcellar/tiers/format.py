@@ -26,6 +26,9 @@ import json
 import struct
 from dataclasses import dataclass
 
+from kvcellar.cache import Priority
+from kvcellar.cache.hashing import HASH_NUM_BYTES
+
 try:  # xxh3 checks ~9 GB/s on one core; sha256 ~1 GB/s would cap the load bandwidth
     import xxhash
 except ImportError:  # pragma: no cover - depends on the environment
@@ -38,6 +41,7 @@ ITEM_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16"
               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 _HEX_WIDTH = {"xxh3_128": 32, "sha256": 64}
 DEFAULT_CHECKSUM = "xxh3_128" if xxhash is not None else "sha256"
+_PRIORITIES = frozenset(int(p) for p in Priority)
 
 
 class FormatError(ValueError):
@@ -134,6 +138,16 @@ def header_length(prefix: bytes) -> int:
     return length
 
 
+def _check_fields(header: EntryHeader) -> None:
+    """Values the index and the catalog rely on: 32-byte digests, a known priority, u32 token ids."""
+    if any(len(digest) != HASH_NUM_BYTES for digest in (header.key, header.parent, header.namespace)):
+        raise FormatError(f"key, parent and namespace must be {HASH_NUM_BYTES}-byte digests")
+    if header.priority not in _PRIORITIES:
+        raise FormatError(f"unknown priority {header.priority}")
+    if any(not 0 <= token < 1 << 32 for token in header.token_ids):
+        raise FormatError("a token id is outside 0..2**32-1")
+
+
 def parse_header(data: bytes | memoryview) -> tuple[EntryHeader, int]:
     """(header, offset of the data section) from a buffer holding at least the whole header."""
     length = header_length(bytes(data[:8]))
@@ -167,8 +181,11 @@ def parse_header(data: bytes | memoryview) -> tuple[EntryHeader, int]:
         )
         if int(meta["payload_bytes"]) != header.payload_bytes:
             raise FormatError("payload_bytes disagrees with the tensor table")
+        _check_fields(header)
     except FormatError:
         raise
+    except RecursionError:  # deeply nested JSON ("[[[[..."): json.loads recurses once per level
+        raise FormatError("unreadable header: nested too deeply") from None
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise FormatError(f"unreadable header: {exc!r:.200}") from None
     return header, 8 + length

@@ -1,7 +1,9 @@
 """The disk tier's index: one SQLite database (WAL mode) describing every entry file.
 
-Operations: `DiskIndex.rows` (every entry, no token ids: what start-up
-reads), `tokens` (token ids of some keys), `put`, `delete`, `update_recency`,
+Operations: `DiskIndex.scan` (every entry, no token ids: what start-up
+reads; rows with a value that could raise later are set apart), `rows`, `tokens` (token ids of some keys; rows whose bytes cannot be token
+ids are left out), `check_schema`, `keys_without_tokens`, `delete_stray_tokens`
+(start-up's audit, index_repair.py), `put`, `delete`, `update_recency`,
 `commit`, `size_bytes`, `close`; `IndexRow`.
 
 Crash safety (the files are the truth, the index is a fast summary of them):
@@ -25,6 +27,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvcellar.cache import Priority
+from kvcellar.cache.hashing import HASH_NUM_BYTES
+from kvcellar.tiers.format import MAX_HEADER_BYTES
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key BLOB PRIMARY KEY,
@@ -41,6 +47,8 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE TABLE IF NOT EXISTS tokens (key BLOB PRIMARY KEY, token_ids BLOB NOT NULL);
 """
 # tokens keeps its rowid: a WITHOUT ROWID row over ~1/4 page (256 tokens = 1 KiB) spills into an overflow page.
+MAX_CLOCK = 1 << 62  # last_used past this would overflow SQLite's 64-bit integers as the clock advances
+_PRIORITIES = frozenset(int(p) for p in Priority)
 _COLUMNS = "key, parent, namespace, num_bytes, payload_bytes, priority, last_used, num_tokens, is_partial, has_logits"
 
 
@@ -58,6 +66,25 @@ class IndexRow:
     has_logits: bool
 
 
+def row_problem(values: tuple) -> str | None:
+    """Why a raw `entries` row cannot be used (a value that would raise, or break the budget, later), or None."""
+    key, parent, namespace, num_bytes, payload_bytes, priority, last_used, num_tokens, is_partial, has_logits = values
+    if not all(isinstance(d, bytes) and len(d) == HASH_NUM_BYTES for d in (key, parent, namespace)):
+        return f"key, parent and namespace must be {HASH_NUM_BYTES}-byte blobs"
+    if key == parent:
+        return "the entry is its own parent"
+    counts = (num_bytes, payload_bytes, priority, last_used, num_tokens, is_partial, has_logits)
+    if not all(type(value) is int for value in counts):
+        return "a count or flag is not an integer"
+    if priority not in _PRIORITIES or is_partial not in (0, 1) or has_logits not in (0, 1):
+        return "priority or flag out of range"
+    if not 0 <= last_used < MAX_CLOCK or not 0 <= num_tokens < MAX_CLOCK:
+        return "last_used or num_tokens out of range"
+    if not 0 <= payload_bytes < num_bytes - 8 <= payload_bytes + MAX_HEADER_BYTES:
+        return f"num_bytes {num_bytes} cannot be a file of {payload_bytes} payload bytes"
+    return None
+
+
 def pack_tokens(token_ids: Sequence[int]) -> bytes:
     packed = array("I", token_ids)
     if sys.byteorder == "big":  # pragma: no cover - stored little-endian everywhere
@@ -73,6 +100,10 @@ def unpack_tokens(data: bytes) -> tuple[int, ...]:
     return tuple(packed)
 
 
+def _columns_of(db: sqlite3.Connection, table: str) -> list[str]:
+    return [name for _, name, *_ in db.execute(f"PRAGMA table_info({table})")]
+
+
 class DiskIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -83,18 +114,53 @@ class DiskIndex:
         self._db.executescript(SCHEMA)
         self._in_transaction = False
 
+    def scan(self) -> tuple[list[IndexRow], list[object]]:
+        """(rows that pass `row_problem`, keys of those that do not, as stored: delete them by these)."""
+        good, bad = [], []
+        for values in self._db.execute(f"SELECT {_COLUMNS} FROM entries"):
+            if row_problem(values) is None:
+                k, p, n, b, pb, pr, lu, nt, ip, hl = values
+                good.append(IndexRow(k, p, n, b, pb, pr, lu, nt, bool(ip), bool(hl)))
+            else:
+                bad.append(values[0])
+        return good, bad
+
     def rows(self) -> list[IndexRow]:
-        cursor = self._db.execute(f"SELECT {_COLUMNS} FROM entries")
-        return [IndexRow(k, p, n, b, pb, pr, lu, nt, bool(ip), bool(hl)) for k, p, n, b, pb, pr, lu, nt, ip, hl in cursor]
+        return self.scan()[0]
 
     def tokens(self, keys: Sequence[bytes]) -> dict[bytes, tuple[int, ...]]:
+        """Token ids by key; a key whose row is missing, or holds no whole u32s, is absent."""
         found: dict[bytes, tuple[int, ...]] = {}
         for start in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
             chunk = keys[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for key, data in self._db.execute(f"SELECT key, token_ids FROM tokens WHERE key IN ({marks})", chunk):
-                found[key] = unpack_tokens(data)
+                if isinstance(data, bytes) and len(data) % 4 == 0:
+                    found[key] = unpack_tokens(data)
         return found
+
+    def check_schema(self) -> None:
+        """sqlite3.DatabaseError unless both tables have exactly this version's columns."""
+        for table, columns in (("entries", _COLUMNS.split(", ")), ("tokens", ["key", "token_ids"])):
+            found = _columns_of(self._db, table)
+            if found != columns:
+                raise sqlite3.DatabaseError(f"table {table} has columns {found}, expected {columns}")
+
+    def keys_without_tokens(self) -> set[bytes]:
+        """Keys of entries whose token row is missing or does not hold exactly num_tokens u32s.
+
+        Reads the record headers of the tokens table, not its blobs' content (SQLite's length()).
+        """
+        cursor = self._db.execute(
+            "SELECT e.key FROM entries e LEFT JOIN tokens t ON t.key = e.key "
+            "WHERE t.key IS NULL OR typeof(t.token_ids) != 'blob' OR length(t.token_ids) != 4 * e.num_tokens"
+        )
+        return {key for (key,) in cursor}
+
+    def delete_stray_tokens(self) -> int:
+        """Delete token rows no entry names (inside the open transaction); returns how many."""
+        self._begin()
+        return self._db.execute("DELETE FROM tokens WHERE key NOT IN (SELECT key FROM entries)").rowcount
 
     def _begin(self) -> None:
         if not self._in_transaction:
