@@ -159,8 +159,11 @@ def clear_disk_cache(cache_dir: str | Path, namespace: str | None = None) -> int
                 if ns_dir.name.startswith(prefix[:16]):
                     shutil.rmtree(ns_dir, ignore_errors=True)
         if not prefix and folder.quarantine_dir.is_dir():
-            for path in folder.quarantine_dir.iterdir():
-                path.unlink(missing_ok=True)
+            for path in folder.quarantine_dir.iterdir():  # a damaged index set aside may be a folder
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
         return len(rows)
     finally:
         if index is not None:

@@ -212,6 +212,10 @@ def set_index_aside(cache_dir: CacheDir) -> list[Path]:
     for path in (cache_dir.index_path, Path(f"{cache_dir.index_path}-wal"), Path(f"{cache_dir.index_path}-shm")):
         if path.exists() or path.is_symlink():
             target = cache_dir.quarantine_dir / f"{path.name}.damaged-{stamp}"
+            for n in itertools.count(1):  # twice in one second: never onto an earlier one
+                if not (target.exists() or target.is_symlink()):
+                    break
+                target = cache_dir.quarantine_dir / f"{path.name}.damaged-{stamp}-{n}"
             os.replace(path, target)
             moved.append(target)
     fsync_dir(cache_dir.root)
