@@ -45,6 +45,13 @@ def test_cache_commands_on_a_disk_tier_written_by_generate(tiny_model_dirs, tmp_
     stats = json.loads(_kvcellar("cache", "stats", "--cache-dir", cache_dir).stdout)
     entries = [json.loads(line) for line in _kvcellar("cache", "ls", "--cache-dir", cache_dir).stdout.splitlines()]
     assert stats["num_entries"] == len(entries) > 0
+    index = tmp_path / "kv" / "index.sqlite3"
+    index.write_bytes(os.urandom(index.stat().st_size))  # damaged: the CLI rebuilds it from the entry files
+    repaired = _kvcellar("cache", "stats", "--cache-dir", cache_dir)
+    assert repaired.returncode == 0, repaired.stderr
+    assert json.loads(repaired.stdout)["num_entries"] == stats["num_entries"] and json.loads(repaired.stdout)["index_rebuilt"]
+    assert len(_kvcellar("cache", "ls", "--cache-dir", cache_dir).stdout.splitlines()) == len(entries)
+    index.write_bytes(os.urandom(index.stat().st_size))  # and clear works on a damaged index too
     cleared = _kvcellar("cache", "clear", "--cache-dir", cache_dir)
     assert cleared.returncode == 0 and f"removed {len(entries)} entries" in cleared.stdout
     assert json.loads(_kvcellar("cache", "stats", "--cache-dir", cache_dir).stdout)["num_entries"] == 0
