@@ -263,3 +263,20 @@ def test_the_admin_tools_repair_a_damaged_index(folder):
     (folder / "index.sqlite3").mkdir()
     assert clear_disk_cache(folder) == NUM_ENTRIES and entry_files(folder) == []
     assert disk_cache_stats(folder)["num_entries"] == 0
+
+
+def test_an_index_that_fails_while_serving_is_a_miss_that_drops_nothing(folder, monkeypatch):
+    tier = open_tier(folder)
+    entries = _entries()
+
+    def malformed(keys):  # isolates the tier from SQLite: its reader connection failing at run time
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(tier._s.reader, "tokens", malformed)
+    assert tier.get(entries[0].key) is None and tier.children(ROOT_A) == []
+    counters = tier.stats().counters
+    assert (counters["num_index_errors"], counters["num_bad_rows"]) == (2, 0) and tier.num_entries == NUM_ENTRIES
+    monkeypatch.undo()
+    assert tier.get(entries[0].key).token_ids == entries[0].token_ids  # nothing was dropped
+    assert check_consistent(tier) == NUM_ENTRIES
+    tier.close()
