@@ -8,7 +8,8 @@ writer thread share), `disk_writer` (the writer thread's side), `format`
 (write, read and verify one file), `files` (paths, atomic writes, mapped
 reads, quarantine, directory lock), `index` (SQLite), `catalog` (in-memory
 records and eviction order), `writer` (the bounded write queue and its
-thread), `recovery` (start-up reconcile and budget), `admin` (no-model
+thread), `recovery` (start-up reconcile and budget), `index_repair`
+(open the index, set a damaged one aside, audit rows), `admin` (no-model
 tools), `codec` (`PayloadCodec`, `RawCodec`), `torch_codec` (`TorchCodec`
 for the engine's `StatePayload`), `host` (payload moves for the host tier).
 

@@ -12,6 +12,10 @@ the writer thread writes the file atomically, indexes it, and only then
 drops the payload from memory: never in neither place, and requests never
 wait on a write. Loads map the file and check size, header, key hash, layout
 and checksum; a file that fails is quarantined: a miss, counted, never served.
+Faults of the index never raise (index_repair.py, recovery.py): a record whose
+token ids cannot be read is dropped on sight (`num_bad_rows`), and a valid file
+whose row disagrees with it is a miss, stored again from the file (never
+quarantined).
 Threads: the tier's lock guards the catalog (shared with the writer thread),
 never file I/O. The directory is flock'ed while open: one process at a time.
 Close, or interpreter exit, flushes the queue.
