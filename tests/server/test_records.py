@@ -87,7 +87,7 @@ def test_time_in_queue_counts_in_the_ttft_a_client_sees(server, unique):
         response.close()
         short.join(WAIT_S)
     assert replies, "the queued request got no answer"
-    record = _wait_for(lambda: _record(server, replies[0].id), "the queued request's record")
+    record = _record(server, replies[0].id)  # recorded before its answer was sent
     assert record["queue_s"] >= seen_queued - record["created_s"] - 0.002  # 2 ms: two clocks' rounding
     assert record["ttft_s"] == pytest.approx(record["queue_s"] + record["engine_ttft_s"])
     assert record["ttft_s"] > record["engine_ttft_s"]
@@ -132,3 +132,22 @@ def test_every_4xx_answer_is_counted_by_status(fresh):
     assert requests.put(fresh.base_url + "/v1/models", timeout=30).status_code == 405
     after = rejected_counts(fresh.get("/metrics").text)
     assert {status: after.get(status, 0) - before.get(status, 0) for status in after} == {"400": 2, "404": 2, "405": 1}
+
+
+def _series(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_time_histograms_count_every_request_from_its_arrival(fresh, unique):
+    names = [f'kvcellar_{h}_seconds_{part}{{endpoint="completions"}}' for h in ("queue", "ttft", "engine_ttft", "request")
+             for part in ("count", "sum")]  # fmt: skip
+    before = {name: _series(fresh.get("/metrics").text, name) for name in names}
+    for i in range(2):
+        fresh.client().completions.create(model=fresh.model, prompt=f"histograms {unique} {i}", max_tokens=2)
+    text = fresh.get("/metrics").text  # a request is recorded before its answer is sent
+    delta = {name.split("{")[0].removeprefix("kvcellar_"): _series(text, name) - before[name] for name in names}
+    assert {name: value for name, value in delta.items() if name.endswith("_count")} == {
+        "queue_seconds_count": 2, "ttft_seconds_count": 2, "engine_ttft_seconds_count": 2, "request_seconds_count": 2}
+    assert delta["ttft_seconds_sum"] == pytest.approx(delta["queue_seconds_sum"] + delta["engine_ttft_seconds_sum"])
+    assert delta["request_seconds_sum"] >= delta["ttft_seconds_sum"] > delta["engine_ttft_seconds_sum"] > 0

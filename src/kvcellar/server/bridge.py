@@ -44,7 +44,8 @@ class EngineBridge:
         before any response is sent) and return its events; the last one carries `.result`.
 
         `on_end` runs on the pump thread once the engine finished the request (even when the events'
-        consumer left first); it is not called when this method raises."""
+        consumer left first), before the last event reaches the consumer; it is not called when this
+        method raises."""
         iterator = self._engine.stream(prompt_ids=prepared.prompt_ids, segments=prepared.segments,
                                        params=prepared.params, cache_salt=prepared.cache_salt)  # fmt: skip
         return self._relay(iterator, on_end)
@@ -79,23 +80,30 @@ def _pump(
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown: nobody is listening
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-    result: GenerationResult | None = None
-    error: BaseException | None = None
+    ended = False
+
+    def end(result: GenerationResult | None, error: BaseException | None) -> None:
+        nonlocal ended
+        if not ended:
+            ended = True
+            on_end(result, error)
+
     slots.acquire()
     try:
         # To the end even after `stop`: the consumer's leaving cancelled the request, so the engine
         # ends it at its next chunk or token with a "cancelled" result that says how far it got.
         for event in iterator:
-            result = event.result if event.result is not None else result
+            if event.result is not None:
+                end(event.result, None)  # before the consumer sees the end: a client's answer is already recorded
             send(event)
     except BaseException as exc:  # noqa: BLE001 - the error belongs to the consumer
-        error = exc
+        end(None, exc)
         send(exc)
     finally:
         iterator.close()  # cancels the request if it has not finished
         slots.release()
         send(_END)
-    on_end(result, error)
+        end(None, None)  # the engine's stream ended with neither a result nor an error
 
 
 async def _wait_for_disconnect(request: Request) -> None:
