@@ -50,6 +50,18 @@ def _load_config_file(argv: list[str]) -> None:
     _CONFIG_FILE_VALUES.update({key.replace("_", "-"): value for key, value in values.items()})
 
 
+def _version() -> str:
+    """The installed distribution's version; a source tree run without installing reports the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvcellar")
+    except PackageNotFoundError:
+        from kvcellar import __version__
+
+        return __version__
+
+
 def _env_bool(name: str, default: bool) -> bool:
     value = _env(name, None)
     return default if value is None else str(value).lower() in ("1", "true", "yes", "on")
@@ -174,7 +186,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     keys = args.api_key if args.api_key is not None else [k for k in str(_env("api_key", "")).split(",") if k]
     settings = ServerSettings(host=args.host, port=args.port, api_keys=parse_api_keys(keys),
-                              default_salt=args.cache_salt, log_level=args.log_level)
+                              default_salt=args.cache_salt, log_level=args.log_level, metrics_public=args.metrics_public)
     serve(Engine(_engine_config(args)), settings)
     return 0
 
@@ -207,6 +219,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcellar", description="LLM server and library with a persistent prefix KV cache")
+    parser.add_argument("--version", action="version", version=f"kvcellar {_version()}")
     parser.add_argument("--log-level", default=_env("log_level", "warning"), choices=["debug", "info", "warning", "error"])
     parser.add_argument("--config", default=os.environ.get("KVCELLAR_CONFIG"),
                         help="TOML file of option defaults (keys as the long options: block-size = 512)")
@@ -250,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require this key (repeatable); KEY:SALT binds the key to a cache salt (a tenant); "
                             "env: comma-separated")
     serve.add_argument("--cache-salt", default=_env("cache_salt", ""), help="cache salt of requests that send none")
+    serve.add_argument("--metrics-public", action="store_true", default=_env_bool("metrics_public", False),
+                       help="serve /metrics (every tenant's figures) without a key; otherwise, with keys, it needs an admin key")
     _add_engine_options(serve)
     serve.set_defaults(handler=_cmd_serve)
 

@@ -71,3 +71,17 @@ def test_disk_write_queue_size_reaches_the_cache_config(monkeypatch):
     assert cli._engine_config(args).cache.disk_write_queue_bytes == 3 * 1024**3
     args = cli.build_parser().parse_args(["generate", "--prompt", "x", "--model", "m", "--disk-write-queue-size", "512M"])
     assert cli._engine_config(args).cache.disk_write_queue_bytes == 512 * 1024**2
+
+
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    done = _kvcellar("--version")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"kvcellar {version('kvcellar')}\n", "")
+
+
+def test_metrics_public_flag_and_its_environment_variable(monkeypatch):
+    assert cli.build_parser().parse_args(["serve"]).metrics_public is False
+    assert cli.build_parser().parse_args(["serve", "--metrics-public"]).metrics_public is True
+    monkeypatch.setenv("KVCELLAR_METRICS_PUBLIC", "1")
+    assert cli.build_parser().parse_args(["serve"]).metrics_public is True

@@ -28,8 +28,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, log_path: Path, *args: str, admin_key: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, model_dir: Path, log_path: Path, *args: str, admin_key: str | None = None,
+                 port: int | None = None) -> None:  # fmt: skip
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.admin_key = admin_key
         self.log_path = log_path
@@ -91,3 +92,12 @@ class ServerProcess:
 def long_text(tag: str, num_words: int = 40) -> str:
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
     return f"{tag} " + " ".join(words[i % len(words)] for i in range(num_words))
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

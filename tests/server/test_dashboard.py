@@ -1,6 +1,7 @@
 """The dashboard in a real browser (Playwright driving Debian's chromium, headless, no network).
 
-Loads /, sees live numbers change while requests run, takes a screenshot
+Loads /, sees live numbers change while requests run, checks the recent
+requests' queue and TTFT columns against the API, takes a screenshot
 under load (KVCELLAR_UPDATE_SCREENSHOTS=1 also copies it to
 docs/dashboard.png), and clears a tier through the page.
 """
@@ -46,6 +47,26 @@ def _conversation(server, system: str, index: int, num_turns: int) -> list[dict]
     return messages
 
 
+def _ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{1000 * seconds:.1f} ms"
+
+
+def _check_recent_times(server, page) -> None:
+    """The recent-requests table shows each request's time in queue, TTFT from arrival and engine TTFT, as the API has them."""
+    headers = page.locator("#recent-body").locator("xpath=../thead/tr/th").all_inner_texts()
+    assert headers[7:11] == ["queue", "TTFT", "engine TTFT", "finish"]
+    records = server.get("/v1/requests/recent", params={"limit": 20}).json()["data"]
+    newest = str(records[0]["seq"])  # nothing runs now: the page shows these once it has polled again
+    page.wait_for_function(f"document.querySelector('#recent-body tr').dataset.seq === '{newest}'", timeout=10_000)
+    for record in records:
+        row = page.locator(f'#recent-body tr[data-seq="{record["seq"]}"]')
+        shown = [row.locator(f"td.{name}").inner_text() for name in ("queue", "ttft", "engine-ttft", "finish")]
+        expected = [_ms(record["queue_s"]), _ms(record["ttft_s"]), _ms(record["engine_ttft_s"]), record["finish_reason"]]
+        assert shown == expected
+        if record["ttft_s"] is not None:
+            assert record["ttft_s"] == pytest.approx(record["queue_s"] + record["engine_ttft_s"])
+
+
 def test_dashboard_shows_live_numbers_and_clears_a_tier(server, browser, unique, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
     page.goto(server.base_url + "/?interval=250")
@@ -70,6 +91,7 @@ def test_dashboard_shows_live_numbers_and_clears_a_tier(server, browser, unique,
                            timeout=10_000)  # fmt: skip
     cached_cells = page.locator("#recent-body td.cached").all_inner_texts()
     assert any(int(text.replace(",", "")) > 0 for text in cached_cells)
+    _check_recent_times(server, page)
 
     # Clear the device tier through the page; the server forgets the conversations.
     probe = {"messages": conversations[0][:-1]}

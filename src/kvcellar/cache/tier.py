@@ -5,6 +5,9 @@ Operations: `get`, `contains`, `children`, `entries` (reads, no side effects);
 `prepare_store`/`complete_store`/`abort_store` (reserve bytes, then publish);
 `touch`, `evict`, `clear`, `set_budget` / `budget_bytes` (bookkeeping);
 `stats` (a `TierStats` snapshot), `flush` and `close` (persistent media).
+`namespace_usage(tier, namespaces)`: a tier's occupancy by some namespaces'
+entries only (a tenant's share); a tier may offer `usage_of(namespaces)`
+when listing its `entries()` is expensive (disk).
 
 Tiers are named by medium, fastest first: device, host, disk, remote.
 `MemoryTier` (memory_tier.py) serves device and host; the disk tier lives in
@@ -28,7 +31,7 @@ Contract shared by every tier:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -128,3 +131,14 @@ def usage_by_priority(entries: Iterable[CacheEntry]) -> tuple[int, int, dict[str
         by_count[entry.priority.name] += 1
         by_bytes[entry.priority.name] += entry.num_bytes
     return num_entries, num_partial, by_count, by_bytes
+
+
+def namespace_usage(tier: Tier, namespaces: Collection[BlockHash]) -> TierStats:
+    """Occupancy of `tier` by the entries whose namespace root is in `namespaces` (no medium counters)."""
+    usage_of = getattr(tier, "usage_of", None)
+    if usage_of is not None:
+        return usage_of(namespaces)
+    entries = [entry for entry in tier.entries() if entry.namespace in namespaces]
+    num_entries, num_partial, by_count, by_bytes = usage_by_priority(entries)
+    return TierStats(tier.name, num_entries, num_partial, sum(e.num_bytes for e in entries), tier.budget_bytes,
+                     by_count, by_bytes)  # fmt: skip

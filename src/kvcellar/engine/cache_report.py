@@ -1,13 +1,19 @@
 """What the engine tells about its cache: a JSON-ready report, probes, budget changes.
 
-Operations: `cache_report(registry) -> dict`, `ProbeResult`.
-Counters are summed over tenant salts (each salt has its own core over the
-shared tiers); occupancy is read from the tiers themselves, once.
+Operations: `cache_report(registry) -> dict`, `namespace_report(registry,
+salts) -> dict`, `ProbeResult`. Counters are summed over tenant salts (each
+salt has its own core over the shared tiers); occupancy is read from the
+tiers themselves, once. A namespace report covers only the salts a filter
+accepts: their counters, and the entries of their namespaces in each tier.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from kvcellar.cache.tier import namespace_usage
+
 
 
 @dataclass(frozen=True)
@@ -58,4 +64,46 @@ def cache_report(registry: object) -> dict:
         "by_priority": by_priority,
         "hit_tokens_by_tier": tokens_by_tier,
         "tenants": len(snapshots),
+    }
+
+
+def namespace_report(registry: object, salts: Callable[[str], bool]) -> dict:
+    """What the salts accepted by `salts` did and hold: lookups, hit / miss / saved tokens and hit rate,
+    entries and bytes per tier and per priority, restored tokens per tier.
+
+    Evictions and the media's counters (drops, corrupt files) are left out: they belong to the shared
+    tiers, and an eviction of one namespace's entry is often caused by another's store.
+    """
+    cores = registry.cores_of(salts)
+    snapshots = [core.stats() for core in cores]
+    totals = {
+        "lookups": sum(s.num_lookups for s in snapshots),
+        "hit_tokens": sum(s.num_hit_tokens for s in snapshots),
+        "miss_tokens": sum(s.num_miss_tokens for s in snapshots),
+        "saved_tokens": sum(s.num_saved_tokens for s in snapshots),
+    }
+    looked_up = totals["hit_tokens"] + totals["miss_tokens"]
+    roots = {core.root for core in cores}
+    usages = [namespace_usage(tier, roots) for tier in registry.tiers]
+    tiers = {u.name: {"bytes": u.num_bytes, "budget_bytes": u.budget_bytes, "entries": u.num_entries} for u in usages}
+    by_priority: dict[str, dict[str, int]] = {}
+    for usage in usages:
+        for name, count in usage.num_entries_by_priority.items():
+            into = by_priority.setdefault(name, {"entries": 0, "bytes": 0})
+            into["entries"] += count
+            into["bytes"] += usage.num_bytes_by_priority.get(name, 0)
+    tokens_by_tier: dict[str, int] = {}
+    for snap in snapshots:
+        for name, count in snap.tokens_by_tier.items():
+            tokens_by_tier[name] = tokens_by_tier.get(name, 0) + count
+    return {
+        "enabled": registry.uncacheable_reason is None,
+        "disabled_reason": registry.uncacheable_reason,
+        **totals,
+        "hit_rate": totals["hit_tokens"] / looked_up if looked_up else 0.0,
+        "entries": sum(t["entries"] for t in tiers.values()),
+        "bytes": sum(t["bytes"] for t in tiers.values()),
+        "tiers": tiers,
+        "by_priority": by_priority,
+        "hit_tokens_by_tier": tokens_by_tier,
     }

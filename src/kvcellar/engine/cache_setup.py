@@ -1,7 +1,7 @@
 """Wire a loaded model to its prefix cache: namespace, tiers, one core per tenant salt.
 
 Operations: `build_prefix_cache(loaded, config) -> (prefix cache, CacheRegistry)`,
-`CacheRegistry.stats/clear/set_budget/core_for_salt`, `.flush` (wait for
+`CacheRegistry.stats/cores_of/clear/set_budget/core_for_salt`, `.flush` (wait for
 disk writes) and `.close` (flush, then release the disk tier's files and
 thread: `Engine.close` calls it after the worker stopped).
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvcellar.cache import (
@@ -65,6 +66,11 @@ class CacheRegistry:
         with self._lock:
             cores = list(self._cores.values())
         return [core.stats() for core in cores]
+
+    def cores_of(self, salts: Callable[[str], bool]) -> list[PrefixCache]:
+        """The cores of the salts in use that `salts` accepts (a tenant's namespaces)."""
+        with self._lock:
+            return [core for salt, core in self._cores.items() if salts(salt)]
 
     def clear(self, tier_name: str | None = None) -> None:
         """Drop the entries of one tier, or of all of them, for every salt."""

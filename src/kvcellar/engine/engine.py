@@ -1,20 +1,20 @@
 """The engine: one model, its prefix cache, and the worker thread that runs requests.
 
 Operations: `Engine.load(model_dir, ...)`, `generate`, `stream`, `encode_chat`,
-`cache_stats`, `clear_cache`, `session`, `close`.
+`cache_stats` (all, or some salts' share), `clear_cache`, `session`, `close`.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
 
 from kvcellar.config import CacheConfig, EngineConfig
-from kvcellar.engine.cache_report import ProbeResult, cache_report
+from kvcellar.engine.cache_report import ProbeResult, cache_report, namespace_report
 from kvcellar.engine.cache_setup import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
 from kvcellar.engine.prefill import chunk_size_for
@@ -88,16 +88,21 @@ class Engine:
         *,
         messages: Sequence[dict] | None = None,
         prompt_ids: Sequence[int] | None = None,
+        segments: PromptSegments | None = None,
         params: SamplingParams | None = None,
         cache_salt: str = "",
         **sampling: object,
     ) -> GenerationStream:
         """Queue a request; iterate the returned stream for its text, the last event carries `.result`.
 
+        `segments` go with `prompt_ids` (as `encode(messages=...)` returned them): where the system
+        prompt and the last user message end, so their blocks are cached at their priority.
         `stream.cancel()` (from any thread) or dropping the stream cancels the request.
         """
+        if segments is not None and prompt_ids is None:
+            raise ValueError("segments= goes with prompt_ids=; with prompt= or messages= the engine finds them itself")
         if prompt_ids is not None:
-            ids, segments = list(prompt_ids), PromptSegments()
+            ids, segments = list(prompt_ids), segments or PromptSegments()
         else:
             ids, segments = self.encode(prompt, messages)
         params = replace(params, **sampling) if params is not None and sampling else params
@@ -125,8 +130,14 @@ class Engine:
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self.cache_registry.tiers]
 
-    def cache_stats(self) -> dict:
-        """JSON-ready counters (lookups, hit/miss/saved tokens, evictions) and occupancy per tier and priority."""
+    def cache_stats(self, salts: Callable[[str], bool] | None = None) -> dict:
+        """JSON-ready counters (lookups, hit/miss/saved tokens, evictions) and occupancy per tier and priority.
+
+        `salts`: only the cache salts it accepts, their counters and the entries of their namespaces
+        (no evictions or media counters: those belong to the shared tiers); None: everything.
+        """
+        if salts is not None:
+            return namespace_report(self.cache_registry, salts)
         return cache_report(self.cache_registry)
 
     def probe(

@@ -30,8 +30,14 @@ class GenerationRequest:
 
 @dataclass
 class Timings:
-    """Per-request timings; `*_s` in seconds, rates in tokens per second."""
+    """Per-request timings; `*_s` in seconds, rates in tokens per second.
 
+    `queue_s`: from `Engine.stream` queueing the request to the worker starting it. Every other
+    time starts when the worker starts the request (`ttft_s` leaves the queue out).
+    `num_prefill_tokens`: prompt tokens actually computed (fewer when cancelled during the prefill).
+    """
+
+    queue_s: float = 0.0
     ttft_s: float = 0.0
     lookup_s: float = 0.0
     restore_s: float = 0.0
@@ -53,6 +59,7 @@ class Timings:
 
     def as_dict(self) -> dict[str, float]:
         return {
+            "queue_s": self.queue_s,
             "ttft_s": self.ttft_s,
             "lookup_s": self.lookup_s,
             "restore_s": self.restore_s,

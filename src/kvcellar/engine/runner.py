@@ -80,21 +80,23 @@ class RequestRunner:
 
     @torch.inference_mode()
     def run(
-        self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool]
+        self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool],
+        queue_s: float = 0.0,
     ) -> GenerationResult:
+        """`queue_s`: how long the request waited for the worker (reported in its timings)."""
         # The cache's background helpers (pinned-memory allocation on a GPU) wait for the end of the request;
         # the result is emitted after, so a caller that acts on it finds the request over.
         with self.prefix_cache.serving():
-            result = self._run(request, emit, is_cancelled)
+            result = self._run(request, emit, is_cancelled, Timings(queue_s=queue_s))
         emit(StreamEvent(result=result))
         return result
 
     def _run(
-        self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool]
+        self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool],
+        timings: Timings,
     ) -> GenerationResult:
         self.check(request)
         started = time.perf_counter()
-        timings = Timings()
         restored, logits = self.prefill_prompt(request, is_cancelled, timings)
         cache = restored.cache
         prompt = request.prompt_ids
@@ -145,16 +147,24 @@ class RequestRunner:
             timings.num_resident_tokens = restored.num_resident_tokens
             started = time.perf_counter()
             logits = restored.logits
+            reached = restored.num_tokens  # the prompt position the cache stands at (a cancel stops short)
             if logits is None:
                 ids = torch.tensor(prompt, dtype=torch.long, device=self.loaded.device)
-                hook = self.prefix_cache.capture_prompt_hook(prompt, request.segments, restored.cache, request.cache_salt)
+                capture = self.prefix_cache.capture_prompt_hook(prompt, request.segments, restored.cache, request.cache_salt)
+
+                def on_chunk_end(start: int, end: int, chunk_logits: torch.Tensor | None) -> None:
+                    nonlocal reached
+                    reached = end
+                    if capture is not None:
+                        capture(start, end, chunk_logits)
+
                 cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
-                logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts, hook,
-                                 is_cancelled, self.chunk_size)  # fmt: skip
+                logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts,
+                                 on_chunk_end, is_cancelled, self.chunk_size)  # fmt: skip
         if self.loaded.device.type == "cuda":  # kernels run behind the CPU: wait, so prefill_s is the true time
             torch.cuda.synchronize(self.loaded.device)  # (free: sampling the first token waits for them anyway)
         timings.prefill_s = time.perf_counter() - started
-        timings.num_prefill_tokens = len(prompt) - restored.num_tokens
+        timings.num_prefill_tokens = reached - restored.num_tokens
         self.prefix_cache.record_prefill(timings.num_prefill_tokens, timings.prefill_s)
         return restored, logits
 

@@ -12,6 +12,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
@@ -27,6 +28,7 @@ class Job:
     def __init__(self, request: GenerationRequest, job_id: int) -> None:
         self.request = request
         self.job_id = job_id
+        self.queued_at = time.perf_counter()  # Timings.queue_s runs from here to the worker taking the job
         self._events: queue.Queue[StreamEvent | BaseException] = queue.Queue()
         self._cancelled = threading.Event()
 
@@ -55,8 +57,9 @@ class Job:
         raise RuntimeError("the stream ended without a result")
 
 
-def cancelled_result(request: GenerationRequest) -> GenerationResult:
-    return GenerationResult("", (), "cancelled", len(request.prompt_ids), 0, {}, Timings())
+def cancelled_result(request: GenerationRequest, queue_s: float = 0.0) -> GenerationResult:
+    """The result of a request cancelled before it ran: nothing restored, computed or generated."""
+    return GenerationResult("", (), "cancelled", len(request.prompt_ids), 0, {}, Timings(queue_s=queue_s))
 
 
 class GenerationStream:
@@ -112,11 +115,12 @@ class ModelWorker:
             job = self._jobs.get()
             if job is _STOP:
                 return
+            queue_s = time.perf_counter() - job.queued_at
             if job.is_cancelled():  # the caller left while it waited: never touch the model for it
-                job.put(StreamEvent(result=cancelled_result(job.request)))
+                job.put(StreamEvent(result=cancelled_result(job.request, queue_s)))
                 continue
             try:
-                self.runner.run(job.request, job.put, job.is_cancelled)
+                self.runner.run(job.request, job.put, job.is_cancelled, queue_s)
             except Exception as exc:  # the error belongs to the caller; the worker keeps serving
                 log.exception("request %d failed", job.job_id)
                 job.put(exc)

@@ -2,12 +2,14 @@
 
 Operations: `Tenant` (who sent a request, and in which cache namespace it
 runs), `current_tenant` (a FastAPI dependency: reads `Authorization: Bearer
-KEY`), `require_admin`.
+KEY`), `require_admin`, `metrics_reader` (GET /metrics).
 
 With no keys configured every caller is an admin in the default namespace.
 With keys, every data endpoint needs one (401 otherwise); keys bound to a
-salt are tenants: their requests, probes and recent-request list stay in
-their own namespace, and only admin keys may clear or resize the cache.
+salt are tenants: their requests, probes, recent-request list and cache
+figures stay in their own namespace, and only admin keys may clear or
+resize the cache or read the global figures (/metrics, whose per-tier and
+per-request series cover every tenant, unless `metrics_public` opens it).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from kvcellar.server.errors import APIError
-from kvcellar.server.settings import ServerSettings, effective_salt
+from kvcellar.server.settings import ServerSettings, effective_salt, salt_tenant
 
 _bearer = HTTPBearer(auto_error=False, description="the key given to `kvcellar serve --api-key`")
 
@@ -39,6 +41,10 @@ class Tenant:
     def may_see(self, record_tenant: str | None) -> bool:
         """Admins see every recent request; a tenant only its own."""
         return self.is_admin or record_tenant == self.bound_salt
+
+    def owns_salt(self, cache_salt: str) -> bool:
+        """Whether the engine salt `cache_salt` is in this tenant's namespace (for a tenant key only)."""
+        return self.bound_salt is not None and salt_tenant(cache_salt) == self.bound_salt
 
 
 def _match_key(settings: ServerSettings, presented: str) -> tuple[bool, str | None]:
@@ -65,5 +71,18 @@ async def current_tenant(request: Request, credentials: HTTPAuthorizationCredent
 async def require_admin(tenant: Tenant = Depends(current_tenant)) -> Tenant:
     if not tenant.is_admin:
         raise APIError(403, "this key is bound to a tenant salt and may not change the shared cache; use an admin key",
+                       code="admin_only")  # fmt: skip
+    return tenant
+
+
+async def metrics_reader(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Tenant:
+    """GET /metrics: open with `metrics_public` (any key, or none, is ignored); else an admin key, when keys are set."""
+    settings: ServerSettings = request.app.state.settings
+    if settings.metrics_public:
+        return Tenant(None, settings.default_salt)
+    tenant = await current_tenant(request, credentials)
+    if not tenant.is_admin:
+        raise APIError(403, "/metrics covers every tenant: it needs an admin key (or a server started with "
+                            "--metrics-public); a tenant key reads its own figures at GET /v1/cache/stats",
                        code="admin_only")  # fmt: skip
     return tenant

@@ -1,7 +1,8 @@
 """The event loop's side of the engine: stream events without blocking the loop.
 
-Operations: `EngineBridge.events(prepared)` (an async iterator of
-StreamEvents), `collect_result(events, request)` (a whole answer, given up
+Operations: `EngineBridge.events(prepared, on_end)` (an async iterator of
+StreamEvents; `on_end(result, error)` is called once the engine is done with
+the request), `collect_result(events, request)` (a whole answer, given up
 when the client disconnects).
 
 Threads: the engine runs every request on its own worker thread, FIFO, so
@@ -9,7 +10,9 @@ requests are served in the order they arrive. Here one pump thread per open
 stream waits on the engine's iterator and hands events to the loop; the
 server never calls the model itself. Disconnects: when the consumer goes
 away the pump stops at its next event and closes the engine's iterator,
-which cancels the request. (The engine gives no cancel handle apart from
+which cancels the request; the pump still reads the engine's last event, so
+`on_end` gets what really happened (tokens restored, computed, generated,
+timings) also for a request whose client left. (The engine gives no cancel handle apart from
 closing the iterator, so a request still queued in the engine when its
 client leaves runs until its first token, then stops.)
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from fastapi import Request
 
@@ -27,6 +30,7 @@ from kvcellar.engine import GenerationResult, StreamEvent
 from kvcellar.server.prepare import Prepared
 
 _END = object()
+OnEnd = Callable[[GenerationResult | None, BaseException | None], None]  # (the engine's result, or its error)
 
 
 class EngineBridge:
@@ -35,19 +39,23 @@ class EngineBridge:
         # Past max_streams, pumps wait on this while the engine's queue keeps their events.
         self._slots = threading.BoundedSemaphore(max_streams)
 
-    def events(self, prepared: Prepared) -> AsyncIterator[StreamEvent]:
+    def events(self, prepared: Prepared, on_end: OnEnd) -> AsyncIterator[StreamEvent]:
         """Queue the request now (so requests queue in arrival order, and a refusal raises here,
-        before any response is sent) and return its events; the last one carries `.result`."""
-        iterator = self._engine.stream(prompt_ids=prepared.prompt_ids, params=prepared.params,
-                                       cache_salt=prepared.cache_salt)  # fmt: skip
-        return self._relay(iterator)
+        before any response is sent) and return its events; the last one carries `.result`.
 
-    async def _relay(self, iterator: Iterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+        `on_end` runs on the pump thread once the engine finished the request (even when the events'
+        consumer left first), before the last event reaches the consumer; it is not called when this
+        method raises."""
+        iterator = self._engine.stream(prompt_ids=prepared.prompt_ids, segments=prepared.segments,
+                                       params=prepared.params, cache_salt=prepared.cache_salt)  # fmt: skip
+        return self._relay(iterator, on_end)
+
+    async def _relay(self, iterator: Iterator[StreamEvent], on_end: OnEnd) -> AsyncIterator[StreamEvent]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
         # Daemon threads: a stream still open at exit must not keep the process alive.
-        threading.Thread(target=_pump, args=(iterator, loop, inbox, stop, self._slots), name="kvcellar-stream",
+        threading.Thread(target=_pump, args=(iterator, loop, inbox, stop, self._slots, on_end), name="kvcellar-stream",
                          daemon=True).start()  # fmt: skip
         try:
             while True:
@@ -64,25 +72,38 @@ class EngineBridge:
 
 def _pump(
     iterator: Iterator[StreamEvent], loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue, stop: threading.Event,
-    slots: threading.BoundedSemaphore,
+    slots: threading.BoundedSemaphore, on_end: OnEnd,
 ) -> None:  # fmt: skip
     def send(item: object) -> None:
+        if stop.is_set():  # the consumer left: nobody reads the inbox any more
+            return
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown: nobody is listening
             loop.call_soon_threadsafe(inbox.put_nowait, item)
 
+    ended = False
+
+    def end(result: GenerationResult | None, error: BaseException | None) -> None:
+        nonlocal ended
+        if not ended:
+            ended = True
+            on_end(result, error)
+
     slots.acquire()
     try:
-        while not stop.is_set():
-            event = next(iterator, None)
-            if event is None:
-                break
+        # To the end even after `stop`: the consumer's leaving cancelled the request, so the engine
+        # ends it at its next chunk or token with a "cancelled" result that says how far it got.
+        for event in iterator:
+            if event.result is not None:
+                end(event.result, None)  # before the consumer sees the end: a client's answer is already recorded
             send(event)
     except BaseException as exc:  # noqa: BLE001 - the error belongs to the consumer
+        end(None, exc)
         send(exc)
     finally:
         iterator.close()  # cancels the request if it has not finished
         slots.release()
         send(_END)
+        end(None, None)  # the engine's stream ended with neither a result nor an error
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -1,10 +1,12 @@
 """Cache observability and administration.
 
 Operations (routes): GET /v1/cache/stats (cumulative counters, 1 / 5 / 15
-minute windows, optional history), POST /v1/cache/probe (how many tokens of
+minute windows, optional history; global for an admin key, the tenant's own
+namespace for a tenant key), POST /v1/cache/probe (how many tokens of
 a prompt are cached, per tier, without running the model), POST
 /v1/cache/clear (one tier or all; admin), POST /v1/cache/budget (a tier's
-byte budget; admin), GET /v1/requests/recent, GET /metrics (Prometheus).
+byte budget; admin), GET /v1/requests/recent, GET /metrics (Prometheus;
+admin, unless the server runs with --metrics-public).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from kvcellar.config import parse_size
-from kvcellar.server.auth import Tenant, current_tenant, require_admin
+from kvcellar.server.auth import Tenant, current_tenant, metrics_reader, require_admin
 from kvcellar.server.errors import APIError
 from kvcellar.server.prepare import check_model, encode_input
 from kvcellar.server.schemas import BudgetRequest, ClearRequest, ProbeRequest
@@ -31,8 +33,10 @@ def _check_tier(engine: object, tier: str | None) -> None:
 @router.get("/v1/cache/stats")
 async def cache_stats(request: Request, history: bool = Query(False, description="include the rate ring's snapshots"),
                       tenant: Tenant = Depends(current_tenant)) -> dict:  # fmt: skip
-    """Cumulative cache counters, occupancy per tier and windowed rates over 1, 5 and 15 minutes."""
-    return await run_in_threadpool(request.app.state.telemetry.stats, history)
+    """Cumulative cache counters, occupancy per tier and windowed rates over 1, 5 and 15 minutes.
+
+    A tenant key gets its own namespace's figures (`scope: "tenant"`), an admin key everyone's (`"global"`)."""
+    return await run_in_threadpool(request.app.state.telemetry.stats, tenant, history)
 
 
 @router.post("/v1/cache/probe")
@@ -79,13 +83,14 @@ async def cache_budget(body: BudgetRequest, request: Request, tenant: Tenant = D
 @router.get("/v1/requests/recent")
 async def recent_requests(request: Request, limit: int = Query(50, ge=1, le=1000),
                           tenant: Tenant = Depends(current_tenant)) -> dict:  # fmt: skip
-    """The newest finished requests (yours only, for a tenant key): cached vs prefilled tokens, TTFT."""
+    """The newest finished requests, by completion order (yours only, for a tenant key): cached vs
+    prefilled tokens, time in queue, TTFT from arrival and in the engine, finish reason (also "cancelled")."""
     records = request.app.state.telemetry.recent.newest(tenant.may_see, limit)
     return {"object": "list", "data": [record.as_json() for record in records]}
 
 
 @router.get("/metrics", tags=["server"], response_class=Response)
-async def metrics(request: Request, tenant: Tenant = Depends(current_tenant)) -> Response:
-    """Prometheus text format."""
+async def metrics(request: Request, tenant: Tenant = Depends(metrics_reader)) -> Response:
+    """Prometheus text format; global figures, so an admin key is needed unless the server runs with --metrics-public."""
     body, content_type = await run_in_threadpool(request.app.state.telemetry.metrics.render)
     return Response(body, media_type=content_type)

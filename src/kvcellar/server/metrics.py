@@ -1,9 +1,14 @@
 """Prometheus metrics, in a registry owned by one app (two apps in one process never clash).
 
 Operations: `ServerMetrics(engine)`: `observe(record)` after each request,
-`render()` -> (body, content type) for GET /metrics.
+`count_rejected(status)`, `render()` -> (body, content type) for GET
+/metrics; `CountRejections` (ASGI middleware: every answer with a status of
+400 or more, auth failures, validation errors and 500s included, goes to
+`kvcellar_requests_rejected_total{status=...}`).
 
-Request metrics are counted as requests finish; cache metrics (hit / miss /
+Request metrics are counted as requests finish; the time histograms run
+from the request's arrival at the server (queue, TTFT as a client sees it,
+whole request), plus the engine's own TTFT (queueing left out). Cache metrics (hit / miss /
 saved tokens, evictions, bytes, budget and entries per tier, queue depth)
 are read from `engine.cache_stats()` at scrape time by a collector, so they
 can never drift from the engine's own counters.
@@ -14,6 +19,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvcellar.server.recent import RequestRecord
 
@@ -66,10 +72,15 @@ class ServerMetrics:
         self._cached = Counter("kvcellar_request_cached_tokens", "prompt tokens served from the cache, by tier",
                                ["tier"], registry=self.registry)  # fmt: skip
         self._completion = Counter("kvcellar_completion_tokens", "generated tokens", ["endpoint"], registry=self.registry)
-        self._ttft = Histogram("kvcellar_ttft_seconds", "time to first token", ["endpoint"], buckets=_TTFT_BUCKETS_S,
-                               registry=self.registry)  # fmt: skip
-        self._latency = Histogram("kvcellar_request_seconds", "request time, queueing excluded", ["endpoint"],
-                                  buckets=_TTFT_BUCKETS_S, registry=self.registry)  # fmt: skip
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, ["endpoint"], buckets=_TTFT_BUCKETS_S, registry=self.registry)
+
+        self._queue = histogram("kvcellar_queue_seconds", "arrival at the server to the engine starting the request")
+        self._ttft = histogram("kvcellar_ttft_seconds", "arrival at the server to the first token (as a client sees it)")
+        self._engine_ttft = histogram("kvcellar_engine_ttft_seconds", "engine start to the first token (queueing excluded)")
+        self._latency = histogram("kvcellar_request_seconds", "arrival at the server to the end of generation")
+        self._rejected = Counter("kvcellar_requests_rejected", "answers with an HTTP status of 400 or more, by status",
+                                 ["status"], registry=self.registry)  # fmt: skip
 
     def observe(self, record: RequestRecord) -> None:
         self._requests.labels(record.endpoint, record.finish_reason).inc()
@@ -77,9 +88,47 @@ class ServerMetrics:
         self._completion.labels(record.endpoint).inc(record.num_completion_tokens)
         for tier, count in record.cached_tokens_by_tier.items():
             self._cached.labels(tier).inc(count)
+        self._queue.labels(record.endpoint).observe(record.queue_s)
         if record.ttft_s is not None:
             self._ttft.labels(record.endpoint).observe(record.ttft_s)
+            self._engine_ttft.labels(record.endpoint).observe(record.engine_ttft_s)
         self._latency.labels(record.endpoint).observe(record.total_s)
+
+    def count_rejected(self, status: int) -> None:
+        self._rejected.labels(str(status)).inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class CountRejections:
+    """ASGI middleware: counts every HTTP answer whose status is 400 or more.
+
+    It sits inside Starlette's outermost error middleware, which turns an unhandled exception into
+    the 500 answer: an exception passing through here before any answer started is counted as 500.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    self._metrics.count_rejected(message["status"])
+            await send(message)
+
+        try:
+            await self._app(scope, receive, watch)
+        except Exception:
+            if not started:
+                self._metrics.count_rejected(500)
+            raise

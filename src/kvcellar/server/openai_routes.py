@@ -19,7 +19,7 @@ from kvcellar.engine import GenerationResult, StreamEvent
 from kvcellar.server.auth import Tenant, current_tenant
 from kvcellar.server.bridge import collect_result
 from kvcellar.server.errors import error_body
-from kvcellar.server.prepare import Prepared, prepare_generation
+from kvcellar.server.prepare import prepare_generation
 from kvcellar.server.responses import chunk_body, completion_body, finish_reason, sse, usage_chunk
 from kvcellar.server.schemas import ChatCompletionRequest, CompletionRequest
 from kvcellar.server.telemetry import new_request_id
@@ -58,29 +58,26 @@ async def health(request: Request, tenant: Tenant = Depends(current_tenant)) -> 
 
 async def _generate(kind: str, body: ChatCompletionRequest | CompletionRequest, request: Request, tenant: Tenant):
     state = request.app.state
-    created_s = time.time()
+    created_s, arrived = time.time(), time.perf_counter()
     prepared = await run_in_threadpool(prepare_generation, state.engine, body, tenant, state.settings)
     endpoint, prefix = _ENDPOINTS[kind]
     request_id = new_request_id(prefix)
-    events = state.bridge.events(prepared)
+    # Recorded when the engine is done with it (telemetry.py), also when the client left first.
+    on_end = state.telemetry.recorder(request_id, endpoint, prepared, body.stream, created_s, arrived)
+    events = state.bridge.events(prepared, on_end)
     header = (kind, request_id, int(created_s), state.engine.model_name)
     if body.stream:
-        chunks = _stream_chunks(header, events, body.include_usage, request, prepared, created_s)
+        chunks = _stream_chunks(header, events, body.include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     result = await collect_result(events, request)
-    state.telemetry.finish(request_id, endpoint, prepared, created_s, False, result)
     if result is None:  # the client is gone; this answer reaches nobody
         return JSONResponse(error_body(499, "the client closed the request"), status_code=499)
     return completion_body(*header, result)
 
 
-async def _stream_chunks(
-    header: tuple, events: AsyncIterator[StreamEvent], include_usage: bool, request: Request, prepared: Prepared,
-    created_s: float,
-) -> AsyncIterator[str]:  # fmt: skip
-    kind, request_id = header[0], header[1]
+async def _stream_chunks(header: tuple, events: AsyncIterator[StreamEvent], include_usage: bool) -> AsyncIterator[str]:
+    kind = header[0]
     result: GenerationResult | None = None
-    num_streamed = 0
     try:
         if kind == "chat":
             yield sse(chunk_body(*header, "", first=True))
@@ -89,7 +86,6 @@ async def _stream_chunks(
                 if event.result is not None:
                     result = event.result
                 elif event.text:
-                    num_streamed += 1
                     yield sse(chunk_body(*header, event.text))
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
             yield sse(error_body(500, f"generation failed ({type(exc).__name__}: {exc})"))
@@ -103,5 +99,3 @@ async def _stream_chunks(
         yield sse("[DONE]")
     finally:
         await events.aclose()
-        endpoint = _ENDPOINTS[kind][0]
-        request.app.state.telemetry.finish(request_id, endpoint, prepared, created_s, True, result, num_streamed)

@@ -1,7 +1,7 @@
 """Turn a validated request body into what the engine runs: token ids, sampling, salt.
 
 Operations: `check_model`, `prepare_generation(engine, body, tenant, settings) -> Prepared`,
-`encode_input(engine, messages=..., prompt=...)`. Runs in a worker thread
+`encode_input(engine, messages=..., prompt=...)`, `encode_chat` (ids and message boundaries). Runs in a worker thread
 (tokenizing a long prompt must not stall the event loop); raises APIError or
 InvalidRequestError, which the error handlers turn into 4xx answers.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvcellar.engine import SamplingParams
+from kvcellar.engine import PromptSegments, SamplingParams
 from kvcellar.errors import InvalidRequestError
 from kvcellar.server.auth import Tenant
 from kvcellar.server.errors import APIError
@@ -24,6 +24,7 @@ class Prepared:
     params: SamplingParams
     cache_salt: str
     tenant: Tenant
+    segments: PromptSegments = PromptSegments()  # chat: where the system prompt and last user message end
 
 
 def check_model(engine: object, model: str | None) -> None:
@@ -32,10 +33,15 @@ def check_model(engine: object, model: str | None) -> None:
                             "(see GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
 
 
+def encode_chat(engine: object, messages: list[ChatMessage]) -> tuple[list[int], PromptSegments]:
+    """Token ids of chat messages, and where their system prompt and last user message end."""
+    return engine.encode(messages=[message.as_engine_message() for message in messages])
+
+
 def encode_input(engine: object, *, messages: list[ChatMessage] | None = None, prompt: object = None) -> list[int]:
     """Token ids of chat messages, a text prompt, a list of one text, or a list of token ids."""
     if messages is not None:
-        return engine.encode(messages=[message.as_engine_message() for message in messages])[0]
+        return encode_chat(engine, messages)[0]
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -69,8 +75,9 @@ def prepare_generation(
         raise APIError(400, f"not supported by this server: {', '.join(unsupported)}; drop the field(s)",
                        param=unsupported[0].split(" ")[0], code="unsupported_parameter")  # fmt: skip
     fields = body.sampling()
+    segments = PromptSegments()
     if isinstance(body, ChatCompletionRequest):
-        ids, prompt_param = encode_input(engine, messages=body.messages), "messages"
+        (ids, segments), prompt_param = encode_chat(engine, body.messages), "messages"
     else:
         ids, prompt_param = encode_input(engine, prompt=body.prompt), "prompt"
     context = engine.context_length
@@ -82,4 +89,4 @@ def prepare_generation(
     except InvalidRequestError as exc:  # its message starts with the field's name
         name = str(exc).split(" ", 1)[0]
         raise APIError(400, str(exc), param=name if name in fields else None, code="invalid_sampling") from None
-    return Prepared(tuple(ids), params, tenant.salt_for(body.cache_salt), tenant)
+    return Prepared(tuple(ids), params, tenant.salt_for(body.cache_salt), tenant, segments)

@@ -1,7 +1,8 @@
 """Server settings and tenant salts.
 
 Operations: `ServerSettings` (validated, frozen), `parse_api_keys(["KEY", "KEY:SALT"])`,
-`effective_salt(bound_salt, request_salt, default_salt)`.
+`effective_salt(bound_salt, request_salt, default_salt)`, `salt_tenant(cache_salt)` (its inverse:
+whose namespace an engine salt is).
 
 Salts: every request runs in the cache namespace of one salt string. A key
 bound to a salt (a *tenant* key) always runs in that tenant's namespace;
@@ -47,6 +48,21 @@ def effective_salt(bound_salt: str | None, request_salt: str | None, default_sal
     return json.dumps([bound_salt, salt], ensure_ascii=True, separators=(",", ":"))
 
 
+def salt_tenant(cache_salt: str) -> str | None:
+    """The bound salt of the tenant whose namespace the engine salt `cache_salt` is; None: no tenant's.
+
+    Only `effective_salt`'s pairs name a tenant; "" and any other string (a library caller's own
+    salt in the same engine) belong to no tenant.
+    """
+    try:
+        pair = json.loads(cache_salt)
+    except ValueError:
+        return None
+    if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str):
+        return pair[0]
+    return None
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """How `kvcellar serve` listens and whom it serves.
@@ -54,7 +70,9 @@ class ServerSettings:
     `api_keys`: key -> bound salt (None = an admin key, which may also clear
     and resize the cache). Empty means no authentication (bind to 127.0.0.1).
     `default_max_tokens`: used when a request gives no max_tokens (capped by
-    the context left after the prompt).
+    the context left after the prompt). `metrics_public`: GET /metrics
+    answers without a key (with keys set it otherwise needs an admin key:
+    its figures cover every tenant).
     """
 
     host: str = "127.0.0.1"
@@ -66,6 +84,7 @@ class ServerSettings:
     num_recent_requests: int = 100
     rate_interval_s: float = 5.0
     max_concurrent_streams: int = 256
+    metrics_public: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -1,9 +1,16 @@
-"""The server's one observer: every finished request goes through `Telemetry.finish`.
+"""The server's one observer: every request the engine ran goes through `Telemetry.finish`.
 
-Operations: `Telemetry.finish(...)` (recent list, Prometheus, the HIT / MISS
-debug log line), `Telemetry.counters()` (engine cache counters plus the
-server's request counters), `Telemetry.sample()` (feeds the rate windows),
-`Telemetry.stats()` (the JSON of GET /v1/cache/stats).
+Operations: `Telemetry.recorder(...)` (the `on_end` callback of one request:
+it records the engine's result when the engine is done, also for a request
+whose client left), `Telemetry.finish` (recent list, Prometheus, the HIT /
+MISS debug log line), `Telemetry.counters(tenant)`, `Telemetry.sample()`
+(feeds the rate windows), `Telemetry.stats(tenant, history)` (the JSON of GET
+/v1/cache/stats).
+
+Scope: an admin (or anyone, with no keys set) sees the global figures; a
+tenant key sees its own namespace's: its cache counters and entries
+(`Engine.cache_stats(salts)`), its requests, its generated tokens and rate
+windows of its own (one ring per tenant salt configured).
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 
 from kvcellar.engine import GenerationResult
+from kvcellar.server.auth import Tenant
 from kvcellar.server.metrics import ServerMetrics
 from kvcellar.server.prepare import Prepared
-from kvcellar.server.rates import RateWindows
+from kvcellar.server.rates import TENANT_RATE_COUNTERS, RateWindows
 from kvcellar.server.recent import RecentRequests, RequestRecord
 from kvcellar.server.settings import ServerSettings
 
@@ -27,60 +37,94 @@ def new_request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def build_record(
+    request_id: str, endpoint: str, prepared: Prepared, stream: bool, created_s: float, waited_s: float,
+    result: GenerationResult | None, error: BaseException | None,
+) -> RequestRecord:  # fmt: skip
+    """The record of one request. `waited_s`: arrival -> the request queued in the engine (tokenizing)."""
+    tenant = prepared.tenant.bound_salt
+    if result is None:  # the engine raised: nothing it measured came back
+        finish = "error" if error is not None else "cancelled"
+        return RequestRecord(request_id, endpoint, created_s, tenant, stream, len(prepared.prompt_ids), None, None, 0,
+                             finish, waited_s, None, None, waited_s)  # fmt: skip
+    timings = result.timings
+    queue_s = waited_s + timings.queue_s
+    generated = bool(result.token_ids)
+    return RequestRecord(
+        request_id, endpoint, created_s, tenant, stream, result.num_prompt_tokens, result.num_cached_tokens,
+        timings.num_prefill_tokens, len(result.token_ids), result.finish_reason, queue_s,
+        queue_s + timings.ttft_s if generated else None, timings.ttft_s if generated else None,
+        queue_s + timings.total_s, dict(result.cached_tokens_by_tier),
+    )  # fmt: skip
+
+
 class Telemetry:
     def __init__(self, engine: object, settings: ServerSettings) -> None:
         self._engine = engine
         self.metrics = ServerMetrics(engine)
         self.recent = RecentRequests(settings.num_recent_requests)
         self.rates = RateWindows(settings.rate_interval_s)
+        self._tenant_rates = {salt: RateWindows(settings.rate_interval_s, counters=TENANT_RATE_COUNTERS)
+                              for salt in set(settings.api_keys.values()) if salt is not None}  # fmt: skip
         self._lock = threading.Lock()
-        self._num_completion_tokens = 0
+        self._num_requests: Counter[str | None] = Counter()  # by the key's bound salt (None: admins)
+        self._num_completion_tokens: Counter[str | None] = Counter()
 
-    def finish(
-        self, request_id: str, endpoint: str, prepared: Prepared, created_s: float, stream: bool,
-        result: GenerationResult | None, num_streamed: int = 0,
-    ) -> RequestRecord:  # fmt: skip
-        """Record one request; `result` is None when the client left before the end (cancelled)."""
-        if result is None:
-            record = RequestRecord(request_id, endpoint, created_s, prepared.tenant.bound_salt, stream,
-                                   len(prepared.prompt_ids), 0, num_streamed, "cancelled", None,
-                                   time.time() - created_s)  # fmt: skip
-        else:
-            timings = result.timings
-            record = RequestRecord(
-                request_id, endpoint, created_s, prepared.tenant.bound_salt, stream,
-                result.num_prompt_tokens, result.num_cached_tokens, len(result.token_ids), result.finish_reason,
-                timings.ttft_s if result.token_ids else None, timings.total_s, dict(result.cached_tokens_by_tier),
-            )  # fmt: skip
+    def recorder(
+        self, request_id: str, endpoint: str, prepared: Prepared, stream: bool, created_s: float, arrived: float
+    ) -> Callable[[GenerationResult | None, BaseException | None], None]:
+        """The `on_end` of a request about to be queued; `arrived`: its `time.perf_counter()` at arrival."""
+        waited_s = time.perf_counter() - arrived
+
+        def on_end(result: GenerationResult | None, error: BaseException | None) -> None:
+            try:
+                self.finish(build_record(request_id, endpoint, prepared, stream, created_s, waited_s, result, error))
+            except Exception:  # noqa: BLE001 - on the pump thread: a bad record must not lose the next ones
+                log.exception("could not record request %s", request_id)
+
+        return on_end
+
+    def finish(self, record: RequestRecord) -> RequestRecord:
         with self._lock:
-            self._num_completion_tokens += record.num_completion_tokens
-        self.recent.add(record)
+            self._num_requests[record.tenant] += 1
+            self._num_completion_tokens[record.tenant] += record.num_completion_tokens
+        record = self.recent.add(record)
         self.metrics.observe(record)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "%s %s %s: %d/%d prompt tokens cached %s, %d generated, ttft %s, %s",
-                "HIT" if record.num_cached_tokens else "MISS", request_id, endpoint, record.num_cached_tokens,
+                "%s %s %s: %s/%d prompt tokens cached %s, %d generated, queue %.3f s, ttft %s, %s",
+                "HIT" if record.num_cached_tokens else "MISS", record.request_id, record.endpoint, record.num_cached_tokens,
                 record.num_prompt_tokens, record.cached_tokens_by_tier or "{}", record.num_completion_tokens,
-                f"{record.ttft_s:.3f} s" if record.ttft_s is not None else "-", record.finish_reason,
+                record.queue_s, f"{record.ttft_s:.3f} s" if record.ttft_s is not None else "-", record.finish_reason,
             )  # fmt: skip
         return record
 
-    def counters(self, cache: dict | None = None) -> dict[str, float]:
-        cache = cache if cache is not None else self._engine.cache_stats()
+    def counters(self, tenant: Tenant | None = None, cache: dict | None = None) -> dict[str, float]:
+        """Cache counters plus requests and generated tokens: global, or for a tenant key its own."""
+        own = tenant is not None and not tenant.is_admin
+        if cache is None:
+            cache = self._engine.cache_stats(tenant.owns_salt) if own else self._engine.cache_stats()
         with self._lock:
-            completion = self._num_completion_tokens
-        return {**cache, "requests": self.recent.num_total, "completion_tokens": completion}
+            if own:
+                requests, completion = self._num_requests[tenant.bound_salt], self._num_completion_tokens[tenant.bound_salt]
+            else:
+                requests, completion = sum(self._num_requests.values()), sum(self._num_completion_tokens.values())
+        return {**cache, "requests": requests, "completion_tokens": completion}
+
+    def _windows_of(self, tenant: Tenant | None) -> RateWindows:
+        return self.rates if tenant is None or tenant.is_admin else self._tenant_rates[tenant.bound_salt]
 
     def sample(self, force: bool = False) -> None:
         self.rates.sample(self.counters(), force)
+        for salt, rates in self._tenant_rates.items():
+            rates.sample(self.counters(Tenant(salt)), force)
 
-    def stats(self, with_history: bool) -> dict:
-        cache = self._engine.cache_stats()
-        counters = self.counters(cache)
-        self.rates.sample(counters)
-        report = {**cache, "requests": counters["requests"], "completion_tokens": counters["completion_tokens"],
-                  "queue_depth": self._engine.queue_depth, "model": self._engine.model_name,
-                  "windows": self.rates.windows(counters)}  # fmt: skip
+    def stats(self, tenant: Tenant, with_history: bool) -> dict:
+        counters = self.counters(tenant)
+        rates = self._windows_of(tenant)
+        rates.sample(counters)
+        report = {**counters, "scope": "global" if tenant.is_admin else "tenant", "queue_depth": self._engine.queue_depth,
+                  "model": self._engine.model_name, "windows": rates.windows(counters)}  # fmt: skip
         if with_history:
-            report["history"] = self.rates.history()
+            report["history"] = rates.history()
         return report

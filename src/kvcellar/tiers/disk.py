@@ -26,10 +26,10 @@ import atexit
 import logging
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from kvcellar.cache import BlockHash, CacheEntry, StoreResult, TierStats
+from kvcellar.cache import BlockHash, CacheEntry, Priority, StoreResult, TierStats
 from kvcellar.cache.tier import check_budget
 from kvcellar.tiers.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
 from kvcellar.tiers.catalog import RESERVED, STORED, Catalog, Record
@@ -330,6 +330,18 @@ class DiskTier:
         counters["open_s"] = self._open_s
         counters["index_bytes"] = self._s.index.size_bytes()
         return TierStats(self.name, num_entries, num_partial, num_bytes, self._budget_bytes, counts, sizes, counters)
+
+    def usage_of(self, namespaces: Collection[BlockHash]) -> TierStats:
+        """Occupancy by the visible entries of `namespaces` only, from the catalog (the index is not read)."""
+        with self._lock:
+            records = [r for r in self._catalog if r.state != RESERVED and r.namespace in namespaces]
+        counts = {priority.name: 0 for priority in Priority}
+        sizes = dict(counts)
+        for record in records:
+            counts[record.priority.name] += 1
+            sizes[record.priority.name] += record.payload_bytes
+        return TierStats(self.name, len(records), sum(r.is_partial for r in records), sum(r.num_bytes for r in records),
+                         self._budget_bytes, counts, sizes)  # fmt: skip
 
     def start(self) -> None:
         """Start the writer thread (for a tier opened with start_writer=False)."""

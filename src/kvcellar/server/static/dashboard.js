@@ -23,7 +23,8 @@ async function api(path, body) {
   return data;
 }
 
-const int = (n) => Math.round(n).toLocaleString("en-US");
+const int = (n) => (n === null || n === undefined ? "–" : Math.round(n).toLocaleString("en-US"));
+const ms = (s) => (s === null || s === undefined ? "–" : `${(1000 * s).toFixed(1)} ms`);
 const pct = (x) => (x > 0 && x < 0.001 ? "<0.1%" : `${(100 * x).toFixed(1)}%`);
 function bytes(n) {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -61,7 +62,7 @@ function addPoint(stats, now) {
 }
 
 function renderCards(stats) {
-  $("model").textContent = `model ${stats.model}`;
+  $("model").textContent = `model ${stats.model}` + (stats.scope === "tenant" ? " (your tenant's figures)" : "");
   $("queue-depth").textContent = stats.queue_depth;
   $("hit-rate").textContent = pct(stats.hit_rate);
   $("saved-tokens").textContent = int(stats.saved_tokens);
@@ -115,21 +116,25 @@ function renderTiers(stats) {
   }
 }
 
-function renderRecent(recent) {
+function renderRecent(recent) { // newest first, by completion order (r.seq)
   const body = $("recent-body");
   body.replaceChildren();
   for (const r of recent.data) {
     const row = body.insertRow();
-    const share = r.num_prompt_tokens ? r.num_cached_tokens / r.num_prompt_tokens : 0;
+    row.dataset.seq = r.seq;
+    const prompt = r.num_prompt_tokens || 1;
+    const cached = (r.num_cached_tokens || 0) / prompt, prefilled = (r.num_prefilled_tokens || 0) / prompt;
     cell(row, new Date(r.created_s * 1000).toLocaleTimeString());
     cell(row, r.endpoint + (r.stream ? " (stream)" : ""));
     cell(row, int(r.num_prompt_tokens));
     cell(row, int(r.num_cached_tokens), "cached");
     cell(row, int(r.num_prefilled_tokens), "prefilled");
-    row.insertCell().appendChild(bar([[share, "hit"], [1 - share, "miss"]]));
+    row.insertCell().appendChild(bar([[cached, "hit"], [prefilled, "miss"]]));
     cell(row, int(r.num_completion_tokens));
-    cell(row, r.ttft_s === null ? "–" : `${(1000 * r.ttft_s).toFixed(1)} ms`);
-    cell(row, r.finish_reason);
+    cell(row, ms(r.queue_s), "queue");
+    cell(row, ms(r.ttft_s), "ttft");
+    cell(row, ms(r.engine_ttft_s), "engine-ttft");
+    cell(row, r.finish_reason, "finish");
   }
 }
 
