@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_cmd_serve)
 
     bench = commands.add_parser("bench", help="prompt-cache benchmarks: JSON, a markdown table and PNG plots")
-    bench.add_argument("--quick", action="store_true", help="small sizes (512 and 2K tokens, short workloads)")
+    bench.add_argument("--quick", action="store_true",
+                       help="small sizes: prompts of 1K and 2K tokens (each at least two blocks), short workloads")
     bench.add_argument("--lengths", default=_env("bench_lengths", None),
                        help="prompt lengths of cold / exact / nearest, e.g. 2048,8192 or 2K,8K,32K (default 2K,8K)")
     bench.add_argument("--repeats", type=int, default=None, help="prompts per length in cold / exact / nearest (default 3)")
@@ -274,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-token-id", type=int, default=8000, help="prompts use token ids in [100, this)")
     bench.add_argument("--same-process", action="store_true", help="run every phase in this process (faster; memory peaks mix)")
     _add_engine_options(bench)
+    bench._option_string_actions["--model"].help = (
+        "model folder to benchmark (default: a random-weight Qwen3-0.6B-shape folder, "
+        "$KVCELLAR_HOME/models/bench-qwen3-0.6b, made on first use)"
+    )
     if "--cache-dir" not in bench._option_string_actions:  # unless the engine options have it already
         bench.add_argument("--cache-dir", default=_env("cache_dir", None), help="base folder of the disk tiers (default OUT/cache)")
     bench.set_defaults(handler=_cmd_bench)
