@@ -8,7 +8,8 @@ Also: `python3 run.py demo` streams one answer from the demo model in the termin
 Set-up is idempotent: a virtual environment in .venv, torch (the pinned build
 below), then kvcellar itself in editable mode with its test extras. A stamp
 file skips the install when nothing changed. Extra arguments after the
-command go to `kvcellar serve`, `kvcellar generate` or pytest.
+command go to `kvcellar serve`, `kvcellar generate` or pytest, which then
+replaces this process (exec): signals reach it directly, nothing is orphaned.
 """
 
 from __future__ import annotations
@@ -46,18 +47,32 @@ def _setup() -> None:
     stamp.write_text(wanted)
 
 
+def _become(command: list[str]) -> int:
+    """Replace this process by `command` (run from the checkout), so a signal to it reaches the real program.
+
+    With a child instead, SIGTERM to `run.py` would end only the wrapper and leave the server running,
+    holding its port. Windows has no exec that keeps the process: there the child is waited for.
+    """
+    os.chdir(ROOT)
+    if os.name == "nt":  # pragma: no cover
+        return subprocess.call(command)
+    os.execv(command[0], command)
+    raise AssertionError("unreachable: execv returns only by raising")
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("serve", "demo", "test"):
         print(__doc__)
         return 2
     _setup()
     command, rest = argv[0], argv[1:]
+    python = str(_python())
     if command == "test":
-        return subprocess.call([str(_python()), "-m", "pytest", "-q", *rest], cwd=ROOT)
+        return _become([python, "-m", "pytest", "-q", *rest])
     if command == "serve":
-        return subprocess.call([str(_python()), "-m", "kvcellar.cli", "serve", *rest], cwd=ROOT)
+        return _become([python, "-m", "kvcellar.cli", "serve", *rest])
     prompt = ["--prompt", "Explain what a prefix cache does."] if "--prompt" not in rest else []
-    return subprocess.call([str(_python()), "-m", "kvcellar.cli", "generate", "--chat", *prompt, *rest], cwd=ROOT)
+    return _become([python, "-m", "kvcellar.cli", "generate", "--chat", *prompt, *rest])
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--disk-cache-size", default=_env("disk_cache_size", "16G"), help="byte budget of the disk tier")
     group.add_argument("--disk-write-queue-size", default=_env("disk_write_queue_size", "1G"),
                        help="memory for blocks waiting to be written to disk; past it new writes are dropped (counted)")
+    group.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", 60)),
+                       help="seconds a stop (SIGTERM, SIGINT, SIGHUP, or the end of a command) waits for queued disk "
+                            "writes; what is still queued then is dropped and logged (default 60)")
     group.add_argument("--host-cache-size", default=_env("host_cache_size", "4G"),
                        help="byte budget of the host-RAM tier (GPU runs only; pinned memory on CUDA)")
     group.add_argument("--disk-tier", action=argparse.BooleanOptionalAction, default=_env_bool("disk_tier", True),
@@ -113,6 +116,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         disk_cache_bytes=parse_size(args.disk_cache_size),
         host_cache_bytes=parse_size(args.host_cache_size),
         disk_write_queue_bytes=parse_size(args.disk_write_queue_size),
+        drain_timeout_s=args.drain_timeout,
         use_disk_tier=args.disk_tier,
         use_host_tier=args.host_tier,
     )
@@ -269,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_cmd_serve)
 
     bench = commands.add_parser("bench", help="prompt-cache benchmarks: JSON, a markdown table and PNG plots")
-    bench.add_argument("--quick", action="store_true", help="small sizes (512 and 2K tokens, short workloads)")
+    bench.add_argument("--quick", action="store_true",
+                       help="small sizes: prompts of 1K and 2K tokens (each at least two blocks), short workloads")
     bench.add_argument("--lengths", default=_env("bench_lengths", None),
                        help="prompt lengths of cold / exact / nearest, e.g. 2048,8192 or 2K,8K,32K (default 2K,8K)")
     bench.add_argument("--repeats", type=int, default=None, help="prompts per length in cold / exact / nearest (default 3)")
@@ -285,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-token-id", type=int, default=8000, help="prompts use token ids in [100, this)")
     bench.add_argument("--same-process", action="store_true", help="run every phase in this process (faster; memory peaks mix)")
     _add_engine_options(bench)
+    bench._option_string_actions["--model"].help = (
+        "model folder to benchmark (default: a random-weight Qwen3-0.6B-shape folder, "
+        "$KVCELLAR_HOME/models/bench-qwen3-0.6b, made on first use)"
+    )
     if "--cache-dir" not in bench._option_string_actions:  # unless the engine options have it already
         bench.add_argument("--cache-dir", default=_env("cache_dir", None), help="base folder of the disk tiers (default OUT/cache)")
     bench.set_defaults(handler=_cmd_bench)

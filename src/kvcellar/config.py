@@ -94,6 +94,8 @@ class CacheConfig:
     use_disk_tier: bool = True
     use_host_tier: bool = True
     disk_write_queue_bytes: int = 1024**3  # write-behind memory; past it, new writes are dropped (counted)
+    # On close (SIGTERM/SIGINT/SIGHUP to a server), queued disk writes get this long to become durable.
+    drain_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("device_cache_bytes", "disk_cache_bytes", "host_cache_bytes", "disk_write_queue_bytes"):
@@ -106,6 +108,10 @@ class CacheConfig:
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
             raise ValueError(f"cache_dir must be a folder path or None (no disk tier), got {self.cache_dir!r}")
+        if isinstance(self.drain_timeout_s, bool) or not isinstance(self.drain_timeout_s, (int, float)) or not (
+            0 <= self.drain_timeout_s < float("inf")
+        ):
+            raise ValueError(f"drain_timeout_s (--drain-timeout) must be a number of seconds >= 0 (got {self.drain_timeout_s!r})")
         if self.max_partial_entries < 0:
             raise ValueError(
                 f"max_partial_entries (--tail-cache-entries) must be >= 0, 0 disables tails (got {self.max_partial_entries})"

@@ -1,9 +1,10 @@
 """Benchmark phases: one mode (a cache configuration or a baseline) running its scenarios.
 
 Operations: `MODES` (name -> mode strategy), `IN_PROCESS_MODES`,
-`HTTP_MODES`, `BASELINE_MODE`, `run_phase(spec) -> dict`, and
-`main([SPEC.json, OUT.json])` (what runner.py starts in a fresh process for
-each phase, so that its memory peak is its own).
+`HTTP_MODES`, `BASELINE_MODE`, `count_requests(config, mode)`,
+`run_phase(spec, on_sample) -> dict`, and `main([SPEC.json, OUT.json,
+PARENT_PID])` (what runner.py starts in a fresh process for each phase, so
+that its memory peak is its own; it reports each request on stdout).
 
 A mode opens a target (`open(config, spec) -> Opened`), which may say why it
 is skipped (a tier the engine does not have). Modes that force one tier
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,10 +182,17 @@ HTTP_MODES = ("http-no-reuse", "http")
 BASELINE_MODE = {"in-process": "no-cache", "http": "http-no-reuse"}
 
 
-def run_phase(spec: dict, progress: bool = True) -> dict:
-    """Run one mode's scenarios; spec = {mode, config, run_id, cache_dir}. JSON-ready result."""
-    from tqdm import tqdm
+def count_requests(config: BenchConfig, mode_name: str) -> int:
+    """How many measured requests the phase of `mode_name` sends (for the run's progress bar)."""
+    mode = MODES[mode_name]
+    return sum(len(build_requests(kind, config, config.max_token_id)) for kind in wanted_scenarios(config, mode.scenarios))
 
+
+def run_phase(spec: dict, on_sample: Callable[[dict], None] = lambda sample: None) -> dict:
+    """Run one mode's scenarios; spec = {mode, config, run_id, cache_dir}. JSON-ready result.
+
+    `on_sample(sample)` is called after each measured request (the bench's progress).
+    """
     config = BenchConfig.from_json(spec["config"])
     mode = MODES[spec["mode"]]
     usage = Usage.start()
@@ -198,17 +205,11 @@ def run_phase(spec: dict, progress: bool = True) -> dict:
     out["memory_after_load"] = memory_report(opened.device)
     requests = [r for kind in wanted_scenarios(config, mode.scenarios) for r in build_requests(kind, config, opened.hi)]
     try:
-        bar = tqdm(requests, desc=f"{mode.name:>13}", unit="req", disable=None if progress else True,
-                   file=sys.stderr)  # fmt: skip
-        label = None
-        for index, request in enumerate(bar):
-            if bar.disable and progress and request.label != label:  # no terminal: one line per row instead
-                label = request.label
-                print(f"  {mode.name}: {label} (request {index + 1} of {len(requests)})", file=sys.stderr, flush=True)
+        for index, request in enumerate(requests):
             salt = f"bench-{spec['run_id']}-{request.salt_key}" + (f"-{index}" if getattr(mode, "unique_salts", False) else "")
-            sample = opened.target.send(request, salt)
-            out["samples"].append(dataclasses.asdict(sample))
-            bar.set_postfix_str(f"{request.label} ttft {sample.ttft_s:.3f}s cached {sample.num_cached_tokens}")
+            sample = dataclasses.asdict(opened.target.send(request, salt))
+            out["samples"].append(sample)
+            on_sample(sample)
         if hasattr(opened.target, "engine"):
             out["cache_stats"] = opened.target.engine.cache_stats()
     finally:
@@ -217,9 +218,20 @@ def run_phase(spec: dict, progress: bool = True) -> dict:
     return out | {"usage": usage.finish()}
 
 
+PROGRESS_PREFIX = "kvcellar-bench-sample "  # a phase process's stdout line per measured request
+
+
 def main(argv: list[str]) -> int:
-    spec_path, out_path = argv
-    result = run_phase(json.loads(Path(spec_path).read_text()))
+    """In a phase process: SPEC.json OUT.json PARENT_PID; one PROGRESS_PREFIX line per request on stdout."""
+    from kvcellar.bench.children import end_with_parent
+
+    spec_path, out_path, parent_pid = argv
+    end_with_parent(int(parent_pid))
+
+    def report(sample: dict) -> None:
+        brief = {key: sample.get(key) for key in ("label", "ttft_s", "num_cached_tokens")}
+        print(PROGRESS_PREFIX + json.dumps(brief), flush=True)
+
+    result = run_phase(json.loads(Path(spec_path).read_text()), report)
     Path(out_path).write_text(json.dumps(result))
     return 0
-

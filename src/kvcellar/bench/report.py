@@ -109,7 +109,9 @@ def _hardware_lines(results: dict) -> list[str]:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"# kvcellar bench: {results['target']}", "", *_hardware_lines(results), "",
+    stopped = results.get("stopped_early")
+    warning = [f"**Partial results: the run stopped early ({stopped}).**", ""] if stopped else []
+    lines = [f"# kvcellar bench: {results['target']}", "", *warning, *_hardware_lines(results), "",
              f"## TTFT p50 by scenario and mode (speedup: {results['baseline_mode']} TTFT / {results['main_mode']} TTFT)",
              "", ttft_matrix(results), "", "## Details", "",
              "Times in seconds unless marked ms. Hit rate = cached / prompt tokens; by tier: where the cached tokens "

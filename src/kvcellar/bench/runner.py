@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,10 @@ from pathlib import Path
 import kvcellar
 from kvcellar.bench.config import BenchConfig
 from kvcellar.bench.hardware import Usage, hardware
-from kvcellar.bench.phases import BASELINE_MODE, HTTP_MODES, IN_PROCESS_MODES, MODES, run_phase
+from kvcellar.bench.children import run_child, stop_signals_interrupt
+from kvcellar.bench.phases import (BASELINE_MODE, HTTP_MODES, IN_PROCESS_MODES, MODES, PROGRESS_PREFIX, count_requests,
+                                   run_phase)  # fmt: skip
+from kvcellar.bench.progress import RunProgress
 from kvcellar.bench.report import markdown, ttft_matrix, write_json
 from kvcellar.bench.scenarios import SCENARIOS
 from kvcellar.bench.summary import check_consistency, summarise
@@ -103,40 +105,57 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
 
 
-def _run_isolated(spec: dict) -> dict:
+def _failed_phase(mode_name: str, reason: str) -> dict:
+    mode = MODES[mode_name]
+    return {"mode": mode.name, "description": mode.description, "samples": [], "info": {}, "skipped": reason}
+
+
+def _run_isolated(spec: dict, on_sample: Callable[[dict], None]) -> dict:
     with tempfile.TemporaryDirectory(prefix="kvcellar-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "phase.json"
         spec_path.write_text(json.dumps(spec))
-        done = subprocess.run([sys.executable, "-c", _CHILD, str(spec_path), str(out_path)], env=_child_env(), check=False)
-        if done.returncode != 0 or not out_path.exists():
-            mode = MODES[spec["mode"]]
-            return {"mode": mode.name, "description": mode.description, "samples": [], "info": {},
-                    "skipped": f"the phase's process failed (exit code {done.returncode}; its error is above)"}  # fmt: skip
+
+        def relay(line: str) -> None:
+            if line.startswith(PROGRESS_PREFIX):
+                on_sample(json.loads(line.removeprefix(PROGRESS_PREFIX)))
+            else:  # the phase's own prints stay visible
+                print(line, flush=True)
+
+        command = [sys.executable, "-c", _CHILD, str(spec_path), str(out_path), str(os.getpid())]
+        code = run_child(command, _child_env(), relay)
+        if code != 0 or not out_path.exists():
+            return _failed_phase(spec["mode"], f"the phase's process failed (exit code {code}; its error is above)")
         return json.loads(out_path.read_text())
 
 
-def _run_phases(config: BenchConfig, modes: list[str], cache_base: Path, run_id: str) -> list[dict]:
-    phases: list[dict] = []
-    for number, mode in enumerate(modes, 1):
-        needed = NEEDS_EARLIER.get(mode)
-        earlier = next((p for p in phases if p["mode"] == needed), None)
-        if needed is not None and (earlier is None or earlier.get("skipped") or "disk" not in earlier["info"].get("tiers", [])):
-            phases.append({"mode": mode, "description": MODES[mode].description, "samples": [], "info": {},
-                           "skipped": f"needs the {needed} phase to have filled a disk tier first"})  # fmt: skip
-            _log(f"phase {number}/{len(modes)} {mode}: skipped ({phases[-1]['skipped']})")
-            continue
-        _log(f"phase {number}/{len(modes)} {mode}: {MODES[mode].description}"
-             + (" (fresh process)" if config.isolate else ""))  # fmt: skip
-        spec = {"mode": mode, "config": config.to_json(), "run_id": run_id, "cache_dir": str(cache_base)}
-        phase = _run_isolated(spec) if config.isolate else run_phase(spec)
-        if phase.get("skipped"):
-            _log(f"phase {mode}: skipped: {phase['skipped']}")
-        else:
-            usage = phase["usage"]
-            _log(f"phase {mode}: {len(phase['samples'])} requests, {usage['wall_s']:.1f} s, "
-                 f"CPU use {usage['cpu_util']:.2f}, peak RSS {phase['memory']['peak_rss_mib']:.0f} MiB")
-        phases.append(phase)
-    return phases
+def _run_phases(config: BenchConfig, modes: list[str], cache_base: Path, run_id: str, phases: list[dict],
+                on_phase: Callable[[], None]) -> None:  # fmt: skip
+    """Run `modes` in order, appending each phase's result to `phases` and calling `on_phase()` after it."""
+    progress = RunProgress({mode: count_requests(config, mode) for mode in modes})
+    try:
+        for number, mode in enumerate(modes, 1):
+            progress.phase(mode)
+            needed = NEEDS_EARLIER.get(mode)
+            earlier = next((p for p in phases if p["mode"] == needed), None)
+            if needed is not None and (earlier is None or earlier.get("skipped") or "disk" not in earlier["info"].get("tiers", [])):
+                phases.append(_failed_phase(mode, f"needs the {needed} phase to have filled a disk tier first"))
+                _log(f"phase {number}/{len(modes)} {mode}: skipped ({phases[-1]['skipped']})")
+            else:
+                _log(f"phase {number}/{len(modes)} {mode}: {MODES[mode].description}"
+                     + (" (fresh process)" if config.isolate else ""))  # fmt: skip
+                spec = {"mode": mode, "config": config.to_json(), "run_id": run_id, "cache_dir": str(cache_base)}
+                phase = _run_isolated(spec, progress.sample) if config.isolate else run_phase(spec, progress.sample)
+                if phase.get("skipped"):
+                    _log(f"phase {mode}: skipped: {phase['skipped']}")
+                else:
+                    usage = phase["usage"]
+                    _log(f"phase {mode}: {len(phase['samples'])} requests, {usage['wall_s']:.1f} s, "
+                         f"CPU use {usage['cpu_util']:.2f}, peak RSS {phase['memory']['peak_rss_mib']:.0f} MiB")
+                phases.append(phase)
+            progress.finish_phase(mode, len(phases[-1]["samples"]))
+            on_phase()
+    finally:
+        progress.close()
 
 
 def _check_extras() -> None:
@@ -148,7 +167,11 @@ def _check_extras() -> None:
 
 
 def run_bench(config: BenchConfig) -> dict:
-    """Run every planned phase and write results.json, results.md and the plots; returns the results."""
+    """Run every planned phase and write results.json, results.md and the plots; returns the results.
+
+    The files are rewritten after every phase, so a run stopped early (Ctrl-C, SIGTERM, SIGHUP, a crash)
+    keeps what it measured, marked `"stopped_early"`; its phase process is stopped with it.
+    """
     _check_extras()  # before any phase runs, not after
     started, usage = time.perf_counter(), Usage.start()
     modes = plan_modes(config)
@@ -159,35 +182,52 @@ def run_bench(config: BenchConfig) -> dict:
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     hw = hardware(config.engine.device if config.engine else "cpu")
     _log(f"kvcellar bench: {len(modes)} phases ({', '.join(modes)}) -> {out_dir}")
+    phases: list[dict] = []
+    facts = {"config": config, "run_id": run_id, "hardware": hw, "started": started, "usage": usage}
+    partial = lambda reason: _write(_results(phases, stopped_early=reason, **facts), out_dir)  # noqa: E731
     try:
-        phases = _run_phases(config, modes, cache_base, run_id)
-        if config.modes is None:  # say what did not run, and why
-            phases += [{"mode": mode, "description": MODES[mode].description, "samples": [], "info": {},
-                        "skipped": reason} for mode, reason in unavailable_modes(config).items()]  # fmt: skip
+        with stop_signals_interrupt():
+            _run_phases(config, modes, cache_base, run_id, phases, lambda: partial(f"after {len(phases)} of {len(modes)} phases"))
+    except BaseException as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        partial(f"{reason} after {len(phases)} of {len(modes)} phases")
+        _log(f"stopped early ({reason}); the {len(phases)} finished phases are in {out_dir / 'results.json'}")
+        raise
     finally:
         if not config.keep_cache:
             for folder in created:
                 shutil.rmtree(folder, ignore_errors=True)
             if not config.cache_dir and cache_base.exists() and not any(cache_base.iterdir()):
                 cache_base.rmdir()
-    kind = "http" if config.url else "in-process"
-    baseline, main = BASELINE_MODE[kind], "http" if config.url else "kvcellar"
-    server = next((p["info"] for p in phases if p["mode"] in HTTP_MODES and p.get("info")), {})
-    model = (server.get("model") or {}).get("id") if config.url else config.engine.model
-    results = {
-        "target": f"{kind}, {Path(str(model)).name}" + (f" at {config.url}" if config.url else ""),
-        "model": model, "server": server, "run_id": run_id, "config": config.to_json(), "hardware": hw,
-        "baseline_mode": baseline, "main_mode": main, "phases": phases,
-        "rows": summarise(phases, baseline), "checks": check_consistency(phases, config.block_size),
-        "wall_s": time.perf_counter() - started, "usage": usage.finish(),
-    }  # fmt: skip
+    if config.modes is None:  # say what did not run, and why
+        phases += [_failed_phase(mode, reason) for mode, reason in unavailable_modes(config).items()]
+    results = _results(phases, stopped_early=None, **facts)
     from kvcellar.bench.plots import write_plots  # matplotlib: only the parent process needs it
 
     results["plots"] = write_plots(results, out_dir)
-    write_json(results, out_dir / "results.json")
-    (out_dir / "results.md").write_text(markdown(results))
+    _write(results, out_dir)
     print(ttft_matrix(results), flush=True)
     _log(f"wrote {out_dir / 'results.json'}, results.md, {', '.join(results['plots'])} in {results['wall_s']:.0f} s")
     for problem in results["checks"]:
         _log(f"check: {problem}")
     return results
+
+
+def _results(phases: list[dict], *, config: BenchConfig, run_id: str, hardware: dict, started: float, usage: Usage,
+             stopped_early: str | None) -> dict:  # fmt: skip
+    kind = "http" if config.url else "in-process"
+    baseline, main = BASELINE_MODE[kind], "http" if config.url else "kvcellar"
+    server = next((p["info"] for p in phases if p["mode"] in HTTP_MODES and p.get("info")), {})
+    model = (server.get("model") or {}).get("id") if config.url else config.engine.model
+    return {
+        "target": f"{kind}, {Path(str(model)).name}" + (f" at {config.url}" if config.url else ""),
+        "model": model, "server": server, "run_id": run_id, "config": config.to_json(), "hardware": hardware,
+        "baseline_mode": baseline, "main_mode": main, "phases": list(phases), "stopped_early": stopped_early,
+        "rows": summarise(phases, baseline), "checks": check_consistency(phases, config.block_size),
+        "wall_s": time.perf_counter() - started, "usage": usage.finish(),
+    }  # fmt: skip
+
+
+def _write(results: dict, out_dir: Path) -> None:
+    write_json(results, out_dir / "results.json")
+    (out_dir / "results.md").write_text(markdown(results))

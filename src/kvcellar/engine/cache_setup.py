@@ -2,8 +2,9 @@
 
 Operations: `build_prefix_cache(loaded, config) -> (prefix cache, CacheRegistry)`,
 `CacheRegistry.stats/cores_of/clear/set_budget/core_for_salt`, `.flush` (wait for
-disk writes) and `.close` (flush, then release the disk tier's files and
-thread: `Engine.close` calls it after the worker stopped).
+disk writes) and `.close` (drain them within a time bound, then release the
+disk tier's files and thread: `Engine.close` calls it after the worker
+stopped; it returns a `DrainReport`).
 
 Tiers, fastest first: `device` (MemoryTier); `host` (MemoryTier in pinned RAM,
 only when the model runs on a GPU); `disk` (DiskTier, only with a cache_dir),
@@ -31,6 +32,15 @@ from kvcellar.engine.loader import LoadedModel
 from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache
 from kvcellar.kv import inspect_layout
 from kvcellar.kv.layout import LAYOUT_VERSION, ModelLayout
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """What closing the cache did with the writes it still held: made durable, or dropped (a miss later)."""
+
+    num_written: int = 0
+    num_dropped: int = 0  # still queued when the drain time ran out, or failed while draining
+    has_disk_tier: bool = False
 
 
 @dataclass
@@ -108,13 +118,27 @@ class CacheRegistry:
         """Wait until every tier's queued writes are durable (and demotion copies landed); False on timeout."""
         return all([tier.flush(timeout_s) for tier in self.tiers] + [helper.flush(timeout_s) for helper in self.helpers])
 
-    def close(self, timeout_s: float | None = 30.0) -> None:
-        """Flush and release every tier (disk files, writer thread, directory lock). Idempotent."""
+    def close(self, timeout_s: float | None = 30.0) -> DrainReport:
+        """Drain queued writes for up to `timeout_s` in all, then release every tier (files, writer thread,
+        directory lock) and helper. Idempotent: a second call finds nothing queued."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
+        writing = [tier for tier in self.tiers if hasattr(tier, "defer_writes")]  # tiers with a write-behind queue
+        before = {tier.name: tier.stats().counters for tier in writing}
         for tier in self.tiers:
-            tier.flush(timeout_s)
-            tier.close()
+            tier.flush(left())
+        num_written = num_dropped = 0
+        for tier in writing:
+            after = tier.stats().counters
+            num_written += after["num_written"] - before[tier.name]["num_written"]
+            num_dropped += after["num_dropped"] - before[tier.name]["num_dropped"] + after["num_queued"]
+            tier.close(left())
+        for tier in self.tiers:
+            if tier not in writing:
+                tier.close()
         for helper in self.helpers:
             helper.close()
+        return DrainReport(num_written, num_dropped, bool(writing))
 
     def set_budget(self, tier_name: str, budget_bytes: int) -> None:
         """Change one tier's budget; evictions go through a core so they are counted."""

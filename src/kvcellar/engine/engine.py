@@ -15,7 +15,7 @@ import torch
 
 from kvcellar.config import CacheConfig, EngineConfig
 from kvcellar.engine.cache_report import ProbeResult, cache_report, namespace_report
-from kvcellar.engine.cache_setup import build_prefix_cache
+from kvcellar.engine.cache_setup import CacheRegistry, DrainReport, build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
 from kvcellar.engine.prefill import chunk_size_for
 from kvcellar.engine.prompt import encode_chat, encode_text
@@ -28,9 +28,9 @@ from kvcellar.kv import inspect_layout
 log = logging.getLogger(__name__)
 
 
-def _shut_down(worker: ModelWorker, registry: object) -> None:
+def _shut_down(worker: ModelWorker, registry: CacheRegistry, drain_timeout_s: float) -> DrainReport:
     worker.close()
-    registry.close()
+    return registry.close(drain_timeout_s)
 
 
 class Engine:
@@ -49,7 +49,7 @@ class Engine:
         self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk))
         # An engine nobody closed is closed at interpreter exit: the worker thread stops before torch
         # tears down (else the process may abort), and queued disk writes are flushed.
-        self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry)
+        self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry, config.cache.drain_timeout_s)
 
     @classmethod
     def load(
@@ -174,9 +174,17 @@ class Engine:
     def queue_depth(self) -> int:
         return self._worker.queue_depth
 
-    def close(self) -> None:
-        """Finish queued work, then flush the cache's pending disk writes and release its directory. Idempotent."""
-        self._finalizer()
+    def close(self, *, drain_timeout_s: float | None = None) -> DrainReport | None:
+        """Finish queued work, then drain the cache's pending disk writes and release its directory.
+
+        Drains for at most `drain_timeout_s` seconds (default: `CacheConfig.drain_timeout_s`); writes
+        still queued then are dropped, and the report says how many. Idempotent: None after the first call.
+        """
+        detached = self._finalizer.detach()
+        if detached is None:
+            return None
+        _, shut_down, (worker, registry, default_s), _ = detached
+        return shut_down(worker, registry, default_s if drain_timeout_s is None else drain_timeout_s)
 
     def __enter__(self) -> Engine:
         return self

@@ -1,7 +1,9 @@
 """The FastAPI application of `kvcellar serve`.
 
 Operations: `create_app(engine, settings) -> FastAPI`, `serve(engine, settings)`
-(uvicorn until Ctrl-C or SIGTERM, then the engine is closed).
+(uvicorn until SIGTERM, SIGINT or SIGHUP; then the engine is
+closed, its disk writes drained within `CacheConfig.drain_timeout_s`, and the
+call returns, so the process exits 0).
 
 `app.state` holds the engine, the settings, the EngineBridge (threads that
 relay engine events to the loop) and the Telemetry (the one observer). The
@@ -14,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 from importlib import resources
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -30,6 +35,7 @@ from kvcellar.server.settings import ServerSettings
 from kvcellar.server.telemetry import Telemetry
 
 log = logging.getLogger("kvcellar.server")
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 STATIC_DIR = resources.files("kvcellar.server") / "static"
 
 
@@ -75,18 +81,58 @@ def create_app(engine: object, settings: ServerSettings | None = None) -> FastAP
     return app
 
 
-def serve(engine: object, settings: ServerSettings) -> None:
-    """Run until interrupted; the engine is closed on the way out."""
-    import uvicorn
+class _GracefulServer(uvicorn.Server):
+    """uvicorn's Server, stopped by SIGTERM, SIGINT or SIGHUP alike, and never re-raising the signal.
 
+    uvicorn re-raises a captured signal once its shutdown is done, which kills
+    the process before the engine is closed: queued disk writes would be lost.
+    Here the signal only asks uvicorn to finish; `serve` then drains the cache.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with _handling(STOP_SIGNALS, self.handle_exit):
+            yield
+
+
+@contextlib.contextmanager
+def _handling(signals: tuple[int, ...], handler):
+    """Install `handler` for `signals` (main thread only), restore the previous handlers afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _drain(engine: object) -> None:
+    """Close the engine (its disk writes drained within the cache's drain_timeout_s); say what was written and dropped."""
+    started = time.monotonic()
+
+    def still_draining(signum, frame) -> None:
+        log.warning("kvcellar: still draining the disk tier (--drain-timeout bounds it); signal ignored")
+
+    with _handling(STOP_SIGNALS, still_draining):
+        report = engine.close()
+    if report is not None and report.has_disk_tier:
+        print(f"kvcellar: drained the disk tier: {report.num_written} written, {report.num_dropped} dropped "
+              f"in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def serve(engine: object, settings: ServerSettings) -> None:
+    """Run until SIGTERM, SIGINT or SIGHUP; then close the engine, draining its disk writes, and return."""
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=settings.log_level in ("debug", "info"), timeout_graceful_shutdown=5)  # fmt: skip
-    server = uvicorn.Server(config)
+    server = _GracefulServer(config)
     shown_host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(f"kvcellar: serving {engine.model_name} on http://{shown_host}:{settings.port}/ (dashboard at /, API under /v1)",
           file=sys.stderr, flush=True)  # fmt: skip
     try:
         server.run()
     finally:
-        engine.close()
+        _drain(engine)
