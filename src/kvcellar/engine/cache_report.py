@@ -35,7 +35,6 @@ def cache_report(registry: object) -> dict:
         "evictions": sum(s.num_evictions for s in snapshots),
         "discards": sum(s.num_discards for s in snapshots),
     }
-    looked_up = totals["hit_tokens"] + totals["miss_tokens"]
     tiers = {}
     for tier in registry.tiers:
         # The medium's own counters too: write-behind drops, corrupt files, load bandwidth (disk).
@@ -49,22 +48,7 @@ def cache_report(registry: object) -> dict:
             name: {"entries": first.num_entries_by_priority.get(name, 0), "bytes": first.num_bytes_by_priority.get(name, 0)}
             for name in first.num_entries_by_priority
         }
-    tokens_by_tier: dict[str, int] = {}
-    for snap in snapshots:
-        for name, count in snap.tokens_by_tier.items():
-            tokens_by_tier[name] = tokens_by_tier.get(name, 0) + count
-    return {
-        "enabled": registry.uncacheable_reason is None,
-        "disabled_reason": registry.uncacheable_reason,
-        **totals,
-        "hit_rate": totals["hit_tokens"] / looked_up if looked_up else 0.0,
-        "entries": sum(t["entries"] for t in tiers.values()),
-        "bytes": sum(t["bytes"] for t in tiers.values()),
-        "tiers": tiers,
-        "by_priority": by_priority,
-        "hit_tokens_by_tier": tokens_by_tier,
-        "tenants": len(snapshots),
-    }
+    return {**_lookup_report(registry, snapshots, totals, tiers, by_priority), "tenants": len(snapshots)}
 
 
 def namespace_report(registry: object, salts: Callable[[str], bool]) -> dict:
@@ -82,7 +66,6 @@ def namespace_report(registry: object, salts: Callable[[str], bool]) -> dict:
         "miss_tokens": sum(s.num_miss_tokens for s in snapshots),
         "saved_tokens": sum(s.num_saved_tokens for s in snapshots),
     }
-    looked_up = totals["hit_tokens"] + totals["miss_tokens"]
     roots = {core.root for core in cores}
     usages = [namespace_usage(tier, roots) for tier in registry.tiers]
     tiers = {u.name: {"bytes": u.num_bytes, "budget_bytes": u.budget_bytes, "entries": u.num_entries} for u in usages}
@@ -92,6 +75,13 @@ def namespace_report(registry: object, salts: Callable[[str], bool]) -> dict:
             into = by_priority.setdefault(name, {"entries": 0, "bytes": 0})
             into["entries"] += count
             into["bytes"] += usage.num_bytes_by_priority.get(name, 0)
+    return _lookup_report(registry, snapshots, totals, tiers, by_priority)
+
+
+def _lookup_report(registry: object, snapshots: list, totals: dict[str, int], tiers: dict[str, dict],
+                   by_priority: dict[str, dict[str, int]]) -> dict:  # fmt: skip
+    """The report's common shape: totals with their hit rate, occupancy, restored tokens per tier."""
+    looked_up = totals["hit_tokens"] + totals["miss_tokens"]
     tokens_by_tier: dict[str, int] = {}
     for snap in snapshots:
         for name, count in snap.tokens_by_tier.items():
