@@ -57,7 +57,8 @@ async def retrieve_model(model_id: str, request: Request, tenant: Tenant = Depen
     return _model_object(request.app.state)
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], tags=["server"])
+@router.get("/health", tags=["server"])
+@router.head("/health", tags=["server"], operation_id="health_head")  # an operation of its own: ids must be unique
 async def health(request: Request, tenant: Tenant = Depends(current_tenant)) -> dict:
     engine = request.app.state.engine
     config = engine.config
