@@ -190,7 +190,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     keys = args.api_key if args.api_key is not None else [k for k in str(_env("api_key", "")).split(",") if k]
     settings = ServerSettings(host=args.host, port=args.port, api_keys=parse_api_keys(keys),
-                              default_salt=args.cache_salt, log_level=args.log_level, metrics_public=args.metrics_public)
+                              default_salt=args.cache_salt, log_level=args.log_level, metrics_public=args.metrics_public,
+                              max_request_bytes=parse_size(args.max_request_bytes))
     serve(Engine(_engine_config(args)), settings)
     return 0
 
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-salt", default=_env("cache_salt", ""), help="cache salt of requests that send none")
     serve.add_argument("--metrics-public", action="store_true", default=_env_bool("metrics_public", False),
                        help="serve /metrics (every tenant's figures) without a key; otherwise, with keys, it needs an admin key")
+    serve.add_argument("--max-request-bytes", default=_env("max_request_bytes", "8M"),
+                       help="largest request body accepted, e.g. 8M (larger ones get 413)")
     _add_engine_options(serve)
     serve.set_defaults(handler=_cmd_serve)
 

@@ -43,6 +43,37 @@ CASES = [
     ("clear an unknown tier", "/v1/cache/clear", {"tier": "tape"}, 400, "tier", "unknown_tier"),
     ("budget not a size", "/v1/cache/budget", {"tier": "device", "budget": "lots"}, 400, "budget", "invalid_size"),
     ("budget negative", "/v1/cache/budget", {"tier": "device", "budget": -1}, 400, "budget", "invalid_size"),
+    ("budget of 2**80 bytes", "/v1/cache/budget", {"tier": "device", "budget": 2**80}, 400, "budget", "invalid_size"),
+    ("budget of 2**80 as text", "/v1/cache/budget", {"tier": "device", "budget": f"{2**70}K"}, 400, "budget",
+     "invalid_size"),
+    # requests writes "\ud800" as the JSON escape, which decodes to a lone surrogate.
+    ("lone surrogate: chat", CHAT, {"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages.0.content",
+     "invalid_unicode"),
+    ("lone surrogate: chat part", CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]},
+     400, "messages.0.content.0.text", "invalid_unicode"),
+    ("lone surrogate: prompt", TEXT, {"prompt": "\ud800"}, 400, "prompt", "invalid_unicode"),
+    ("lone surrogate: prompt list", TEXT, {"prompt": ["\ud800"]}, 400, "prompt.0", "invalid_unicode"),
+    ("lone surrogate: stop", TEXT, {"prompt": "a", "stop": "\ud800"}, 400, "stop", "invalid_unicode"),
+    ("lone surrogate: probe", "/v1/cache/probe", {"prompt": "\ud800"}, 400, "prompt", "invalid_unicode"),
+    ("lone surrogate: probe chat", "/v1/cache/probe", {"messages": [{"role": "user", "content": "\ud800"}]}, 400,
+     "messages.0.content", "invalid_unicode"),
+    ("probe beyond the context", "/v1/cache/probe", {"prompt": "word " * 3000}, 400, "prompt", "context_length_exceeded"),
+    ("probe chat beyond the context", "/v1/cache/probe", {"messages": [{"role": "user", "content": "word " * 3000}]}, 400,
+     "messages", "context_length_exceeded"),
+    # 2 MB of text: refused by its length in characters, before tokenizing (test_limits.py checks no encode runs).
+    ("prompt of 2 MB", TEXT, {"prompt": "word " * 400_000}, 400, "prompt", "context_length_exceeded"),
+    ("chat of 2 MB", CHAT, {"messages": [{"role": "user", "content": "word " * 400_000}]}, 400, "messages",
+     "context_length_exceeded"),
+    ("response_format json", CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400,
+     "response_format", "unsupported_parameter"),
+    ("tool_choice required", CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice",
+     "unsupported_parameter"),
+    ("tool_choice a function", CHAT, {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+     400, "tool_choice", "unsupported_parameter"),
+    ("parallel_tool_calls false", CHAT, {"messages": USER, "parallel_tool_calls": False}, 400, "parallel_tool_calls",
+     "unsupported_parameter"),
+    ("reasoning_effort", CHAT, {"messages": USER, "reasoning_effort": "low"}, 400, "reasoning_effort",
+     "unsupported_parameter"),
 ]
 
 
@@ -63,15 +94,41 @@ def test_bad_input_gets_its_4xx(server, name, path, body, status, param, code):
     assert error["code"] == code, error
 
 
-@pytest.mark.parametrize("raw", [b'{"messages": [', b"[1, 2]", b"not json", b""])
-def test_malformed_json_is_a_400(server, raw):
-    response = requests.post(server.base_url + CHAT, data=raw, headers={"Content-Type": "application/json"}, timeout=10)
+@pytest.mark.parametrize("raw", [b'{"messages": [', b"[1, 2]", b"not json", b"", b'{"prompt": "\xff\xfe"}',
+                                 b"[" * 100_000 + b"]" * 100_000, b'{"prompt": ' + b"[" * 100_000])  # fmt: skip
+@pytest.mark.parametrize("path", [CHAT, TEXT])
+def test_malformed_json_is_a_400(server, raw, path):
+    response = requests.post(server.base_url + path, data=raw, headers={"Content-Type": "application/json"}, timeout=30)
     assert assert_error_shape(response, 400)["code"] == "invalid_json"
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize("path", [CHAT, TEXT, "/v1/cache/probe", "/v1/cache/budget"])
+def test_a_body_not_sent_as_json_is_a_415(server, content_type, path):
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = requests.post(server.base_url + path, data=b'{"prompt": "hi"}', headers=headers, timeout=30)
+    assert assert_error_shape(response, 415)["code"] == "unsupported_media_type"
+
+
+def test_json_media_types_are_accepted(server):
+    for content_type in ["application/json; charset=utf-8", "application/vnd.api+json"]:
+        response = requests.post(server.base_url + TEXT, data=b'{"prompt": "hi", "max_tokens": 1}',
+                                 headers={"Content-Type": content_type}, timeout=60)  # fmt: skip
+        assert response.status_code == 200, response.text
+
+
 def test_unknown_path_and_wrong_method(server):
-    assert_error_shape(server.get("/v1/nothing-here"), 404)
-    assert_error_shape(server.get(CHAT), 405)
+    assert assert_error_shape(server.get("/v1/nothing-here"), 404)["code"] == "unknown_endpoint"
+    assert assert_error_shape(server.get(CHAT), 405)["code"] == "method_not_allowed"
+
+
+def test_models_by_id_and_health_by_head(server):
+    listed = server.get("/v1/models").json()["data"]
+    assert server.get(f"/v1/models/{server.model}").json() == listed[0]
+    error = assert_error_shape(server.get("/v1/models/gpt-17"), 404)
+    assert (error["param"], error["code"]) == ("model", "model_not_found")
+    head = requests.head(server.base_url + "/health", timeout=30)
+    assert (head.status_code, head.content) == (200, b"")
 
 
 def test_official_client_raises_the_matching_errors(server):

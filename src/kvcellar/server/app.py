@@ -31,6 +31,8 @@ from kvcellar.server import cache_routes, openai_routes
 from kvcellar.server.bridge import EngineBridge
 from kvcellar.server.errors import install_error_handlers
 from kvcellar.server.metrics import CountRejections
+from kvcellar.server.limits import BodyLimitMiddleware
+from kvcellar.server.openapi import install_openapi
 from kvcellar.server.settings import ServerSettings
 from kvcellar.server.telemetry import Telemetry
 
@@ -70,8 +72,10 @@ def create_app(engine: object, settings: ServerSettings | None = None) -> FastAP
     app.state.telemetry = Telemetry(engine, settings)
     install_error_handlers(app)
     app.add_middleware(CountRejections, metrics=app.state.telemetry.metrics)
+    app.add_middleware(BodyLimitMiddleware, max_request_bytes=settings.max_request_bytes)
     app.include_router(openai_routes.router)
     app.include_router(cache_routes.router)
+    install_openapi(app, settings)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
 
     @app.get("/", include_in_schema=False)

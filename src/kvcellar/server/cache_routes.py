@@ -18,10 +18,12 @@ from starlette.concurrency import run_in_threadpool
 from kvcellar.config import parse_size
 from kvcellar.server.auth import Tenant, current_tenant, metrics_reader, require_admin
 from kvcellar.server.errors import APIError
-from kvcellar.server.prepare import check_model, encode_input
+from kvcellar.server.prepare import check_model, check_prompt_length, encode_input
 from kvcellar.server.schemas import BudgetRequest, ClearRequest, ProbeRequest
 
 router = APIRouter(tags=["cache"])
+# Budgets, like every byte count the index and the metrics keep, are signed 64-bit integers.
+MAX_BUDGET_BYTES = 2**63 - 1
 
 
 def _check_tier(engine: object, tier: str | None) -> None:
@@ -49,6 +51,7 @@ async def cache_probe(body: ProbeRequest, request: Request, tenant: Tenant = Dep
 
     def probe() -> dict:
         ids = encode_input(engine, messages=body.messages, prompt=body.prompt)
+        check_prompt_length(len(ids), engine.context_length, "messages" if body.messages is not None else "prompt")
         found = engine.probe(prompt_ids=ids, cache_salt=tenant.salt_for(body.cache_salt))
         return {"model": engine.model_name, "prompt_tokens": found.num_prompt_tokens,
                 "cached_tokens": found.num_cached_tokens, "cached_tokens_by_tier": dict(found.tokens_by_tier),
@@ -76,6 +79,9 @@ async def cache_budget(body: BudgetRequest, request: Request, tenant: Tenant = D
         num_bytes = parse_size(body.budget)
     except ValueError as exc:
         raise APIError(400, str(exc), param="budget", code="invalid_size") from None
+    if num_bytes > MAX_BUDGET_BYTES:
+        raise APIError(400, f"budget {num_bytes} is over {MAX_BUDGET_BYTES} bytes (8 EiB), the most a tier can count",
+                       param="budget", code="invalid_size")  # fmt: skip
     await run_in_threadpool(engine.set_cache_budget, body.tier, num_bytes)
     return {"tier": body.tier, "budget_bytes": num_bytes, "tiers": engine.cache_stats()["tiers"]}
 

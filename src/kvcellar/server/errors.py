@@ -70,7 +70,11 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, 
     errors = exc.errors()
     if not errors:
         return "the request is invalid", None, "invalid_request"
-    first = errors[0]
+    # A union field reports one error per branch; bad text in the string branch is the one that matters.
+    first = next((e for e in errors if e.get("type") == "invalid_unicode"), errors[0])
+    if first.get("type") == "invalid_unicode":
+        param = ".".join(_field_path(tuple(first.get("loc", ())))) or None
+        return f"{param}: {first.get('msg')}", param, "invalid_unicode"
     loc = _field_path(tuple(first.get("loc", ())))
     param = ".".join(loc) or None
     same_field = [e for e in errors if _field_path(tuple(e.get("loc", ()))) == loc]
@@ -100,10 +104,23 @@ async def _on_validation(request: Request, exc: RequestValidationError) -> JSONR
     return error_response(400, message, param, code)
 
 
+def _unparsable_body(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a body that its JSON decoder did not reject itself."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 (byte {cause.start}): send JSON text encoded as UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the request body nests JSON arrays or objects too deeply to parse: flatten it"
+    return "the request body could not be parsed as JSON"
+
+
 async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400:  # raised only by FastAPI's body parsing (invalid UTF-8, nesting too deep)
+        return error_response(400, _unparsable_body(exc.__cause__), None, "invalid_json")
     messages = {404: f"no such endpoint: {request.method} {request.url.path}",
                 405: f"method {request.method} is not allowed on {request.url.path}"}  # fmt: skip
-    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), None, None)
+    codes = {404: "unknown_endpoint", 405: "method_not_allowed"}
+    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), None,
+                          codes.get(exc.status_code, "http_error"))  # fmt: skip
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,7 +1,7 @@
 """OpenAI-compatible endpoints: chat completions, completions (streamed or whole), models, health.
 
 Operations (routes): POST /v1/chat/completions, POST /v1/completions,
-GET /v1/models, GET /health. A request is prepared in a worker thread
+GET /v1/models, GET /v1/models/{id}, GET and HEAD /health. A request is prepared in a worker thread
 (tokenize, validate), queued to the engine at once, then either streamed as
 server-sent events or collected whole; a client that disconnects cancels it.
 """
@@ -19,7 +19,7 @@ from kvcellar.engine import GenerationResult, StreamEvent
 from kvcellar.server.auth import Tenant, current_tenant
 from kvcellar.server.bridge import collect_result
 from kvcellar.server.errors import error_body
-from kvcellar.server.prepare import prepare_generation
+from kvcellar.server.prepare import check_model, prepare_generation
 from kvcellar.server.responses import chunk_body, completion_body, finish_reason, sse, usage_chunk
 from kvcellar.server.schemas import ChatCompletionRequest, CompletionRequest
 from kvcellar.server.telemetry import new_request_id
@@ -40,15 +40,25 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant 
     return await _generate("text", body, request, tenant)
 
 
+def _model_object(state: object) -> dict:
+    return {"id": state.engine.model_name, "object": "model", "created": int(state.started_s), "owned_by": "kvcellar",
+            "context_length": state.engine.context_length}  # fmt: skip
+
+
 @router.get("/v1/models", tags=["openai"])
 async def list_models(request: Request, tenant: Tenant = Depends(current_tenant)) -> dict:
-    state = request.app.state
-    model = {"id": state.engine.model_name, "object": "model", "created": int(state.started_s), "owned_by": "kvcellar",
-             "context_length": state.engine.context_length}  # fmt: skip
-    return {"object": "list", "data": [model]}
+    return {"object": "list", "data": [_model_object(request.app.state)]}
+
+
+@router.get("/v1/models/{model_id:path}", tags=["openai"])
+async def retrieve_model(model_id: str, request: Request, tenant: Tenant = Depends(current_tenant)) -> dict:
+    """The served model (ids may contain '/'); any other id is a 404 `model_not_found`."""
+    check_model(request.app.state.engine, model_id)
+    return _model_object(request.app.state)
 
 
 @router.get("/health", tags=["server"])
+@router.head("/health", tags=["server"], operation_id="health_head")  # an operation of its own: ids must be unique
 async def health(request: Request, tenant: Tenant = Depends(current_tenant)) -> dict:
     engine = request.app.state.engine
     config = engine.config

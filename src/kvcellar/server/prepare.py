@@ -1,13 +1,17 @@
 """Turn a validated request body into what the engine runs: token ids, sampling, salt.
 
 Operations: `check_model`, `prepare_generation(engine, body, tenant, settings) -> Prepared`,
-`encode_input(engine, messages=..., prompt=...)`, `encode_chat` (ids and message boundaries). Runs in a worker thread
+`encode_input(engine, messages=..., prompt=...)` (refuses text too long to
+fit the context before tokenizing it, see `max_chars_per_token`),
+`encode_chat` (ids and message boundaries), `check_prompt_length`. Runs in a worker thread
 (tokenizing a long prompt must not stall the event loop); raises APIError or
 InvalidRequestError, which the error handlers turn into 4xx answers.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvcellar.engine import PromptSegments, SamplingParams
@@ -33,8 +37,51 @@ def check_model(engine: object, model: str | None) -> None:
                             "(see GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
 
 
+# NFC, the normalizer most tokenizers apply first, composes at most 4 code points into one (Greek "ᾄ").
+_MAX_CODE_POINTS_COMPOSED = 4
+
+
+@functools.lru_cache(maxsize=8)
+def max_chars_per_token(tokenizer: object) -> int:
+    """An upper bound on the characters one token can stand for: the longest vocabulary entry, times NFC's most.
+
+    Vocabulary entries are written one character per byte (byte-level BPE) or
+    per character (SentencePiece), never fewer characters than the text they
+    match, so a text longer than `context_length * max_chars_per_token`
+    cannot fit the context, whatever its tokens turn out to be.
+    """
+    return _MAX_CODE_POINTS_COMPOSED * max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+
+
+def _texts(messages: list[ChatMessage] | None, prompt: object) -> Iterator[str]:
+    if messages is not None:
+        for message in messages:
+            content = message.content
+            if isinstance(content, str):
+                yield content
+            elif content is not None:
+                yield from (part.text for part in content)
+    elif isinstance(prompt, str):
+        yield prompt
+    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        yield prompt[0]
+
+
+def _check_text_size(engine: object, messages: list[ChatMessage] | None, prompt: object) -> None:
+    """Refuse, without tokenizing it, text with more characters than the context could ever hold."""
+    num_chars = sum(len(text) for text in _texts(messages, prompt))
+    per_token = max_chars_per_token(engine.tokenizer)
+    context = engine.context_length
+    if num_chars > context * per_token:
+        raise APIError(400, f"the prompt has {num_chars} characters; no token of this model stands for more than "
+                            f"{per_token}, so it cannot fit the model's context of {context} tokens: shorten it",
+                       param="messages" if messages is not None else "prompt",
+                       code="context_length_exceeded")  # fmt: skip
+
+
 def encode_chat(engine: object, messages: list[ChatMessage]) -> tuple[list[int], PromptSegments]:
     """Token ids of chat messages, and where their system prompt and last user message end."""
+    _check_text_size(engine, messages, None)
     return engine.encode(messages=[message.as_engine_message() for message in messages])
 
 
@@ -42,6 +89,7 @@ def encode_input(engine: object, *, messages: list[ChatMessage] | None = None, p
     """Token ids of chat messages, a text prompt, a list of one text, or a list of token ids."""
     if messages is not None:
         return encode_chat(engine, messages)[0]
+    _check_text_size(engine, None, prompt)
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -53,13 +101,17 @@ def encode_input(engine: object, *, messages: list[ChatMessage] | None = None, p
     return list(prompt)
 
 
-def _check_lengths(num_prompt: int, max_tokens: int | None, context: int, prompt_param: str) -> None:
-    if num_prompt == 0:
-        raise APIError(400, "the prompt is empty: send at least one token of text", param=prompt_param, code="empty_prompt")
+def check_prompt_length(num_prompt: int, context: int, prompt_param: str) -> None:
     if num_prompt >= context:
         raise APIError(400, f"the prompt has {num_prompt} tokens but the model's context is {context} tokens: "
                             "shorten the prompt and leave room for the answer",
                        param=prompt_param, code="context_length_exceeded")  # fmt: skip
+
+
+def _check_lengths(num_prompt: int, max_tokens: int | None, context: int, prompt_param: str) -> None:
+    if num_prompt == 0:
+        raise APIError(400, "the prompt is empty: send at least one token of text", param=prompt_param, code="empty_prompt")
+    check_prompt_length(num_prompt, context, prompt_param)
     if max_tokens is not None and not 1 <= max_tokens <= context - num_prompt:
         raise APIError(400, f"max_tokens must be between 1 and {context - num_prompt} for this prompt "
                             f"({num_prompt} prompt tokens, {context} tokens of context), got {max_tokens}",

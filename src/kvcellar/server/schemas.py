@@ -10,25 +10,39 @@ dropped.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
-Stop = str | Annotated[list[str], Field(max_length=16)] | None
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode_text(text: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"); it is not text, and no tokenizer can encode it."""
+    if _SURROGATE.search(text):
+        raise PydanticCustomError("invalid_unicode", "contains a lone UTF-16 surrogate (such as \\ud800), which is "
+                                                     "not Unicode text: send valid text")  # fmt: skip
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+Stop = Text | Annotated[list[Text], Field(max_length=16)] | None
 
 
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def as_engine_message(self) -> dict:
         content = self.content
@@ -47,7 +61,7 @@ class SamplingFields(BaseModel):
     """What every generation request shares: sampling, streaming, salts, extensions."""
 
     model_config = _STRICT
-    model: str | None = Field(None, description="the served model's id (GET /v1/models); omitted = that model")
+    model: Text | None = Field(None, description="the served model's id (GET /v1/models); omitted = that model")
     max_tokens: int | None = Field(None, description="tokens to generate at most; prompt + max_tokens must fit the context")
     temperature: float | None = None
     top_p: float | None = None
@@ -58,12 +72,12 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = Field(None, description="extension: keep generating past end-of-sequence")
-    cache_salt: str | None = Field(None, max_length=256, description="cache namespace of this request (as in vLLM)")
+    cache_salt: Text | None = Field(None, max_length=256, description="cache namespace of this request (as in vLLM)")
     n: int | None = Field(None, description="only 1 is supported")
     presence_penalty: float | None = Field(None, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, description="only 0 is supported")
     logit_bias: dict[str, float] | None = Field(None, description="not supported")
-    user: str | None = None
+    user: Text | None = None
 
     def sampling(self) -> dict:
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
@@ -92,6 +106,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, description="newer name of max_tokens")
     logprobs: bool | None = Field(None, description="not supported")
     tools: list[dict] | None = Field(None, description="not supported")
+    tool_choice: Text | dict | None = Field(None, description="only 'none' or 'auto' (no tools are ever called)")
+    parallel_tool_calls: bool | None = Field(None, description="only true (OpenAI's default; no tools are ever called)")
+    response_format: dict | None = Field(None, description='only {"type": "text"}')
+    reasoning_effort: Text | None = Field(None, description="not supported")
 
     def sampling(self) -> dict:
         fields = super().sampling()
@@ -105,10 +123,18 @@ class ChatCompletionRequest(SamplingFields):
             problems.append("logprobs")
         if self.tools:
             problems.append("tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            problems.append("tool_choice (only 'none' or 'auto')")
+        if self.parallel_tool_calls is False:
+            problems.append("parallel_tool_calls (only true)")
+        if self.response_format not in (None, {"type": "text"}):
+            problems.append("response_format (only {'type': 'text'})")
+        if self.reasoning_effort is not None:
+            problems.append("reasoning_effort")
         return problems
 
 
-PromptInput = str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
+PromptInput = Text | Annotated[list[Text], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
@@ -135,18 +161,18 @@ class ProbeRequest(BaseModel):
     """Exactly one of `messages` (chat) or `prompt` (text or token ids)."""
 
     model_config = _STRICT
-    model: str | None = None
+    model: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     prompt: PromptInput | None = None
-    cache_salt: str | None = Field(None, max_length=256)
+    cache_salt: Text | None = Field(None, max_length=256)
 
 
 class ClearRequest(BaseModel):
     model_config = _STRICT
-    tier: str | None = Field(None, description="a tier name from GET /v1/cache/stats; omitted = every tier")
+    tier: Text | None = Field(None, description="a tier name from GET /v1/cache/stats; omitted = every tier")
 
 
 class BudgetRequest(BaseModel):
     model_config = _STRICT
-    tier: str
-    budget: int | str = Field(description="bytes, or a size such as '512M', '2G', '0'")
+    tier: Text
+    budget: int | Text = Field(description="bytes, or a size such as '512M', '2G', '0'")

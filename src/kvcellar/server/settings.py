@@ -73,6 +73,11 @@ class ServerSettings:
     the context left after the prompt). `metrics_public`: GET /metrics
     answers without a key (with keys set it otherwise needs an admin key:
     its figures cover every tenant).
+    `max_request_bytes`: the largest request body read (413 above it). The
+    default, 8 MiB, holds a prompt filling a 128K-token context even when a
+    client escapes every character as JSON `\\uXXXX` (about 4 characters per
+    token, 6 bytes per escaped character: 3 MiB), with room to spare, while
+    capping what one request can make the server hold.
     """
 
     host: str = "127.0.0.1"
@@ -85,6 +90,7 @@ class ServerSettings:
     rate_interval_s: float = 5.0
     max_concurrent_streams: int = 256
     metrics_public: bool = False
+    max_request_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -99,6 +105,8 @@ class ServerSettings:
             raise ValueError(f"rate_interval_s must be > 0 (got {self.rate_interval_s})")
         if self.max_concurrent_streams < 1:
             raise ValueError(f"max_concurrent_streams must be >= 1 (got {self.max_concurrent_streams})")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, room for a small request (got {self.max_request_bytes})")
 
     @property
     def auth_required(self) -> bool:
