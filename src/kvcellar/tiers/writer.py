@@ -174,7 +174,7 @@ class WriteQueue:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             target = self._num_deletes_queued
-            if self._thread is None:  # no writer thread (not started): the caller does them
+            if self._thread is None or not self._thread.is_alive():  # not started, or closed: the caller does them
                 self._run_deletes_locked()
                 return True
             self._num_delete_waiters += 1
