@@ -14,6 +14,7 @@ from pathlib import Path
 from kvcellar.cache import BlockHash, CacheEntry, NamespaceSpec, Priority, hash_block, hash_partial, namespace_digest
 from kvcellar.tiers.codec import RawCodec
 from kvcellar.tiers.disk import DiskTier
+from kvcellar.tiers.disk_state import INDEX_SLACK_BYTES
 from kvcellar.tiers.index import DiskIndex
 
 B = 4  # tokens per block
@@ -64,6 +65,11 @@ def chain(tokens: Sequence[int], root: BlockHash = ROOT_A, priority: Priority = 
 
 def open_tier(path: Path, budget_bytes: int = 1 << 20, **options: object) -> DiskTier:
     return DiskTier(path, budget_bytes, RawCodec(), **options)
+
+
+def index_share(tier: DiskTier) -> int:
+    """The budget's bytes the index holds now (database, WAL, shm, slack): a budget of this plus N fits N file bytes."""
+    return tier.stats().counters["index_bytes"] + INDEX_SLACK_BYTES
 
 
 def store(tier: DiskTier, entry: CacheEntry) -> bool:

@@ -15,7 +15,8 @@ from kvcellar.cache import LayoutCapabilities, MemoryTier, PrefixCache, Priority
 from kvcellar.tiers.files import CacheDirError
 
 from .helpers import (
-    B, ROOT_A, ROOT_B, chain, check_consistent, entry_files, file_of, make_block, make_partial, open_tier, payload_for, store,
+    B, ROOT_A, ROOT_B, chain, check_consistent, entry_files, file_of, index_share, make_block, make_partial, open_tier,
+    payload_for, store,
 )  # fmt: skip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,7 +130,7 @@ def test_eviction_takes_leaves_in_priority_then_lru_order(tmp_path):
     tier.touch([user_old.key])  # user_old is now more recent than user_new
     sizes = {e.key: file_of(tier, e).stat().st_size for e in (parent_a, child_a, system, user_old, user_new)}
     assert tier.num_bytes == sum(sizes.values())
-    evicted = tier.set_budget(sizes[system.key])
+    evicted = tier.set_budget(sizes[system.key] + index_share(tier))
     # Leaves only: the ASSISTANT parent goes after its child; SYSTEM outlives every USER entry.
     assert [e.key for e in evicted] == [child_a.key, parent_a.key, user_new.key, user_old.key]
     assert [e.key for e in tier.entries()] == [system.key]
@@ -143,8 +144,9 @@ def test_store_reserves_room_and_protects_the_parent(tmp_path):
     assert store(probe, first) and store(probe, second) and probe.flush(10)
     size_first, size_second = file_of(probe, first).stat().st_size, file_of(probe, second).stat().st_size
     probe.close()
-    tier = open_tier(tmp_path / "kv", budget_bytes=max(size_first, size_second) + 10)
+    tier = open_tier(tmp_path / "kv")
     assert store(tier, first) and tier.flush(10)
+    tier.set_budget(max(size_first, size_second) + 10 + index_share(tier))  # room for one file beside the index
     result = tier.prepare_store(second)  # needs first's room, but first is its parent
     assert not result.accepted and "cannot free" in result.reason
     too_big = open_tier(tmp_path / "small", budget_bytes=100)

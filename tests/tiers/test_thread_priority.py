@@ -1,4 +1,7 @@
-"""The disk writer thread lowers its own CPU priority, and only its own; a no-op where unsupported."""
+"""The disk writer thread runs at SCHED_IDLE, and at normal priority while its backlog is pressing.
+
+Only its own thread changes; where SCHED_IDLE cannot be left again the thread never enters it.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +11,11 @@ import threading
 
 import pytest
 
-from kvcellar.tiers import thread_priority
-from kvcellar.tiers.thread_priority import lower_current_thread
+from kvcellar.tiers import thread_priority, writer
+from kvcellar.tiers.thread_priority import idle_is_reversible, set_current_thread_idle
 from kvcellar.tiers.writer import WriteQueue
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread scheduling policy is Linux-only")
 
 
 def _in_thread(fn):
@@ -21,11 +26,18 @@ def _in_thread(fn):
     return out[0]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread scheduling policy is Linux-only")
-def test_on_linux_the_calling_thread_alone_becomes_sched_idle():
+@linux_only
+def test_on_linux_the_calling_thread_alone_changes_policy():
     before = os.sched_getscheduler(0)
-    applied, policy = _in_thread(lambda: (lower_current_thread(), os.sched_getscheduler(0)))
-    assert (applied, policy) == ("sched_idle", os.SCHED_IDLE)
+    if not idle_is_reversible():
+        pytest.skip("leaving SCHED_IDLE needs CAP_SYS_NICE here")
+
+    def idle_then_back():
+        entered = (set_current_thread_idle(True), os.sched_getscheduler(0))
+        left = (set_current_thread_idle(False), os.sched_getscheduler(0))
+        return entered, left
+
+    assert _in_thread(idle_then_back) == ((True, os.SCHED_IDLE), (True, os.SCHED_OTHER))
     assert os.sched_getscheduler(0) == before  # the caller (here: the test's thread) is untouched
 
 
@@ -40,40 +52,66 @@ class _NoOs:
 
 def test_without_per_thread_calls_nothing_changes(monkeypatch):
     monkeypatch.setattr(thread_priority, "os", _NoOs())
-    assert _in_thread(lower_current_thread) == "unchanged"
+    assert _in_thread(lambda: set_current_thread_idle(True)) is False
+    assert idle_is_reversible() is False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="os.sched_param is Linux-only")
-def test_a_refused_sched_idle_falls_back_to_nice_or_nothing(monkeypatch):
+@linux_only
+def test_where_sched_idle_cannot_be_left_the_writer_stays_at_normal_priority(monkeypatch):
+    real = os.sched_setscheduler
     calls = []
 
-    def refuse(*args):
-        raise PermissionError("refused")
+    def refuse_leaving(pid, policy, param):  # an unprivileged process: entering is allowed, leaving is not
+        calls.append(policy)
+        if policy != os.SCHED_IDLE:
+            raise PermissionError("refused")
+        return real(pid, policy, param)
 
-    monkeypatch.setattr(thread_priority.os, "sched_setscheduler", refuse, raising=False)
-    monkeypatch.setattr(thread_priority.os, "SCHED_IDLE", 5, raising=False)
-    monkeypatch.setattr(thread_priority.os, "setpriority", lambda *a: calls.append(a), raising=False)
-    assert _in_thread(lower_current_thread) == "nice"
-    assert calls[0][2] == 19 and calls[0][1] != threading.get_native_id()  # the writer's tid, not ours
-    monkeypatch.setattr(thread_priority.os, "setpriority", refuse, raising=False)
-    assert _in_thread(lower_current_thread) == "unchanged"
+    monkeypatch.setattr(thread_priority.os, "sched_setscheduler", refuse_leaving)
+    assert idle_is_reversible() is False  # the probe thread paid for the answer, not the writer
+    calls.clear()
+    queue = WriteQueue(_Handler(), max_entries=1, max_bytes=1)
+    queue.start()
+    assert queue.flush(60.0)
+    queue.close(60.0)
+    assert queue.priority == "normal" and calls == [os.SCHED_IDLE, os.SCHED_OTHER]  # only the writer's own probe
 
 
 class _Handler:
+    def __init__(self) -> None:
+        self.policies: list[int] = []
+        self.wrote = threading.Event()
+
     def delete_files(self, items):
         pass
 
     def write_batch(self, jobs, wait_turn):
-        pass
+        for _ in jobs:
+            wait_turn()
+            self.policies.append(os.sched_getscheduler(0))
+        self.wrote.set()
 
     def sync_recency(self):
         pass
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread scheduling policy is Linux-only")
-def test_the_write_queue_thread_runs_at_sched_idle():
-    queue = WriteQueue(_Handler(), max_entries=1, max_bytes=1)
+@linux_only
+def test_the_writer_leaves_sched_idle_only_while_its_backlog_is_pressing():
+    if not idle_is_reversible():
+        pytest.skip("leaving SCHED_IDLE needs CAP_SYS_NICE here")
+    handler = _Handler()
+    queue = WriteQueue(handler, max_entries=8, max_bytes=800)
+    assert queue.try_reserve(100)
+    queue.put("a", "a", 100)  # 1 of 8: not pressing
     queue.start()
-    assert queue.flush(10.0)
-    assert queue.priority == "sched_idle"
-    queue.close(10.0)
+    assert handler.wrote.wait(60.0)  # no flush: a flush waiting is pressing too
+    queue.defer(True)
+    assert writer.HIGH_WATER * 8 == 7
+    for job in "bcdefgh":  # 7 of 8 reserved = HIGH_WATER: pressing, so written during the "prefill"
+        assert queue.try_reserve(100)
+        queue.put(job, job, 100)
+    assert queue.flush(60.0)
+    queue.defer(False)
+    queue.close(60.0)
+    assert queue.priority == "sched_idle+normal"
+    assert handler.policies == [os.SCHED_IDLE] + [os.SCHED_OTHER] * 7

@@ -9,10 +9,12 @@ the queued payload in memory) -> STORED (file durable and indexed).
 
 Invariants:
 - `num_bytes` = file bytes of every record, whatever its state.
-- Eviction candidates are STORED, unpinned leaves (no record names them as
-  parent), in policy order (priority-lru: lowest priority, then least
+- Eviction candidates are visible (QUEUED or STORED), unpinned leaves (no
+  record names them as parent), in policy order (priority-lru: lowest priority, then least
   recently used by the persisted logical clock). A record becomes a leaf only
-  after its last child is removed, so chains are cut from the end.
+  after its last child is removed, so chains are cut from the end. A QUEUED
+  victim's write is cancelled (disk.py): queued entries are never what holds
+  the budget full.
 - Candidates sit in a lazy heap: every change that may make a record a
   candidate pushes (sort key, key); a popped item is used only if it still
   matches the record, so eviction costs O(log n) even over 100k entries.
@@ -108,12 +110,12 @@ class Catalog:
         assert record.state == RESERVED
         record.state = QUEUED
         self._count(record, 1)
+        self._push(record)
 
     def stored(self, record: Record) -> None:
         """QUEUED -> STORED: the file is durable and indexed; the payload is dropped from memory."""
         record.state = STORED
         record.entry = record.header = None
-        self._push(record)
 
     def remove(self, record: Record) -> None:
         del self._records[record.key]
@@ -176,13 +178,13 @@ class Catalog:
         return victims
 
     def _is_candidate(self, record: Record, sort_key: tuple[int, ...], chosen: set[bytes]) -> bool:
-        if record.state != STORED or record.num_pins or sort_key != self._sort_key(record):
+        if record.state == RESERVED or record.num_pins or sort_key != self._sort_key(record):
             return False
         children = self._children.get(record.key)
         return not children or children <= chosen
 
     def _push(self, record: Record) -> None:
-        if record.state == STORED and record.num_pins == 0 and record.key not in self._children:
+        if record.state != RESERVED and record.num_pins == 0 and record.key not in self._children:
             heapq.heappush(self._heap, (self._sort_key(record), record.key))
             if len(self._heap) > 2 * len(self._records) + 1024:
                 self._compact()
@@ -191,7 +193,7 @@ class Catalog:
         self._heap = [
             (self._sort_key(r), r.key)
             for r in self._records.values()
-            if r.state == STORED and r.num_pins == 0 and r.key not in self._children
+            if r.state != RESERVED and r.num_pins == 0 and r.key not in self._children
         ]
         heapq.heapify(self._heap)
 

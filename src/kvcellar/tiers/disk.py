@@ -6,7 +6,8 @@ Operations: `DiskTier` (the `Tier` protocol, plus `start`, `flush`, `close`;
 `list_disk_entries`, `clear_disk_cache` (admin.py).
 
 Life of an entry: `prepare_store` reserves its exact file size (evicting
-stored leaves, LRU) and a write-queue slot, or refuses (a counted drop);
+visible leaves, LRU: a queued victim's write is cancelled) and a write-queue
+slot, or refuses (a counted drop);
 `complete_store` makes it visible at once, served from the queued payload;
 the writer thread writes the file atomically, indexes it, and only then
 drops the payload from memory: never in neither place, and requests never
@@ -16,6 +17,10 @@ Faults of the index never raise (index_repair.py, recovery.py): a record whose
 token ids cannot be read is dropped on sight (`num_bad_rows`), and a valid file
 whose row disagrees with it is a miss, stored again from the file (never
 quarantined).
+Budget: entry files + index + WAL stay within the budget, beyond the one file
+being written (disk_state.py); a disk that fills first (ENOSPC) lowers the
+effective budget to what it held and evicts to fit; `set_budget` returns
+once the evicted files are deleted.
 Threads: the tier's lock guards the catalog (shared with the writer thread),
 never file I/O. The directory is flock'ed while open: one process at a time.
 Close, or interpreter exit, flushes the queue.
@@ -32,9 +37,10 @@ from pathlib import Path
 from kvcellar.cache import BlockHash, CacheEntry, Priority, StoreResult, TierStats
 from kvcellar.cache.tier import check_budget
 from kvcellar.tiers.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
-from kvcellar.tiers.catalog import RESERVED, STORED, Catalog, Record
+from kvcellar.tiers.catalog import QUEUED, RESERVED, STORED, Catalog, Record
 from kvcellar.tiers.codec import PayloadCodec
-from kvcellar.tiers.disk_state import DiskState
+from kvcellar.tiers import disk_state
+from kvcellar.tiers.disk_state import INDEX_SLACK_BYTES, DiskState
 from kvcellar.tiers.disk_writer import DiskWriter
 from kvcellar.tiers.entry_io import ReadFailure, plan_header
 from kvcellar.tiers.files import CacheDir, DirLock, quarantine
@@ -63,8 +69,10 @@ class DiskTier:
         self._dir_lock.acquire()
         try:
             catalog = Catalog(policy)
-            index, self._recovery = recover(folder, catalog, budget_bytes)  # a damaged index is rebuilt here
-            state = DiskState(folder, codec, catalog, index, DiskIndex(folder.index_path))
+            # A damaged index is rebuilt here; the files are pruned to what the budget leaves beside the index.
+            index, self._recovery = recover(folder, catalog, budget_bytes)
+            state = DiskState(folder, codec, catalog, index, DiskIndex(folder.index_path), limit_bytes=budget_bytes)
+            state.measure_index()
         except BaseException:
             self._dir_lock.release()
             raise
@@ -74,7 +82,7 @@ class DiskTier:
         self._lock, self._counters = state.lock, state.counters
         self._budget_bytes = budget_bytes
         self._checksum = checksum
-        self._queue = WriteQueue(DiskWriter(state), max_queue_entries, max_queue_bytes)
+        self._queue = WriteQueue(DiskWriter(state, self._disk_full, self._regain_space), max_queue_entries, max_queue_bytes)
         self._closed = False
         self._open_s = time.perf_counter() - started
         if start_writer:
@@ -230,14 +238,15 @@ class DiskTier:
                 header = plan_header(entry, self._codec, self._checksum)
             except (ValueError, TypeError, AttributeError) as exc:
                 return self._refused("num_refused_payload", f"cannot store this payload on disk: {exc}")
-            size = header.file_size
-            if size > self._budget_bytes:
-                too_large = f"entry of {size} bytes exceeds the disk budget of {self._budget_bytes} bytes"
+            size, files_budget = header.file_size, self._s.files_budget()
+            if size > files_budget:
+                too_large = (f"entry of {size} bytes exceeds the disk budget of {self._s.limit_bytes} bytes "
+                             f"less the index's {self._s.index_bytes + INDEX_SLACK_BYTES}")  # fmt: skip
                 return self._refused("num_refused_too_large", too_large)
             if not self._queue.try_reserve(size):
                 entries, queued = self._queue.depth
                 return self._refused("num_dropped_queue_full", f"disk write queue full ({entries} entries, {queued} bytes)")
-            victims = self._catalog.plan_evictions(self._catalog.num_bytes + size - self._budget_bytes, entry.parent)
+            victims = self._catalog.plan_evictions(self._catalog.num_bytes + size - files_budget, entry.parent)
             if victims is None:
                 self._queue.unreserve(size)
                 no_room = f"cannot free {size} bytes on disk: the rest is queued, pinned or parents"
@@ -286,17 +295,57 @@ class DiskTier:
             return self._evict_records([record], counted=False)[0] if record is not None else None
 
     def set_budget(self, budget_bytes: int) -> tuple[CacheEntry, ...]:
-        """Change the budget, evicting stored leaves at once (queued writes are flushed first if needed)."""
+        """Change the budget (also the effective one, if ENOSPC lowered it), evicting leaves at once.
+
+        Returns once the evicted files are deleted: on return, the files on disk fit the new budget,
+        beyond the one file being written.
+        """
         check_budget(budget_bytes)
         for attempt in range(2):
             with self._lock:
-                victims = self._catalog.plan_evictions(self._catalog.num_bytes - budget_bytes, None)
+                previous, self._s.limit_bytes = self._s.limit_bytes, budget_bytes
+                victims = self._catalog.plan_evictions(self._catalog.num_bytes - self._s.files_budget(), None)
                 if victims is not None:
                     self._budget_bytes = budget_bytes
-                    return self._evict_records(victims)
+                    evicted = self._evict_records(victims)
+                else:
+                    self._s.limit_bytes = previous
+            if victims is not None:
+                self._queue.wait_deletes()
+                return evicted
             if attempt == 0:
                 self.flush()
         raise ValueError(f"cannot lower the disk budget to {budget_bytes} bytes while pinned entries hold more; retry")
+
+    def _disk_full(self) -> None:
+        """Writer thread, after ENOSPC: the effective budget becomes what the disk holds now; evict to fit.
+
+        The evicted files are deleted by the writer before its next file (writer.py).
+        """
+        on_disk = self._s.index.size_bytes()
+        with self._lock:
+            on_disk += sum(r.num_bytes for r in self._catalog if r.state == STORED)
+            if on_disk >= self._s.limit_bytes:
+                return  # a lower limit was set meanwhile: nothing to lower
+            self._s.limit_bytes = on_disk
+            victims = self._catalog.plan_evictions(self._catalog.num_bytes - self._s.files_budget(), None) or []
+            self._evict_records(victims)
+        log.warning("disk cache: the disk is full; effective budget lowered to %d bytes (of %d), %d entries evicted",
+                    on_disk, self._budget_bytes, len(victims))  # fmt: skip
+
+    def _regain_space(self) -> None:
+        """Writer thread, when idle: after a full disk, raise the effective budget as space is free again."""
+        with self._lock:
+            if self._s.limit_bytes >= self._budget_bytes:
+                return
+        free = disk_state.free_bytes(self._dir.root)
+        on_disk = self._s.index.size_bytes()
+        with self._lock:
+            on_disk += sum(r.num_bytes for r in self._catalog if r.state == STORED)
+            regained = min(self._budget_bytes, on_disk + free - INDEX_SLACK_BYTES)
+            if regained > self._s.limit_bytes:
+                log.info("disk cache: %d bytes free on disk; effective budget raised to %d bytes", free, regained)
+                self._s.limit_bytes = regained
 
     def clear(self) -> None:
         """Remove every visible entry (files deleted on the writer thread); reservations stay."""
@@ -312,11 +361,13 @@ class DiskTier:
     def _drop(self, *records: Record) -> None:
         """Forget visible records; stored ones' files and rows are deleted by the writer.
 
-        A queued record's job is skipped (or its fresh file deleted) by the writer.
+        A queued record's write is cancelled; one the writer has already taken is skipped by it (or
+        its fresh file deleted right after).
         """
         for record in records:
             self._catalog.remove(record)
             self._s.dirty.discard(record.key)
+        self._counters["num_writes_cancelled"] += self._queue.cancel(r for r in records if r.state == QUEUED)
         self._queue.delete([(r.key, r.namespace) for r in records if r.state == STORED])
 
     # -- reporting and life cycle ------------------------------------------------------------

@@ -3,8 +3,17 @@
 Operations: `DiskState.path`, `.metadata_entries` (entries without payload,
 for lookups, and the records whose token ids cannot be read), `.read` (load
 and verify one entry file, timed for the load bandwidth; a RowMismatch
-carries the file's entry), `.counters_snapshot`; `COUNTERS` (what stats
+carries the file's entry), `.files_budget` / `.measure_index` (the budget's
+share left for entry files), `.counters_snapshot`; `COUNTERS` (what stats
 always reports).
+
+Budget: entry files + index (database, WAL, shm) <= `limit_bytes`, the
+configured budget or, after the disk filled (ENOSPC), what was on disk
+then, raised again (never past the budget) as the filesystem reports free
+space (`free_bytes`, checked when the writer is idle). The files get `limit_bytes - index_bytes - INDEX_SLACK_BYTES`:
+`index_bytes` is measured after every commit, and the slack covers the
+WAL up to its checkpoint size plus one transaction's growth before the
+next measurement.
 
 Threads: the request side (disk.py) and the writer thread (disk_writer.py)
 change the catalog, counters and dirty set only under `lock`; neither holds
@@ -15,6 +24,7 @@ close, when that thread is not running); `reader` is used under `lock`.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -27,7 +37,7 @@ from kvcellar.tiers.catalog import Catalog, Record
 from kvcellar.tiers.codec import PayloadCodec
 from kvcellar.tiers.entry_io import Expected, RowMismatch, read_entry
 from kvcellar.tiers.files import CacheDir
-from kvcellar.tiers.index import DiskIndex
+from kvcellar.tiers.index import WAL_CHECKPOINT_BYTES, DiskIndex
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +45,15 @@ COUNTERS = (
     "num_loads", "load_bytes", "load_s", "num_loads_from_queue", "num_written", "write_bytes", "write_s",
     "num_evictions", "num_dropped_queue_full", "num_dropped_no_room", "num_dropped_write_error", "num_disk_full",
     "num_refused_payload", "num_refused_too_large", "num_corrupt", "num_missing", "num_unreadable", "num_quarantined",
-    "num_bad_rows", "num_index_errors",
+    "num_bad_rows", "num_writes_cancelled", "num_index_errors",
 )  # fmt: skip
+INDEX_SLACK_BYTES = 2 * WAL_CHECKPOINT_BYTES
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still put on `path`'s filesystem."""
+    info = os.statvfs(path)
+    return info.f_bavail * info.f_frsize
 
 
 @dataclass
@@ -51,6 +68,18 @@ class DiskState:
     dirty: set[bytes] = field(default_factory=set)  # keys whose recency or priority the index has not seen
     known_dirs: set[Path] = field(default_factory=set)
     closed: bool = False  # after close: nothing is stored, nothing is found (the index is shut)
+    limit_bytes: int = 0  # the effective budget (module docstring); set by the tier, lowered on ENOSPC
+    index_bytes: int = 0  # the index's bytes on disk at its last measurement
+
+    def measure_index(self) -> None:
+        """Writer thread (or start-up): record the index's size after a commit."""
+        size = self.index.size_bytes()
+        with self.lock:
+            self.index_bytes = size
+
+    def files_budget(self) -> int:
+        """Bytes entry files may occupy now. Call under `lock`."""
+        return max(0, self.limit_bytes - self.index_bytes - INDEX_SLACK_BYTES)
 
     def path(self, record: Record) -> Path:
         return self.dir.entry_path(record.namespace, record.key)
@@ -106,6 +135,7 @@ class DiskState:
         counters: dict[str, float] = {**dict.fromkeys(COUNTERS, 0), **self.counters}
         drops = ("num_dropped_queue_full", "num_dropped_no_room", "num_dropped_write_error")
         counters["num_dropped"] = sum(counters[k] for k in drops)
+        counters["effective_budget_bytes"] = self.limit_bytes
         counters["load_bandwidth_bytes_per_s"] = counters["load_bytes"] / counters["load_s"] if counters["load_s"] else 0.0
         counters["write_bandwidth_bytes_per_s"] = counters["write_bytes"] / counters["write_s"] if counters["write_s"] else 0.0
         return counters

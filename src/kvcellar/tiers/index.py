@@ -1,10 +1,14 @@
 """The disk tier's index: one SQLite database (WAL mode) describing every entry file.
 
 Operations: `DiskIndex.scan` (every entry, no token ids: what start-up
-reads; rows with a value that could raise later are set apart), `rows`, `tokens` (token ids of some keys; rows whose bytes cannot be token
-ids are left out), `check_schema`, `keys_without_tokens`, `delete_stray_tokens`
+reads; rows with a value that could raise later are set apart), `rows`,
+`tokens` (token ids of some keys; rows whose bytes cannot be token ids are
+left out), `check_schema`, `keys_without_tokens`, `delete_stray_tokens`
 (start-up's audit, index_repair.py), `put`, `delete`, `update_recency`,
-`commit`, `size_bytes`, `close`; `IndexRow`.
+`commit` (checkpoints the WAL back into the database once it passes
+WAL_CHECKPOINT_BYTES), `size_bytes` (database + WAL + shared-memory file:
+what the index occupies on disk, counted in the tier's budget), `close`;
+`IndexRow`.
 
 Crash safety (the files are the truth, the index is a fast summary of them):
 - a row is inserted only after its file is durable (written, fsynced,
@@ -49,6 +53,9 @@ CREATE TABLE IF NOT EXISTS tokens (key BLOB PRIMARY KEY, token_ids BLOB NOT NULL
 # tokens keeps its rowid: a WITHOUT ROWID row over ~1/4 page (256 tokens = 1 KiB) spills into an overflow page.
 MAX_CLOCK = 1 << 62  # last_used past this would overflow SQLite's 64-bit integers as the clock advances
 _PRIORITIES = frozenset(int(p) for p in Priority)
+# SQLite's own auto-checkpoint (1000 pages) keeps a ~4 MB WAL file on disk: commit() truncates it
+# past this size instead, so the index's share of the budget stays small and known (disk_state.py).
+WAL_CHECKPOINT_BYTES = 64 << 10
 _COLUMNS = "key, parent, namespace, num_bytes, payload_bytes, priority, last_used, num_tokens, is_partial, has_logits"
 
 
@@ -111,6 +118,7 @@ class DiskIndex:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_CHECKPOINT_BYTES}")  # also after SQLite's own checkpoints
         self._db.executescript(SCHEMA)
         self._in_transaction = False
 
@@ -198,9 +206,28 @@ class DiskIndex:
         if self._in_transaction:
             self._db.execute("COMMIT")
             self._in_transaction = False
+            if self._wal_path.exists() and self._wal_path.stat().st_size > WAL_CHECKPOINT_BYTES:
+                # TRUNCATE: copy the WAL into the database and cut the file to 0 bytes. A reader in the
+                # middle of a query makes it partial (SQLITE_BUSY is reported, not raised): the next commit retries.
+                try:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                except sqlite3.Error:  # e.g. the disk is full: the commit stands, the next commit retries
+                    pass
+
+    @property
+    def _wal_path(self) -> Path:
+        return Path(f"{self.path}-wal")
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        """Bytes on disk: the database, its WAL and its shared-memory index."""
+        paths = (self.path, self._wal_path, Path(f"{self.path}-shm"))
+        total = 0
+        for path in paths:
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                continue
+        return total
 
     def close(self) -> None:
         self.commit()
