@@ -9,7 +9,7 @@ import requests
 from fastapi.testclient import TestClient
 
 from kvcellar.server import ServerSettings, create_app
-from kvcellar.server.prepare import max_chars_per_token
+from kvcellar.server.prepare import SAMPLE_CHARS_PER_TOKEN, max_chars_per_token
 
 LIMIT = 64 * 1024
 
@@ -107,12 +107,26 @@ def test_text_too_long_for_any_tokenization_is_refused_untokenized(counting_clie
     assert engine.num_encodes == before
 
 
-def test_text_at_the_character_bound_is_tokenized(counting_client):
-    """At the bound itself the guard cannot know: the tokenizer decides (here: too many tokens)."""
+def test_text_past_the_sample_bound_is_judged_by_a_bounded_sample(counting_client):
+    """Within the character bound, a long text whose leading sample alone overflows the context: 400, whole text
+    never tokenized (the engine's encode not called; the sample goes to the tokenizer directly)."""
     client, engine = counting_client
+    sample_chars = engine.context_length * SAMPLE_CHARS_PER_TOKEN
     limit = engine.context_length * max_chars_per_token(engine.tokenizer)
+    assert sample_chars < limit  # else the first bound decides alone
     before = engine.num_encodes
     response = client.post("/v1/completions", json={"prompt": "z" * limit})
+    error = response.json()["error"]
+    assert (response.status_code, error["code"]) == (400, "context_length_exceeded")
+    assert f"its first {sample_chars} alone are" in error["message"]
+    assert engine.num_encodes == before
+
+
+def test_text_at_the_sample_bound_is_tokenized(counting_client):
+    """At the sample's size itself the guard cannot know: the tokenizer decides (here: too many tokens)."""
+    client, engine = counting_client
+    before = engine.num_encodes
+    response = client.post("/v1/completions", json={"prompt": "z" * (engine.context_length * SAMPLE_CHARS_PER_TOKEN)})
     assert response.json()["error"]["code"] == "context_length_exceeded"
     assert "tokens but the model's context" in response.json()["error"]["message"]
     assert engine.num_encodes == before + 1

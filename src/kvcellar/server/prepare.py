@@ -2,7 +2,8 @@
 
 Operations: `check_model`, `prepare_generation(engine, body, tenant, settings) -> Prepared`,
 `encode_input(engine, messages=..., prompt=...)` (refuses text too long to
-fit the context before tokenizing it, see `max_chars_per_token`),
+fit the context before tokenizing all of it: `max_chars_per_token` and a
+bounded leading sample),
 `encode_chat` (ids and message boundaries), `check_prompt_length`. Runs in a worker thread
 (tokenizing a long prompt must not stall the event loop); raises APIError or
 InvalidRequestError, which the error handlers turn into 4xx answers.
@@ -67,16 +68,37 @@ def _texts(messages: list[ChatMessage] | None, prompt: object) -> Iterator[str]:
         yield prompt[0]
 
 
+# A sample of text beyond this many characters per context token is tokenized on its own first (below).
+SAMPLE_CHARS_PER_TOKEN = 16
+# Tokens a text's prefix may have beyond the whole text's: its last word can merge with what follows it.
+PREFIX_MARGIN_TOKENS = 64
+
+
 def _check_text_size(engine: object, messages: list[ChatMessage] | None, prompt: object) -> None:
-    """Refuse, without tokenizing it, text with more characters than the context could ever hold."""
-    num_chars = sum(len(text) for text in _texts(messages, prompt))
+    """Refuse text that cannot fit the context before tokenizing all of it.
+
+    Two bounds: more characters than any tokenization could fit (refused untokenized); or, for text
+    longer than SAMPLE_CHARS_PER_TOKEN characters per context token, a leading sample of that size
+    that alone has more tokens than the context (the whole text has at least about as many as any
+    prefix of it). A long prompt then costs one bounded tokenization before its 400, not a whole one.
+    """
+    texts = list(_texts(messages, prompt))
+    num_chars = sum(len(text) for text in texts)
     per_token = max_chars_per_token(engine.tokenizer)
     context = engine.context_length
+    param = "messages" if messages is not None else "prompt"
     if num_chars > context * per_token:
         raise APIError(400, f"the prompt has {num_chars} characters; no token of this model stands for more than "
                             f"{per_token}, so it cannot fit the model's context of {context} tokens: shorten it",
-                       param="messages" if messages is not None else "prompt",
-                       code="context_length_exceeded")  # fmt: skip
+                       param=param, code="context_length_exceeded")  # fmt: skip
+    sample_chars = context * SAMPLE_CHARS_PER_TOKEN
+    if num_chars > sample_chars:
+        sample = "".join(texts)[:sample_chars]
+        num_tokens = len(engine.tokenizer.encode(sample, add_special_tokens=False))
+        if num_tokens > context + PREFIX_MARGIN_TOKENS:
+            raise APIError(400, f"the prompt has {num_chars} characters and its first {sample_chars} alone are "
+                                f"{num_tokens} tokens, more than the model's context of {context} tokens: shorten it",
+                           param=param, code="context_length_exceeded")  # fmt: skip
 
 
 def encode_chat(engine: object, messages: list[ChatMessage]) -> tuple[list[int], PromptSegments]:
