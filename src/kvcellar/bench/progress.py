@@ -22,17 +22,19 @@ class RunProgress:
                          dynamic_ncols=True)  # fmt: skip
         self._mode = ""
         self._label: str | None = None
+        self._num_done = 0  # tqdm counts nothing while disabled (no terminal)
 
     def phase(self, mode: str) -> None:
         self._mode, self._label = mode, None
         self._bar.set_description_str(f"{mode:>13}")
 
     def sample(self, sample: dict) -> None:
+        self._num_done += 1
         self._bar.update(1)
         if self._bar.disable:
             if sample.get("label") != self._label:
                 self._label = sample.get("label")
-                print(f"  {self._mode}: {self._label} (request {self._bar.n} of {self._bar.total})", file=sys.stderr,
+                print(f"  {self._mode}: {self._label} (request {self._num_done} of {self._bar.total})", file=sys.stderr,
                       flush=True)  # fmt: skip
             return
         ttft = sample.get("ttft_s")
@@ -43,6 +45,7 @@ class RunProgress:
         """A phase ended (or was skipped) having sent `num_done` requests: the rest of its share is done too."""
         left = self._sizes.get(mode, 0) - num_done
         if left > 0:
+            self._num_done += left
             self._bar.update(left)
 
     def close(self) -> None:
