@@ -90,6 +90,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--disk-cache-size", default=_env("disk_cache_size", "16G"), help="byte budget of the disk tier")
     group.add_argument("--disk-write-queue-size", default=_env("disk_write_queue_size", "1G"),
                        help="memory for blocks waiting to be written to disk; past it new writes are dropped (counted)")
+    group.add_argument("--cost-model", action=argparse.BooleanOptionalAction, default=_env_bool("cost_model", True),
+                       help="skip a restore that measured rates say is slower than recomputing (default on); "
+                            "--no-cost-model restores every hit")
     group.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", 60)),
                        help="seconds a stop (SIGTERM, SIGINT, SIGHUP, or the end of a command) waits for queued disk "
                             "writes; what is still queued then is dropped and logged (default 60)")
@@ -117,6 +120,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         host_cache_bytes=parse_size(args.host_cache_size),
         disk_write_queue_bytes=parse_size(args.disk_write_queue_size),
         drain_timeout_s=args.drain_timeout,
+        cost_model=args.cost_model,
         use_disk_tier=args.disk_tier,
         use_host_tier=args.host_tier,
     )

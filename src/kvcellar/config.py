@@ -94,6 +94,9 @@ class CacheConfig:
     use_disk_tier: bool = True
     use_host_tier: bool = True
     disk_write_queue_bytes: int = 1024**3  # write-behind memory; past it, new writes are dropped (counted)
+    # Weigh each restore against recomputing, from measured rates (cache/cost_model.py). Off: restore every
+    # hit whatever it costs (to measure a tier itself, or where timing must not decide what is restored).
+    cost_model: bool = True
     # On close (SIGTERM/SIGINT/SIGHUP to a server), queued disk writes get this long to become durable.
     drain_timeout_s: float = 60.0
 

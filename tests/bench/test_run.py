@@ -9,6 +9,7 @@ import pytest
 from kvcellar.bench import run_bench
 from kvcellar.bench.scenarios import build_requests
 from kvcellar.cli import main
+from kvcellar.config import CacheConfig, EngineConfig
 from .support import BLOCK, LENGTHS, tiny_config
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -104,8 +105,10 @@ def test_prefix_rows_per_mode(results):
 
 def test_restart_in_a_fresh_process(tiny_model_dirs, tmp_path):
     """The real thing: each phase in its own process; the restart opens the first one's cache folder."""
+    # cost_model=False: the test checks that the restart restores from disk; timing must not decide whether it does.
+    engine = EngineConfig(str(tiny_model_dirs["qwen3"]), device="cpu", block_size=BLOCK, cache=CacheConfig(cost_model=False))
     config = tiny_config(tiny_model_dirs["qwen3"], tmp_path, lengths=(64,), modes=("kvcellar", "after-restart"),
-                         scenarios=("prefix",), isolate=True, keep_cache=True)  # fmt: skip
+                         scenarios=("prefix",), isolate=True, keep_cache=True, engine=engine)  # fmt: skip
     res = run_bench(config)
     restart = _phase(res, "after-restart")
     if "disk" not in _phase(res, "kvcellar")["info"]["tiers"]:

@@ -19,7 +19,8 @@ CHILD = """
 import json, sys
 from kvcellar import CacheConfig, Engine
 model, cache_dir, prompt = sys.argv[1:4]
-engine = Engine.load(model, block_size=16, cache=CacheConfig(exact=True, cache_dir=cache_dir))
+# cost_model=False: this test checks what a restore restores; timing must not decide whether it runs.
+engine = Engine.load(model, block_size=16, cache=CacheConfig(exact=True, cache_dir=cache_dir, cost_model=False))
 result = engine.generate(prompt, max_tokens=8)
 disk = engine.cache_registry.stats()[0].tiers["disk"].counters
 engine.close()

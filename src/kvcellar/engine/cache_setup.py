@@ -175,7 +175,7 @@ def build_prefix_cache(loaded: LoadedModel, config: EngineConfig) -> tuple[Model
     )  # fmt: skip
     prefix_cache = ModelPrefixCache(
         registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, loaded.device,
-        computing=registry.computing, serving=registry.serving,
+        computing=registry.computing, serving=registry.serving, weigh_restores=cache_config.cost_model,
     )
     prime_load_rates(tiers, prefix_cache.cost_model, namespace_digest(spec))  # the default salt's namespace
     return prefix_cache, registry

@@ -106,12 +106,15 @@ class ModelPrefixCache:
         device: torch.device,
         computing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         serving: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        weigh_restores: bool = True,
     ) -> None:
         self._core_for_salt = core_for_salt
         self._device = device
         self.computing = computing  # context for a prefill: background writers step aside
         self.serving = serving  # context for a whole request: background helpers pause
         self.cost_model = CostModel()  # fed by restores (load rates) and by the runner (prefill rate)
+        # Off: every hit is restored whatever it costs (CacheConfig.cost_model); rates are still measured.
+        self._planner = self.cost_model.plan if weigh_restores else None
         self._config = model_config
         self._layout = layout
         self.block_size = block_size
@@ -122,7 +125,7 @@ class ModelPrefixCache:
         """Build the cache for the longest restorable prefix; `capacity` = tokens the request may reach."""
         core = self._core_for_salt(salt)
         started = time.perf_counter()
-        match = core.lookup(token_ids, exact=self.exact, planner=self.cost_model.plan)
+        match = core.lookup(token_ids, exact=self.exact, planner=self._planner)
         looked_up = time.perf_counter()
         for tier_name, seconds in match.load_s_by_tier.items():
             self.cost_model.record_load(tier_name, match.loaded_bytes_by_tier.get(tier_name, 0), seconds)
