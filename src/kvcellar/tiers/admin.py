@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kvcellar.cache import Priority
 from kvcellar.tiers.catalog import Catalog
-from kvcellar.tiers.files import CacheDir, CacheDirError, DirLock
+from kvcellar.tiers.files import CacheDir, CacheDirError, DirLock, remove_quarantined
 from kvcellar.tiers.index import IndexRow
 from kvcellar.tiers.index_repair import OpenedIndex, is_damage, open_index
 from kvcellar.tiers.recovery import recover
@@ -159,11 +159,8 @@ def clear_disk_cache(cache_dir: str | Path, namespace: str | None = None) -> int
                 if ns_dir.name.startswith(prefix[:16]):
                     shutil.rmtree(ns_dir, ignore_errors=True)
         if not prefix and folder.quarantine_dir.is_dir():
-            for path in folder.quarantine_dir.iterdir():  # a damaged index set aside may be a folder
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
+            for path in folder.quarantine_dir.iterdir():
+                remove_quarantined(path)
         return len(rows)
     finally:
         if index is not None:

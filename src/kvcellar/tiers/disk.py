@@ -324,7 +324,7 @@ class DiskTier:
         """
         on_disk = self._s.index.size_bytes()
         with self._lock:
-            on_disk += sum(r.num_bytes for r in self._catalog if r.state == STORED)
+            on_disk += self._stored_bytes()
             if on_disk >= self._s.limit_bytes:
                 return  # a lower limit was set meanwhile: nothing to lower
             self._s.limit_bytes = on_disk
@@ -341,11 +341,15 @@ class DiskTier:
         free = disk_state.free_bytes(self._dir.root)
         on_disk = self._s.index.size_bytes()
         with self._lock:
-            on_disk += sum(r.num_bytes for r in self._catalog if r.state == STORED)
+            on_disk += self._stored_bytes()
             regained = min(self._budget_bytes, on_disk + free - INDEX_SLACK_BYTES)
             if regained > self._s.limit_bytes:
                 log.info("disk cache: %d bytes free on disk; effective budget raised to %d bytes", free, regained)
                 self._s.limit_bytes = regained
+
+    def _stored_bytes(self) -> int:
+        """Bytes of the entry files on disk now (queued entries have none yet). Under the lock."""
+        return sum(r.num_bytes for r in self._catalog if r.state == STORED)
 
     def clear(self) -> None:
         """Remove every visible entry (files deleted on the writer thread); reservations stay."""

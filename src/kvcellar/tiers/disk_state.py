@@ -4,7 +4,7 @@ Operations: `DiskState.path`, `.metadata_entries` (entries without payload,
 for lookups, and the records whose token ids cannot be read), `.read` (load
 and verify one entry file, timed for the load bandwidth; a RowMismatch
 carries the file's entry), `.files_budget` / `.measure_index` (the budget's
-share left for entry files), `.counters_snapshot`; `COUNTERS` (what stats
+share left for entry files: `files_share`), `.counters_snapshot`; `COUNTERS` (what stats
 always reports).
 
 Budget: entry files + index (database, WAL, shm) <= `limit_bytes`, the
@@ -50,6 +50,11 @@ COUNTERS = (
 INDEX_SLACK_BYTES = 2 * WAL_CHECKPOINT_BYTES
 
 
+def files_share(limit_bytes: int, index_bytes: int) -> int:
+    """Bytes entry files may occupy within `limit_bytes` beside an index of `index_bytes` (and its WAL's room)."""
+    return max(0, limit_bytes - index_bytes - INDEX_SLACK_BYTES)
+
+
 def free_bytes(path: Path) -> int:
     """Bytes an unprivileged writer may still put on `path`'s filesystem."""
     info = os.statvfs(path)
@@ -79,7 +84,7 @@ class DiskState:
 
     def files_budget(self) -> int:
         """Bytes entry files may occupy now. Call under `lock`."""
-        return max(0, self.limit_bytes - self.index_bytes - INDEX_SLACK_BYTES)
+        return files_share(self.limit_bytes, self.index_bytes)
 
     def path(self, record: Record) -> Path:
         return self.dir.entry_path(record.namespace, record.key)

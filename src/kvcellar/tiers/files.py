@@ -5,7 +5,8 @@ Operations: `CacheDir` (paths; `entry_path` from namespace and key only),
 from the page cache, rename, fsync folder),
 `write_chunks` (the one place bytes hit a file: tests replace it to inject
 ENOSPC), `map_file` (the whole file as a private mapping),
-`quarantine`, `set_index_aside` (a damaged index, before it is rebuilt),
+`quarantine`, `remove_quarantined`, `set_index_aside` (a damaged index,
+before it is rebuilt),
 `scan_entries`, `DirLock`, `CacheDirError`.
 
 Layout of a cache directory:
@@ -227,10 +228,15 @@ def _prune_quarantine(cache_dir: CacheDir) -> None:
     """Keep the newest MAX_QUARANTINE items (a damaged index path may have been a folder)."""
     kept = sorted(cache_dir.quarantine_dir.iterdir(), key=lambda p: p.lstat().st_mtime, reverse=True)
     for old in kept[MAX_QUARANTINE:]:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        remove_quarantined(old)
+
+
+def remove_quarantined(path: Path) -> None:
+    """Delete one quarantine item: a file, or a folder (a damaged index path may have been one)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def scan_entries(cache_dir: CacheDir) -> tuple[dict[bytes, tuple[str, str]], list[Path], list[Path]]:

@@ -41,7 +41,7 @@ ITEM_SIZES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16"
               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 _HEX_WIDTH = {"xxh3_128": 32, "sha256": 64}
 DEFAULT_CHECKSUM = "xxh3_128" if xxhash is not None else "sha256"
-_PRIORITIES = frozenset(int(p) for p in Priority)
+PRIORITY_VALUES = frozenset(int(p) for p in Priority)  # what a header or an index row may hold
 
 
 class FormatError(ValueError):
@@ -142,7 +142,7 @@ def _check_fields(header: EntryHeader) -> None:
     """Values the index and the catalog rely on: 32-byte digests, a known priority, u32 token ids."""
     if any(len(digest) != HASH_NUM_BYTES for digest in (header.key, header.parent, header.namespace)):
         raise FormatError(f"key, parent and namespace must be {HASH_NUM_BYTES}-byte digests")
-    if header.priority not in _PRIORITIES:
+    if header.priority not in PRIORITY_VALUES:
         raise FormatError(f"unknown priority {header.priority}")
     if any(not 0 <= token < 1 << 32 for token in header.token_ids):
         raise FormatError("a token id is outside 0..2**32-1")

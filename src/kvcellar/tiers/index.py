@@ -31,9 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcellar.cache import Priority
 from kvcellar.cache.hashing import HASH_NUM_BYTES
-from kvcellar.tiers.format import MAX_HEADER_BYTES
+from kvcellar.tiers.format import MAX_HEADER_BYTES, PRIORITY_VALUES
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -52,7 +51,6 @@ CREATE TABLE IF NOT EXISTS tokens (key BLOB PRIMARY KEY, token_ids BLOB NOT NULL
 """
 # tokens keeps its rowid: a WITHOUT ROWID row over ~1/4 page (256 tokens = 1 KiB) spills into an overflow page.
 MAX_CLOCK = 1 << 62  # last_used past this would overflow SQLite's 64-bit integers as the clock advances
-_PRIORITIES = frozenset(int(p) for p in Priority)
 # SQLite's own auto-checkpoint (1000 pages) keeps a ~4 MB WAL file on disk: commit() truncates it
 # past this size instead, so the index's share of the budget stays small and known (disk_state.py).
 WAL_CHECKPOINT_BYTES = 64 << 10
@@ -83,7 +81,7 @@ def row_problem(values: tuple) -> str | None:
     counts = (num_bytes, payload_bytes, priority, last_used, num_tokens, is_partial, has_logits)
     if not all(type(value) is int for value in counts):
         return "a count or flag is not an integer"
-    if priority not in _PRIORITIES or is_partial not in (0, 1) or has_logits not in (0, 1):
+    if priority not in PRIORITY_VALUES or is_partial not in (0, 1) or has_logits not in (0, 1):
         return "priority or flag out of range"
     if not 0 <= last_used < MAX_CLOCK or not 0 <= num_tokens < MAX_CLOCK:
         return "last_used or num_tokens out of range"

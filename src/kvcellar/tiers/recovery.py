@@ -30,7 +30,7 @@ import logging
 from pathlib import Path
 
 from kvcellar.tiers.catalog import Catalog, Record
-from kvcellar.tiers.disk_state import INDEX_SLACK_BYTES
+from kvcellar.tiers.disk_state import files_share
 from kvcellar.tiers.entry_io import read_header
 from kvcellar.tiers.files import CacheDir, quarantine, scan_entries
 from kvcellar.tiers.format import FormatError
@@ -60,8 +60,7 @@ def recover(cache_dir: CacheDir, catalog: Catalog, budget_bytes: int | None) -> 
         _add_rows(opened.index, opened.rows, found, catalog, report)
         _index_orphans(cache_dir, opened.index, found, catalog, report)
         if budget_bytes is not None:  # the budget covers the index too, and the WAL's room to grow (disk_state.py)
-            files_budget = max(0, budget_bytes - opened.index.size_bytes() - INDEX_SLACK_BYTES)
-            _prune(cache_dir, opened.index, catalog, files_budget, report)
+            _prune(cache_dir, opened.index, catalog, files_share(budget_bytes, opened.index.size_bytes()), report)
         opened.index.commit()
     except BaseException:
         opened.index.close()
