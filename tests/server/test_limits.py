@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import requests
@@ -138,3 +139,14 @@ def test_the_bound_is_the_longest_vocabulary_entry_times_nfc(server_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(str(server_model_dir))
     longest = max(len(piece) for piece in tokenizer.get_vocab())
     assert max_chars_per_token(tokenizer) == 4 * longest
+
+
+def test_answers_refused_for_the_body_are_counted_as_rejected(counting_client):
+    """413 and 415 are answered before any route runs; /metrics still counts them by status."""
+    _, engine = counting_client
+    with TestClient(create_app(engine, ServerSettings(max_request_bytes=1024))) as client:
+        assert client.post("/v1/completions", content=b"x" * 2048, headers={"Content-Type": "application/json"}).status_code == 413
+        assert client.post("/v1/completions", content=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415
+        text = client.get("/metrics").text
+    counts = dict(re.findall(r'^kvcellar_requests_rejected_total\{status="(\d+)"\} (\S+)$', text, re.M))
+    assert (counts.get("413"), counts.get("415")) == ("1.0", "1.0")

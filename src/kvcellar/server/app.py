@@ -71,8 +71,9 @@ def create_app(engine: object, settings: ServerSettings | None = None) -> FastAP
     app.state.bridge = EngineBridge(engine, settings.max_concurrent_streams)
     app.state.telemetry = Telemetry(engine, settings)
     install_error_handlers(app)
-    app.add_middleware(CountRejections, metrics=app.state.telemetry.metrics)
+    # The last added runs first: the counter wraps the body limit, so its 413 / 415 answers are counted too.
     app.add_middleware(BodyLimitMiddleware, max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(CountRejections, metrics=app.state.telemetry.metrics)
     app.include_router(openai_routes.router)
     app.include_router(cache_routes.router)
     install_openapi(app, settings)
