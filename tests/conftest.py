@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,23 @@ import pytest
 # Set before transformers is imported anywhere: tests must pass with no hub at all.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _wait_for(condition, what: str, timeout_s: float):
+    """`condition()`'s first truthy value, polled; AssertionError after `timeout_s`, which only bounds a hang."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting ({timeout_s:.0f} s) for {what}")
+
+
+@pytest.fixture(scope="session")
+def wait_for():
+    """wait_for(condition, what, timeout_s): wait on a condition, never on a duration (tests run on loaded machines)."""
+    return _wait_for
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -63,19 +62,9 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
     return [(p, cmd) for p, cmd in found if _alive(p)]
 
 
-def _wait_for(condition, what: str):
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"gave up waiting ({WAIT_S:.0f} s) for {what}")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / ".venv" / ".kvcellar-installed").is_file(), reason="needs the set-up of `python3 run.py`")
-def test_sigterm_to_run_py_serve_stops_the_server_itself(tiny_model_dirs, tmp_path):
+def test_sigterm_to_run_py_serve_stops_the_server_itself(tiny_model_dirs, tmp_path, wait_for):
     port = _free_port()
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
     wrapper = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "serve", "--model", str(tiny_model_dirs["qwen3"]),
@@ -89,7 +78,7 @@ def test_sigterm_to_run_py_serve_stops_the_server_itself(tiny_model_dirs, tmp_pa
             except requests.ConnectionError:
                 return False
 
-        _wait_for(up, "the server to answer /health")
+        wait_for(up, "the server to answer /health", WAIT_S)
         assert _descendants(wrapper.pid) == []  # run.py became the server: nothing below it to orphan
         wrapper.send_signal(signal.SIGTERM)
         assert wrapper.wait(WAIT_S) == 0
@@ -104,24 +93,25 @@ def test_sigterm_to_run_py_serve_stops_the_server_itself(tiny_model_dirs, tmp_pa
 def _start_bench(model_dir: Path, out: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "kvcellar.cli", "bench", "--model", str(model_dir), "--block-size", "16",
                "--threads", "1", "--lengths", "64,128", "--modes", "no-cache,kvcellar", "--out", str(out)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(out.parent / "bench.log", "wb"), env=_env())
+    with open(out.parent / "bench.log", "wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=_env())
 
 
-def _phase_child(bench: subprocess.Popen) -> int:
+def _phase_child(bench: subprocess.Popen, wait_for) -> int:
     def found() -> int | None:
         assert bench.poll() is None, "the bench ended before its first phase process was seen"
         phases = [pid for pid, cmd in _descendants(bench.pid) if "kvcellar.bench.phases" in cmd]
         return phases[0] if phases else None
 
-    return _wait_for(found, "the bench's first phase process")
+    return wait_for(found, "the bench's first phase process", WAIT_S)
 
 
 @pytest.mark.slow
-def test_sigterm_to_kvcellar_bench_stops_its_phase_and_keeps_partial_results(tiny_model_dirs, tmp_path):
+def test_sigterm_to_kvcellar_bench_stops_its_phase_and_keeps_partial_results(tiny_model_dirs, tmp_path, wait_for):
     out = tmp_path / "out"
     bench = _start_bench(tiny_model_dirs["qwen3"], out)
     try:
-        child = _phase_child(bench)
+        child = _phase_child(bench, wait_for)
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(WAIT_S) == 130  # stopped like Ctrl-C: its `finally` blocks ran
         assert not _alive(child)
@@ -135,13 +125,13 @@ def test_sigterm_to_kvcellar_bench_stops_its_phase_and_keeps_partial_results(tin
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
-def test_kill_9_of_kvcellar_bench_still_ends_its_phase(tiny_model_dirs, tmp_path):
+def test_kill_9_of_kvcellar_bench_still_ends_its_phase(tiny_model_dirs, tmp_path, wait_for):
     bench = _start_bench(tiny_model_dirs["qwen3"], tmp_path / "out")
     try:
-        child = _phase_child(bench)
+        child = _phase_child(bench, wait_for)
         bench.kill()
         bench.wait(WAIT_S)
-        _wait_for(lambda: not _alive(child), "the orphaned phase process to end")
+        wait_for(lambda: not _alive(child), "the orphaned phase process to end", WAIT_S)
     finally:
         if bench.poll() is None:
             bench.kill()

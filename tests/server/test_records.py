@@ -23,16 +23,6 @@ from .support import long_text
 WAIT_S = 60.0  # bounds a hang only; every wait below is on a condition
 
 
-def _wait_for(condition, what: str):
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
 def _record(server, request_id: str | None = None, match=None) -> dict | None:
     records = server.get("/v1/requests/recent", params={"limit": 1000}).json()["data"]
     return next((r for r in records if (match(r) if match else r["request_id"] == request_id)), None)
@@ -44,7 +34,7 @@ def fresh(start_server):
     return start_server()
 
 
-def test_a_stream_cancelled_after_some_tokens_keeps_what_was_measured(server, unique):
+def test_a_stream_cancelled_after_some_tokens_keeps_what_was_measured(server, unique, wait_for):
     prompt = long_text(f"cancelled stream {unique}", 40)
     warm = server.client().completions.create(model=server.model, prompt=prompt, max_tokens=1)
     num_prompt = warm.usage.prompt_tokens
@@ -58,9 +48,9 @@ def test_a_stream_cancelled_after_some_tokens_keeps_what_was_measured(server, un
         response.close()
     assert len(events) == 20 and all(line.startswith("data: ") for line in events)
 
-    record = _wait_for(lambda: _record(server, match=lambda r: r["finish_reason"] == "cancelled" and r["stream"]
+    record = wait_for(lambda: _record(server, match=lambda r: r["finish_reason"] == "cancelled" and r["stream"]
                                        and r["num_prompt_tokens"] == num_prompt and r["created_s"] > warm.created - 1),
-                       "the cancelled stream's record")  # fmt: skip
+                      "the cancelled stream's record", WAIT_S)  # fmt: skip
     assert record["num_cached_tokens"] == cached_now
     assert record["num_prefilled_tokens"] == num_prompt - cached_now
     assert 20 <= record["num_completion_tokens"] < 1500  # at least what this client received
@@ -69,7 +59,7 @@ def test_a_stream_cancelled_after_some_tokens_keeps_what_was_measured(server, un
     assert record["total_s"] >= record["ttft_s"] >= record["queue_s"] > 0
 
 
-def test_time_in_queue_counts_in_the_ttft_a_client_sees(server, unique):
+def test_time_in_queue_counts_in_the_ttft_a_client_sees(server, unique, wait_for):
     long_body = {"model": server.model, "prompt": long_text(f"holds the model {unique}", 8), "max_tokens": 2000,
                  "ignore_eos": True, "temperature": 0, "stream": True}  # fmt: skip
     replies: list = []
@@ -80,7 +70,7 @@ def test_time_in_queue_counts_in_the_ttft_a_client_sees(server, unique):
         short = threading.Thread(target=lambda: replies.append(server.client().completions.create(
             model=server.model, prompt=f"queued behind it {unique}", max_tokens=2)))  # fmt: skip
         short.start()
-        _wait_for(lambda: server.get("/health").json()["queue_depth"] == 1, "the short request to queue")
+        wait_for(lambda: server.get("/health").json()["queue_depth"] == 1, "the short request to queue", WAIT_S)
         seen_queued = time.time()  # the short request had not started at this moment
         for _ in range(10):
             next(lines)
