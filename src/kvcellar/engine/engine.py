@@ -124,7 +124,7 @@ class Engine:
     # -- cache -----------------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        return self.loaded.path.name
+        return self.loaded.name
 
     @property
     def tier_names(self) -> list[str]:

