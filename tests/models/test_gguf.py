@@ -1,0 +1,113 @@
+"""GGUF input (kvcellar.models.gguf): which path is a GGUF, refusals a user reads, the conversion cache.
+
+The conversion itself runs on the real demo model in tests/engine/test_real_weights.py; here
+`_convert` is replaced where a test is about naming, reuse and publishing, so it runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvcellar.engine.loader import load_model
+from kvcellar.errors import ModelLoadError
+from kvcellar.models import gguf
+
+
+def _write_gguf(path: Path, arch: str) -> Path:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_find_gguf_takes_a_file_or_a_folder_holding_one(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    file = _write_gguf(tmp_path / "one" / "m.gguf", "llama")
+    assert gguf.find_gguf(file) == file
+    assert gguf.find_gguf(tmp_path / "one") == file
+    (tmp_path / "one" / "config.json").write_text("{}")
+    assert gguf.find_gguf(tmp_path / "one") is None  # a Hugging Face folder that also holds a GGUF stays a folder
+    (tmp_path / "notes.txt").write_text("x")
+    assert gguf.find_gguf(tmp_path / "notes.txt") is None
+
+
+def test_a_folder_with_two_gguf_files_asks_which(tmp_path: Path) -> None:
+    _write_gguf(tmp_path / "a.gguf", "llama")
+    _write_gguf(tmp_path / "b.gguf", "llama")
+    with pytest.raises(ModelLoadError, match=r"several GGUF files \(a.gguf, b.gguf\): pass the one"):
+        gguf.find_gguf(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5"])
+def test_an_architecture_transformers_cannot_serve_is_refused_by_name(tmp_path: Path, arch: str) -> None:
+    file = _write_gguf(tmp_path / f"{arch}-model.gguf", arch)
+    with pytest.raises(ModelLoadError, match=rf"architecture '{arch}', which the installed transformers cannot load") as caught:
+        load_model(file, device="cpu", home=tmp_path / "home")
+    assert "llama" in str(caught.value)  # the message lists what is supported
+    assert not (tmp_path / "home").exists()  # refused before any conversion began
+
+
+def test_a_damaged_file_is_not_a_readable_gguf(tmp_path: Path) -> None:
+    file = tmp_path / "broken.gguf"
+    file.write_bytes(b"GGUF" + bytes(range(256)) * 4)
+    with pytest.raises(ModelLoadError, match="is not a readable GGUF file"):
+        load_model(file, device="cpu", home=tmp_path)
+
+
+def test_fingerprint_follows_the_bytes_not_the_name(tmp_path: Path) -> None:
+    a = _write_gguf(tmp_path / "a.gguf", "llama")
+    b = tmp_path / "b.gguf"
+    b.write_bytes(a.read_bytes())
+    assert gguf.gguf_fingerprint(a) == gguf.gguf_fingerprint(b)
+    data = bytearray(a.read_bytes())
+    data[-1] ^= 1  # one tensor byte
+    b.write_bytes(bytes(data))
+    assert gguf.gguf_fingerprint(a) != gguf.gguf_fingerprint(b)
+
+
+def test_the_conversion_is_made_once_per_file_and_dtype(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str]] = []
+
+    def fake_convert(file: Path, dtype: str, staging: Path) -> None:
+        calls.append((file.name, dtype))
+        staging.mkdir(parents=True)
+        (staging / "config.json").write_text("{}")
+
+    monkeypatch.setattr(gguf, "_convert", fake_convert)
+    file = _write_gguf(tmp_path / "m.gguf", "llama")
+    home = tmp_path / "home"
+    first = gguf.converted_dir(file, "bfloat16", home)
+    assert gguf.converted_dir(file, "bfloat16", home) == first
+    assert calls == [("m.gguf", "bfloat16")]
+    assert first.parent == home / "models" / "gguf" and first.name.startswith("m-") and first.name.endswith("-bfloat16")
+    source = json.loads((first / gguf.SOURCE_FILE).read_text())
+    assert (source["gguf"], source["architecture"], source["fingerprint"]) == (str(file), "llama", gguf.gguf_fingerprint(file))
+    assert gguf.converted_dir(file, "float32", home) != first  # another dtype is another folder
+    with file.open("ab") as handle:
+        handle.write(b"\0" * 64)  # the same name, other bytes
+    assert gguf.converted_dir(file, "bfloat16", home) != first
+    assert len(calls) == 3
+    assert sorted(p.name.startswith(".") for p in (home / "models" / "gguf").iterdir()) == [False] * 3  # no staging left
+
+
+def test_a_failed_conversion_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(file: Path, dtype: str, staging: Path) -> None:
+        staging.mkdir(parents=True)
+        (staging / "config.json").write_text("{}")
+        raise ModelLoadError("transformers cannot load m.gguf (simulated)")
+
+    monkeypatch.setattr(gguf, "_convert", failing)
+    file = _write_gguf(tmp_path / "m.gguf", "llama")
+    with pytest.raises(ModelLoadError, match="simulated"):
+        gguf.converted_dir(file, "bfloat16", tmp_path / "home")
+    assert not any((tmp_path / "home" / "models" / "gguf").iterdir())
