@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quickstart for a fresh machine that has only python3.
 
-    python3 run.py serve   # set up, make the demo model once, serve it on http://127.0.0.1:8000
+    python3 run.py serve   # set up, fetch the demo model once (SmolLM2-135M-Instruct), serve it on http://127.0.0.1:8000
     python3 run.py test    # set up, run the test suite
 
 Also: `python3 run.py demo` streams one answer from the demo model in the terminal.

@@ -75,12 +75,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """True if this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX); without it torch emulates bf16."""
+    capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def resolve_dtype(name: str, device: torch.device, config_dtype: object) -> torch.dtype:
-    """`auto`: the folder's own dtype on GPUs; bf16 on CPU (the fastest there), fp16 on MPS for fp32 folders."""
+    """`auto`: the folder's own dtype on GPUs; fp16 on MPS for fp32 folders; on CPU the faster of bf16 and fp32.
+
+    On a CPU, bf16 is the fastest only where the hardware multiplies it (AVX-512 BF16, AMX): on an
+    AVX2-only CPU torch converts every bf16 operand, and a bf16 matmul runs 4-6x slower than fp32
+    (docs/benchmarks.md), so there fp32 is chosen, at twice the weight and K/V memory.
+    """
     if name != "auto":
         return _TORCH_DTYPES[name]
     if device.type == "cpu":
-        return torch.bfloat16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if isinstance(config_dtype, torch.dtype):
         return config_dtype
     if isinstance(config_dtype, str) and config_dtype in _TORCH_DTYPES:
