@@ -7,7 +7,7 @@ Without --model it uses the demo model's file (fetched once). For each dtype, in
 (so memory figures do not mix) with a fresh conversion folder: the first load (transformers'
 GGUF loader dequantizes, kvcellar writes the folder), a second load from that folder (what every
 later start pays), RSS after it, a cold prefill of `--length` seeded token ids (cache off) and
-one-stream decode of 128 tokens. Packed execution (weights left in GGUF blocks) needs
+one-stream decode of 128 tokens, then RSS. Packed execution (weights left in GGUF blocks) needs
 transformers' GGUF matmul kernels, which it fetches from the Hub through the `kernels` package;
 the script reports whether this machine has them.
 """
@@ -46,10 +46,10 @@ def measure(file: str, dtype: str, length: int) -> dict:
     started = time.perf_counter()
     engine = Engine.load(file, device="cpu", dtype=dtype, cache=CacheConfig(enabled=False))
     cached_load_s = time.perf_counter() - started
-    rss_mib = _rss_mib()
     engine.generate(prompt_ids=make_ids(256, "warm-up", 8000), max_tokens=4, ignore_eos=True)
     cold = engine.generate(prompt_ids=make_ids(length, "prompt", 8000), max_tokens=1, ignore_eos=True)
     decode = engine.generate(prompt_ids=make_ids(64, "decode", 8000), max_tokens=128, ignore_eos=True)
+    rss_mib = _rss_mib()  # every weight has been read by now
     engine.close()
     folder_bytes = sum(p.stat().st_size for p in (home / "models" / "gguf").rglob("*") if p.is_file())
     return {"dtype": dtype, "first_load_s": first_load_s, "cached_load_s": cached_load_s, "rss_mib": rss_mib,
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{dtype}: {rows[-1]}", file=sys.stderr)
     import torch
 
-    lines = [f"| dtype | first load (convert) | later load | RSS after load | converted folder | cold {args.length} | decode |",
+    lines = [f"| dtype | first load (convert) | later load | RSS after the runs | converted folder | cold {args.length} | decode |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['dtype']} | {r['first_load_s']:.1f} s | {r['cached_load_s']:.1f} s | {r['rss_mib']:.0f} MiB | "
               f"{r['converted_mib']:.0f} MiB | {r['cold_s']:.2f} s | {r['decode_tok_s']:.1f} tok/s |" for r in rows]  # fmt: skip
