@@ -236,14 +236,9 @@ def run_child(name: str, model: str, length: int, block_size: int) -> dict:
 
 # -- parent: orchestrate, summarise, print ---------------------------------------------------------
 def bench_model() -> str:
-    from kvcellar.models import make_model
-    from kvcellar.models.demo import is_complete_model_dir, kvcellar_home
+    from kvcellar.bench.runner import bench_model_dir
 
-    path = kvcellar_home() / "models" / "bench-qwen3-0.6b"
-    if not is_complete_model_dir(path):
-        log(f"building the Qwen3-0.6B-shape model in {path} (once)")
-        make_model("qwen3", "0.6b", path, overwrite=path.exists())
-    return str(path)
+    return str(bench_model_dir(progress=log))
 
 
 def hardware() -> dict:

@@ -139,3 +139,43 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(KeyboardInterrupt):
         make_model("qwen3", "tiny", tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ensure_model_makes_once_then_reuses(tmp_path, monkeypatch) -> None:
+    from kvcellar.models import factory
+
+    path = factory.ensure_model("qwen3", "tiny", tmp_path / "m")
+    assert factory.is_complete_model_dir(path)
+    mtime_ns = (path / "model.safetensors").stat().st_mtime_ns
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("rebuilt although a complete folder exists")
+
+    monkeypatch.setattr(factory, "make_model", refuse)
+    assert factory.ensure_model("qwen3", "tiny", path) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == mtime_ns
+
+
+def test_ensure_model_rebuilds_an_incomplete_folder(tmp_path) -> None:
+    from kvcellar.models import factory
+
+    path = factory.ensure_model("qwen3", "tiny", tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    assert factory.ensure_model("qwen3", "tiny", path) == path
+    assert factory.is_complete_model_dir(path)
+
+
+def test_ensure_model_accepts_a_folder_another_process_published(tmp_path, monkeypatch) -> None:
+    from kvcellar.errors import InvalidRequestError
+    from kvcellar.models import factory
+
+    real_make = factory.make_model
+
+    def lose_the_race(arch, size, out_dir, **kwargs):
+        real_make(arch, size, out_dir)  # the other process wins ...
+        raise InvalidRequestError(f"{out_dir} already exists and is not empty")  # ... so our rename fails
+
+    monkeypatch.setattr(factory, "make_model", lose_the_race)
+    path = tmp_path / "m"
+    assert factory.ensure_model("qwen3", "tiny", path) == path
+    assert factory.is_complete_model_dir(path)

@@ -47,15 +47,13 @@ def _log(message: str) -> None:
 
 def bench_model_dir(progress: Callable[[str], None] | None = _log) -> Path:
     """`$KVCELLAR_HOME/models/bench-qwen3-0.6b` (random Qwen3-0.6B-shape weights), made on first use."""
-    from kvcellar.models import make_model
-    from kvcellar.models.demo import is_complete_model_dir, kvcellar_home
+    from kvcellar.models.demo import kvcellar_home
+    from kvcellar.models.factory import ensure_model, is_complete_model_dir
 
     path = kvcellar_home() / "models" / BENCH_MODEL
-    if not is_complete_model_dir(path):
-        if progress is not None:
-            progress(f"building the Qwen3-0.6B-shape bench model in {path} (once)")
-        make_model("qwen3", "0.6b", path, overwrite=path.exists(), progress=progress)
-    return path
+    if not is_complete_model_dir(path) and progress is not None:
+        progress(f"building the Qwen3-0.6B-shape bench model in {path} (once)")
+    return ensure_model("qwen3", "0.6b", path, progress=progress)
 
 
 def _cuda_wanted(config: BenchConfig) -> bool:

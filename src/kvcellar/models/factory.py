@@ -28,6 +28,10 @@ from kvcellar.models.specs import check_arch, check_dtype, size_spec
 from kvcellar.models.tokenizer import build_tokenizer
 
 Progress = Callable[[str], None]
+# Every finished folder holds these; `make_model` publishes atomically, so their presence means complete.
+MADE_FILES: tuple[str, ...] = (
+    "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+)  # fmt: skip
 
 
 def _no_progress(message: str) -> None:
@@ -146,3 +150,22 @@ def make_model(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def is_complete_model_dir(path: Path) -> bool:
+    """True if `path` holds every file a finished `make_model` folder has."""
+    return all((path / name).is_file() for name in MADE_FILES)
+
+
+def ensure_model(arch: str, size: str, path: Path, *, progress: Progress | None = None) -> Path:
+    """`path`, made by `make_model(arch, size, path)` first unless a complete folder is there (then reused)."""
+    if is_complete_model_dir(path):
+        return path
+    try:
+        # Replace only a folder that is already there but incomplete; a missing one is created without
+        # overwrite, so a concurrent builder's finished folder is never replaced under a reader.
+        return make_model(arch, size, path, overwrite=path.exists(), progress=progress)
+    except InvalidRequestError:
+        if is_complete_model_dir(path):  # another process published it first
+            return path
+        raise
