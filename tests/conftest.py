@@ -72,7 +72,12 @@ def smollm2_gguf() -> Path:
         message = f"REAL-WEIGHT TESTS SKIPPED: the demo model could not be fetched: {exc}"
         warnings.warn(message, stacklevel=1)
         pytest.skip(message)
-    gguf.converted_dir(file, "bfloat16", REAL_MODEL_HOME)
+    import torch
+
+    from kvcellar.engine.loader import resolve_dtype
+
+    cpu_dtype = str(resolve_dtype("auto", torch.device("cpu"), None)).removeprefix("torch.")
+    gguf.converted_dir(file, cpu_dtype, REAL_MODEL_HOME)  # the conversion the tests' CPU engines load
     return file
 
 

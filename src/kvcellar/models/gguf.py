@@ -145,15 +145,20 @@ def converted_dir(
 
 def _convert(file: Path, dtype: str, staging: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     staging.mkdir(parents=True)
     kwargs = {"gguf_file": file.name, "local_files_only": True}
+    packing = {}
+    try:  # a transformers that can keep GGUF blocks packed is told not to; older ones always dequantize
+        from transformers import GgufConfig
+
+        packing = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:
+        pass
     try:
         tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            file.parent, dtype=getattr(torch, dtype), quantization_config=GgufConfig(dequantize=True), **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(file.parent, dtype=getattr(torch, dtype), **kwargs, **packing)
     except ImportError as exc:
         raise ModelLoadError(f"loading {file.name} needs the gguf and accelerate packages: {exc}") from exc
     except (ValueError, KeyError, NotImplementedError) as exc:
