@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
 
 from kvcellar.engine import attention
+from kvcellar.engine.prefill import cache_argument
 from kvcellar.kv.growing_layer import new_cache
 
 
@@ -36,7 +37,8 @@ def test_chunked_prefill_with_it_matches_transformers_sdpa(tiny_fp32_dirs, arch,
         model = AutoModelForCausalLM.from_pretrained(tiny_fp32_dirs[arch], attn_implementation=name).eval()
         cache = new_cache(model.config, 37)
         with torch.inference_mode():
-            outputs = [model(input_ids=ids[:, s : s + 8], past_key_values=cache, use_cache=True).logits for s in range(0, 37, 8)]
+            outputs = [model(input_ids=ids[:, s : s + 8], **cache_argument(model, cache), use_cache=True).logits
+                       for s in range(0, 37, 8)]
         logits[name] = torch.cat(outputs, dim=1)
     assert biases[:4] == [(8, 16), (8, 24), (8, 32), (5, 37)]  # every chunk after the first took the bias path
     torch.testing.assert_close(logits[attention.NAME], logits["sdpa"], rtol=1e-5, atol=1e-5)

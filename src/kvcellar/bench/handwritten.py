@@ -25,6 +25,7 @@ import torch
 
 from kvcellar.bench.scenarios import BenchRequest
 from kvcellar.bench.targets import Sample
+from kvcellar.engine.prefill import cache_argument
 
 
 def cache_bytes(cache: object) -> int:
@@ -95,7 +96,7 @@ class HandWrittenTarget:
         self._sync()
         restored = time.perf_counter()
         suffix = torch.tensor([request.ids[n:]], device=self._device)
-        out = self._model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self._model(input_ids=suffix, **cache_argument(self._model, cache), use_cache=True, logits_to_keep=1)
         token = int(out.logits[0, -1].argmax())  # .item() waits for the GPU
         ttft = time.perf_counter()
         self._keep((salt, request.ids), ids, cache)
@@ -108,7 +109,8 @@ class HandWrittenTarget:
 
     def _decode(self, cache: object, token: int) -> None:
         for _ in range(self._max_tokens - 1):
-            out = self._model(input_ids=torch.tensor([[token]], device=self._device), past_key_values=cache, use_cache=True)
+            out = self._model(input_ids=torch.tensor([[token]], device=self._device), **cache_argument(self._model, cache),
+                              use_cache=True)
             token = int(out.logits[0, -1].argmax())
 
     def _keep(self, key: tuple, ids: np.ndarray, cache: object) -> None:

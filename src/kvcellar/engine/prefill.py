@@ -26,6 +26,8 @@ ones, and the agent's 25.1 s against 16.9 s; a cold prompt gains 4-13%.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterable
 
@@ -41,6 +43,19 @@ ChunkHook = Callable[[int, int, "torch.Tensor | None"], None]
 
 CPU_CHUNK_TOKENS = 1024  # measured, see the module doc
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that skips the LM head (no logits wanted)
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_argument(model: object, cache: object) -> dict:
+    """The forward's keyword for the K/V cache: `cache` in newer transformers, `past_key_values` before.
+
+    Newer releases still take `past_key_values` but warn on every process's first forward.
+    """
+    return {_cache_keyword_of(type(model)): cache}
 
 
 def chunk_size_for(requested: int | None, block_size: int, layout: ModelLayout, device_type: str, exact: bool) -> int:
@@ -100,7 +115,8 @@ def prefill(
         if is_cancelled():
             return None
         keep = 1 if end == num_tokens else _NO_LOGITS.to(token_ids.device)
-        output = model(input_ids=token_ids[position:end].unsqueeze(0), past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        output = model(input_ids=token_ids[position:end].unsqueeze(0), **cache_argument(model, cache), use_cache=True,
+                       logits_to_keep=keep)
         logits = output.logits[0, -1] if end == num_tokens else None
         if on_chunk_end is not None:
             on_chunk_end(position, end, logits)

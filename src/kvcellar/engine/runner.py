@@ -15,7 +15,7 @@ import torch
 
 from kvcellar.engine.heap import trim_heap
 from kvcellar.engine.loader import LoadedModel
-from kvcellar.engine.prefill import prefill
+from kvcellar.engine.prefill import cache_argument, prefill
 from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache, Restored
 from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
 from kvcellar.engine.sampling import Sampler
@@ -199,7 +199,8 @@ class RequestRunner:
                 finish = "length" if len(generated) >= budget else "cancelled"
                 break
             output = self.loaded.model(
-                input_ids=torch.tensor([[token]], device=self.loaded.device), past_key_values=cache, use_cache=True
+                input_ids=torch.tensor([[token]], device=self.loaded.device), **cache_argument(self.loaded.model, cache),
+                use_cache=True,
             )
             sequence.append(token)
             if on_token_fed is not None:
