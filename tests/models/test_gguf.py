@@ -111,3 +111,30 @@ def test_a_failed_conversion_leaves_no_folder(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(ModelLoadError, match="simulated"):
         gguf.converted_dir(file, "bfloat16", tmp_path / "home")
     assert not any((tmp_path / "home" / "models" / "gguf").iterdir())
+
+
+def test_a_qwen2_gguf_runs_exactly_as_its_hugging_face_folder(tmp_path: Path, tiny_model_dirs, monkeypatch) -> None:
+    """Another architecture than the demo's llama: same tokens, same template, bit-identical logits, same greedy text."""
+    import torch
+
+    from kvcellar import CacheConfig, Engine
+
+    from .gguf_files import make_qwen2_pair
+
+    folder, file = make_qwen2_pair(tiny_model_dirs["qwen3"], tmp_path)
+    monkeypatch.setenv("KVCELLAR_HOME", str(tmp_path / "home"))
+    options = {"device": "cpu", "dtype": "float32", "block_size": 16, "cache": CacheConfig(use_disk_tier=False)}
+    from_file, from_folder = Engine.load(str(file), **options), Engine.load(str(folder), **options)
+    try:
+        assert from_file.model_name == "tiny-qwen2" and type(from_file.loaded.model).__name__ == "Qwen2ForCausalLM"
+        messages = [{"role": "user", "content": "the cache of a prefix"}]
+        assert from_file.encode(messages=messages)[0] == from_folder.encode(messages=messages)[0]
+        ids = torch.tensor([list(range(100, 160))])
+        with torch.inference_mode():
+            assert torch.equal(from_file.loaded.model(ids).logits, from_folder.loaded.model(ids).logits)
+        answers = [engine.generate(messages=messages, max_tokens=12, temperature=0).token_ids
+                   for engine in (from_file, from_folder)]  # fmt: skip
+        assert answers[0] == answers[1]
+    finally:
+        from_file.close()
+        from_folder.close()
