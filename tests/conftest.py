@@ -76,7 +76,7 @@ def smollm2_gguf() -> Path:
 
     from kvcellar.engine.loader import resolve_dtype
 
-    cpu_dtype = str(resolve_dtype("auto", torch.device("cpu"), None)).removeprefix("torch.")
+    cpu_dtype = str(resolve_dtype("auto", torch.device("cpu"), None, gguf.parameter_count(file))).removeprefix("torch.")
     gguf.converted_dir(file, cpu_dtype, REAL_MODEL_HOME)  # the conversion the tests' CPU engines load
     return file
 

@@ -138,3 +138,12 @@ def test_a_qwen2_gguf_runs_exactly_as_its_hugging_face_folder(tmp_path: Path, ti
     finally:
         from_file.close()
         from_folder.close()
+
+
+def test_an_unwritable_home_is_a_clear_error(tmp_path: Path) -> None:
+    file = _write_gguf(tmp_path / "m.gguf", "llama")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").write_text("a file where the models folder should be")
+    with pytest.raises(ModelLoadError, match="cannot write the converted m.gguf under .*point KVCELLAR_HOME at a writable"):
+        gguf.converted_dir(file, "float32", home)

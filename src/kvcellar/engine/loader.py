@@ -81,22 +81,44 @@ def cpu_has_native_bf16() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
-def resolve_dtype(name: str, device: torch.device, config_dtype: object) -> torch.dtype:
+def _physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def resolve_dtype(name: str, device: torch.device, config_dtype: object, num_parameters: int | None = None) -> torch.dtype:
     """`auto`: the folder's own dtype on GPUs; fp16 on MPS for fp32 folders; on CPU the faster of bf16 and fp32.
 
     On a CPU, bf16 is the fastest only where the hardware multiplies it (AVX-512 BF16, AMX): on an
     AVX2-only CPU torch converts every bf16 operand, and a bf16 matmul runs 4-6x slower than fp32
-    (docs/benchmarks.md), so there fp32 is chosen, at twice the weight and K/V memory.
+    (docs/benchmarks.md), so there fp32 is chosen, at twice the weight and K/V memory, unless the
+    fp32 weights (`num_parameters` x 4 bytes) would take more than half of the machine's memory.
     """
     if name != "auto":
         return _TORCH_DTYPES[name]
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+        memory = _physical_memory_bytes()
+        if num_parameters is not None and memory is not None and 4 * num_parameters > memory // 2:
+            log.warning("this CPU has no bf16 instructions, so fp32 would be faster, but %.1f GB of fp32 weights "
+                        "would take over half of its %.1f GB: running in bf16 (--dtype float32 forces fp32)",
+                        4 * num_parameters / 1e9, memory / 1e9)  # fmt: skip
+            return torch.bfloat16
+        return torch.float32
     if isinstance(config_dtype, torch.dtype):
         return config_dtype
     if isinstance(config_dtype, str) and config_dtype in _TORCH_DTYPES:
         return _TORCH_DTYPES[config_dtype]
     return torch.float16 if device.type == "mps" else torch.bfloat16
+
+
+def _folder_parameters(folder: Path, config_dtype: object) -> int:
+    """Parameters of a folder's weights, from their file sizes and stored dtype (2 bytes each unless fp32)."""
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(p.stat().st_size for p in folder.glob("*.bin"))
+    return stored // (4 if str(config_dtype).removeprefix("torch.") == "float32" else 2)
 
 
 def _check_folder(path: Path) -> dict:
@@ -173,8 +195,8 @@ def load_model(
         from kvcellar.models.demo import kvcellar_home
 
         source_fingerprint = gguf.gguf_fingerprint(gguf_file)
-        folder = gguf.converted_dir(gguf_file, _dtype_name(resolve_dtype(dtype, torch_device, None)),
-                                    home or kvcellar_home(), fingerprint=source_fingerprint)  # fmt: skip
+        wanted = resolve_dtype(dtype, torch_device, None, gguf.parameter_count(gguf_file))
+        folder = gguf.converted_dir(gguf_file, _dtype_name(wanted), home or kvcellar_home(), fingerprint=source_fingerprint)
     config = _check_folder(folder)
     if torch_device.type == "cpu":
         # Chunked prefill passes a mask, and transformers then copies grouped K/V out to every query head
@@ -182,7 +204,8 @@ def load_model(
         # 64 -> 32 ms per 256-token chunk against 8K keys). GPUs keep transformers' choice: their
         # masked GQA path would fall back to the slow math kernel. Process-wide; a user's value wins.
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-    torch_dtype = resolve_dtype(dtype, torch_device, config.get("torch_dtype") or config.get("dtype"))
+    config_dtype = config.get("torch_dtype") or config.get("dtype")
+    torch_dtype = resolve_dtype(dtype, torch_device, config_dtype, _folder_parameters(folder, config_dtype))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers raises many types here; the user needs one message

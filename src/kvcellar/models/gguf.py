@@ -1,8 +1,9 @@
 """GGUF files as model input: found, identified, checked, and converted once into a cached model folder.
 
 Operations: `find_gguf(path)` (a `.gguf` file, or a folder holding exactly one and no
-config.json), `read_architecture(file)`, `check_supported(file)`, `gguf_fingerprint(file)`,
-`converted_dir(file, dtype)` -> the folder `load_model` then loads like any other.
+config.json), `read_architecture(file)`, `parameter_count(file)`, `check_supported(file)`,
+`gguf_fingerprint(file)`, `converted_dir(file, dtype)` -> the folder `load_model` then loads
+like any other.
 
 Why convert: transformers' GGUF loader rebuilds the tokenizer from the file's vocabulary and
 dequantizes every tensor on each load, which takes longer than loading the converted weights.
@@ -63,6 +64,16 @@ def read_architecture(file: Path) -> str:
     if field is None:
         raise ModelLoadError(f"{str(file)!r} has no general.architecture in its metadata, so it is not a model GGUF")
     return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def parameter_count(file: Path) -> int:
+    """Elements over all of the file's tensors (what the dequantized model will hold)."""
+    from gguf import GGUFReader
+
+    try:
+        return sum(int(tensor.n_elements) for tensor in GGUFReader(str(file)).tensors)
+    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError on damaged files
+        raise ModelLoadError(f"{str(file)!r} is not a readable GGUF file ({exc})") from exc
 
 
 def _transformers_architectures() -> frozenset[str]:
@@ -137,6 +148,9 @@ def converted_dir(
         except OSError:
             if not _is_complete(out):  # another process did not publish it first: a real failure
                 raise
+    except OSError as exc:  # an unwritable or full home
+        raise ModelLoadError(f"cannot write the converted {file.name} under {out.parent} ({exc}): free space there, "
+                             "or point KVCELLAR_HOME at a writable folder") from exc  # fmt: skip
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     progress(f"converted {file.name}; later starts load {out}")
