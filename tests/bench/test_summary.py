@@ -56,3 +56,12 @@ def test_a_nearest_prefix_may_fall_back_to_a_whole_chunk():
     assert check_consistency([chunked], 256) == []
     short = {**chunked, "samples": [sample("nearest@2K", "nearest", 0.5, 2048, 768, {"device": 768})]}
     assert any("expected at least 1024" in p for p in check_consistency([short], 256))
+
+
+def test_a_peer_server_is_not_asked_for_a_breakdown_by_tier():
+    """llama.cpp's llama-server reports cached tokens but no tiers; a kvcellar server must still add up."""
+    hit = sample("exact@2K", "exact", 0.04, 2048, 2047)
+    peer = {"mode": "http", "samples": [hit], "info": {"model": {"id": "x.gguf", "owned_by": "llamacpp"}}}
+    ours = {"mode": "http", "samples": [hit], "info": {"model": {"id": "x", "owned_by": "kvcellar"}}}
+    assert check_consistency([peer], 256) == []
+    assert any("do not add up" in p for p in check_consistency([ours], 256))
