@@ -147,3 +147,37 @@ def test_an_unwritable_home_is_a_clear_error(tmp_path: Path) -> None:
     (home / "models").write_text("a file where the models folder should be")
     with pytest.raises(ModelLoadError, match="cannot write the converted m.gguf under .*point KVCELLAR_HOME at a writable"):
         gguf.converted_dir(file, "float32", home)
+
+
+def test_the_header_reader_agrees_with_ggufs_own_reader(tmp_path: Path) -> None:
+    """Scalars, strings and arrays (of strings, of ints) of every kind the writer emits, then the tensor table."""
+    from gguf import GGUFReader, GGUFWriter
+
+    from kvcellar.models.gguf_header import read_header
+
+    file = tmp_path / "m.gguf"
+    writer = GGUFWriter(str(file), "qwen2")
+    writer.add_block_count(3)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_token_list(["a", "bé", "<|im_end|>"])
+    writer.add_token_types([1, 1, 3])
+    writer.add_bool("custom.flag", True)
+    writer.add_string("general.name", "tiny")
+    writer.add_tensor("token_embd.weight", np.zeros((3, 8), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((8, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    header = read_header(file)
+    reference = GGUFReader(str(file))
+    assert header.architecture == "qwen2" and header.metadata["qwen2.block_count"] == 3
+    assert header.metadata["general.name"] == "tiny" and header.metadata["custom.flag"] is True
+    assert header.metadata["tokenizer.ggml.tokens"] == 3  # arrays are stepped over: their length
+    assert header.tensor_elements == {t.name: int(t.n_elements) for t in reference.tensors} == {
+        "token_embd.weight": 24, "blk.0.attn_q.weight": 64}
+    assert gguf.parameter_count(file) == 88
+
+    file.write_bytes(file.read_bytes()[:200])  # cut inside the metadata
+    with pytest.raises(ModelLoadError, match="not a readable GGUF file"):
+        read_header(file)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvcellar.errors import ModelLoadError
+from kvcellar.models.gguf_header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +55,16 @@ def find_gguf(path: Path) -> Path | None:
 
 
 def read_architecture(file: Path) -> str:
-    """The file's `general.architecture`, or ModelLoadError if it is not a readable GGUF file."""
-    from gguf import GGUFReader
-
-    try:
-        field = GGUFReader(str(file)).fields.get("general.architecture")
-    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError on damaged files
-        raise ModelLoadError(f"{str(file)!r} is not a readable GGUF file ({exc})") from exc
-    if field is None:
+    """The file's `general.architecture`, or ModelLoadError if it is not a readable model GGUF."""
+    architecture = read_header(file).architecture
+    if architecture is None:
         raise ModelLoadError(f"{str(file)!r} has no general.architecture in its metadata, so it is not a model GGUF")
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return architecture
 
 
 def parameter_count(file: Path) -> int:
     """Elements over all of the file's tensors (what the dequantized model will hold)."""
-    from gguf import GGUFReader
-
-    try:
-        return sum(int(tensor.n_elements) for tensor in GGUFReader(str(file)).tensors)
-    except Exception as exc:  # the reader raises ValueError, struct.error, IndexError on damaged files
-        raise ModelLoadError(f"{str(file)!r} is not a readable GGUF file ({exc})") from exc
+    return read_header(file).num_parameters
 
 
 def _transformers_architectures() -> frozenset[str]:
