@@ -88,7 +88,9 @@ def _physical_memory_bytes() -> int | None:
         return None
 
 
-def resolve_dtype(name: str, device: torch.device, config_dtype: object, num_parameters: int | None = None) -> torch.dtype:
+def resolve_dtype(
+    name: str, device: torch.device, config_dtype: object, num_parameters: int | None = None
+) -> torch.dtype:
     """`auto`: the folder's own dtype on GPUs; fp16 on MPS for fp32 folders; on CPU the faster of bf16 and fp32.
 
     On a CPU, bf16 is the fastest only where the hardware multiplies it (AVX-512 BF16, AMX): on an
@@ -117,7 +119,8 @@ def resolve_dtype(name: str, device: torch.device, config_dtype: object, num_par
 
 def _folder_parameters(folder: Path, config_dtype: object) -> int:
     """Parameters of a folder's weights, from their file sizes and stored dtype (2 bytes each unless fp32)."""
-    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors")) + sum(p.stat().st_size for p in folder.glob("*.bin"))
+    files = [*folder.glob("*.safetensors"), *folder.glob("*.bin")]
+    stored = sum(file.stat().st_size for file in files)
     return stored // (4 if str(config_dtype).removeprefix("torch.") == "float32" else 2)
 
 
@@ -190,13 +193,14 @@ def load_model(
     folder = Path(path).expanduser().resolve()
     torch_device = resolve_device(device)
     gguf_file = gguf.find_gguf(folder)
-    source_fingerprint = None
-    if gguf_file is not None:
+    source_fingerprint, torch_dtype = None, None
+    if gguf_file is not None:  # converted once, in the dtype it will run in
         from kvcellar.models.demo import kvcellar_home
 
         source_fingerprint = gguf.gguf_fingerprint(gguf_file)
-        wanted = resolve_dtype(dtype, torch_device, None, gguf.parameter_count(gguf_file))
-        folder = gguf.converted_dir(gguf_file, _dtype_name(wanted), home or kvcellar_home(), fingerprint=source_fingerprint)
+        torch_dtype = resolve_dtype(dtype, torch_device, None, gguf.parameter_count(gguf_file))
+        folder = gguf.converted_dir(gguf_file, _dtype_name(torch_dtype), home or kvcellar_home(),
+                                    fingerprint=source_fingerprint)  # fmt: skip
     config = _check_folder(folder)
     if torch_device.type == "cpu":
         # Chunked prefill passes a mask, and transformers then copies grouped K/V out to every query head
@@ -204,8 +208,9 @@ def load_model(
         # 64 -> 32 ms per 256-token chunk against 8K keys). GPUs keep transformers' choice: their
         # masked GQA path would fall back to the slow math kernel. Process-wide; a user's value wins.
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-    config_dtype = config.get("torch_dtype") or config.get("dtype")
-    torch_dtype = resolve_dtype(dtype, torch_device, config_dtype, _folder_parameters(folder, config_dtype))
+    if torch_dtype is None:
+        config_dtype = config.get("torch_dtype") or config.get("dtype")
+        torch_dtype = resolve_dtype(dtype, torch_device, config_dtype, _folder_parameters(folder, config_dtype))
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # transformers raises many types here; the user needs one message
