@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,10 @@ import time
 from pathlib import Path
 
 
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(file: str, dtype: str, length: int) -> dict:
     """One dtype, in this process: conversion, cached load, RSS, cold prefill, decode."""
     from kvcellar import CacheConfig, Engine
+    from kvcellar.bench.hardware import memory_report
     from kvcellar.bench.scenarios import make_ids
     from kvcellar.engine.loader import load_model
 
@@ -49,7 +42,7 @@ def measure(file: str, dtype: str, length: int) -> dict:
     engine.generate(prompt_ids=make_ids(256, "warm-up", 8000), max_tokens=4, ignore_eos=True)
     cold = engine.generate(prompt_ids=make_ids(length, "prompt", 8000), max_tokens=1, ignore_eos=True)
     decode = engine.generate(prompt_ids=make_ids(64, "decode", 8000), max_tokens=128, ignore_eos=True)
-    rss_mib = _rss_mib()  # every weight has been read by now
+    rss_mib = memory_report()["rss_mib"]  # every weight has been read by now
     engine.close()
     folder_bytes = sum(p.stat().st_size for p in (home / "models" / "gguf").rglob("*") if p.is_file())
     return {"dtype": dtype, "first_load_s": first_load_s, "cached_load_s": cached_load_s, "rss_mib": rss_mib,

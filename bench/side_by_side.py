@@ -29,14 +29,13 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from kvcellar.bench.hardware import hardware
 from kvcellar.bench.scenarios import make_ids
 
 EXTENSION_TOKENS, REPEAT_TOKENS = 64, 16
@@ -156,9 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in servers]
     text = table(names, rounds, args.length)
     print(text)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "models": models,
-              "seed": seed, "length": args.length, "load_average": loads, "table": text, "rounds": rounds}  # fmt: skip
+    result = {"hardware": hardware("cpu"), "command": " ".join(sys.argv), "models": models, "seed": seed,
+              "length": args.length, "load_average": loads, "table": text, "rounds": rounds}  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -60,8 +60,10 @@ def smollm2_gguf() -> Path:
     Tests that load it must see KVCELLAR_HOME = REAL_MODEL_HOME (the `real_home` fixture sets it),
     so they reuse the conversion instead of redoing it.
     """
+    import torch
+
+    from kvcellar.engine.loader import converted_gguf
     from kvcellar.errors import ModelLoadError
-    from kvcellar.models import gguf
     from kvcellar.models.demo import ensure_demo_model
 
     try:
@@ -72,12 +74,7 @@ def smollm2_gguf() -> Path:
         message = f"REAL-WEIGHT TESTS SKIPPED: the demo model could not be fetched: {exc}"
         warnings.warn(message, stacklevel=1)
         pytest.skip(message)
-    import torch
-
-    from kvcellar.engine.loader import resolve_dtype
-
-    cpu_dtype = str(resolve_dtype("auto", torch.device("cpu"), None, gguf.parameter_count(file))).removeprefix("torch.")
-    gguf.converted_dir(file, cpu_dtype, REAL_MODEL_HOME)  # the conversion the tests' CPU engines load
+    converted_gguf(file, torch.device("cpu"), "auto", REAL_MODEL_HOME)  # the conversion the tests' CPU engines load
     return file
 
 

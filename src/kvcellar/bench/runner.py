@@ -48,12 +48,9 @@ def _log(message: str) -> None:
 def bench_model_dir(progress: Callable[[str], None] | None = _log) -> Path:
     """`$KVCELLAR_HOME/models/bench-qwen3-0.6b` (random Qwen3-0.6B-shape weights), made on first use."""
     from kvcellar.models.demo import kvcellar_home
-    from kvcellar.models.factory import ensure_model, is_complete_model_dir
+    from kvcellar.models.factory import ensure_model
 
-    path = kvcellar_home() / "models" / BENCH_MODEL
-    if not is_complete_model_dir(path) and progress is not None:
-        progress(f"building the Qwen3-0.6B-shape bench model in {path} (once)")
-    return ensure_model("qwen3", "0.6b", path, progress=progress)
+    return ensure_model("qwen3", "0.6b", kvcellar_home() / "models" / BENCH_MODEL, progress=progress)
 
 
 def _cuda_wanted(config: BenchConfig) -> bool:

@@ -1,6 +1,6 @@
 """Load a local causal LM, offline: a Hugging Face model folder, or a GGUF file.
 
-Operations: `resolve_device`, `resolve_dtype`, `load_model` -> `LoadedModel`.
+Operations: `resolve_device`, `resolve_dtype`, `converted_gguf`, `load_model` -> `LoadedModel`.
 Nothing here reaches a hub: loading sets `local_files_only=True`, so a path
 that is not on disk is an error that says so, never a download. A GGUF file
 (or a folder holding one) is converted once into a cached model folder
@@ -179,6 +179,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in _TORCH_DTYPES.items() if value == dtype)
 
 
+def converted_gguf(
+    file: Path, device: torch.device, dtype: str, home: Path | None = None
+) -> tuple[Path, str, torch.dtype]:
+    """(converted folder, fingerprint, dtype) of a GGUF file for `device`: converted once, in the dtype it runs in."""
+    from kvcellar.models import gguf
+    from kvcellar.models.demo import kvcellar_home
+
+    fingerprint = gguf.gguf_fingerprint(file)
+    torch_dtype = resolve_dtype(dtype, device, None, gguf.parameter_count(file))
+    folder = gguf.converted_dir(file, _dtype_name(torch_dtype), home or kvcellar_home(), fingerprint=fingerprint)
+    return folder, fingerprint, torch_dtype
+
+
 def load_model(
     path: str | os.PathLike, device: str = "auto", dtype: str = "auto", *, home: Path | None = None
 ) -> LoadedModel:
@@ -194,13 +207,8 @@ def load_model(
     torch_device = resolve_device(device)
     gguf_file = gguf.find_gguf(folder)
     source_fingerprint, torch_dtype = None, None
-    if gguf_file is not None:  # converted once, in the dtype it will run in
-        from kvcellar.models.demo import kvcellar_home
-
-        source_fingerprint = gguf.gguf_fingerprint(gguf_file)
-        torch_dtype = resolve_dtype(dtype, torch_device, None, gguf.parameter_count(gguf_file))
-        folder = gguf.converted_dir(gguf_file, _dtype_name(torch_dtype), home or kvcellar_home(),
-                                    fingerprint=source_fingerprint)  # fmt: skip
+    if gguf_file is not None:
+        folder, source_fingerprint, torch_dtype = converted_gguf(gguf_file, torch_device, dtype, home)
     config = _check_folder(folder)
     if torch_device.type == "cpu":
         # Chunked prefill passes a mask, and transformers then copies grouped K/V out to every query head

@@ -161,6 +161,8 @@ def ensure_model(arch: str, size: str, path: Path, *, progress: Progress | None 
     """`path`, made by `make_model(arch, size, path)` first unless a complete folder is there (then reused)."""
     if is_complete_model_dir(path):
         return path
+    if progress is not None:
+        progress(f"making {path} (once)")
     try:
         # Replace only a folder that is already there but incomplete; a missing one is created without
         # overwrite, so a concurrent builder's finished folder is never replaced under a reader.
