@@ -28,8 +28,9 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 def engines(smollm2_gguf, real_home):
     del real_home  # loads reuse the session's conversion
     options = {"block_size": BLOCK}
-    made = {"exact": Engine.load(str(smollm2_gguf), cache=CacheConfig(exact=True), **options),
-            "nonexact": Engine.load(str(smollm2_gguf), cache=CacheConfig(exact=False), **options),
+    # cost_model=False: every hit is restored, so what the tests count does not depend on measured speeds.
+    made = {"exact": Engine.load(str(smollm2_gguf), cache=CacheConfig(exact=True, cost_model=False), **options),
+            "nonexact": Engine.load(str(smollm2_gguf), cache=CacheConfig(exact=False, cost_model=False), **options),
             "cold": Engine.load(str(smollm2_gguf), cache=CacheConfig(enabled=False), **options)}  # fmt: skip
     yield made
     for engine in made.values():
