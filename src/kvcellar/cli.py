@@ -142,7 +142,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     """`kvcellar cache stats|ls|clear`: inspect or empty a disk tier, no model and no server needed."""
     import json
 
-    from kvcellar.tiers.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
+    from kvcellar.tiers.disk.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
 
     folder = _cache_dir(args)
     if args.action == "stats":

@@ -10,13 +10,13 @@ from kvcellar.cache import (
     CacheEntry,
     LayoutCapabilities,
     Match,
-    MemoryTier,
     NamespaceSpec,
     PrefixCache,
     Priority,
     hash_block,
     namespace_digest,
 )
+from kvcellar.tiers.memory import MemoryTier
 
 B = 4  # block size of every test cache
 ROOT = namespace_digest(NamespaceSpec("test-model", "float32", B, 1, False))

@@ -3,7 +3,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvcellar.cache import Match, MemoryTier, PrefixCache, Priority
+from kvcellar.cache import Match, PrefixCache, Priority
+from kvcellar.tiers.memory import MemoryTier
 
 from .fakes import ATTENTION, B, RECURRENT, ROOT, SMALL_WINDOW, insert_chain, restored_tokens
 

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from kvcellar.cache import MemoryTier, NamespaceSpec, PrefixCache, Priority, hash_block, namespace_digest
+from kvcellar.cache import NamespaceSpec, PrefixCache, Priority, hash_block, namespace_digest
+from kvcellar.tiers.memory import MemoryTier
 from kvcellar.cache.cost_model import Segment
 
 from .fakes import ATTENTION, B, ROOT, RecordingObserver, insert_chain, payload

@@ -1,6 +1,7 @@
 import pytest
 
-from kvcellar.cache import MemoryTier, Priority, Tier
+from kvcellar.cache import Priority, Tier
+from kvcellar.tiers.memory import MemoryTier
 
 from .fakes import make_entry, store
 

@@ -14,7 +14,7 @@ import signal
 
 import pytest
 
-from kvcellar.tiers.admin import disk_cache_stats
+from kvcellar.tiers.disk.admin import disk_cache_stats
 
 from .support import long_text
 

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvcellar.cache import BlockHash, CacheEntry, NamespaceSpec, Priority, hash_block, hash_partial, namespace_digest
-from kvcellar.tiers.codec import RawCodec
-from kvcellar.tiers.disk import DiskTier
-from kvcellar.tiers.disk_state import INDEX_SLACK_BYTES
-from kvcellar.tiers.index import DiskIndex
+from kvcellar.tiers.disk.codec import RawCodec
+from kvcellar.tiers.disk.tier import DiskTier
+from kvcellar.tiers.disk.state import INDEX_SLACK_BYTES
+from kvcellar.tiers.disk.index import DiskIndex
 
 B = 4  # tokens per block
 ROOT_A = namespace_digest(NamespaceSpec("model-a", "float32", B, 1, True))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvcellar.tiers.disk import clear_disk_cache, disk_cache_stats, list_disk_entries
-from kvcellar.tiers.files import CacheDirError
+from kvcellar.tiers.disk.tier import clear_disk_cache, disk_cache_stats, list_disk_entries
+from kvcellar.tiers.disk.files import CacheDirError
 
 from .helpers import ROOT_A, ROOT_B, chain, entry_files, make_partial, open_tier, store
 

@@ -7,10 +7,11 @@ import random
 import threading
 import time
 
-from kvcellar.cache import LayoutCapabilities, MemoryTier, PrefixCache, Priority
-from kvcellar.tiers import entry_io, files
-from kvcellar.tiers.disk_state import INDEX_SLACK_BYTES
-from kvcellar.tiers.disk_writer import DiskWriter
+from kvcellar.cache import LayoutCapabilities, PrefixCache, Priority
+from kvcellar.tiers.memory import MemoryTier
+from kvcellar.tiers.disk import entry_io, files
+from kvcellar.tiers.disk.state import INDEX_SLACK_BYTES
+from kvcellar.tiers.disk.writer import DiskWriter
 
 from .helpers import B, ROOT_A, chain, check_consistent, entry_files, open_tier, payload_for
 

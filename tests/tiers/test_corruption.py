@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from kvcellar.cache import LayoutCapabilities, MemoryTier, PrefixCache
-from kvcellar.tiers.index import DiskIndex
+from kvcellar.cache import LayoutCapabilities, PrefixCache
+from kvcellar.tiers.memory import MemoryTier
+from kvcellar.tiers.disk.index import DiskIndex
 
 from .helpers import B, ROOT_A, ROOT_B, chain, check_consistent, entry_files, file_of, make_block, open_tier, payload_for, store
 
@@ -59,8 +60,8 @@ def test_every_single_byte_flip_is_caught(stored):
     tier, entries = stored
     path = file_of(tier, entries[0])
     original = path.read_bytes()
-    from kvcellar.tiers.codec import RawCodec
-    from kvcellar.tiers.entry_io import Expected, ReadFailure, read_entry
+    from kvcellar.tiers.disk.codec import RawCodec
+    from kvcellar.tiers.disk.entry_io import Expected, ReadFailure, read_entry
 
     e = entries[0]
     expected = Expected(e.key, e.parent, e.namespace, len(original), False, False, B)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcellar.tiers.disk_state import INDEX_SLACK_BYTES
+from kvcellar.tiers.disk.state import INDEX_SLACK_BYTES
 
 from .helpers import check_consistent, open_tier
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from kvcellar.cache import CacheEntry, Priority, hash_block
-from kvcellar.tiers import disk_state, files
-from kvcellar.tiers.disk_state import INDEX_SLACK_BYTES
-from kvcellar.tiers.index import WAL_CHECKPOINT_BYTES
+from kvcellar.tiers.disk import files, state as disk_state
+from kvcellar.tiers.disk.state import INDEX_SLACK_BYTES
+from kvcellar.tiers.disk.index import WAL_CHECKPOINT_BYTES
 
 from .helpers import ROOT_A, entry_files, open_tier, store
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kvcellar.cache import LayoutCapabilities, MemoryTier, PrefixCache, Priority, Tier
-from kvcellar.tiers.files import CacheDirError
+from kvcellar.cache import LayoutCapabilities, PrefixCache, Priority, Tier
+from kvcellar.tiers.memory import MemoryTier
+from kvcellar.tiers.disk.files import CacheDirError
 
 from .helpers import (
     B, ROOT_A, ROOT_B, chain, check_consistent, entry_files, file_of, index_share, make_block, make_partial, open_tier,
@@ -23,8 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 S, U, A = Priority.SYSTEM, Priority.USER, Priority.ASSISTANT
 CHILD = """
 import hashlib, json, sys
-from kvcellar.tiers.codec import RawCodec
-from kvcellar.tiers.disk import DiskTier
+from kvcellar.tiers.disk.codec import RawCodec
+from kvcellar.tiers.disk.tier import DiskTier
 tier = DiskTier(sys.argv[1], 1 << 20, RawCodec())
 found = {}
 for entry in tier.entries():

@@ -58,7 +58,7 @@ def test_new_process_restores_from_disk_bit_identically(tiny_model_dirs, tmp_pat
     # The whole prompt was cached with its next-token logits (a 'tail' entry): nothing is recomputed.
     assert warm["cached"] == warm["prompt"] == expected.num_prompt_tokens
     assert warm["by_tier"] == {"disk": warm["prompt"]}
-    # One block timed at start-up (cache_setup.prime_load_rates), then the blocks and the tail.
+    # One block timed at start-up (kv/wiring.prime_load_rates), then the blocks and the tail.
     assert warm["loads"] == 1 + warm["prompt"] // 16 + 1 and warm["corrupt"] == 0
     assert warm["tokens"] == list(expected.token_ids)
 

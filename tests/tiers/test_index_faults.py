@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from kvcellar.cache import LayoutCapabilities, MemoryTier, PrefixCache
-from kvcellar.tiers.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
-from kvcellar.tiers.files import CacheDirError, DirLock
-from kvcellar.tiers.format import FormatError, encode_header, parse_header
-from kvcellar.tiers.index import DiskIndex
+from kvcellar.cache import LayoutCapabilities, PrefixCache
+from kvcellar.tiers.memory import MemoryTier
+from kvcellar.tiers.disk.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
+from kvcellar.tiers.disk.files import CacheDirError, DirLock
+from kvcellar.tiers.disk.format import FormatError, encode_header, parse_header
+from kvcellar.tiers.disk.index import DiskIndex
 
 from .helpers import B, ROOT_A, chain, check_consistent, entry_files, make_partial, open_tier, payload_for, store
 

@@ -3,7 +3,8 @@ counts from its catalog, queued and written entries alike, and agrees with the g
 
 from __future__ import annotations
 
-from kvcellar.cache import MemoryTier, Priority
+from kvcellar.cache import Priority
+from kvcellar.tiers.memory import MemoryTier
 from kvcellar.cache.tier import namespace_usage
 
 from .helpers import ROOT_A, ROOT_B, chain, make_partial, open_tier, store

@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 
-from kvcellar.tiers.disk_state import INDEX_SLACK_BYTES
-from kvcellar.tiers.files import CacheDir
-from kvcellar.tiers.index import DiskIndex, IndexRow
+from kvcellar.tiers.disk.state import INDEX_SLACK_BYTES
+from kvcellar.tiers.disk.files import CacheDir
+from kvcellar.tiers.disk.index import DiskIndex, IndexRow
 
 from .helpers import ROOT_A, open_tier
 

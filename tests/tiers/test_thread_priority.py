@@ -11,9 +11,9 @@ import threading
 
 import pytest
 
-from kvcellar.tiers import thread_priority, writer
-from kvcellar.tiers.thread_priority import idle_is_reversible, set_current_thread_idle
-from kvcellar.tiers.writer import WriteQueue
+from kvcellar.tiers.disk import queue as writer, thread_priority
+from kvcellar.tiers.disk.thread_priority import idle_is_reversible, set_current_thread_idle
+from kvcellar.tiers.disk.queue import WriteQueue
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread scheduling policy is Linux-only")
 

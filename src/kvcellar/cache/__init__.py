@@ -8,7 +8,7 @@ layer kind can restore (`layout`), pinned until released.
 
 Modules: `hashing` (keys, stable byte encoding), `layout` (what a restore may
 do), `entry` (entries and priorities), `policy` (eviction order), `tier`
-(storage protocol, `TierStats`), `memory_tier` (`MemoryTier`: device and host),
+(storage protocol, `TierStats`),
 `match` (restore-point rules), `loading` (pin and load a match), `movement`
 (promotion, demotion, write-through between tiers), `prefix_cache`
 (`PrefixCache`: lookup / insert / discard / stats), `stats`, `observer`,
@@ -28,7 +28,6 @@ from kvcellar.cache.hashing import (
 )
 from kvcellar.cache.layout import LayoutCapabilities
 from kvcellar.cache.match import Match
-from kvcellar.cache.memory_tier import MemoryTier
 from kvcellar.cache.observer import CacheObserver, NullObserver
 from kvcellar.cache.policy import EVICTION_POLICIES, LRU, EvictionPolicy, PriorityLRU, make_policy
 from kvcellar.cache.prefix_cache import PrefixCache
@@ -46,7 +45,6 @@ __all__ = [
     "EvictionPolicy",
     "LayoutCapabilities",
     "Match",
-    "MemoryTier",
     "NamespaceSpec",
     "NullObserver",
     "PrefixCache",

@@ -11,7 +11,7 @@ when listing its `entries()` is expensive (disk).
 
 Tiers are named by medium, fastest first: device, host, disk, remote.
 `MemoryTier` (memory_tier.py) serves device and host; the disk tier lives in
-`kvcellar.tiers.disk`.
+`kvcellar.tiers.disk.tier`.
 
 Contract shared by every tier:
 1. Budget: resident plus reserved bytes never exceed `budget_bytes`, at any

@@ -2,8 +2,8 @@
 
 Modules: `loader` (offline loading, device/dtype), `prompt` (templating, message
 boundaries), `prefill` (block-aligned chunks), `sampling`, `text_stream`
-(detokenizing, stop strings), `prefix` (restore/capture through the cache),
-`cache_setup` (namespace and tiers), `runner` (one request), `worker` (the
+(detokenizing, stop strings),
+`runner` (one request), `worker` (the
 model's thread), `engine` (the public facade).
 """
 

@@ -14,8 +14,9 @@ from dataclasses import replace
 import torch
 
 from kvcellar.config import CacheConfig, EngineConfig
-from kvcellar.engine.cache_report import ProbeResult, cache_report, namespace_report
-from kvcellar.engine.cache_setup import CacheRegistry, DrainReport, build_prefix_cache
+from kvcellar.cache.report import ProbeResult, cache_report, namespace_report
+from kvcellar.cache.registry import CacheRegistry, DrainReport
+from kvcellar.kv.wiring import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
 from kvcellar.engine.prefill import chunk_size_for
 from kvcellar.engine.prompt import encode_chat, encode_text
@@ -45,7 +46,9 @@ class Engine:
         chunk = chunk_size_for(config.prefill_chunk_size, config.block_size, inspect_layout(self.loaded.model.config),
                                self.loaded.device.type, exact)  # fmt: skip
         self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved, like block_size
-        self.prefix_cache, self.cache_registry = build_prefix_cache(self.loaded, config)
+        self.prefix_cache, self.cache_registry = build_prefix_cache(
+            self.loaded.model.config, self.loaded.device, self.loaded.dtype, self.loaded.fingerprint, config
+        )
         self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk))
         # An engine nobody closed is closed at interpreter exit: the worker thread stops before torch
         # tears down (else the process may abort), and queued disk writes are flushed.

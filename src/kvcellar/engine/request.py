@@ -1,7 +1,6 @@
 """What a generation request carries in, and what comes back out.
 
-Operations: `PromptSegments` (where reuse is likely: end of the system prompt,
-end of the last user message), `GenerationRequest`, `Timings`, `StreamEvent`,
+Operations: `GenerationRequest` (its `PromptSegments`, cache/segments.py), `Timings`, `StreamEvent`,
 `GenerationResult`.
 """
 
@@ -9,15 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvcellar.cache.segments import PromptSegments
 from kvcellar.engine.sampling import SamplingParams
-
-
-@dataclass(frozen=True)
-class PromptSegments:
-    """Token positions inside a chat prompt (None for plain completions)."""
-
-    system_end: int | None = None
-    last_user_end: int | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from kvcellar.engine.heap import trim_heap
 from kvcellar.engine.loader import LoadedModel
 from kvcellar.engine.prefill import cache_argument, prefill
-from kvcellar.engine.prefix import DisabledPrefixCache, ModelPrefixCache, Restored
+from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache, Restored
 from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
 from kvcellar.engine.sampling import Sampler
 from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher

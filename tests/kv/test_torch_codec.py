@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 from kvcellar.cache import CacheEntry, Priority, hash_partial
 from kvcellar.kv.state import StatePayload
-from kvcellar.tiers.disk import DiskTier
-from kvcellar.tiers.format import ITEM_SIZES, parse_header
-from kvcellar.tiers.torch_codec import TorchCodec
+from kvcellar.tiers.disk.tier import DiskTier
+from kvcellar.tiers.disk.format import ITEM_SIZES, parse_header
+from kvcellar.kv.torch_codec import TorchCodec
 
-from .helpers import ROOT_A, entry_files
+from tests.tiers.helpers import ROOT_A, entry_files
 
 LAYOUT = "v1:1,0,0;1,0,0;0,0,1"
 

@@ -22,11 +22,11 @@ import sqlite3
 from pathlib import Path
 
 from kvcellar.cache import Priority
-from kvcellar.tiers.catalog import Catalog
-from kvcellar.tiers.files import CacheDir, CacheDirError, DirLock, remove_quarantined
-from kvcellar.tiers.index import IndexRow
-from kvcellar.tiers.index_repair import OpenedIndex, is_damage, open_index
-from kvcellar.tiers.recovery import recover
+from kvcellar.tiers.disk.catalog import Catalog
+from kvcellar.tiers.disk.files import CacheDir, CacheDirError, DirLock, remove_quarantined
+from kvcellar.tiers.disk.index import IndexRow
+from kvcellar.tiers.disk.index_repair import OpenedIndex, is_damage, open_index
+from kvcellar.tiers.disk.recovery import recover
 
 
 def _folder(cache_dir: str | Path) -> CacheDir:

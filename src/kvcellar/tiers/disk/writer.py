@@ -29,10 +29,10 @@ import time
 from collections.abc import Callable
 
 from kvcellar.cache import CacheEntry
-from kvcellar.tiers.catalog import QUEUED, STORED, Record
-from kvcellar.tiers.disk_state import DiskState
-from kvcellar.tiers.entry_io import write_entry
-from kvcellar.tiers.index import IndexRow
+from kvcellar.tiers.disk.catalog import QUEUED, STORED, Record
+from kvcellar.tiers.disk.state import DiskState
+from kvcellar.tiers.disk.entry_io import write_entry
+from kvcellar.tiers.disk.index import IndexRow
 
 log = logging.getLogger(__name__)
 

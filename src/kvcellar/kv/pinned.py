@@ -1,4 +1,8 @@
-"""Pinned host buffers for the host tier, allocated ahead of need on a background thread.
+"""The host tier's tensor side: pinned host buffers allocated ahead on a background thread, and payload moves.
+
+The host tier itself is a `MemoryTier` (tiers/memory.py) named "host"; this module supplies its
+`adopt` hook (`payload_mover`: copy a payload to host RAM, pinned, or back to the device) and its
+`admit` hook (`pinned_admission`: refuse a demotion that would page-lock memory during a request).
 
 Operations: `PinnedReserve(budget_bytes).take(num_bytes, ahead) -> uint8 tensor`,
 `.refusal(num_bytes, ahead)` (why taking one now would stall a request),
@@ -36,6 +40,9 @@ import threading
 from collections.abc import Callable
 
 import torch
+
+from kvcellar.kv import flat as flat_buffers
+from kvcellar.kv.state import StatePayload
 
 SMALL_BYTES = 16 * 1024**2  # buffers up to this size are pinned on the request thread (milliseconds)
 
@@ -149,3 +156,55 @@ class PinnedReserve:
                 if self._closed:
                     return
                 self._spare.append(buffer)
+
+def payload_mover(
+    device: torch.device | str, reserve: PinnedReserve | None = None, block_size: int = 0
+) -> Callable[[object], object]:
+    """A function that returns the payload with every tensor on `device` (pinned when it is host RAM beside CUDA).
+
+    `reserve` supplies the pinned buffers; buffers of `block_size`-token payloads are allocated ahead.
+    """
+    target = torch.device(device)
+    if target.type == "cuda" and target.index is None:  # tensors report cuda:N, never bare cuda
+        target = torch.device("cuda", torch.cuda.current_device())
+    pin = target.type == "cpu" and torch.cuda.is_available()
+
+    def adopt(payload: object) -> object:
+        if not isinstance(payload, StatePayload):
+            return payload
+        if payload.is_on(target):
+            return payload
+        if pin and reserve is not None and payload.flat is not None and payload.flat.is_cuda:
+            buffer = reserve.take(payload.flat.numel(), ahead=payload.num_tokens == block_size)
+            return _demote_async(payload, buffer, reserve.copy_stream(payload.flat.device))
+        return payload.to(target, pin_memory=pin)  # one copy of the packed buffer
+
+    return adopt
+
+
+def _demote_async(payload: StatePayload, buffer: torch.Tensor, side: torch.cuda.Stream) -> StatePayload:
+    """GPU -> pinned `buffer` on a side stream: the copy engine runs beside the prefill, not in its way.
+
+    Measured on an H100: copying a 32K-token request's blocks (3.8 GB) synchronously added ~0.15 s to
+    its prefill. The returned payload carries the copy's event (readers wait for it, StatePayload.wait_ready);
+    the GPU buffer is recorded on the side stream, so the allocator does not reuse it before the copy ran.
+    """
+    device = payload.flat.device
+    side.wait_stream(torch.cuda.current_stream(device))  # the capture that filled the payload has run
+    with torch.cuda.stream(side):
+        tensors, flat = flat_buffers.move(payload.tensors, payload.flat, torch.device("cpu"), out=buffer, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(side)
+    payload.flat.record_stream(side)
+    return StatePayload(tensors, payload.num_tokens, flat, ready=ready)
+
+
+def pinned_admission(reserve: PinnedReserve, block_size: int) -> Callable[[object], str | None]:
+    """The host tier's `admit` hook: refuse a demotion that would page-lock memory during a request."""
+
+    def admit(payload: object) -> str | None:
+        if not isinstance(payload, StatePayload) or payload.flat is None:
+            return None
+        return reserve.refusal(payload.flat.numel(), ahead=payload.num_tokens == block_size)
+
+    return admit

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcellar.cache.hashing import HASH_NUM_BYTES
-from kvcellar.tiers.format import MAX_HEADER_BYTES, PRIORITY_VALUES
+from kvcellar.tiers.disk.format import MAX_HEADER_BYTES, PRIORITY_VALUES
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (

@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol
 
-from kvcellar.tiers.thread_priority import idle_is_reversible, set_current_thread_idle
+from kvcellar.tiers.disk.thread_priority import idle_is_reversible, set_current_thread_idle
 
 log = logging.getLogger(__name__)
 BATCH_SIZE = 32  # writes per index commit

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvcellar.kv import flat as flat_buffers
-from kvcellar.tiers.pinned import SMALL_BYTES, PinnedReserve
+from kvcellar.kv.pinned import SMALL_BYTES, PinnedReserve
 
 
 class CountingAllocator:
@@ -99,7 +99,7 @@ def test_nothing_is_allocated_ahead_while_paused():
 
 
 def test_serving_pauses_the_registry_helpers_for_the_whole_request():
-    from kvcellar.engine.cache_setup import CacheRegistry
+    from kvcellar.cache.registry import CacheRegistry
 
     calls = []
 

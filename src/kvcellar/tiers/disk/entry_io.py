@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvcellar.cache import CacheEntry, hash_block, hash_partial
-from kvcellar.tiers.codec import PayloadCodec
-from kvcellar.tiers.files import map_file, write_atomic
-from kvcellar.tiers.format import (
+from kvcellar.tiers.disk.codec import PayloadCodec
+from kvcellar.tiers.disk.files import map_file, write_atomic
+from kvcellar.tiers.disk.format import (
     DEFAULT_CHECKSUM,
     EntryHeader,
     FormatError,

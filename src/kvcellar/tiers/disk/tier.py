@@ -36,18 +36,18 @@ from pathlib import Path
 
 from kvcellar.cache import BlockHash, CacheEntry, Priority, StoreResult, TierStats
 from kvcellar.cache.tier import check_budget
-from kvcellar.tiers.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
-from kvcellar.tiers.catalog import QUEUED, RESERVED, STORED, Catalog, Record
-from kvcellar.tiers.codec import PayloadCodec
-from kvcellar.tiers import disk_state
-from kvcellar.tiers.disk_state import INDEX_SLACK_BYTES, DiskState
-from kvcellar.tiers.disk_writer import DiskWriter
-from kvcellar.tiers.entry_io import ReadFailure, plan_header
-from kvcellar.tiers.files import CacheDir, DirLock, quarantine
-from kvcellar.tiers.format import DEFAULT_CHECKSUM
-from kvcellar.tiers.index import DiskIndex
-from kvcellar.tiers.recovery import recover
-from kvcellar.tiers.writer import WriteQueue
+from kvcellar.tiers.disk.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
+from kvcellar.tiers.disk.catalog import QUEUED, RESERVED, STORED, Catalog, Record
+from kvcellar.tiers.disk.codec import PayloadCodec
+from kvcellar.tiers.disk import state as disk_state
+from kvcellar.tiers.disk.state import INDEX_SLACK_BYTES, DiskState
+from kvcellar.tiers.disk.writer import DiskWriter
+from kvcellar.tiers.disk.entry_io import ReadFailure, plan_header
+from kvcellar.tiers.disk.files import CacheDir, DirLock, quarantine
+from kvcellar.tiers.disk.format import DEFAULT_CHECKSUM
+from kvcellar.tiers.disk.index import DiskIndex
+from kvcellar.tiers.disk.recovery import recover
+from kvcellar.tiers.disk.queue import WriteQueue
 
 __all__ = ["DiskTier", "clear_disk_cache", "disk_cache_stats", "list_disk_entries"]
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from kvcellar.cache import Match, Priority, PrefixCache, hash_block
 from kvcellar.cache.cost_model import CostModel
-from kvcellar.engine.request import PromptSegments
+from kvcellar.cache.segments import PromptSegments, segment_priority
 from kvcellar.kv import ModelLayout, build_cache, capture_entry
 from kvcellar.kv.buffer_pool import lending_pool
 from kvcellar.kv.growing_layer import new_cache
@@ -40,17 +40,6 @@ class Restored:
     lookup_s: float = 0.0
     restore_s: float = 0.0
     num_resident_tokens: int = 0  # of num_tokens, adopted in place from the last request's buffers
-
-
-def segment_priority(start: int, end: int, segments: PromptSegments) -> Priority:
-    """Priority of tokens [start, end): the highest segment they touch (system > user > assistant)."""
-    if segments.system_end is not None and start < segments.system_end:
-        return Priority.SYSTEM
-    if segments.last_user_end is not None and start < segments.last_user_end:
-        return Priority.USER
-    if segments.system_end is None and segments.last_user_end is None:
-        return Priority.USER  # a plain completion prompt: everything is "what the user sent"
-    return Priority.ASSISTANT
 
 
 class DisabledPrefixCache:

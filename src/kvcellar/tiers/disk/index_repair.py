@@ -25,8 +25,8 @@ import sqlite3
 from contextlib import suppress
 from dataclasses import dataclass
 
-from kvcellar.tiers.files import CacheDir, set_index_aside
-from kvcellar.tiers.index import DiskIndex, IndexRow
+from kvcellar.tiers.disk.files import CacheDir, set_index_aside
+from kvcellar.tiers.disk.index import DiskIndex, IndexRow
 
 log = logging.getLogger(__name__)
 # Errors that say nothing about the database's bytes: retrying later, or fixing the folder, is the answer.

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvcellar.cache import CacheEntry, Priority
-from kvcellar.tiers.catalog import Catalog, Record
-from kvcellar.tiers.codec import PayloadCodec
-from kvcellar.tiers.entry_io import Expected, RowMismatch, read_entry
-from kvcellar.tiers.files import CacheDir
-from kvcellar.tiers.index import WAL_CHECKPOINT_BYTES, DiskIndex
+from kvcellar.tiers.disk.catalog import Catalog, Record
+from kvcellar.tiers.disk.codec import PayloadCodec
+from kvcellar.tiers.disk.entry_io import Expected, RowMismatch, read_entry
+from kvcellar.tiers.disk.files import CacheDir
+from kvcellar.tiers.disk.index import WAL_CHECKPOINT_BYTES, DiskIndex
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kvcellar.tiers.catalog import Catalog, Record
-from kvcellar.tiers.disk_state import files_share
-from kvcellar.tiers.entry_io import read_header
-from kvcellar.tiers.files import CacheDir, quarantine, scan_entries
-from kvcellar.tiers.format import FormatError
-from kvcellar.tiers.index import DiskIndex, IndexRow
-from kvcellar.tiers.index_repair import open_index
+from kvcellar.tiers.disk.catalog import Catalog, Record
+from kvcellar.tiers.disk.state import files_share
+from kvcellar.tiers.disk.entry_io import read_header
+from kvcellar.tiers.disk.files import CacheDir, quarantine, scan_entries
+from kvcellar.tiers.disk.format import FormatError
+from kvcellar.tiers.disk.index import DiskIndex, IndexRow
+from kvcellar.tiers.disk.index_repair import open_index
 
 log = logging.getLogger(__name__)
 
