@@ -11,6 +11,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -84,7 +86,7 @@ class CacheConfig:
     device_cache_bytes: int = 2 * 1024**3
     max_partial_entries: int = 16
     exact: bool = True
-    eviction_policy: str = "priority-lru"
+    eviction_policy: str = DEFAULT_EVICTION_POLICY
     tenant_salt: str = ""
     # Persistent and host tiers. The disk tier exists only with a cache_dir; the host tier only
     # when the model runs on a GPU (on a CPU run, device memory is host memory).
@@ -119,8 +121,9 @@ class CacheConfig:
             raise ValueError(
                 f"max_partial_entries (--tail-cache-entries) must be >= 0, 0 disables tails (got {self.max_partial_entries})"
             )
-        if self.eviction_policy not in ("priority-lru", "lru"):
-            raise ValueError(f"unknown eviction policy {self.eviction_policy!r}: choose priority-lru or lru")
+        if self.eviction_policy not in EVICTION_POLICIES:
+            choices = " or ".join(EVICTION_POLICIES)
+            raise ValueError(f"unknown eviction policy {self.eviction_policy!r}: choose {choices}")
 
 
 @dataclass(frozen=True)

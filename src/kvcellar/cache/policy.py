@@ -1,10 +1,13 @@
 """Eviction order: small strategy classes chosen by name from a table.
 
 Operations: `EvictionPolicy.sort_key` (smallest key is evicted first),
-`EVICTION_POLICIES` (name -> class), `make_policy` (validated lookup).
+`EVICTION_POLICIES` (name -> class: the only list of policy names; config,
+CLI and tiers read it), `DEFAULT_EVICTION_POLICY`, `make_policy` (validated
+lookup).
 
 A policy only orders candidates; which entries are candidates (unpinned
-leaves) is the tier's rule, so every policy keeps chains intact.
+leaves) is the planner's rule (eviction.py), so every policy keeps chains
+intact.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class LRU:
         return (entry.last_used,)
 
 
-EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {"priority-lru": PriorityLRU, "lru": LRU}
+EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {policy.name: policy for policy in (PriorityLRU, LRU)}
+DEFAULT_EVICTION_POLICY = PriorityLRU.name
 
 
 def make_policy(name: str) -> EvictionPolicy:

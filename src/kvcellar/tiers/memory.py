@@ -17,7 +17,9 @@ Eviction invariants:
    being stored is protected too.
 3. Among candidate leaves, the policy decides (priority-lru: lowest priority,
    then least recently used). `last_used` comes from a per-tier integer clock
-   that increases on every touch, so the order is exact and testable.
+   that increases on every touch, so the order is exact and testable. The
+   planner is the one every tier uses (cache/eviction.py); the tier offers
+   it an entry on every change that may make it a candidate or reorder it.
 4. Pinned entries (num_pins > 0) are never evicted for space. `evict(key)`
    and `clear()` are explicit requests and do remove pinned entries: the
    loader keeps its reference to the payload object and `complete_load` of a
@@ -26,12 +28,12 @@ Eviction invariants:
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Set
 
 from kvcellar.cache.entry import CacheEntry, Priority
+from kvcellar.cache.eviction import EvictionPlanner
 from kvcellar.cache.hashing import BlockHash
-from kvcellar.cache.policy import EvictionPolicy, make_policy
+from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY, make_policy
 from kvcellar.cache.tier import StoreResult, TierStats, check_budget, check_tier_name, usage_by_priority
 
 
@@ -43,7 +45,7 @@ class MemoryTier:
         budget_bytes: int,
         *,
         name: str = "device",
-        policy: str = "priority-lru",
+        policy: str = DEFAULT_EVICTION_POLICY,
         adopt: Callable[[object], object] | None = None,
         admit: Callable[[object], str | None] | None = None,
     ) -> None:
@@ -52,7 +54,6 @@ class MemoryTier:
         self.name = name
         self._adopt = adopt  # payload -> payload in this medium, applied when a new entry is reserved
         self._admit = admit  # payload -> None to accept, else why not (checked before anything is evicted)
-        self._policy: EvictionPolicy = make_policy(policy)
         self._budget_bytes = budget_bytes
         self._num_bytes = 0  # resident + reserved; invariant: <= self._budget_bytes
         self._clock = 0
@@ -61,6 +62,7 @@ class MemoryTier:
         # parent key -> keys of resident and reserved children (dict as an ordered set, so
         # children() has a deterministic order). An entry is a leaf iff its key is absent.
         self._child_keys: dict[BlockHash, dict[BlockHash, None]] = {}
+        self._planner = EvictionPlanner(make_policy(policy), self)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -116,6 +118,7 @@ class MemoryTier:
             if entry.num_pins <= 0:
                 raise ValueError(f"entry {key.hex()} is not pinned; complete_load called twice?")
             entry.num_pins -= 1
+            self._planner.offer(entry)
 
     # -- store -------------------------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class MemoryTier:
         if existing is not None:
             existing.priority = Priority(max(existing.priority, entry.priority))
             existing.last_used = self._tick()
+            self._planner.offer(existing)
             return StoreResult(True, (), "already stored")
         if self._budget_bytes == 0 or entry.num_bytes > self._budget_bytes:
             reason = f"entry of {entry.num_bytes} bytes exceeds the {self.name} budget of {self._budget_bytes} bytes"
@@ -136,7 +140,7 @@ class MemoryTier:
         refusal = self._admit(entry.payload) if self._admit is not None else None
         if refusal is not None:
             return StoreResult(False, (), refusal)
-        victims = self._plan_evictions(self._num_bytes + entry.num_bytes - self._budget_bytes, entry.parent)
+        victims = self._planner.plan(self._num_bytes + entry.num_bytes - self._budget_bytes, entry.parent)
         if victims is None:
             reason = f"cannot free {entry.num_bytes} bytes in {self.name}: the other entries are pinned or are parents"
             return StoreResult(False, (), reason)
@@ -155,6 +159,7 @@ class MemoryTier:
         entry = self._pending.pop(key, None)
         if entry is not None:
             self._entries[key] = entry
+            self._planner.offer(entry)
         elif key not in self._entries:
             raise KeyError(f"tier {self.name!r} has no reservation for {key.hex()}; call prepare_store first")
 
@@ -172,6 +177,7 @@ class MemoryTier:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.last_used = self._tick()
+                self._planner.offer(entry)
 
     def evict(self, key: BlockHash) -> CacheEntry | None:
         """Remove exactly this resident entry, even if pinned or a parent (its children stay)."""
@@ -187,7 +193,7 @@ class MemoryTier:
         entries hold more bytes than the new budget.
         """
         check_budget(budget_bytes)
-        victims = self._plan_evictions(self._num_bytes - budget_bytes, None)
+        victims = self._planner.plan(self._num_bytes - budget_bytes, None)
         if victims is None:
             raise ValueError(
                 f"cannot lower the {self.name} budget to {budget_bytes} bytes while pinned or in-flight entries "
@@ -219,37 +225,17 @@ class MemoryTier:
         self._clock += 1
         return self._clock
 
-    def _is_candidate(self, entry: CacheEntry, protected: BlockHash | None) -> bool:
-        return entry.num_pins == 0 and entry.key not in self._child_keys and entry.key != protected
+    # The eviction source (cache/eviction.py): visible, unpinned entries; children of any state.
 
-    def _plan_evictions(self, num_bytes_needed: int, protected: BlockHash | None) -> list[CacheEntry] | None:
-        """The victims that free `num_bytes_needed` bytes, in policy order, or None if impossible.
+    def evictable(self, key: BlockHash) -> CacheEntry | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry.num_pins == 0 else None
 
-        Simulates evicting leaves one by one so a parent whose last child goes
-        becomes a candidate in turn. Builds the candidate heap by a linear scan:
-        a memory tier holds at most thousands of entries and this runs only
-        when the tier is full.
-        """
-        if num_bytes_needed <= 0:
-            return []
-        sort_key = self._policy.sort_key
-        heap = [(sort_key(e), e.key, e) for e in self._entries.values() if self._is_candidate(e, protected)]
-        heapq.heapify(heap)
-        num_children_left: dict[BlockHash, int] = {}  # simulated child counts of touched parents
-        victims: list[CacheEntry] = []
-        num_freed = 0
-        while num_freed < num_bytes_needed:
-            if not heap:
-                return None
-            victim = heapq.heappop(heap)[2]
-            victims.append(victim)
-            num_freed += victim.num_bytes
-            left = num_children_left.get(victim.parent, len(self._child_keys[victim.parent])) - 1
-            num_children_left[victim.parent] = left
-            parent = self._entries.get(victim.parent)
-            if left == 0 and parent is not None and parent.num_pins == 0 and parent.key != protected:
-                heapq.heappush(heap, (sort_key(parent), parent.key, parent))
-        return victims
+    def child_keys(self, key: BlockHash) -> Set[BlockHash]:
+        return self._child_keys.get(key, {}).keys()
+
+    def eviction_items(self) -> Collection[CacheEntry]:
+        return self._entries.values()
 
     def _remove(self, entry: CacheEntry) -> None:
         del self._entries[entry.key]
@@ -261,3 +247,6 @@ class MemoryTier:
         del siblings[entry.key]
         if not siblings:
             del self._child_keys[entry.parent]
+            parent = self._entries.get(entry.parent)
+            if parent is not None:
+                self._planner.offer(parent)  # it may have become a leaf

@@ -9,25 +9,35 @@ the queued payload in memory) -> STORED (file durable and indexed).
 
 Invariants:
 - `num_bytes` = file bytes of every record, whatever its state.
-- Eviction candidates are visible (QUEUED or STORED), unpinned leaves (no
-  record names them as parent), in policy order (priority-lru: lowest priority, then least
-  recently used by the persisted logical clock). A record becomes a leaf only
-  after its last child is removed, so chains are cut from the end. A QUEUED
-  victim's write is cancelled (disk.py): queued entries are never what holds
-  the budget full.
-- Candidates sit in a lazy heap: every change that may make a record a
-  candidate pushes (sort key, key); a popped item is used only if it still
-  matches the record, so eviction costs O(log n) even over 100k entries.
+- Eviction (cache/eviction.py, the planner every tier uses): candidates are
+  visible (QUEUED or STORED), unpinned leaves (no record names them as
+  parent), in policy order (priority-lru: lowest priority, then least
+  recently used by the persisted logical clock). A record becomes a leaf
+  only after its last child is removed, so chains are cut from the end. A
+  QUEUED victim's write is cancelled (tier.py): queued entries are never
+  what holds the budget full. The catalog offers a record to the planner on
+  every change that may make it a candidate.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Set
+from enum import Enum
 
 from kvcellar.cache import Priority, make_policy
+from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY
+from kvcellar.cache.eviction import EvictionPlanner
 
-RESERVED, QUEUED, STORED = 0, 1, 2
+
+class RecordState(Enum):
+    """Where a record is in its life: RESERVED -> QUEUED -> STORED (module docstring)."""
+
+    RESERVED = "reserved"
+    QUEUED = "queued"
+    STORED = "stored"
+
+
+RESERVED, QUEUED, STORED = RecordState.RESERVED, RecordState.QUEUED, RecordState.STORED
 
 
 class Record:
@@ -46,18 +56,17 @@ class Record:
         self.num_tokens: int = num_tokens
         self.is_partial: bool = is_partial
         self.has_logits: bool = has_logits
-        self.state: int = state
+        self.state: RecordState = state
         self.num_pins: int = 0
         self.entry = entry  # RESERVED / QUEUED: the CacheEntry with its payload; None once STORED
         self.header = header  # RESERVED / QUEUED: the EntryHeader the writer will write
 
 
 class Catalog:
-    def __init__(self, policy: str = "priority-lru") -> None:
-        self._sort_key = make_policy(policy).sort_key
+    def __init__(self, policy: str = DEFAULT_EVICTION_POLICY) -> None:
         self._records: dict[bytes, Record] = {}
         self._children: dict[bytes, set[bytes]] = {}  # parent -> keys of records of any state
-        self._heap: list[tuple[tuple[int, ...], bytes]] = []
+        self._planner = EvictionPlanner(make_policy(policy), self)
         self.num_bytes = 0
         self.clock = 0
         self._visible_count = {p: 0 for p in Priority}
@@ -103,14 +112,14 @@ class Catalog:
         self.clock = max(self.clock, record.last_used)
         if record.state != RESERVED:
             self._count(record, 1)
-        self._push(record)
+        self._planner.offer(record)
 
     def publish(self, record: Record) -> None:
         """RESERVED -> QUEUED: the entry becomes visible."""
         assert record.state == RESERVED
         record.state = QUEUED
         self._count(record, 1)
-        self._push(record)
+        self._planner.offer(record)
 
     def stored(self, record: Record) -> None:
         """QUEUED -> STORED: the file is durable and indexed; the payload is dropped from memory."""
@@ -125,7 +134,7 @@ class Catalog:
             del self._children[record.parent]
             parent = self._records.get(record.parent)
             if parent is not None:
-                self._push(parent)  # it may have become a leaf
+                self._planner.offer(parent)  # it may have become a leaf
         self.num_bytes -= record.num_bytes
         if record.state != RESERVED:
             self._count(record, -1)
@@ -138,64 +147,29 @@ class Catalog:
             if record.state != RESERVED:
                 self._count(record, 1)
         record.last_used = self.tick()
-        self._push(record)
+        self._planner.offer(record)
 
     def unpin(self, record: Record) -> None:
         record.num_pins -= 1
         if record.num_pins == 0:
-            self._push(record)
+            self._planner.offer(record)
 
     # -- eviction ----------------------------------------------------------------------------
 
     def plan_evictions(self, num_bytes_needed: int, protected: bytes | None) -> list[Record] | None:
         """Candidates freeing `num_bytes_needed` bytes in policy order, or None (and nothing changes)."""
-        if num_bytes_needed <= 0:
-            return []
-        victims: list[Record] = []
-        chosen: set[bytes] = set()
-        put_back: list[tuple[tuple[int, ...], bytes]] = []
-        num_freed = 0
-        while num_freed < num_bytes_needed:
-            if not self._heap:
-                for item in put_back + [(self._sort_key(v), v.key) for v in victims]:
-                    heapq.heappush(self._heap, item)
-                return None
-            item = heapq.heappop(self._heap)
-            record = self._records.get(item[1])
-            if record is None or record.key in chosen or not self._is_candidate(record, item[0], chosen):
-                continue  # stale: the record changed since this item was pushed
-            if record.key == protected:
-                put_back.append(item)
-                continue
-            victims.append(record)
-            chosen.add(record.key)
-            num_freed += record.num_bytes
-            parent = self._records.get(record.parent)
-            if parent is not None and self._children[record.parent] <= chosen:
-                heapq.heappush(self._heap, (self._sort_key(parent), parent.key))
-        for item in put_back:
-            heapq.heappush(self._heap, item)
-        return victims
+        return self._planner.plan(num_bytes_needed, protected)
 
-    def _is_candidate(self, record: Record, sort_key: tuple[int, ...], chosen: set[bytes]) -> bool:
-        if record.state == RESERVED or record.num_pins or sort_key != self._sort_key(record):
-            return False
-        children = self._children.get(record.key)
-        return not children or children <= chosen
+    def evictable(self, key: bytes) -> Record | None:
+        """The eviction source's view: a visible, unpinned record."""
+        record = self._records.get(key)
+        return record if record is not None and record.state != RESERVED and record.num_pins == 0 else None
 
-    def _push(self, record: Record) -> None:
-        if record.state != RESERVED and record.num_pins == 0 and record.key not in self._children:
-            heapq.heappush(self._heap, (self._sort_key(record), record.key))
-            if len(self._heap) > 2 * len(self._records) + 1024:
-                self._compact()
+    def child_keys(self, key: bytes) -> Set[bytes]:
+        return self._children.get(key, frozenset())
 
-    def _compact(self) -> None:
-        self._heap = [
-            (self._sort_key(r), r.key)
-            for r in self._records.values()
-            if r.state != RESERVED and r.num_pins == 0 and r.key not in self._children
-        ]
-        heapq.heapify(self._heap)
+    def eviction_items(self) -> Collection[Record]:
+        return self._records.values()
 
     def _count(self, record: Record, sign: int) -> None:
         self._visible_count[record.priority] += sign

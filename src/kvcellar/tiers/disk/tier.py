@@ -35,6 +35,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from kvcellar.cache import BlockHash, CacheEntry, Priority, StoreResult, TierStats
+from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY
 from kvcellar.cache.tier import check_budget
 from kvcellar.tiers.disk.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
 from kvcellar.tiers.disk.catalog import QUEUED, RESERVED, STORED, Catalog, Record
@@ -57,7 +58,7 @@ _open_tiers: weakref.WeakSet[DiskTier] = weakref.WeakSet()
 class DiskTier:
     name = "disk"
 
-    def __init__(self, cache_dir: str | Path, budget_bytes: int, codec: PayloadCodec, *, policy: str = "priority-lru",
+    def __init__(self, cache_dir: str | Path, budget_bytes: int, codec: PayloadCodec, *, policy: str = DEFAULT_EVICTION_POLICY,
                  max_queue_entries: int = 256, max_queue_bytes: int = 1 << 30, checksum: str = DEFAULT_CHECKSUM,
                  start_writer: bool = True) -> None:  # fmt: skip
         """Open (or create) `cache_dir`: lock it, reconcile index and files, prune to the budget, start the writer."""
