@@ -77,7 +77,7 @@ def _churn(cache: PrefixCache, rng: random.Random, num_steps: int) -> None:
 
 
 def test_budgets_hold_under_churn_and_at_start_up(tmp_path, monkeypatch):
-    folder, budget = tmp_path / "kv", 250_000  # files + index + WAL: the index takes ~200 KB of it (disk_state.py)
+    folder, budget = tmp_path / "kv", 250_000  # files + index + WAL: the index takes ~200 KB of it (tiers/disk/state.py)
     file_changes = _serialise_file_changes(monkeypatch)
     disk = open_tier(folder, budget_bytes=budget, max_queue_entries=16)
     cache = PrefixCache(ROOT_A, LayoutCapabilities(B, False, None), [MemoryTier(8_000), disk], write_through=("disk",))

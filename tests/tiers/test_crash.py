@@ -18,7 +18,7 @@ from .helpers import check_consistent, open_tier
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parents[1] / "src"
 NUM_TRIALS = 50
-# About 25 entries' files beside the index's share (disk_state.py): the workers churn through evictions as well as writes.
+# About 25 entries' files beside the index's share (tiers/disk/state.py): the workers churn through evictions as well as writes.
 BUDGET = 40_000 + 64 * 1024 + INDEX_SLACK_BYTES
 
 

@@ -273,7 +273,7 @@ def test_an_index_that_fails_while_serving_is_a_miss_that_drops_nothing(folder, 
     def malformed(keys):  # isolates the tier from SQLite: its reader connection failing at run time
         raise sqlite3.DatabaseError("database disk image is malformed")
 
-    monkeypatch.setattr(tier._s.reader, "tokens", malformed)
+    monkeypatch.setattr(tier._state._reader, "tokens", malformed)
     assert tier.get(entries[0].key) is None and tier.children(ROOT_A) == []
     counters = tier.stats().counters
     assert (counters["num_index_errors"], counters["num_bad_rows"]) == (2, 0) and tier.num_entries == NUM_ENTRIES

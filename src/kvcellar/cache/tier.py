@@ -10,7 +10,7 @@ entries only (a tenant's share); a tier may offer `usage_of(namespaces)`
 when listing its `entries()` is expensive (disk).
 
 Tiers are named by medium, fastest first: device, host, disk, remote.
-`MemoryTier` (memory_tier.py) serves device and host; the disk tier lives in
+`MemoryTier` (kvcellar.tiers.memory) serves device and host; the disk tier lives in
 `kvcellar.tiers.disk.tier`.
 
 Contract shared by every tier:

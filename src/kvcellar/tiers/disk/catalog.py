@@ -1,8 +1,10 @@
 """The disk tier's in-memory view of its entries: records, child links, occupancy, eviction order.
 
-Operations: `Record` (one entry: metadata, state, pins; the payload only
-while its write is queued), `Catalog.add` / `remove` / `get` / `visible` /
-`children` / `touch` / `stored` / `unpin` / `plan_evictions` / `usage`.
+Operations: `Record` (one entry: metadata, `RecordState`, pins; the
+payload only while its write is queued), `Catalog.add` / `publish` /
+`stored` / `remove` / `get` / `visible` / `children` / `touch` / `unpin` /
+`plan_evictions` / `usage`, and `evictable` / `child_keys` /
+`eviction_items` (what the eviction planner reads).
 
 States: RESERVED (bytes counted, not visible) -> QUEUED (visible, served from
 the queued payload in memory) -> STORED (file durable and indexed).
@@ -25,8 +27,8 @@ from collections.abc import Collection, Iterator, Set
 from enum import Enum
 
 from kvcellar.cache import Priority, make_policy
-from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY
 from kvcellar.cache.eviction import EvictionPlanner
+from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY
 
 
 class RecordState(Enum):
@@ -37,15 +39,12 @@ class RecordState(Enum):
     STORED = "stored"
 
 
-RESERVED, QUEUED, STORED = RecordState.RESERVED, RecordState.QUEUED, RecordState.STORED
-
-
 class Record:
     __slots__ = ("key", "parent", "namespace", "num_bytes", "payload_bytes", "priority", "last_used",
                  "num_tokens", "is_partial", "has_logits", "state", "num_pins", "entry", "header")  # fmt: skip
 
     def __init__(self, key, parent, namespace, num_bytes, payload_bytes, priority, last_used, num_tokens,
-                 is_partial, has_logits, state=STORED, entry=None, header=None) -> None:  # fmt: skip
+                 is_partial, has_logits, state=RecordState.STORED, entry=None, header=None) -> None:  # fmt: skip
         self.key: bytes = key
         self.parent: bytes = parent
         self.namespace: bytes = namespace
@@ -90,11 +89,11 @@ class Catalog:
 
     def visible(self, key: bytes) -> Record | None:
         record = self._records.get(key)
-        return record if record is not None and record.state != RESERVED else None
+        return record if record is not None and record.state != RecordState.RESERVED else None
 
     def children(self, parent: bytes) -> list[Record]:
         found = (self._records[key] for key in self._children.get(parent, ()))
-        return sorted((r for r in found if r.state != RESERVED), key=lambda r: r.key)
+        return sorted((r for r in found if r.state != RecordState.RESERVED), key=lambda r: r.key)
 
     def usage(self) -> tuple[int, int, dict[str, int], dict[str, int]]:
         """(visible entries, visible partials, entries by priority name, payload bytes by priority name)."""
@@ -110,20 +109,20 @@ class Catalog:
         self._children.setdefault(record.parent, set()).add(record.key)
         self.num_bytes += record.num_bytes
         self.clock = max(self.clock, record.last_used)
-        if record.state != RESERVED:
+        if record.state != RecordState.RESERVED:
             self._count(record, 1)
         self._planner.offer(record)
 
     def publish(self, record: Record) -> None:
         """RESERVED -> QUEUED: the entry becomes visible."""
-        assert record.state == RESERVED
-        record.state = QUEUED
+        assert record.state == RecordState.RESERVED
+        record.state = RecordState.QUEUED
         self._count(record, 1)
         self._planner.offer(record)
 
     def stored(self, record: Record) -> None:
         """QUEUED -> STORED: the file is durable and indexed; the payload is dropped from memory."""
-        record.state = STORED
+        record.state = RecordState.STORED
         record.entry = record.header = None
 
     def remove(self, record: Record) -> None:
@@ -136,15 +135,15 @@ class Catalog:
             if parent is not None:
                 self._planner.offer(parent)  # it may have become a leaf
         self.num_bytes -= record.num_bytes
-        if record.state != RESERVED:
+        if record.state != RecordState.RESERVED:
             self._count(record, -1)
 
     def touch(self, record: Record, priority: Priority | None = None) -> None:
         if priority is not None and priority > record.priority:
-            if record.state != RESERVED:
+            if record.state != RecordState.RESERVED:
                 self._count(record, -1)
             record.priority = Priority(priority)
-            if record.state != RESERVED:
+            if record.state != RecordState.RESERVED:
                 self._count(record, 1)
         record.last_used = self.tick()
         self._planner.offer(record)
@@ -163,7 +162,7 @@ class Catalog:
     def evictable(self, key: bytes) -> Record | None:
         """The eviction source's view: a visible, unpinned record."""
         record = self._records.get(key)
-        return record if record is not None and record.state != RESERVED and record.num_pins == 0 else None
+        return record if record is not None and record.state != RecordState.RESERVED and record.num_pins == 0 else None
 
     def child_keys(self, key: bytes) -> Set[bytes]:
         return self._children.get(key, frozenset())

@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS tokens (key BLOB PRIMARY KEY, token_ids BLOB NOT NULL
 # tokens keeps its rowid: a WITHOUT ROWID row over ~1/4 page (256 tokens = 1 KiB) spills into an overflow page.
 MAX_CLOCK = 1 << 62  # last_used past this would overflow SQLite's 64-bit integers as the clock advances
 # SQLite's own auto-checkpoint (1000 pages) keeps a ~4 MB WAL file on disk: commit() truncates it
-# past this size instead, so the index's share of the budget stays small and known (disk_state.py).
+# past this size instead, so the index's share of the budget stays small and known (state.py).
 WAL_CHECKPOINT_BYTES = 64 << 10
 _COLUMNS = "key, parent, namespace, num_bytes, payload_bytes, priority, last_used, num_tokens, is_partial, has_logits"
 

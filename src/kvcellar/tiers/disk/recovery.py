@@ -59,7 +59,7 @@ def recover(cache_dir: CacheDir, catalog: Catalog, budget_bytes: int | None) -> 
         found = _remove_temps_and_strays(cache_dir, report)
         _add_rows(opened.index, opened.rows, found, catalog, report)
         _index_orphans(cache_dir, opened.index, found, catalog, report)
-        if budget_bytes is not None:  # the budget covers the index too, and the WAL's room to grow (disk_state.py)
+        if budget_bytes is not None:  # the budget covers the index too, and the WAL's room to grow (state.py)
             _prune(cache_dir, opened.index, catalog, files_share(budget_bytes, opened.index.size_bytes()), report)
         opened.index.commit()
     except BaseException:

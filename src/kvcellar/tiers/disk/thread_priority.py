@@ -16,7 +16,7 @@ other processes) an idle-priority thread barely runs, so a backlog that must
 be written (queue nearly full, a flush or a budget cut waiting) would be
 dropped instead. Leaving SCHED_IDLE needs CAP_SYS_NICE or an RLIMIT_NICE of
 20; where it is refused the writer never enters it and paces itself by
-waiting for the model alone (writer.py).
+waiting for the model alone (queue.py).
 """
 
 from __future__ import annotations

@@ -12,12 +12,13 @@ Invariants kept here (see also index.py):
   and frees its bytes: a counted drop, never a partial file (temp + rename);
 - a full disk (ENOSPC, SQLITE_FULL, in a file or in the index) also calls
   `on_disk_full`, which lowers the effective budget and queues evictions
-  (done before the next file: writer.py); `on_idle` (with each recency
-  sync) lets the tier raise it again once space is free;
+  (done before the next file: queue.py); `on_idle` (with each recency
+  sync) lets the tier raise it again once space is free (space.py);
 - file first, row second on deletion: a crash leaves a row without a file,
   which start-up drops. A failed index commit never stops the thread: row
   deletions are retried with the next one, recency stays dirty.
-The lock is held only for bookkeeping, never during file I/O.
+Everything shared with the request side goes through `DiskState` (state.py),
+whose lock is held only for bookkeeping, never during file I/O.
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ from __future__ import annotations
 import errno
 import logging
 import sqlite3
-import time
 from collections.abc import Callable
 
 from kvcellar.cache import CacheEntry
-from kvcellar.tiers.disk.catalog import QUEUED, STORED, Record
-from kvcellar.tiers.disk.state import DiskState
-from kvcellar.tiers.disk.entry_io import write_entry
+from kvcellar.tiers.disk.catalog import Record, RecordState
 from kvcellar.tiers.disk.index import IndexRow
+from kvcellar.tiers.disk.state import DiskState
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +57,8 @@ class DiskWriter:
 
     def delete_files(self, items: list[tuple[bytes, bytes]]) -> None:
         """(key, namespace) pairs: unlink each file, then delete the rows in one commit."""
-        state = self._state
         for key, namespace in items:
-            state.dir.entry_path(namespace, key).unlink(missing_ok=True)
+            self._state.folder.entry_path(namespace, key).unlink(missing_ok=True)
         self._rows_to_delete += [key for key, _ in items]
         self._commit(lambda: None, "deleting rows")
 
@@ -74,9 +72,7 @@ class DiskWriter:
             index.commit()
         except sqlite3.Error as exc:
             index.rollback()
-            with self._state.lock:
-                self._state.counters["num_index_errors"] += 1
-                num_errors = self._state.counters["num_index_errors"]
+            num_errors = self._state.count("num_index_errors")
             if num_errors == 1 or num_errors % 100 == 0:
                 log.warning("disk cache index error while %s (%d so far): %s", what, num_errors, exc)
             if is_disk_full(exc):
@@ -90,7 +86,7 @@ class DiskWriter:
         """Write each still-queued record's file, then index them in one commit.
 
         Pacing: `wait_turn()` before each file and inside it (before each tensor and the fsync): the
-        queue's thread waits there while a prefill runs, and performs queued deletions (writer.py).
+        queue's thread waits there while a prefill runs, and performs queued deletions (queue.py).
         """
         state = self._state
         written: list[tuple[Record, CacheEntry]] = []
@@ -102,23 +98,18 @@ class DiskWriter:
                 if not self._still_queued(record):
                     continue  # dropped while we waited
                 entry, header = record.entry, record.header
-            started = time.perf_counter()
             try:
-                write_entry(state.path(record), header, entry.payload, state.codec, state.known_dirs, wait_turn)
+                state.write(record, header, entry.payload, wait_turn)
             except Exception as exc:  # ENOSPC, EIO, a payload the codec cannot encode: a counted drop
                 self._failed(record, exc)
                 continue
-            with state.lock:
-                state.counters["num_written"] += 1
-                state.counters["write_bytes"] += record.num_bytes
-                state.counters["write_s"] += time.perf_counter() - started
             written.append((record, entry))
         if written:
             self._index(written)
 
     def _still_queued(self, record: Record) -> bool:
         with self._state.lock:
-            return self._state.catalog.get(record.key) is record and record.state == QUEUED
+            return self._state.catalog.get(record.key) is record and record.state == RecordState.QUEUED
 
     def _index(self, written: list[tuple[Record, CacheEntry]]) -> None:
         state = self._state
@@ -139,13 +130,12 @@ class DiskWriter:
     def _failed(self, record: Record, exc: BaseException | None) -> None:
         """A counted drop; `exc` None: the index commit failed (already reported)."""
         state = self._state
+        full = exc is not None and is_disk_full(exc)
         with state.lock:
-            state.counters["num_dropped_write_error"] += 1
-            full = exc is not None and is_disk_full(exc)
-            state.counters["num_disk_full"] += full
+            num_failed = state.count("num_dropped_write_error")
+            state.count("num_disk_full", full)
             if state.catalog.get(record.key) is record:
                 state.catalog.remove(record)
-            num_failed = state.counters["num_dropped_write_error"]
         if exc is not None and (num_failed == 1 or num_failed % 100 == 0):
             log.warning("disk cache write failed (%d so far), entry dropped: %s", num_failed, exc)
         if full:
@@ -154,11 +144,7 @@ class DiskWriter:
     def sync_recency(self) -> None:
         """Persist last-used clocks and raised priorities of stored entries (one commit; kept dirty if it fails)."""
         state = self._state
-        with state.lock:
-            records = [(key, state.catalog.get(key)) for key in state.dirty]
-            updates = [(key, r.last_used, int(r.priority)) for key, r in records if r is not None and r.state == STORED]
-            state.dirty = {key for key, r in records if r is not None and r.state != STORED}
+        updates = state.take_recency()
         if updates and not self._commit(lambda: state.index.update_recency(updates), "saving recency"):
-            with state.lock:
-                state.dirty.update(key for key, _, _ in updates if state.catalog.get(key) is not None)
+            state.keep_recency(key for key, _, _ in updates)
         self._on_idle()
