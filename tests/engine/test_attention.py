@@ -35,7 +35,7 @@ def test_chunked_prefill_with_it_matches_transformers_sdpa(tiny_fp32_dirs, arch,
     logits = {}
     for name in ("sdpa", attention.register()):
         model = AutoModelForCausalLM.from_pretrained(tiny_fp32_dirs[arch], attn_implementation=name).eval()
-        cache = new_cache(model.config, 37)
+        cache = new_cache(model.config, 37, None)
         with torch.inference_mode():
             outputs = [model(input_ids=ids[:, s : s + 8], **cache_argument(model, cache), use_cache=True).logits
                        for s in range(0, 37, 8)]

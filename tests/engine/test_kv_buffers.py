@@ -8,7 +8,7 @@ import torch
 
 from kvcellar import CacheConfig, Engine
 from kvcellar.engine.request import GenerationRequest
-from kvcellar.kv.buffer_pool import PoolMisuseError, lending
+from kvcellar.kv.buffer_pool import PoolMisuseError
 
 ARCHS = ("qwen3", "gemma3", "qwen3_5")
 BLOCK = 16
@@ -147,8 +147,8 @@ def test_a_pool_misuse_fails_loudly_and_keeps_the_cached_entry(engines, monkeypa
     prompt = _ids(19, 3 * BLOCK)
     _run(engine, prompt)
     pool.clear()  # nothing is resident any more, but the restore is told otherwise
-    monkeypatch.setattr(prefix, "_resident_tokens", lambda match, capacity: match.num_tokens)
-    with torch.inference_mode(), lending(pool), pytest.raises(PoolMisuseError, match="no resident buffer"):
-        prefix.restore(prompt, capacity=4 * BLOCK)
+    monkeypatch.setattr(prefix, "_resident_tokens", lambda match, capacity, pool: match.num_tokens)
+    with torch.inference_mode(), pytest.raises(PoolMisuseError, match="no resident buffer"):
+        prefix.restore(prompt, capacity=4 * BLOCK, pool=pool)
     monkeypatch.undo()
     assert engine.probe(prompt_ids=prompt).num_cached_tokens == 3 * BLOCK

@@ -7,10 +7,10 @@ import mmap
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaConfig
 
-from kvcellar.kv.buffer_pool import ROUND_TOKENS, KvBufferPool, PoolMisuseError, lending, lending_pool
-from kvcellar.kv.growing_layer import GrowingLayer
+from kvcellar.kv.buffer_pool import ROUND_TOKENS, KvBufferPool, PoolMisuseError
+from kvcellar.kv.growing_layer import GrowingLayer, new_cache
 
 CPU = torch.device("cpu")
 
@@ -98,15 +98,23 @@ def test_pool_holds_one_cache_at_most():
     assert {buffer.data_ptr() for buffer in pool._free.values()} == b_pointers
 
 
-def test_lending_scope_sets_and_restores_the_pool():
+def test_new_cache_takes_its_buffers_from_the_pool_it_is_given_and_only_then():
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+                         intermediate_size=32, vocab_size=32)  # fmt: skip
     pool = KvBufferPool()
-    assert lending_pool() is None
-    with lending(pool):
-        assert lending_pool() is pool
-        with lending(None):
-            assert lending_pool() is None
-        assert lending_pool() is pool
-    assert lending_pool() is None
+    given = _cache(pool, capacity=32, dim=8)
+    pointers = _pointers(given)
+    pool.give_back(given)
+    plain = _write(new_cache(config, 32, None))
+    assert not _pointers(plain) & pointers and pool.num_bytes > 0  # None: fresh buffers, the pool untouched
+    pooled = _write(new_cache(config, 32, pool))
+    assert _pointers(pooled) == pointers and pool.num_bytes == 0
+
+
+def _write(cache: DynamicCache) -> DynamicCache:
+    for layer in cache.layers:
+        layer.update(torch.ones(1, 2, 5, 8), torch.ones(1, 2, 5, 8))
+    return cache
 
 
 def test_each_layer_takes_back_its_own_buffers():

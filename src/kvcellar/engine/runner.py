@@ -21,7 +21,7 @@ from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamE
 from kvcellar.engine.sampling import Sampler
 from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
 from kvcellar.errors import InvalidRequestError
-from kvcellar.kv.buffer_pool import KvBufferPool, lending
+from kvcellar.kv.buffer_pool import KvBufferPool
 from kvcellar.kv.growing_layer import new_cache
 
 
@@ -71,7 +71,7 @@ class RequestRunner:
         # loading made it several times slower), and a rate taken from it made the first restart hits
         # load 8K tokens from disk in 0.7-0.8 s where a prefill takes 0.14 s.
         for _ in range(2):
-            cache = new_cache(self.loaded.model.config, length)
+            cache = new_cache(self.loaded.model.config, length, None)  # throwaway: never the pool's buffers
             started = time.perf_counter()
             prefill(self.loaded.model, cache, ids, 0, self.block_size, chunk_size=self.chunk_size)
             if self.loaded.device.type == "cuda":
@@ -141,8 +141,8 @@ class RequestRunner:
         prompt = list(request.prompt_ids)
         capacity = min(len(prompt) + request.params.max_tokens, self.loaded.context_length)
         # Background disk writes step aside until the first token: restore and prefill are what TTFT is made of.
-        with self.prefix_cache.computing(), lending(self.kv_buffers):
-            restored = self.prefix_cache.restore(prompt, request.cache_salt, capacity)
+        with self.prefix_cache.computing():
+            restored = self.prefix_cache.restore(prompt, request.cache_salt, capacity, self.kv_buffers)
             timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
             timings.num_resident_tokens = restored.num_resident_tokens
             started = time.perf_counter()

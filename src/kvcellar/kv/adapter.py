@@ -23,7 +23,7 @@ from kvcellar.cache import Match, Priority, PrefixCache, hash_block
 from kvcellar.cache.cost_model import CostModel
 from kvcellar.cache.segments import PromptSegments, segment_priority
 from kvcellar.kv import ModelLayout, build_cache, capture_entry
-from kvcellar.kv.buffer_pool import lending_pool
+from kvcellar.kv.buffer_pool import KvBufferPool
 from kvcellar.kv.growing_layer import new_cache
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,9 @@ class DisabledPrefixCache:
     def __init__(self, config: object) -> None:
         self._config = config
 
-    def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0) -> Restored:
-        return Restored(new_cache(self._config, capacity), 0)
+    def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0,
+                pool: KvBufferPool | None = None) -> Restored:  # fmt: skip
+        return Restored(new_cache(self._config, capacity, pool), 0)
 
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
         return []
@@ -110,8 +111,13 @@ class ModelPrefixCache:
         self.exact = exact
 
     # -- restore ---------------------------------------------------------------------------------
-    def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0) -> Restored:
-        """Build the cache for the longest restorable prefix; `capacity` = tokens the request may reach."""
+    def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0,
+                pool: KvBufferPool | None = None) -> Restored:  # fmt: skip
+        """Build the cache for the longest restorable prefix; `capacity` = tokens the request may reach.
+
+        The K/V buffers come from `pool` (the CPU runner's; None: fresh allocations), which may still
+        hold the last request's K/V of this prompt's leading blocks: those are adopted in place.
+        """
         core = self._core_for_salt(salt)
         started = time.perf_counter()
         match = core.lookup(token_ids, exact=self.exact, planner=self._planner)
@@ -123,14 +129,14 @@ class ModelPrefixCache:
             for payload in payloads:
                 payload.wait_ready()  # a demotion's asynchronous copy may still be filling it
             device = self._device
-            resident = self._resident_tokens(match, capacity)
+            resident = self._resident_tokens(match, capacity, pool)
             try:
-                cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device, capacity, resident)
+                cache = build_cache(self._config, self._layout, payloads, match.num_tokens, device, capacity, pool, resident)
             except (KeyError, ValueError, RuntimeError) as exc:
                 # A payload that does not fit this model is a mismatch: evict exactly it and run cold.
                 log.warning("cached state did not fit (%s); discarding it and recomputing", exc)
                 self._discard_suspects(core, match)
-                return Restored(new_cache(self._config, capacity), 0, lookup_s=looked_up - started)
+                return Restored(new_cache(self._config, capacity, pool), 0, lookup_s=looked_up - started)
             logits = match.payload_of(match.partial).logits.to(device) if match.use_logits else None
         finally:
             core.release(match)
@@ -139,9 +145,8 @@ class ModelPrefixCache:
         return Restored(cache, match.num_tokens, logits, dict(match.tokens_by_tier), looked_up - started,
                         time.perf_counter() - looked_up, resident)
 
-    def _resident_tokens(self, match: Match, capacity: int) -> int:
-        """Leading tokens of `match` whose K/V the lending pool's buffers still hold from the last request."""
-        pool = lending_pool()
+    def _resident_tokens(self, match: Match, capacity: int, pool: KvBufferPool | None) -> int:
+        """Leading tokens of `match` whose K/V `pool`'s buffers still hold from the last request."""
         if pool is None:
             return 0
         whole = match.num_tokens // self.block_size  # a trimmed last block is copied, never adopted

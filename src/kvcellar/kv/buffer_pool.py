@@ -19,10 +19,11 @@ most of the gap between a multi-turn hit and the new tokens' prefill.
 Operations: `KvBufferPool.take(slot, shape, dtype, device)`, `.give_back(cache,
 resident_keys)`, `.resident_blocks(keys, capacity)`, `.take_resident(slot)`
 (`PoolMisuseError` when nothing is resident),
-`.clear()`, `.num_bytes`; `lending(pool)`, the scope in which new caches
-(`growing_layer.new_cache`) take their buffers from `pool`, and
-`lending_pool()`, the pool of the current scope. A slot is (layer index, 0
-for keys / 1 for values): a layer takes back its own buffers when they fit.
+`.clear()`, `.num_bytes`. The pool is an explicit argument wherever a cache
+is built (`growing_layer.new_cache`, `state.build_cache`, the adapter's
+`restore`): the CPU runner passes its own, a GPU run passes None (plain
+allocations). A slot is (layer index, 0 for keys / 1 for values): a layer
+takes back its own buffers when they fit.
 
 Invariants:
 - Bounded: the pool holds at most the buffers of the one cache given back
@@ -47,11 +48,9 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 
 import torch
 
@@ -173,20 +172,3 @@ def _fits(buffer: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.d
         and (buffer.shape[0], buffer.shape[1], buffer.shape[3]) == (batch, heads, head_dim)
     )
 
-
-# The pool new caches draw from, per thread / context: set only inside `lending`.
-_lending: ContextVar[KvBufferPool | None] = ContextVar("kvcellar_kv_buffer_pool", default=None)
-
-
-@contextlib.contextmanager
-def lending(pool: KvBufferPool | None) -> Iterator[None]:
-    """Caches created inside this scope take their K/V buffers from `pool` (None: plain allocations)."""
-    token = _lending.set(pool)
-    try:
-        yield
-    finally:
-        _lending.reset(token)
-
-
-def lending_pool() -> KvBufferPool | None:
-    return _lending.get()

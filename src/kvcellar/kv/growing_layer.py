@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from kvcellar.kv.buffer_pool import KvBufferPool, PoolMisuseError, lending_pool
+from kvcellar.kv.buffer_pool import KvBufferPool, PoolMisuseError
 
 
 class GrowingLayer(DynamicLayer):
@@ -87,14 +87,13 @@ class GrowingLayer(DynamicLayer):
         raise NotImplementedError("kvcellar never crops a live cache; restore a shorter prefix instead")
 
 
-def new_cache(config: object, capacity: int) -> DynamicCache:
+def new_cache(config: object, capacity: int, pool: KvBufferPool | None) -> DynamicCache:
     """A DynamicCache for `config` whose plain full-attention layers append in place, `capacity` tokens reserved.
 
-    Inside `buffer_pool.lending(pool)` the layers take their buffers from `pool`.
+    The layers take their buffers from `pool` (CPU: the runner's), or allocate their own (None).
     """
     cache = DynamicCache(config=config)
-    buffers = lending_pool()
     for index, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer:  # sliding / hybrid layers keep their own (bounded) storage
-            cache.layers[index] = GrowingLayer(capacity, buffers, index)
+            cache.layers[index] = GrowingLayer(capacity, pool, index)
     return cache

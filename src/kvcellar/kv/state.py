@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from kvcellar.kv import flat as flat_buffers
+from kvcellar.kv.buffer_pool import KvBufferPool
 from kvcellar.kv.growing_layer import GrowingLayer, new_cache
 from kvcellar.kv.layout import ModelLayout
 
@@ -152,7 +153,8 @@ def build_cache(
     payloads: Sequence[StatePayload],
     num_tokens: int,
     device: torch.device,
-    capacity: int = 0,
+    capacity: int,
+    pool: KvBufferPool | None,
     resident_tokens: int = 0,
 ) -> DynamicCache:
     """A fresh DynamicCache standing at position `num_tokens`, from payloads covering [0, >= num_tokens).
@@ -160,9 +162,9 @@ def build_cache(
     The last payload may be trimmed (used only in part); the cache core allows
     that only for layouts without recurrent layers, whose state cannot be cut.
     Copies each K/V byte once, straight into the layers' reserved buffers
-    (`capacity` tokens: prompt + max_tokens); nothing is deep-copied.
-    `resident_tokens`: the K/V of the first payloads' tokens (whole payloads) already sit in the
-    lending pool's buffers (`KvBufferPool.resident_blocks`); the full-attention layers adopt them.
+    (`capacity` tokens: prompt + max_tokens), taken from `pool` (None: fresh allocations); nothing
+    is deep-copied. `resident_tokens`: the K/V of the first payloads' tokens (whole payloads) already
+    sit in `pool`'s buffers (`KvBufferPool.resident_blocks`); the full-attention layers adopt them.
     """
     lengths = [payload.num_tokens for payload in payloads]
     excess = sum(lengths) - num_tokens
@@ -170,7 +172,7 @@ def build_cache(
         raise ValueError(f"payloads cover {sum(lengths)} tokens, cannot restore position {num_tokens}")
     if excess:
         lengths[-1] -= excess
-    cache = new_cache(config, max(capacity, num_tokens))
+    cache = new_cache(config, max(capacity, num_tokens), pool)
     if num_tokens == 0:
         return cache
     state_source = next(p for p, used in zip(reversed(payloads), reversed(lengths)) if used > 0)
