@@ -32,7 +32,7 @@ def payload(tokens: Sequence[int]) -> str:
 def make_entry(name: str, num_bytes: int = 10, priority: Priority = Priority.USER, parent: BlockHash = ROOT) -> CacheEntry:
     """A block entry whose tokens are derived from `name`, so distinct names give distinct keys."""
     tokens = tuple(ord(ch) for ch in name.ljust(B, "_")[:B])
-    return CacheEntry(hash_block(parent, tokens), parent, tokens, num_bytes, priority, name, is_partial=False)
+    return CacheEntry(hash_block(parent, tokens), parent, tokens, num_bytes, priority, name, is_tail=False)
 
 
 def store(tier: MemoryTier, entry: CacheEntry) -> CacheEntry:
@@ -62,11 +62,11 @@ class RecordingObserver:
 def make_cache(
     capabilities: LayoutCapabilities = ATTENTION,
     budget_bytes: int = 10_000,
-    max_partial_entries: int = 8,
+    max_tail_entries: int = 8,
     observer: RecordingObserver | None = None,
 ) -> PrefixCache:
     tier = MemoryTier(budget_bytes)
-    return PrefixCache(ROOT, capabilities, [tier], max_partial_entries=max_partial_entries, observer=observer)
+    return PrefixCache(ROOT, capabilities, [tier], max_tail_entries=max_tail_entries, observer=observer)
 
 
 def insert_chain(
@@ -88,6 +88,6 @@ def insert_chain(
 def restored_tokens(match: Match) -> list[int]:
     """The prompt tokens a restore from `match` reproduces."""
     tokens = [t for block in match.blocks for t in block.token_ids]
-    if match.partial is not None:
-        tokens.extend(match.partial.token_ids[: match.num_partial_tokens])
+    if match.tail is not None:
+        tokens.extend(match.tail.token_ids[: match.num_tail_tokens])
     return tokens

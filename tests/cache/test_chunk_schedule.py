@@ -27,7 +27,7 @@ def _insert_prompt(cache: PrefixCache, tokens: list[int], with_logits: bool = Fa
         parent = key
     if with_logits:
         tail = tokens[len(keys) * B :]
-        assert cache.insert_partial(parent, tail, payload(tail), 5, Priority.USER, has_logits=True) is not None
+        assert cache.insert_tail(parent, tail, payload(tail), 5, Priority.USER, has_logits=True) is not None
 
 
 def _restored(cache: PrefixCache, tokens: list[int], exact: bool = True, planner=None) -> int:

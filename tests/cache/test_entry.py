@@ -11,23 +11,23 @@ def test_priority_order() -> None:
 
 
 def test_entry_normalizes_tokens_and_priority() -> None:
-    entry = CacheEntry(ROOT, ROOT, [1, 2], 5, 2, "p", is_partial=True)  # type: ignore[arg-type]
+    entry = CacheEntry(ROOT, ROOT, [1, 2], 5, 2, "p", is_tail=True)  # type: ignore[arg-type]
     assert entry.token_ids == (1, 2)
     assert entry.priority is Priority.SYSTEM
     assert entry.num_tokens == 2 and entry.num_pins == 0 and entry.last_used == 0
-    assert entry != CacheEntry(ROOT, ROOT, (1, 2), 5, Priority.SYSTEM, "p", is_partial=True)  # identity equality
+    assert entry != CacheEntry(ROOT, ROOT, (1, 2), 5, Priority.SYSTEM, "p", is_tail=True)  # identity equality
 
 
 def test_zero_token_entry_needs_logits() -> None:
-    CacheEntry(ROOT, ROOT, (), 1, Priority.USER, "logits", is_partial=True, has_logits=True)
+    CacheEntry(ROOT, ROOT, (), 1, Priority.USER, "logits", is_tail=True, has_logits=True)
     with pytest.raises(ValueError, match="0 tokens"):
-        CacheEntry(ROOT, ROOT, (), 1, Priority.USER, "x", is_partial=True)
+        CacheEntry(ROOT, ROOT, (), 1, Priority.USER, "x", is_tail=True)
     with pytest.raises(ValueError, match="0 tokens"):
-        CacheEntry(ROOT, ROOT, (), 1, Priority.USER, "x", is_partial=False, has_logits=True)
+        CacheEntry(ROOT, ROOT, (), 1, Priority.USER, "x", is_tail=False, has_logits=True)
 
 
 def test_invalid_entry_fields_raise() -> None:
     with pytest.raises(ValueError, match="num_bytes"):
-        CacheEntry(ROOT, ROOT, (1,), -1, Priority.USER, "x", is_partial=True)
+        CacheEntry(ROOT, ROOT, (1,), -1, Priority.USER, "x", is_tail=True)
     with pytest.raises(ValueError, match="key"):
-        CacheEntry(b"x", ROOT, (1,), 1, Priority.USER, "x", is_partial=True)  # type: ignore[arg-type]
+        CacheEntry(b"x", ROOT, (1,), 1, Priority.USER, "x", is_tail=True)  # type: ignore[arg-type]

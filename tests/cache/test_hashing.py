@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcellar.cache import NamespaceSpec, hash_block, hash_blocks, hash_partial, namespace_digest
+from kvcellar.cache import NamespaceSpec, hash_block, hash_blocks, hash_tail, namespace_digest
 
 SPEC = NamespaceSpec(model_fingerprint="model-abc", dtype="bfloat16", block_size=4, layout_version=1, exact=False)
 ZERO = bytes(32)
@@ -29,7 +29,7 @@ def test_byte_encoding_matches_the_documented_format() -> None:
     body = b"kvcellar-block-v1\x00" + ZERO + struct.pack("<I", 4) + b"".join(struct.pack("<I", t) for t in tokens)
     assert hash_block(ZERO, tokens) == hashlib.sha256(body).digest()
     partial_body = b"kvcellar-partial-v1\x00" + ZERO + struct.pack("<I", 2) + struct.pack("<2I", 7, 0)
-    assert hash_partial(ZERO, [7, 0]) == hashlib.sha256(partial_body).digest()
+    assert hash_tail(ZERO, [7, 0]) == hashlib.sha256(partial_body).digest()
     stepped_body = b"kvcellar-stepped-block-v1\x00" + body.removeprefix(b"kvcellar-block-v1\x00")
     assert hash_block(ZERO, tokens, stepped=True) == hashlib.sha256(stepped_body).digest()
     fields = {k: v for k, v in dataclasses.asdict(SPEC).items() if v is not None}  # chunk_size=None is left out
@@ -43,10 +43,10 @@ def test_hashes_are_deterministic_across_processes() -> None:
         "from kvcellar.cache import *\n"
         "s = NamespaceSpec('model-abc', 'bfloat16', 4, 1, False)\n"
         "r = namespace_digest(s)\n"
-        "print(r.hex(), *[h.hex() for h in hash_blocks(r, list(range(10)), 4)], hash_partial(r, [1, 2]).hex())\n"
+        "print(r.hex(), *[h.hex() for h in hash_blocks(r, list(range(10)), 4)], hash_tail(r, [1, 2]).hex())\n"
     )
     root = namespace_digest(SPEC)
-    expected = " ".join([root.hex(), *[h.hex() for h in hash_blocks(root, list(range(10)), 4)], hash_partial(root, [1, 2]).hex()])
+    expected = " ".join([root.hex(), *[h.hex() for h in hash_blocks(root, list(range(10)), 4)], hash_tail(root, [1, 2]).hex()])
     src = str(Path(__file__).resolve().parents[2] / "src")
     for seed in ("1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": src}
@@ -84,8 +84,8 @@ def test_blocks_are_chained() -> None:
 
 def test_partial_key_never_equals_block_key() -> None:
     root = namespace_digest(SPEC)
-    assert hash_partial(root, [1, 2, 3, 4]) != hash_block(root, [1, 2, 3, 4])
-    assert hash_partial(root, []) != hash_partial(root, [0])
+    assert hash_tail(root, [1, 2, 3, 4]) != hash_block(root, [1, 2, 3, 4])
+    assert hash_tail(root, []) != hash_tail(root, [0])
 
 
 @pytest.mark.parametrize("bad", [-1, 2**32, 1.5, "3"])

@@ -8,7 +8,7 @@ from kvcellar.tiers.memory import MemoryTier
 
 from .fakes import ATTENTION, B, RECURRENT, ROOT, SMALL_WINDOW, insert_chain, restored_tokens
 
-MAX_PARTIALS = 3
+MAX_TAILS = 3
 # Prefixes of a few related conversations (many shared prefixes, tails, divergences) plus random prompts.
 BASES = ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 2, 3, 4, 5, 6, 0, 0, 9, 10, 11, 12, 0, 0], [1, 2, 3, 0, 5])
 prompts = st.one_of(
@@ -31,17 +31,17 @@ def _insert(cache: PrefixCache, prompt: list[int], priority: Priority, num_bytes
     tail = prompt[len(keys) * B :]
     if tail or with_logits:
         parent = keys[-1] if keys else ROOT
-        cache.insert_partial(parent, tail, "tail", max(1, num_bytes // 2), priority, with_logits)
+        cache.insert_tail(parent, tail, "tail", max(1, num_bytes // 2), priority, with_logits)
 
 
 def _check_match(cache: PrefixCache, match: Match, prompt: list[int], exact: bool) -> None:
     assert restored_tokens(match) == prompt[: match.num_tokens]
     assert match.num_tokens < len(prompt) or match.use_logits or not prompt
-    if match.partial is not None and not (cache.capabilities.can_trim and not exact):
-        assert match.num_partial_tokens == match.partial.num_tokens  # never trimmed
-        assert match.partial.is_partial
+    if match.tail is not None and not (cache.capabilities.can_trim and not exact):
+        assert match.num_tail_tokens == match.tail.num_tokens  # never trimmed
+        assert match.tail.is_tail
     if exact:
-        assert match.partial is None or match.use_logits
+        assert match.tail is None or match.use_logits
     assert sum(match.tokens_by_tier.values()) == match.num_tokens
     if prompt:  # the lookup finds the longest valid prefix, not just a valid one
         allow_trim = cache.capabilities.can_trim and not exact
@@ -59,12 +59,12 @@ def _best_restore_point(tier: MemoryTier, prompt: list[int], allow_trim: bool, e
         parent, path = stack.pop()
         for entry in tier.children(parent):
             full = (*path, *entry.token_ids)
-            if not entry.is_partial:
+            if not entry.is_tail:
                 stack.append((entry.key, full))
             is_prefix = list(full) == prompt[: len(full)]
             if is_prefix and len(full) == n and entry.has_logits:
                 best = max(best, n)
-            elif is_prefix and len(full) < n and not (exact and entry.is_partial):
+            elif is_prefix and len(full) < n and not (exact and entry.is_tail):
                 best = max(best, len(full))
             if allow_trim:
                 common = next((i for i, (a, b) in enumerate(zip(full, prompt)) if a != b), min(len(full), n))
@@ -78,11 +78,11 @@ def _check_tier(tier: MemoryTier, held: Match | None, held_intact: bool, connect
     entries = tier.entries()
     assert tier.num_bytes <= tier.budget_bytes
     assert tier.num_bytes == sum(entry.num_bytes for entry in entries)
-    assert sum(entry.is_partial for entry in entries) <= MAX_PARTIALS
+    assert sum(entry.is_tail for entry in entries) <= MAX_TAILS
     pinned = {id(entry) for entry in held.entries} if held is not None else set()
     assert all(entry.num_pins == (id(entry) in pinned) for entry in entries)
     if connected:  # no discard yet: evictions never broke a chain
-        blocks = {entry.key for entry in entries if not entry.is_partial}
+        blocks = {entry.key for entry in entries if not entry.is_tail}
         assert all(entry.parent == ROOT or entry.parent in blocks for entry in entries)
 
 
@@ -95,7 +95,7 @@ def _check_tier(tier: MemoryTier, held: Match | None, held_intact: bool, connect
 )
 def test_random_workload_keeps_invariants(capabilities, policy, budget, steps) -> None:
     tier = MemoryTier(budget, policy=policy)
-    cache = PrefixCache(ROOT, capabilities, [tier], max_partial_entries=MAX_PARTIALS)
+    cache = PrefixCache(ROOT, capabilities, [tier], max_tail_entries=MAX_TAILS)
     held: Match | None = None
     connected = held_intact = True
     for step in steps:

@@ -15,10 +15,10 @@ from .fakes import ATTENTION, B, ROOT, RecordingObserver, insert_chain, payload
 T = list(range(1, 13))  # three blocks
 
 
-def _two_tiers(device_bytes=100, host_bytes=1000, write_through=(), observer=None, max_partial_entries=8):
+def _two_tiers(device_bytes=100, host_bytes=1000, write_through=(), observer=None, max_tail_entries=8):
     device, host = MemoryTier(device_bytes), MemoryTier(host_bytes, name="host")
     cache = PrefixCache(
-        ROOT, ATTENTION, [device, host], observer=observer, write_through=write_through, max_partial_entries=max_partial_entries
+        ROOT, ATTENTION, [device, host], observer=observer, write_through=write_through, max_tail_entries=max_tail_entries
     )
     return cache, device, host
 
@@ -103,9 +103,9 @@ def test_a_tier_that_does_not_admit_refuses_before_evicting_anything():
 
 
 def test_partials_promoted_from_below_respect_the_count_limit():
-    cache, device, host = _two_tiers(device_bytes=1000, max_partial_entries=1)
+    cache, device, host = _two_tiers(device_bytes=1000, max_tail_entries=1)
     for tail in ([7], [8]):
-        cache.insert_partial(ROOT, tail, payload(tail), 5, Priority.USER, has_logits=True)
+        cache.insert_tail(ROOT, tail, payload(tail), 5, Priority.USER, has_logits=True)
     assert [e.token_ids for e in device.entries()] == [(8,)] and [e.token_ids for e in host.entries()] == [(7,)]
     match = cache.lookup([7], exact=True)
     assert match.use_logits and match.tokens_by_tier == {"host": 1}

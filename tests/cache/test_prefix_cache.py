@@ -11,8 +11,8 @@ T = list(range(1, 13))  # three blocks: [1..4] [5..8] [9..12]
 
 def _shape(match: Match) -> tuple:
     """(num_tokens, number of full blocks, tokens of the partial entry, tokens used from it, use_logits)."""
-    partial = match.partial.token_ids if match.partial is not None else None
-    return (match.num_tokens, len(match.blocks), partial, match.num_partial_tokens, match.use_logits)
+    partial = match.tail.token_ids if match.tail is not None else None
+    return (match.num_tokens, len(match.blocks), partial, match.num_tail_tokens, match.use_logits)
 
 
 def _lookup(cache: PrefixCache, tokens: list[int], *, exact: bool = False) -> tuple:
@@ -30,7 +30,7 @@ def _cache_with(capabilities: LayoutCapabilities, num_blocks: int, *partials: tu
     keys = insert_chain(cache, T[: num_blocks * B])
     for parent_index, tokens, has_logits in partials:
         parent = cache.root if parent_index < 0 else keys[parent_index]
-        assert cache.insert_partial(parent, tokens, payload(tokens), 5, Priority.USER, has_logits) is not None
+        assert cache.insert_tail(parent, tokens, payload(tokens), 5, Priority.USER, has_logits) is not None
     return cache
 
 
@@ -39,7 +39,7 @@ def test_miss_on_empty_cache() -> None:
     match = cache.lookup(T, exact=False)
     assert not match.is_hit and match.entries == () and match.tokens_by_tier == {}
     assert cache.lookup([], exact=False).num_tokens == 0
-    cache.insert_partial(cache.root, [], "logits", 1, Priority.USER, has_logits=True)
+    cache.insert_tail(cache.root, [], "logits", 1, Priority.USER, has_logits=True)
     empty = cache.lookup([], exact=False)
     assert empty.num_tokens == 0 and empty.entries == () and not empty.use_logits  # an empty prompt is a miss
 
@@ -129,8 +129,8 @@ def test_block_size_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="exactly 4 tokens"):
         cache.insert_block(cache.root, [1, 2, 3], "x", 1, Priority.USER)
     with pytest.raises(ValueError, match="fewer than 4"):
-        cache.insert_partial(cache.root, [1, 2, 3, 4], "x", 1, Priority.USER)
+        cache.insert_tail(cache.root, [1, 2, 3, 4], "x", 1, Priority.USER)
     with pytest.raises(ValueError, match="has_logits"):
-        cache.insert_partial(cache.root, [], "x", 1, Priority.USER)
+        cache.insert_tail(cache.root, [], "x", 1, Priority.USER)
     with pytest.raises(ValueError, match="at least one tier"):
         PrefixCache(cache.root, ATTENTION, [])

@@ -17,7 +17,7 @@ def test_block_with_missing_parent_is_refused() -> None:
     orphan_parent = hash_block(cache.root, [9, 9, 9, 9])
     assert cache.insert_block(orphan_parent, T[:4], "x", 10, Priority.USER) is None
     assert observer.events[-1][0] == "refuse" and "not a resident block" in observer.events[-1][2]
-    partial_key = cache.insert_partial(cache.root, [1], "p", 5, Priority.USER)
+    partial_key = cache.insert_tail(cache.root, [1], "p", 5, Priority.USER)
     assert partial_key is not None
     assert cache.insert_block(partial_key, T[:4], "x", 10, Priority.USER) is None  # a partial is no parent
     assert cache.stats().num_entries == 1
@@ -57,7 +57,7 @@ def test_tier_names() -> None:
 def test_discard_evicts_only_that_entry() -> None:
     cache = make_cache()
     keys = insert_chain(cache, T)
-    cache.insert_partial(keys[2], [0], "tail", 5, Priority.USER)
+    cache.insert_tail(keys[2], [0], "tail", 5, Priority.USER)
     assert cache.discard(keys[1])
     assert not cache.discard(keys[1])
     tier = cache.tiers[0]
@@ -68,7 +68,7 @@ def test_discard_evicts_only_that_entry() -> None:
     cache.release(match)
     insert_chain(cache, T[:8])  # recomputed block 1 reconnects the rest of the chain
     match = cache.lookup([*T, 0, 5], exact=False)
-    assert match.num_tokens == 13 and match.partial is not None and match.partial.payload == "tail"
+    assert match.num_tokens == 13 and match.tail is not None and match.tail.payload == "tail"
     cache.release(match)
 
 
@@ -86,13 +86,13 @@ def test_release_after_discard_does_not_unpin_a_new_entry() -> None:
 
 
 def test_clear() -> None:
-    cache = make_cache(max_partial_entries=1)
+    cache = make_cache(max_tail_entries=1)
     insert_chain(cache, T)
-    cache.insert_partial(cache.root, [1], "p", 5, Priority.USER)
+    cache.insert_tail(cache.root, [1], "p", 5, Priority.USER)
     cache.clear()
     assert cache.stats().num_entries == 0 and cache.stats().num_bytes == 0
     assert cache.lookup(T, exact=False).num_tokens == 0
-    assert cache.insert_partial(cache.root, [2], "p", 5, Priority.USER) is not None
+    assert cache.insert_tail(cache.root, [2], "p", 5, Priority.USER) is not None
     cache.clear("device")
     assert cache.tiers[0].num_entries == 0 and cache.stats().num_evictions == 0
 
@@ -100,7 +100,7 @@ def test_clear() -> None:
 def test_stats_are_exact() -> None:
     cache = make_cache()
     keys = insert_chain(cache, T[:8], num_bytes=10, priority=Priority.SYSTEM)
-    cache.insert_partial(keys[1], [9, 10], "tail", 5, Priority.ASSISTANT)
+    cache.insert_tail(keys[1], [9, 10], "tail", 5, Priority.ASSISTANT)
     cache.release(cache.lookup([*T[:10], 0], exact=False))  # 10 hit, 1 miss
     cache.release(cache.lookup([99, 98], exact=False))  # 2 miss
     stats = cache.stats()
@@ -139,7 +139,7 @@ def test_concurrent_use_keeps_invariants() -> None:
             for step in range(200):
                 prompt = [(seed * 7 + step * i) % 5 for i in range(10)]
                 insert_chain(cache, prompt, num_bytes=10)
-                cache.insert_partial(cache.root, prompt[:2], "p", 3, Priority.USER)
+                cache.insert_tail(cache.root, prompt[:2], "p", 3, Priority.USER)
                 match = cache.lookup(prompt, exact=step % 2 == 0)
                 cache.release(match)
         except BaseException as error:  # reported to the main thread

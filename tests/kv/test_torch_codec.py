@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from kvcellar.cache import CacheEntry, Priority, hash_partial
+from kvcellar.cache import CacheEntry, Priority, hash_tail
 from kvcellar.kv.state import StatePayload
 from kvcellar.tiers.disk.tier import DiskTier
 from kvcellar.tiers.disk.format import ITEM_SIZES, parse_header
@@ -33,8 +33,8 @@ def _payload() -> StatePayload:
 
 def _entry(payload: StatePayload) -> CacheEntry:
     tokens = (5, 6, 7)
-    return CacheEntry(hash_partial(ROOT_A, tokens), ROOT_A, tokens, payload.num_bytes, Priority.SYSTEM, payload,
-                      is_partial=True, has_logits=True, namespace=ROOT_A)  # fmt: skip
+    return CacheEntry(hash_tail(ROOT_A, tokens), ROOT_A, tokens, payload.num_bytes, Priority.SYSTEM, payload,
+                      is_tail=True, has_logits=True, namespace=ROOT_A)  # fmt: skip
 
 
 def test_payload_round_trips_bit_for_bit_through_a_restart(tmp_path):

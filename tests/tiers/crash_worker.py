@@ -16,7 +16,7 @@ def main() -> None:
     folder, seed, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     tier = open_tier(folder, budget_bytes=budget, max_queue_entries=16)
     rng = random.Random(seed)
-    parents = [ROOT_A] + [entry.key for entry in tier.entries() if not entry.is_partial]
+    parents = [ROOT_A] + [entry.key for entry in tier.entries() if not entry.is_tail]
     print("ready", flush=True)
     while True:
         op = rng.random()

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvcellar.cache import BlockHash, CacheEntry, NamespaceSpec, Priority, hash_block, hash_partial, namespace_digest
+from kvcellar.cache import BlockHash, CacheEntry, NamespaceSpec, Priority, hash_block, hash_tail, namespace_digest
 from kvcellar.tiers.disk.codec import RawCodec
 from kvcellar.tiers.disk.tier import DiskTier
 from kvcellar.tiers.disk.state import INDEX_SLACK_BYTES
@@ -39,13 +39,13 @@ def make_block(
     key = hash_block(parent, tokens, stepped)
     body = payload_for(key)
     size = sum(len(v) for v in body.values())
-    return CacheEntry(key, parent, tuple(tokens), size, priority, body, is_partial=False, namespace=root)
+    return CacheEntry(key, parent, tuple(tokens), size, priority, body, is_tail=False, namespace=root)
 
 
 def make_partial(
     parent: BlockHash, tokens: Sequence[int], root: BlockHash = ROOT_A, has_logits: bool = False
 ) -> CacheEntry:
-    key = hash_partial(parent, tokens)
+    key = hash_tail(parent, tokens)
     body = payload_for(key)
     if has_logits:
         body = {**body, "logits": b"\x01" * 64}

@@ -31,7 +31,7 @@ def big_entry(i: int, parent: bytes = ROOT_A) -> CacheEntry:
     key = hash_block(parent, [i, i + 1, i + 2, i + 3])
     body = {"0.keys": key * (PAYLOAD // 64), "0.values": key[::-1] * (PAYLOAD // 64)}
     return CacheEntry(key, parent, (i, i + 1, i + 2, i + 3), sum(map(len, body.values())), Priority.USER, body,
-                      is_partial=False, namespace=ROOT_A)  # fmt: skip
+                      is_tail=False, namespace=ROOT_A)  # fmt: skip
 
 
 def on_disk(folder: Path) -> int:

@@ -7,8 +7,9 @@ known byte size and inserts it; a lookup returns the longest prefix every
 layer kind can restore (`layout`), pinned until released.
 
 Modules: `hashing` (keys, stable byte encoding), `layout` (what a restore may
-do), `entry` (entries and priorities), `policy` (eviction order), `tier`
-(storage protocol, `TierStats`),
+do), `entry` (entries and priorities), `policy` (eviction order),
+`eviction` (the eviction planner every tier uses), `tails` (the count bound
+on tail entries), `tier` (storage protocol, `TierStats`),
 `match` (restore-point rules), `loading` (pin and load a match), `movement`
 (promotion, demotion, write-through between tiers), `prefix_cache`
 (`PrefixCache`: lookup / insert / discard / stats), `stats`, `observer`,
@@ -23,7 +24,7 @@ from kvcellar.cache.hashing import (
     NamespaceSpec,
     hash_block,
     hash_blocks,
-    hash_partial,
+    hash_tail,
     namespace_digest,
 )
 from kvcellar.cache.layout import LayoutCapabilities
@@ -55,7 +56,7 @@ __all__ = [
     "TierStats",
     "hash_block",
     "hash_blocks",
-    "hash_partial",
+    "hash_tail",
     "make_policy",
     "namespace_digest",
 ]

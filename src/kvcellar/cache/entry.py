@@ -3,9 +3,9 @@
 Operations: `Priority` (what a chat segment is worth keeping) and
 `CacheEntry` (key, parent, tokens, opaque payload, byte size, bookkeeping).
 
-A block entry holds exactly block_size tokens; a partial entry holds
+A block entry holds exactly block_size tokens; a tail entry holds
 0..block_size-1 tokens that follow its parent (a block or the namespace root).
-A 0-token partial exists only to carry the next-token logits at the end of its
+A 0-token tail exists only to carry the next-token logits at the end of its
 parent chain (has_logits=True). The block size is checked by `PrefixCache`,
 which knows it; an entry checks only what it can see.
 """
@@ -29,7 +29,7 @@ class Priority(IntEnum):
 
 @dataclass(eq=False)
 class CacheEntry:
-    """A block or partial entry. Identity equality: two objects are two residents, even with one key.
+    """A block or tail entry. Identity equality: two objects are two residents, even with one key.
 
     Ownership: a tier owns `last_used` and `num_pins` (it writes them under its
     owner's lock); the payload is opaque here and never copied.
@@ -41,7 +41,7 @@ class CacheEntry:
     num_bytes: int  # bytes the payload occupies in its tier; counted against the tier's budget
     priority: Priority
     payload: object
-    is_partial: bool
+    is_tail: bool
     has_logits: bool = False  # payload carries the next-token logits at the entry's end
     last_used: int = 0  # tier clock value of the last touch (monotonic, not wall time)
     num_pins: int = 0  # outstanding loads; a pinned entry is never evicted for space
@@ -57,8 +57,8 @@ class CacheEntry:
         if isinstance(self.num_bytes, bool) or not isinstance(self.num_bytes, int) or self.num_bytes < 0:
             raise ValueError(f"num_bytes must be an integer >= 0, got {self.num_bytes!r}")
         self.priority = Priority(self.priority)
-        if not self.token_ids and not (self.is_partial and self.has_logits):
-            raise ValueError("an entry with 0 tokens must be a partial entry with has_logits=True")
+        if not self.token_ids and not (self.is_tail and self.has_logits):
+            raise ValueError("an entry with 0 tokens must be a tail entry (is_tail=True) with has_logits=True")
 
     @property
     def num_tokens(self) -> int:

@@ -1,7 +1,7 @@
 """Content addresses of cache entries: namespace digests and chained block hashes.
 
 Operations: `namespace_digest` (the root of every chain in one namespace),
-`hash_block` (key of a full block), `hash_partial` (key of a sub-block entry),
+`hash_block` (key of a full block), `hash_tail` (key of a sub-block entry),
 `hash_blocks` (keys of all full blocks of a prompt).
 
 Byte encoding (stable: it names files on disk and keys in shared stores, so a
@@ -20,8 +20,9 @@ change here needs a new domain tag, never Python's `hash()` or pickle):
   mode with chunks longer than a block; cache/layout.py). Its K/V differ in
   rounding from the same tokens computed inside a chunk, so it must not
   share their key.
-- partial key = the same with the tag b"kvcellar-partial-v1\\x00". The
-  distinct tag guarantees a partial key never equals a block key.
+- tail key = the same with the tag b"kvcellar-partial-v1\\x00" (the tag
+  keeps its first name: it is in every stored key). The distinct tag
+  guarantees a tail key never equals a block key.
 
 Chain: h_0 = block key(root, tokens[0:B]), h_i = block key(h_{i-1},
 tokens[iB:(i+1)B]); equal keys mean equal namespace and equal prefix.
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from typing import NewType
 
 BlockHash = NewType("BlockHash", bytes)
-"""A 32-byte sha256 digest naming a namespace root, a block or a partial entry."""
+"""A 32-byte sha256 digest naming a namespace root, a block or a tail entry."""
 
 HASH_NUM_BYTES = 32
 MAX_TOKEN_ID = 2**32 - 1
@@ -46,7 +47,7 @@ MAX_TOKEN_ID = 2**32 - 1
 _NAMESPACE_TAG = b"kvcellar-namespace-v1\x00"
 _BLOCK_TAG = b"kvcellar-block-v1\x00"
 _STEPPED_BLOCK_TAG = b"kvcellar-stepped-block-v1\x00"
-_PARTIAL_TAG = b"kvcellar-partial-v1\x00"
+_TAIL_TAG = b"kvcellar-partial-v1\x00"
 
 
 @dataclass(frozen=True)
@@ -94,15 +95,15 @@ def hash_block(parent: BlockHash, token_ids: Sequence[int], stepped: bool = Fals
     return _chained(_STEPPED_BLOCK_TAG if stepped else _BLOCK_TAG, parent, token_ids)
 
 
-def hash_partial(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
+def hash_tail(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
     """Key of the sub-block entry `token_ids` after `parent` (never equal to a block key)."""
-    return _chained(_PARTIAL_TAG, parent, token_ids)
+    return _chained(_TAIL_TAG, parent, token_ids)
 
 
 def hash_blocks(
     root: BlockHash, token_ids: Sequence[int], block_size: int, stepped_from: int | None = None
 ) -> list[BlockHash]:
-    """Chained keys of the full blocks of `token_ids`; a trailing partial block gets none.
+    """Chained keys of the full blocks of `token_ids`; a trailing incomplete block gets none.
 
     Blocks starting at or after `stepped_from` (a token position) get stepped keys.
     """

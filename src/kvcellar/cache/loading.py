@@ -79,12 +79,12 @@ def load_match(
             tiers[index].complete_load(keys)
         raise
     blocks = tuple(loaded[entry.key] for entry in chain[: point.num_blocks])
-    partial = loaded[point.entry.key] if point.entry is not None else None
+    tail = loaded[point.entry.key] if point.entry is not None else None
     return Match(
         num_tokens=point.num_tokens(block_size),
         blocks=blocks,
-        partial=partial,
-        num_partial_tokens=point.num_entry_tokens,
+        tail=tail,
+        num_tail_tokens=point.num_entry_tokens,
         use_logits=point.use_logits,
         tokens_by_tier=tokens_by_tier(point, chain, where, tiers, block_size),
         load_s_by_tier=seconds,

@@ -6,12 +6,12 @@ candidate position p with the entries it needs) and `choose_restore_point`
 
 Rules (n prompt tokens, B = block_size, k leading full blocks found):
 - every block boundary jB, j <= k, is a candidate;
-- a partial child of the last hit (or of the root) whose tokens are a prefix
-  of the rest gives p = kB + len (a "full partial match": valid for every
+- a tail child of the last hit (or of the root) whose tokens are a prefix
+  of the rest gives p = kB + len (a "full tail match": valid for every
   layer kind, a recurrent checkpoint exists at its end);
 - with trimming allowed (capabilities.can_trim and not exact), any child block
-  or partial sharing c >= 1 leading tokens with the rest gives p = kB + c;
-- p == n is valid only through a full partial match whose entry has logits;
+  or tail sharing c >= 1 leading tokens with the rest gives p = kB + c;
+- p == n is valid only through a full tail match whose entry has logits;
   otherwise p == n becomes n - 1 when trimming is allowed, else it is dropped;
 - exact mode keeps only block boundaries below n that the prompt's own
   prefill schedule also reaches (`on_schedule`: a chunk boundary, or any
@@ -31,18 +31,18 @@ from kvcellar.cache.layout import full_chunks_end
 
 @dataclass(frozen=True)
 class Match:
-    """The longest restorable prefix: `blocks` in full, then `num_partial_tokens` of `partial`.
+    """The longest restorable prefix: `blocks` in full, then `num_tail_tokens` of `tail`.
 
-    `partial` is a partial entry, or a block or partial entry trimmed to its
-    first `num_partial_tokens` tokens. With `use_logits`, the prompt is fully
-    covered and `partial` carries the next-token logits: nothing to compute.
+    `tail` is a tail entry, or a block or tail entry trimmed to its
+    first `num_tail_tokens` tokens. With `use_logits`, the prompt is fully
+    covered and `tail` carries the next-token logits: nothing to compute.
     The entries are pinned: call `PrefixCache.release(match)` after restoring.
     """
 
     num_tokens: int
     blocks: tuple[CacheEntry, ...] = ()
-    partial: CacheEntry | None = None
-    num_partial_tokens: int = 0
+    tail: CacheEntry | None = None
+    num_tail_tokens: int = 0
     use_logits: bool = False
     tokens_by_tier: dict[str, int] = field(default_factory=dict)
     load_s_by_tier: dict[str, float] = field(default_factory=dict)  # time spent in each tier's prepare_load
@@ -62,7 +62,7 @@ class Match:
     @property
     def entries(self) -> tuple[CacheEntry, ...]:
         """Every pinned entry, in restore order."""
-        return self.blocks if self.partial is None else (*self.blocks, self.partial)
+        return self.blocks if self.tail is None else (*self.blocks, self.tail)
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,12 @@ def _child_points(
 ) -> Iterator[RestorePoint]:
     for child in children:
         common = _common_prefix_len(child.token_ids, rest)
-        if child.is_partial and common == child.num_tokens:
-            # Full partial match. A 0-token partial only matters for its logits at p == n.
+        if child.is_tail and common == child.num_tokens:
+            # Full tail match. A 0-token tail only matters for its logits at p == n.
             use_logits = child.has_logits and common == len(rest)
             if common > 0 or use_logits:
                 yield RestorePoint(num_blocks, child, common, use_logits)
-        elif allow_trim and common >= 1 and (child.is_partial or common < child.num_tokens):
+        elif allow_trim and common >= 1 and (child.is_tail or common < child.num_tokens):
             # Trimmed; a block matching in full is the next chain block, already a boundary.
             yield RestorePoint(num_blocks, child, common)
 

@@ -1,7 +1,7 @@
 """How entries move between ordered tiers (fastest first) on behalf of one `PrefixCache`.
 
 Operations: `TierSet.find`, `.children` (reads across tiers, the fastest
-holder wins); `.store` (into one tier, parent checked), `.store_partial`
+holder wins); `.store` (into one tier, parent checked), `.store_tail`
 (first tier, count-limited), `.write_through` (copies of an insert into the
 write-through tiers), `.demote` (evicted entries go one tier down),
 `.promote` (entries hit in a slower tier are copied into the first tier).
@@ -11,8 +11,8 @@ Invariants:
   copies, because a tier owns the `last_used` and `num_pins` of its objects.
 - A refusal by a slower tier (queue full, no room) is a drop: counted in
   `num_dropped` and reported through `observer.on_refuse`, never silent.
-- The partial count limit applies to the first tier; slower tiers bound
-  partials by bytes only. Runs under the owner's lock, like the tiers.
+- The tail count limit applies to the first tier; slower tiers bound
+  tails by bytes only. Runs under the owner's lock, like the tiers.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from kvcellar.cache.entry import CacheEntry
 from kvcellar.cache.hashing import BlockHash
 from kvcellar.cache.observer import CacheObserver
-from kvcellar.cache.partials import PartialLRU
+from kvcellar.cache.tails import TailLRU
 from kvcellar.cache.tier import Tier
 
 
@@ -32,7 +32,7 @@ class TierSet:
         self,
         tiers: Sequence[Tier],
         root: BlockHash,
-        partials: PartialLRU,
+        tails: TailLRU,
         observer: CacheObserver,
         counters: Counter[str],
         write_through: Sequence[str] = (),
@@ -44,7 +44,7 @@ class TierSet:
         if unknown:
             raise ValueError(f"write_through names {unknown} are not tiers after the first; tiers: {names}")
         self.tiers: tuple[Tier, ...] = tuple(tiers)
-        self.partials = partials
+        self.tails = tails
         self._root = root
         self._observer = observer
         self._counters = counters
@@ -84,7 +84,7 @@ class TierSet:
         if entry.parent == self._root:
             return True
         parent = self.find(entry.parent)
-        return parent is not None and not parent[0].is_partial
+        return parent is not None and not parent[0].is_tail
 
     def store(self, entry: CacheEntry, index: int) -> BlockHash | None:
         """Store `entry` in tiers[index] if its parent is the root or a resident block; its key or None."""
@@ -101,23 +101,23 @@ class TierSet:
             self._observer.on_store(entry, tier.name)
         return entry.key
 
-    def store_partial(self, entry: CacheEntry) -> BlockHash | None:
-        """Store a partial in the first tier under the count limit (the LRU excess is demoted)."""
+    def store_tail(self, entry: CacheEntry) -> BlockHash | None:
+        """Store a tail in the first tier under the count limit (the LRU excess is demoted)."""
         tier, key = self.tiers[0], entry.key
         old = tier.get(key)
         superseded = old is not None and entry.has_logits and not old.has_logits
         if superseded:
             tier.evict(key)  # the same tail with logits replaces it; not an eviction for space
-        if (old is None or superseded) and not self.partials.can_admit(self.tiers):
-            num_max = self.partials.max_entries
-            full = f"max_partial_entries={num_max} reached and every partial is pinned"
-            return self.refuse(entry, full if num_max else "partials disabled")
+        if (old is None or superseded) and not self.tails.can_admit(self.tiers):
+            num_max = self.tails.max_entries
+            full = f"max_partial_entries={num_max} reached and every tail is pinned"
+            return self.refuse(entry, full if num_max else "tails disabled")
         stored = self.store(entry, 0)
         if stored is None and superseded:
             self.store(old, 0)  # the new tail was refused: keep the old one (its bytes were just freed)
         if tier.contains(key):
-            self.partials.touch(key, 0)
-            for victim, index in self.partials.overflow(self.tiers):
+            self.tails.touch(key, 0)
+            for victim, index in self.tails.overflow(self.tiers):
                 self.tiers[index].evict(victim.key)
                 self.demote((victim,), index)
         return stored
@@ -139,8 +139,8 @@ class TierSet:
         name = self.tiers[from_index].name
         for entry in entries:
             self._counters["num_evictions"] += 1
-            if entry.is_partial and from_index == 0:
-                self.partials.forget(entry.key)
+            if entry.is_tail and from_index == 0:
+                self.tails.forget(entry.key)
             self._observer.on_evict(entry, name)
             if from_index + 1 < len(self.tiers) and entry.payload is not None:
                 self.move(entry, from_index + 1, demotion=True)
@@ -162,18 +162,18 @@ class TierSet:
         return True
 
     def promote(self, entries: Iterable[CacheEntry], where: dict[BlockHash, int]) -> dict[BlockHash, object]:
-        """After a hit: touch first-tier partials; copy entries loaded from slower tiers into the first.
+        """After a hit: touch first-tier tails; copy entries loaded from slower tiers into the first.
 
         Returns the promoted copies' payloads by key (the first tier may have moved them to its medium).
         """
         promoted: dict[BlockHash, object] = {}
         for entry in entries:
             if where[entry.key] == 0:
-                if entry.is_partial:
-                    self.partials.touch(entry.key, 0)
+                if entry.is_tail:
+                    self.tails.touch(entry.key, 0)
                 continue
             copy = entry.copy_for_tier()
-            stored = self.store_partial(copy) if entry.is_partial else self.store(copy, 0)
+            stored = self.store_tail(copy) if entry.is_tail else self.store(copy, 0)
             if stored is not None:
                 self._counters["num_promotions"] += 1
                 promoted[entry.key] = copy.payload

@@ -21,7 +21,7 @@ class CacheObserver(Protocol):
         """A lookup finished; `match` is what the caller will restore."""
 
     def on_evict(self, entry: CacheEntry, tier_name: str) -> None:
-        """`entry` left the tier `tier_name` (for space, for a partial count limit, or by discard)."""
+        """`entry` left the tier `tier_name` (for space, for the tail count limit, or by discard)."""
 
     def on_store(self, entry: CacheEntry, tier_name: str) -> None:
         """A new entry became visible in the tier `tier_name`."""

@@ -1,8 +1,8 @@
-"""The prefix cache of one namespace: chained blocks and partial tails over ordered tiers.
+"""The prefix cache of one namespace: chained blocks and tails over ordered tiers.
 
 Operations: `lookup` (longest restorable prefix, loaded and pinned; optional
 restore-vs-recompute `planner`) and `release`; `probe` (the same answer,
-nothing loaded or counted); `insert_block`, `insert_partial`; `discard` (drop
+nothing loaded or counted); `insert_block`, `insert_tail`; `discard` (drop
 one entry that failed validation); `clear`, `set_budget_bytes`, `stats`.
 
 Movement between tiers (movement.py), tiers ordered fastest first:
@@ -14,9 +14,9 @@ Movement between tiers (movement.py), tiers ordered fastest first:
 - a hit in a slower tier promotes a copy into the first tier.
 
 Invariants:
-- Chains stay connected: a block or partial is stored only when its parent is
+- Chains stay connected: a block or tail is stored only when its parent is
   the root or a resident block, and tiers evict only leaves.
-- At most `max_partial_entries` partial entries are resident in the first
+- At most `max_tail_entries` tail entries are resident in the first
   tier; beyond that the least recently used unpinned one is demoted.
 - Only explicit removals (discard, clear, a tail superseded by the same tail
   with logits) take pinned entries; their holders keep a valid payload.
@@ -34,13 +34,13 @@ from collections.abc import Callable, Sequence
 
 from kvcellar.cache.cost_model import Segment
 from kvcellar.cache.entry import CacheEntry, Priority
-from kvcellar.cache.hashing import BlockHash, hash_block, hash_blocks, hash_partial
+from kvcellar.cache.hashing import BlockHash, hash_block, hash_blocks, hash_tail
 from kvcellar.cache.layout import LayoutCapabilities
 from kvcellar.cache.loading import LoadFailed, load_match, restore_entries, tokens_by_tier
 from kvcellar.cache.match import Match, RestorePoint, choose_restore_point, exact_boundary
 from kvcellar.cache.movement import TierSet
 from kvcellar.cache.observer import CacheObserver, NullObserver
-from kvcellar.cache.partials import PartialLRU
+from kvcellar.cache.tails import TailLRU
 from kvcellar.cache.stats import CacheStats, snapshot
 from kvcellar.cache.tier import Tier
 
@@ -61,7 +61,7 @@ class PrefixCache:
         capabilities: LayoutCapabilities,
         tiers: Sequence[Tier],
         *,
-        max_partial_entries: int = 8,
+        max_tail_entries: int = 8,
         observer: CacheObserver | None = None,
         write_through: Sequence[str] = (),
         lock: threading.RLock | None = None,
@@ -76,8 +76,8 @@ class PrefixCache:
         self._lock = lock if lock is not None else threading.RLock()
         self._counters: Counter[str] = Counter()  # the num_* fields of CacheStats
         self._tokens_by_tier: Counter[str] = Counter()
-        partials = PartialLRU(max_partial_entries)
-        self._set = TierSet(tiers, root, partials, self._observer, self._counters, write_through)
+        tails = TailLRU(max_tail_entries)
+        self._set = TierSet(tiers, root, tails, self._observer, self._counters, write_through)
         self._tiers = self._set.tiers  # fastest first
 
     @property
@@ -220,15 +220,15 @@ class PrefixCache:
         """
         tokens = tuple(token_ids)
         if len(tokens) != self._block_size:
-            raise ValueError(f"a block holds exactly {self._block_size} tokens, got {len(tokens)}; use insert_partial")
+            raise ValueError(f"a block holds exactly {self._block_size} tokens, got {len(tokens)}; use insert_tail")
         key = hash_block(parent, tokens, stepped)
-        entry = CacheEntry(key, parent, tokens, num_bytes, priority, payload, is_partial=False, namespace=self._root)
+        entry = CacheEntry(key, parent, tokens, num_bytes, priority, payload, is_tail=False, namespace=self._root)
         with self._lock:
             stored = self._set.store(entry, self._set.index_of(tier_name))
             through = self._set.write_through(entry)  # even when the first tier had no room
             return key if stored is not None or through else None
 
-    def insert_partial(
+    def insert_tail(
         self,
         parent: BlockHash,
         token_ids: Sequence[int],
@@ -240,13 +240,13 @@ class PrefixCache:
         """Store a sub-block tail after `parent` in the first tier; its key, or None when refused."""
         tokens = tuple(token_ids)
         if len(tokens) >= self._block_size:
-            raise ValueError(f"a partial entry holds fewer than {self._block_size} tokens, got {len(tokens)}")
-        key = hash_partial(parent, tokens)
+            raise ValueError(f"a tail entry holds fewer than {self._block_size} tokens, got {len(tokens)}")
+        key = hash_tail(parent, tokens)
         entry = CacheEntry(
-            key, parent, tokens, num_bytes, priority, payload, is_partial=True, has_logits=has_logits, namespace=self._root
+            key, parent, tokens, num_bytes, priority, payload, is_tail=True, has_logits=has_logits, namespace=self._root
         )
         with self._lock:
-            stored = self._set.store_partial(entry)
+            stored = self._set.store_tail(entry)
             through = stored is not None and self._set.write_through(entry)
             return key if stored is not None or through else None
 
@@ -262,7 +262,7 @@ class PrefixCache:
                     removed = True
                     self._counters["num_discards"] += 1
                     self._observer.on_evict(entry, tier.name)
-            self._set.partials.forget(key)
+            self._set.tails.forget(key)
             return removed
 
     def clear(self, tier_name: str | None = None) -> None:
@@ -271,7 +271,7 @@ class PrefixCache:
             indexes = range(len(self._tiers)) if tier_name is None else [self._set.index_of(tier_name)]
             for index in indexes:
                 self._tiers[index].clear()
-            self._set.partials.prune(self._tiers)
+            self._set.tails.prune(self._tiers)
 
     def set_budget_bytes(self, budget_bytes: int, tier_name: str | None = None) -> None:
         """Change a tier's budget (the first tier by default); evictions are counted and demoted."""

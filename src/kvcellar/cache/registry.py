@@ -40,7 +40,7 @@ class CacheRegistry:
     spec: NamespaceSpec | None
     capabilities: LayoutCapabilities | None
     tiers: list = field(default_factory=list)
-    max_partial_entries: int = 0
+    max_tail_entries: int = 0
     uncacheable_reason: str | None = None
     write_through: tuple[str, ...] = ()
     helpers: list = field(default_factory=list)  # the tiers' background helpers: .pause(active), .flush(), .close()
@@ -56,7 +56,7 @@ class CacheRegistry:
                 root = namespace_digest(self.spec.with_salt(salt) if salt else self.spec)
                 core = PrefixCache(
                     root, self.capabilities, self.tiers,
-                    max_partial_entries=self.max_partial_entries, write_through=self.write_through, lock=self._lock,
+                    max_tail_entries=self.max_tail_entries, write_through=self.write_through, lock=self._lock,
                 )  # fmt: skip
                 self._cores[salt] = core
             return core

@@ -20,10 +20,10 @@ class CacheStats:
     num_hit_tokens: int  # prompt tokens restored instead of computed
     num_miss_tokens: int  # prompt tokens left to compute
     num_saved_tokens: int  # = num_hit_tokens (prefill tokens the cache saved)
-    num_evictions: int  # entries removed from a tier for space or for the partial count limit
+    num_evictions: int  # entries removed from a tier for space or for the tail count limit
     num_discards: int  # entries removed by discard() (failed validation)
     num_entries: int
-    num_partial_entries: int
+    num_partial_entries: int  # tail entries (the public name of the stat)
     num_bytes: int  # resident + reserved, summed over tiers
     budget_bytes: int  # summed over tiers
     num_entries_by_priority: dict[str, int]  # Priority name -> resident entries

@@ -54,7 +54,7 @@ class TierStats:
 
     name: str
     num_entries: int
-    num_partial_entries: int
+    num_partial_entries: int  # tail entries (the public name of the stat)
     num_bytes: int  # resident + reserved, in the tier's own unit of storage (file bytes on disk)
     budget_bytes: int
     num_entries_by_priority: dict[str, int]
@@ -121,16 +121,16 @@ def check_tier_name(name: str) -> None:
 
 
 def usage_by_priority(entries: Iterable[CacheEntry]) -> tuple[int, int, dict[str, int], dict[str, int]]:
-    """(entries, partial entries, entries by priority name, payload bytes by priority name)."""
+    """(entries, tail entries, entries by priority name, payload bytes by priority name)."""
     by_count = {priority.name: 0 for priority in Priority}
     by_bytes = {priority.name: 0 for priority in Priority}
-    num_entries = num_partial = 0
+    num_entries = num_tails = 0
     for entry in entries:
         num_entries += 1
-        num_partial += entry.is_partial
+        num_tails += entry.is_tail
         by_count[entry.priority.name] += 1
         by_bytes[entry.priority.name] += entry.num_bytes
-    return num_entries, num_partial, by_count, by_bytes
+    return num_entries, num_tails, by_count, by_bytes
 
 
 def namespace_usage(tier: Tier, namespaces: Collection[BlockHash]) -> TierStats:
@@ -139,6 +139,6 @@ def namespace_usage(tier: Tier, namespaces: Collection[BlockHash]) -> TierStats:
     if usage_of is not None:
         return usage_of(namespaces)
     entries = [entry for entry in tier.entries() if entry.namespace in namespaces]
-    num_entries, num_partial, by_count, by_bytes = usage_by_priority(entries)
-    return TierStats(tier.name, num_entries, num_partial, sum(e.num_bytes for e in entries), tier.budget_bytes,
+    num_entries, num_tails, by_count, by_bytes = usage_by_priority(entries)
+    return TierStats(tier.name, num_entries, num_tails, sum(e.num_bytes for e in entries), tier.budget_bytes,
                      by_count, by_bytes)  # fmt: skip

@@ -137,7 +137,7 @@ class ModelPrefixCache:
                 log.warning("cached state did not fit (%s); discarding it and recomputing", exc)
                 self._discard_suspects(core, match)
                 return Restored(new_cache(self._config, capacity, pool), 0, lookup_s=looked_up - started)
-            logits = match.payload_of(match.partial).logits.to(device) if match.use_logits else None
+            logits = match.payload_of(match.tail).logits.to(device) if match.use_logits else None
         finally:
             core.release(match)
         if device.type == "cuda":  # the copies run behind the CPU: wait, so restore_s is their true time
@@ -177,7 +177,7 @@ class ModelPrefixCache:
             self.cost_model.record_prefill(num_tokens, seconds)
 
     def _discard_suspects(self, core: PrefixCache, match: Match) -> None:
-        core.discard(match.partial.key if match.partial is not None else match.blocks[-1].key)
+        core.discard(match.tail.key if match.tail is not None else match.blocks[-1].key)
 
     # -- capture ---------------------------------------------------------------------------------
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
@@ -210,19 +210,19 @@ class ModelPrefixCache:
                 stepped = stepped_from is not None and start >= stepped_from
                 core.insert_block(parent, token_ids[start:block_end], payload, payload.num_bytes, priority, stepped=stepped)
             if end == num_tokens or end in checkpoints:
-                self._store_partial(core, cache, token_ids, end, logits, segment_priority(end - 1, end, segments), hashes)
+                self._store_tail(core, cache, token_ids, end, logits, segment_priority(end - 1, end, segments), hashes)
 
         return on_chunk_end
 
-    def _store_partial(self, core, cache, token_ids, end, logits, priority, hashes) -> None:
-        """Store tokens [last boundary, end) as a partial entry; a 0-token one carries only logits."""
+    def _store_tail(self, core, cache, token_ids, end, logits, priority, hashes) -> None:
+        """Store tokens [last boundary, end) as a tail entry; a 0-token one carries only logits."""
         block = self.block_size
         start = end // block * block
         if start == end and logits is None:
             return
         parent = hashes[start // block - 1] if start else core.root
         payload = capture_entry(cache, self._layout, start, end, logits)
-        core.insert_partial(parent, token_ids[start:end], payload, payload.num_bytes, priority, has_logits=logits is not None)
+        core.insert_tail(parent, token_ids[start:end], payload, payload.num_bytes, priority, has_logits=logits is not None)
 
     def decode_hook(self, token_ids: Sequence[int], cache: DynamicCache, salt: str = "") -> Callable[[list[int]], None] | None:
         """Non-exact mode keeps the KV of generated tokens (assistant priority) as their blocks fill."""
@@ -254,4 +254,4 @@ class ModelPrefixCache:
             return
         core = self._core_for_salt(salt)
         hashes = core.block_keys(sequence, exact=False)
-        self._store_partial(core, cache, sequence, len(sequence), None, Priority.ASSISTANT, hashes)
+        self._store_tail(core, cache, sequence, len(sequence), None, Priority.ASSISTANT, hashes)

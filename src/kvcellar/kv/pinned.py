@@ -16,7 +16,7 @@ still growing, demoting one 32K-token request's blocks (16 of 235 MB) took
 of 0.86 s; with the pinned buffers already allocated the same demotions took
 0.11 s. So the first demotion of a whole block starts a thread that allocates
 buffers of that size until the host tier's budget is covered, and demotions
-take them (blocks of one model all have one size; partial entries, smaller
+take them (blocks of one model all have one size; tail entries, smaller
 and rarer, allocate as before).
 Buffers the host tier frees go back to torch's pinned allocator, which
 reuses them: once the tier is full, allocations are fast anyway.

@@ -210,8 +210,8 @@ class MemoryTier:
             self._remove(entry)
 
     def stats(self) -> TierStats:
-        num_entries, num_partial, by_count, by_bytes = usage_by_priority(self._entries.values())
-        return TierStats(self.name, num_entries, num_partial, self._num_bytes, self._budget_bytes, by_count, by_bytes)
+        num_entries, num_tails, by_count, by_bytes = usage_by_priority(self._entries.values())
+        return TierStats(self.name, num_entries, num_tails, self._num_bytes, self._budget_bytes, by_count, by_bytes)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         return True  # nothing is ever in flight outside the caller's own calls

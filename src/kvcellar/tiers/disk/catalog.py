@@ -41,10 +41,10 @@ class RecordState(Enum):
 
 class Record:
     __slots__ = ("key", "parent", "namespace", "num_bytes", "payload_bytes", "priority", "last_used",
-                 "num_tokens", "is_partial", "has_logits", "state", "num_pins", "entry", "header")  # fmt: skip
+                 "num_tokens", "is_tail", "has_logits", "state", "num_pins", "entry", "header")  # fmt: skip
 
     def __init__(self, key, parent, namespace, num_bytes, payload_bytes, priority, last_used, num_tokens,
-                 is_partial, has_logits, state=RecordState.STORED, entry=None, header=None) -> None:  # fmt: skip
+                 is_tail, has_logits, state=RecordState.STORED, entry=None, header=None) -> None:  # fmt: skip
         self.key: bytes = key
         self.parent: bytes = parent
         self.namespace: bytes = namespace
@@ -53,7 +53,7 @@ class Record:
         self.priority: Priority = Priority(priority)
         self.last_used: int = last_used
         self.num_tokens: int = num_tokens
-        self.is_partial: bool = is_partial
+        self.is_tail: bool = is_tail
         self.has_logits: bool = has_logits
         self.state: RecordState = state
         self.num_pins: int = 0
@@ -70,7 +70,7 @@ class Catalog:
         self.clock = 0
         self._visible_count = {p: 0 for p in Priority}
         self._visible_bytes = {p: 0 for p in Priority}
-        self._visible_partials = 0
+        self._visible_tails = 0
 
     def __len__(self) -> int:
         return len(self._records)
@@ -96,10 +96,10 @@ class Catalog:
         return sorted((r for r in found if r.state != RecordState.RESERVED), key=lambda r: r.key)
 
     def usage(self) -> tuple[int, int, dict[str, int], dict[str, int]]:
-        """(visible entries, visible partials, entries by priority name, payload bytes by priority name)."""
+        """(visible entries, visible tails, entries by priority name, payload bytes by priority name)."""
         counts = {p.name: n for p, n in self._visible_count.items()}
         sizes = {p.name: n for p, n in self._visible_bytes.items()}
-        return sum(self._visible_count.values()), self._visible_partials, counts, sizes
+        return sum(self._visible_count.values()), self._visible_tails, counts, sizes
 
     # -- changes -----------------------------------------------------------------------------
 
@@ -173,4 +173,4 @@ class Catalog:
     def _count(self, record: Record, sign: int) -> None:
         self._visible_count[record.priority] += sign
         self._visible_bytes[record.priority] += sign * record.payload_bytes
-        self._visible_partials += sign * record.is_partial
+        self._visible_tails += sign * record.is_tail

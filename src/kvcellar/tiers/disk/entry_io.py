@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kvcellar.cache import CacheEntry, hash_block, hash_partial
+from kvcellar.cache import CacheEntry, hash_block, hash_tail
 from kvcellar.tiers.disk.codec import PayloadCodec
 from kvcellar.tiers.disk.files import map_file, write_atomic
 from kvcellar.tiers.disk.format import (
@@ -71,7 +71,7 @@ class Expected:
     parent: bytes
     namespace: bytes
     num_bytes: int
-    is_partial: bool
+    is_tail: bool
     has_logits: bool
     num_tokens: int
 
@@ -85,7 +85,7 @@ def plan_header(entry: CacheEntry, codec: PayloadCodec, algorithm: str = DEFAULT
         parent=entry.parent,
         namespace=entry.namespace,
         token_ids=entry.token_ids,
-        is_partial=entry.is_partial,
+        is_tail=entry.is_tail,
         has_logits=entry.has_logits,
         priority=int(entry.priority),
         layout=codec.layout,
@@ -163,8 +163,8 @@ def _check(header: EntryHeader, size: int, expected: Expected, layout: str) -> N
     for failed, reason in problems:
         if failed:
             raise FormatError(reason)
-    if header.is_partial:
-        keys = {hash_partial(header.parent, header.token_ids)}
+    if header.is_tail:
+        keys = {hash_tail(header.parent, header.token_ids)}
     else:  # a block's key is plain or "stepped" (prefilled after its prompt's last whole chunk: cache/hashing.py)
         keys = {hash_block(header.parent, header.token_ids, stepped) for stepped in (False, True)}
     if header.key not in keys:
@@ -208,7 +208,7 @@ def _check_row(header: EntryHeader, size: int, expected: Expected, payload: obje
     problems = [
         (size != expected.num_bytes, f"size {size}, index says {expected.num_bytes}"),
         (header.parent != expected.parent, "parent differs"),
-        (header.is_partial != expected.is_partial or header.has_logits != expected.has_logits, "entry kind differs"),
+        (header.is_tail != expected.is_tail or header.has_logits != expected.has_logits, "entry kind differs"),
         (len(header.token_ids) != expected.num_tokens, "token count differs"),
     ]
     reasons = [reason for failed, reason in problems if failed]

@@ -12,6 +12,8 @@ Metadata (all strings, as safetensors requires): format, format_version, key,
 parent, namespace (hex digests), token_ids (decimal, comma separated),
 is_partial, has_logits ("0"/"1"), priority, layout (the codec's layer layout),
 payload_bytes, checksum ("<algorithm>:<hex>" over the data section).
+The format's names are fixed: its "is_partial" is what the code calls a
+tail (`EntryHeader.is_tail`); renaming it would orphan every existing file.
 
 Tensors are laid out by decreasing item size so every tensor starts at a
 multiple of its item size (the data section starts 8-aligned): they can be
@@ -68,7 +70,7 @@ class EntryHeader:
     parent: bytes
     namespace: bytes
     token_ids: tuple[int, ...]
-    is_partial: bool
+    is_tail: bool
     has_logits: bool
     priority: int
     layout: str
@@ -111,7 +113,7 @@ def encode_header(header: EntryHeader) -> bytes:
         "parent": header.parent.hex(),
         "namespace": header.namespace.hex(),
         "token_ids": ",".join(map(str, header.token_ids)),
-        "is_partial": "1" if header.is_partial else "0",
+        "is_partial": "1" if header.is_tail else "0",
         "has_logits": "1" if header.has_logits else "0",
         "priority": str(int(header.priority)),
         "layout": header.layout,
@@ -172,7 +174,7 @@ def parse_header(data: bytes | memoryview) -> tuple[EntryHeader, int]:
             parent=bytes.fromhex(meta["parent"]),
             namespace=bytes.fromhex(meta["namespace"]),
             token_ids=tuple(int(t) for t in tokens.split(",")) if tokens else (),
-            is_partial=meta["is_partial"] == "1",
+            is_tail=meta["is_partial"] == "1",
             has_logits=meta["has_logits"] == "1",
             priority=int(meta["priority"]),
             layout=meta["layout"],

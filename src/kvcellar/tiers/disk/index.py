@@ -34,6 +34,7 @@ from pathlib import Path
 from kvcellar.cache.hashing import HASH_NUM_BYTES
 from kvcellar.tiers.disk.format import MAX_HEADER_BYTES, PRIORITY_VALUES
 
+# The column names are the on-disk format: `is_partial` holds what the code calls a tail (IndexRow.is_tail).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key BLOB PRIMARY KEY,
@@ -67,21 +68,21 @@ class IndexRow:
     priority: int
     last_used: int
     num_tokens: int
-    is_partial: bool
+    is_tail: bool
     has_logits: bool
 
 
 def row_problem(values: tuple) -> str | None:
     """Why a raw `entries` row cannot be used (a value that would raise, or break the budget, later), or None."""
-    key, parent, namespace, num_bytes, payload_bytes, priority, last_used, num_tokens, is_partial, has_logits = values
+    key, parent, namespace, num_bytes, payload_bytes, priority, last_used, num_tokens, is_tail, has_logits = values
     if not all(isinstance(d, bytes) and len(d) == HASH_NUM_BYTES for d in (key, parent, namespace)):
         return f"key, parent and namespace must be {HASH_NUM_BYTES}-byte blobs"
     if key == parent:
         return "the entry is its own parent"
-    counts = (num_bytes, payload_bytes, priority, last_used, num_tokens, is_partial, has_logits)
+    counts = (num_bytes, payload_bytes, priority, last_used, num_tokens, is_tail, has_logits)
     if not all(type(value) is int for value in counts):
         return "a count or flag is not an integer"
-    if priority not in PRIORITY_VALUES or is_partial not in (0, 1) or has_logits not in (0, 1):
+    if priority not in PRIORITY_VALUES or is_tail not in (0, 1) or has_logits not in (0, 1):
         return "priority or flag out of range"
     if not 0 <= last_used < MAX_CLOCK or not 0 <= num_tokens < MAX_CLOCK:
         return "last_used or num_tokens out of range"
@@ -180,7 +181,7 @@ class DiskIndex:
             self._db.execute(
                 f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (row.key, row.parent, row.namespace, row.num_bytes, row.payload_bytes, row.priority,
-                 row.last_used, row.num_tokens, int(row.is_partial), int(row.has_logits)),
+                 row.last_used, row.num_tokens, int(row.is_tail), int(row.has_logits)),
             )  # fmt: skip
             self._db.execute("INSERT OR REPLACE INTO tokens (key, token_ids) VALUES (?, ?)", (row.key, pack_tokens(token_ids)))
 

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 def record_from_row(row: IndexRow) -> Record:
     return Record(row.key, row.parent, row.namespace, row.num_bytes, row.payload_bytes, row.priority, row.last_used,
-                  row.num_tokens, row.is_partial, row.has_logits)  # fmt: skip
+                  row.num_tokens, row.is_tail, row.has_logits)  # fmt: skip
 
 
 def recover(cache_dir: CacheDir, catalog: Catalog, budget_bytes: int | None) -> tuple[DiskIndex, dict[str, int]]:
@@ -112,7 +112,7 @@ def _index_orphans(cache_dir: CacheDir, index: DiskIndex, found: dict, catalog: 
             report["num_orphans_removed"] += 1
             continue
         row = IndexRow(key, header.parent, header.namespace, size, header.payload_bytes, header.priority, 0,
-                       len(header.token_ids), header.is_partial, header.has_logits)  # fmt: skip
+                       len(header.token_ids), header.is_tail, header.has_logits)  # fmt: skip
         orphans.append((row, header.token_ids))
         catalog.add(record_from_row(row))  # last_used 0: the oldest, pruned first if over budget
     index.put(orphans)

@@ -190,27 +190,27 @@ class DiskState:
             if token_ids is None or len(token_ids) != r.num_tokens:
                 unreadable.append(r)
                 continue
-            found.append(CacheEntry(r.key, r.parent, token_ids, r.payload_bytes, r.priority, None, r.is_partial,
+            found.append(CacheEntry(r.key, r.parent, token_ids, r.payload_bytes, r.priority, None, r.is_tail,
                                     r.has_logits, r.last_used, r.num_pins, r.namespace))  # fmt: skip
         return found, unreadable
 
     def read(self, r: Record) -> CacheEntry:
         """The entry with its payload, from a file that passes every check (ReadFailure otherwise). No lock held."""
-        expected = Expected(r.key, r.parent, r.namespace, r.num_bytes, r.is_partial, r.has_logits, r.num_tokens)
+        expected = Expected(r.key, r.parent, r.namespace, r.num_bytes, r.is_tail, r.has_logits, r.num_tokens)
         started = time.perf_counter()
         try:
             header, payload = read_entry(self.path(r), expected, self._codec)
         except RowMismatch as exc:  # what the file holds, for the tier to re-index it (tier.py)
             h = exc.header
             exc.entry = CacheEntry(h.key, h.parent, h.token_ids, h.payload_bytes, Priority(h.priority), exc.payload,
-                                   h.is_partial, h.has_logits, namespace=h.namespace)  # fmt: skip
+                                   h.is_tail, h.has_logits, namespace=h.namespace)  # fmt: skip
             raise
         seconds = time.perf_counter() - started
         with self.lock:
             self._counters["num_loads"] += 1
             self._counters["load_bytes"] += r.num_bytes
             self._counters["load_s"] += seconds
-        return CacheEntry(r.key, r.parent, header.token_ids, r.payload_bytes, r.priority, payload, r.is_partial,
+        return CacheEntry(r.key, r.parent, header.token_ids, r.payload_bytes, r.priority, payload, r.is_tail,
                           r.has_logits, namespace=r.namespace)  # fmt: skip
 
     def write(self, record: Record, header: EntryHeader, payload: object, wait_turn: Callable[[], None]) -> None:

@@ -131,7 +131,7 @@ class DiskTier:
         check quarantines the file, a valid block of that other model.
         """
         with self._lock:
-            stored = [r for r in self._catalog if r.state == RecordState.STORED and not r.is_partial and r.namespace == namespace]
+            stored = [r for r in self._catalog if r.state == RecordState.STORED and not r.is_tail and r.namespace == namespace]
             return max(stored, key=lambda r: r.last_used).key if stored else None
 
     def entries(self) -> list[CacheEntry]:
@@ -251,7 +251,7 @@ class DiskTier:
                 no_room = f"cannot free {size} bytes on disk: the rest is queued, pinned or parents"
                 return self._refused("num_dropped_no_room", no_room)
             record = Record(entry.key, entry.parent, header.namespace, size, sum(s.num_bytes for s in header.tensors),
-                            entry.priority, self._catalog.tick(), entry.num_tokens, entry.is_partial, entry.has_logits,
+                            entry.priority, self._catalog.tick(), entry.num_tokens, entry.is_tail, entry.has_logits,
                             state=RecordState.RESERVED, entry=entry, header=header)  # fmt: skip
             self._catalog.add(record)
             return StoreResult(True, evicted)
@@ -305,13 +305,13 @@ class DiskTier:
 
     def stats(self) -> TierStats:
         with self._lock:
-            num_entries, num_partial, counts, sizes = self._catalog.usage()
+            num_entries, num_tails, counts, sizes = self._catalog.usage()
             counters = {**self._recovery, **self._state.counters_snapshot()}
             num_bytes = self._catalog.num_bytes
         counters["num_queued"], counters["queued_bytes"] = self._queue.depth
         counters["open_s"] = self._open_s
         counters["index_bytes"] = self._state.index.size_bytes()
-        return TierStats(self.name, num_entries, num_partial, num_bytes, self.budget_bytes, counts, sizes, counters)
+        return TierStats(self.name, num_entries, num_tails, num_bytes, self.budget_bytes, counts, sizes, counters)
 
     def usage_of(self, namespaces: Collection[BlockHash]) -> TierStats:
         """Occupancy by the visible entries of `namespaces` only, from the catalog (the index is not read)."""
@@ -322,7 +322,7 @@ class DiskTier:
         for record in records:
             counts[record.priority.name] += 1
             sizes[record.priority.name] += record.payload_bytes
-        return TierStats(self.name, len(records), sum(r.is_partial for r in records), sum(r.num_bytes for r in records),
+        return TierStats(self.name, len(records), sum(r.is_tail for r in records), sum(r.num_bytes for r in records),
                          self.budget_bytes, counts, sizes)  # fmt: skip
 
     def start(self) -> None:

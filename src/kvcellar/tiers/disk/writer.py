@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def index_row(r: Record) -> IndexRow:
     return IndexRow(r.key, r.parent, r.namespace, r.num_bytes, r.payload_bytes, int(r.priority), r.last_used,
-                    r.num_tokens, r.is_partial, r.has_logits)  # fmt: skip
+                    r.num_tokens, r.is_tail, r.has_logits)  # fmt: skip
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -7,11 +7,11 @@ from .fakes import RecordingObserver, insert_chain, make_cache, payload
 
 def _insert(cache: PrefixCache, tokens: list[int], has_logits: bool = False, parent=None):
     parent = cache.root if parent is None else parent
-    return cache.insert_partial(parent, tokens, payload(tokens), 5, Priority.USER, has_logits)
+    return cache.insert_tail(parent, tokens, payload(tokens), 5, Priority.USER, has_logits)
 
 
 def _resident_partials(cache: PrefixCache) -> list[tuple[int, ...]]:
-    return sorted(e.token_ids for e in cache.tiers[0].entries() if e.is_partial)
+    return sorted(e.token_ids for e in cache.tiers[0].entries() if e.is_tail)
 
 
 def test_siblings_under_one_parent_are_kept() -> None:
@@ -25,7 +25,7 @@ def test_siblings_under_one_parent_are_kept() -> None:
 
 def test_count_bound_evicts_the_least_recently_used_partial() -> None:
     observer = RecordingObserver()
-    cache = make_cache(max_partial_entries=2, observer=observer)
+    cache = make_cache(max_tail_entries=2, observer=observer)
     for token in (1, 2, 3):
         _insert(cache, [token])
     assert _resident_partials(cache) == [(2,), (3,)]
@@ -34,18 +34,18 @@ def test_count_bound_evicts_the_least_recently_used_partial() -> None:
 
 
 def test_lookup_promotes_a_partial() -> None:
-    cache = make_cache(max_partial_entries=2)
+    cache = make_cache(max_tail_entries=2)
     _insert(cache, [1])
     _insert(cache, [2])
     match = cache.lookup([1, 9], exact=False)
-    assert match.partial is not None and match.partial.token_ids == (1,)
+    assert match.tail is not None and match.tail.token_ids == (1,)
     cache.release(match)
     _insert(cache, [3])
     assert _resident_partials(cache) == [(1,), (3,)]
 
 
 def test_reinsert_promotes_without_counting_twice() -> None:
-    cache = make_cache(max_partial_entries=2)
+    cache = make_cache(max_tail_entries=2)
     _insert(cache, [1])
     _insert(cache, [2])
     _insert(cache, [1])
@@ -56,7 +56,7 @@ def test_reinsert_promotes_without_counting_twice() -> None:
 
 def test_pinned_partials_are_skipped_or_the_insert_is_refused() -> None:
     observer = RecordingObserver()
-    cache = make_cache(max_partial_entries=2, observer=observer)
+    cache = make_cache(max_tail_entries=2, observer=observer)
     _insert(cache, [1])
     _insert(cache, [2])
     held = cache.lookup([1, 9], exact=False)  # pins [1]
@@ -65,11 +65,11 @@ def test_pinned_partials_are_skipped_or_the_insert_is_refused() -> None:
     assert _resident_partials(cache) == [(1,), (3,)]
     cache.release(held)
 
-    single = make_cache(max_partial_entries=1, observer=observer)
+    single = make_cache(max_tail_entries=1, observer=observer)
     _insert(single, [1])
     held = single.lookup([1, 9], exact=False)
     assert _insert(single, [2]) is None
-    assert observer.events[-1] == ("refuse", (2,), "max_partial_entries=1 reached and every partial is pinned")
+    assert observer.events[-1] == ("refuse", (2,), "max_partial_entries=1 reached and every tail is pinned")
     single.release(held)
     assert _insert(single, [2]) is not None
     assert _resident_partials(single) == [(2,)]
@@ -77,9 +77,9 @@ def test_pinned_partials_are_skipped_or_the_insert_is_refused() -> None:
 
 def test_zero_disables_partials() -> None:
     observer = RecordingObserver()
-    cache = make_cache(max_partial_entries=0, observer=observer)
+    cache = make_cache(max_tail_entries=0, observer=observer)
     assert _insert(cache, [1]) is None
-    assert observer.events == [("refuse", (1,), "partials disabled")]
+    assert observer.events == [("refuse", (1,), "tails disabled")]
     assert cache.stats().num_entries == 0
 
 
@@ -94,7 +94,7 @@ def test_a_tail_with_logits_replaces_the_same_tail_without() -> None:
 
 
 def test_partial_evicted_for_bytes_leaves_the_lru() -> None:
-    cache = make_cache(budget_bytes=15, max_partial_entries=2)
+    cache = make_cache(budget_bytes=15, max_tail_entries=2)
     _insert(cache, [1])  # 5 bytes, USER
     insert_chain(cache, [5, 6, 7, 8], num_bytes=10, priority=Priority.SYSTEM)
     _insert(cache, [2])  # needs 5 bytes: evicts [1], the only lower-priority leaf
@@ -108,9 +108,9 @@ def test_a_refused_tail_with_logits_keeps_the_old_tail() -> None:
     cache = make_cache(budget_bytes=10)
     key = _insert(cache, [1, 2])
     old = cache.tiers[0].get(key)
-    assert cache.insert_partial(cache.root, [1, 2], "with logits", 11, Priority.USER, has_logits=True) is None
+    assert cache.insert_tail(cache.root, [1, 2], "with logits", 11, Priority.USER, has_logits=True) is None
     assert cache.tiers[0].get(key) is old and not old.has_logits  # 11 bytes never fit: the old tail stays
     assert cache.stats().num_partial_entries == 1 and cache.stats().num_bytes == 5
     match = cache.lookup([1, 2, 3], exact=False)
-    assert match.partial is old
+    assert match.tail is old
     cache.release(match)

@@ -1,9 +1,9 @@
-"""Count-bounded recency order of the partial (sub-block tail) entries.
+"""Count-bounded recency order of the tail entries (fewer tokens than a block).
 
 Operations: `touch` (insert or promote to most recent), `forget`, `prune`
 (drop keys a tier no longer holds), `can_admit` (is there room for one more,
-evicting unpinned partials?), `overflow` (the least recently used unpinned
-partials beyond the bound, which the owner then evicts).
+evicting unpinned tails?), `overflow` (the least recently used unpinned
+tails beyond the bound, which the owner then evicts).
 
 The entries themselves live in tiers (and count against their byte budgets);
 this index only records key -> tier index in recency order, so it never owns
@@ -21,10 +21,10 @@ from kvcellar.cache.hashing import BlockHash
 from kvcellar.cache.tier import Tier
 
 
-class PartialLRU:
+class TailLRU:
     def __init__(self, max_entries: int) -> None:
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 0:
-            raise ValueError(f"max_partial_entries must be an integer >= 0 (0 disables partials), got {max_entries!r}")
+            raise ValueError(f"max_partial_entries must be an integer >= 0 (0 disables tails), got {max_entries!r}")
         self.max_entries = max_entries
         self._order: OrderedDict[BlockHash, int] = OrderedDict()  # key -> tier index, least recent first
 
@@ -45,7 +45,7 @@ class PartialLRU:
                 del self._order[key]
 
     def can_admit(self, tiers: Sequence[Tier]) -> bool:
-        """Whether one more partial fits once unpinned ones are evicted (False when disabled)."""
+        """Whether one more tail fits once unpinned ones are evicted (False when disabled)."""
         if self.max_entries == 0:
             return False
         self.prune(tiers)
@@ -53,7 +53,7 @@ class PartialLRU:
         return num_needed <= sum(1 for entry, _ in self._resident(tiers) if entry.num_pins == 0)
 
     def overflow(self, tiers: Sequence[Tier]) -> list[tuple[CacheEntry, int]]:
-        """Remove and return (entry, tier index) of the LRU unpinned partials beyond the bound."""
+        """Remove and return (entry, tier index) of the LRU unpinned tails beyond the bound."""
         self.prune(tiers)
         num_excess = len(self._order) - self.max_entries
         if num_excess <= 0:
