@@ -118,13 +118,14 @@ def ensure_dir(path: Path, known: set[Path]) -> None:
 def drop_cached_pages(fd: int) -> None:
     """Evict the file's (clean, just fsynced) pages from the page cache; no-op without posix_fadvise (macOS).
 
-    Measured on the 2-core VM (29 MB files, back to back): write() cost 50-76 ms
-    of CPU per file while the page cache grew onto memory not touched lately,
-    and 7 ms with each file's pages dropped after its fsync (the next file's
-    write reuses them at once); the DONTNEED call itself is ~1 ms. A later read
-    of the entry comes from the disk instead of the page cache: the tier's
-    reads are restores after a restart or an eviction, rarely right after a
-    write, and the memory stays with the model and the RAM tiers.
+    Why: while the page cache grows onto memory not touched lately, every
+    write() pays to reclaim it, several times the cost of writing into pages
+    just freed; dropping each file's clean pages right after its fsync lets
+    the next file's write reuse them at once (figures: docs/benchmarks.md,
+    disk tier). The price: a later read of the entry comes from the disk
+    instead of the page cache. The tier's reads are restores after a restart
+    or an eviction, rarely right after a write, and the memory stays with the
+    model and the RAM tiers.
     """
     fadvise = getattr(os, "posix_fadvise", None)
     if fadvise is not None:
@@ -167,8 +168,8 @@ def map_file(path: Path) -> memoryview:
 
     Private and writable so tensors can view it in place; nothing ever writes
     to it, so no page is copied. Not MAP_POPULATE: on a writable private
-    mapping that pre-faults by copying every page (measured 2 GB/s against
-    5.4 GB/s lazily, page-cached); the checksum pass faults the pages in
+    mapping that pre-faults by copying every page, where faulting lazily maps
+    the cached pages as they are; the checksum pass faults them in
     sequentially anyway. Our files are replaced by rename, never truncated or
     rewritten in place, so the mapping cannot lose or change its pages.
     """
