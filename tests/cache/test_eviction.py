@@ -1,10 +1,19 @@
-"""The eviction planner alone, over a fake tier of plain items: exact victim order."""
+"""The eviction planner: alone over a fake tier of plain items, and in MemoryTier against a full scan (exact victim order)."""
 
+import heapq
 from dataclasses import dataclass
 
-from kvcellar.cache import Priority
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcellar.cache import EVICTION_POLICIES, CacheEntry, Priority
 from kvcellar.cache.eviction import EvictionPlanner
 from kvcellar.cache.policy import LRU, PriorityLRU
+from kvcellar.tiers.memory import MemoryTier
+
+from .fakes import ROOT as NAMESPACE
+from .fakes import make_entry
 
 ROOT = b"r" * 32
 
@@ -122,3 +131,83 @@ def test_rebuild_keeps_one_heap_item_per_candidate_and_the_same_order() -> None:
     tier.planner.rebuild()
     assert len(tier.planner._heap) == 6
     assert _names(tier.planner.plan(60, None)) == ["e1", "e3", "e5", "e0", "e2", "e4"]
+
+
+def _full_scan_plan(tier: MemoryTier, num_bytes_needed: int, protected: bytes | None) -> list[CacheEntry] | None:
+    """The order the planner must give, by definition: repeatedly the smallest (sort key, key) among the
+    unpinned leaves, a parent joining once its last child is chosen (what MemoryTier computed by a scan)."""
+    if num_bytes_needed <= 0:
+        return []
+    entries = tier.entries()
+    sort_key = tier._planner.policy.sort_key
+    num_children = {}
+    for entry in entries:
+        num_children[entry.parent] = num_children.get(entry.parent, 0) + 1
+    by_key = {entry.key: entry for entry in entries}
+    heap = [(sort_key(e), e.key, e) for e in entries if e.num_pins == 0 and e.key not in num_children and e.key != protected]
+    heapq.heapify(heap)
+    victims, num_freed = [], 0
+    while num_freed < num_bytes_needed:
+        if not heap:
+            return None
+        victim = heapq.heappop(heap)[2]
+        victims.append(victim)
+        num_freed += victim.num_bytes
+        num_children[victim.parent] -= 1
+        parent = by_key.get(victim.parent)
+        if num_children[victim.parent] == 0 and parent is not None and parent.num_pins == 0 and parent.key != protected:
+            heapq.heappush(heap, (sort_key(parent), parent.key, parent))
+    return victims
+
+
+stores = st.tuples(st.just("store"), st.integers(0, 30), st.integers(0, 40), st.sampled_from(list(Priority)), st.integers(1, 20))
+tier_ops = st.one_of(
+    stores,
+    stores,
+    stores,
+    st.tuples(st.just("touch"), st.integers(0, 40)),
+    st.tuples(st.just("pin"), st.integers(0, 40)),
+    st.tuples(st.just("unpin")),
+    st.tuples(st.just("evict"), st.integers(0, 40)),
+    st.tuples(st.just("budget"), st.integers(0, 80)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(policy=st.sampled_from(sorted(EVICTION_POLICIES)), steps=st.lists(tier_ops, min_size=10, max_size=60))
+def test_memory_tier_evicts_in_exactly_the_full_scan_order(policy, steps) -> None:
+    tier = MemoryTier(60, policy=policy)
+    pinned: list[CacheEntry] = []  # loads not completed yet
+
+    def pick(index: int) -> CacheEntry | None:
+        entries = tier.entries()
+        return entries[index % len(entries)] if entries else None
+
+    for step in steps:
+        if step[0] == "store":
+            _, name, parent_index, priority, num_bytes = step
+            parent = pick(parent_index) if parent_index % 3 else None  # a third of the stores start a chain
+            entry = make_entry(f"e{name}", num_bytes, priority, parent.key if parent is not None else NAMESPACE)
+            expected = _full_scan_plan(tier, tier.num_bytes + num_bytes - tier.budget_bytes, entry.parent)
+            result = tier.prepare_store(entry)
+            if result.accepted and result.reason != "already stored":
+                assert list(result.evicted) == expected
+                tier.complete_store(entry.key)
+        elif step[0] == "touch" and (entry := pick(step[1])) is not None:
+            tier.touch([entry.key])
+        elif step[0] == "pin" and (entry := pick(step[1])) is not None:
+            tier.prepare_load([entry.key])
+            pinned.append(entry)
+        elif step[0] == "unpin" and pinned:
+            entry = pinned.pop(0)
+            if tier.get(entry.key) is entry:  # not evicted explicitly (and stored again) meanwhile
+                tier.complete_load([entry.key])
+        elif step[0] == "evict" and (entry := pick(step[1])) is not None:
+            tier.evict(entry.key)
+        elif step[0] == "budget":
+            expected = _full_scan_plan(tier, tier.num_bytes - step[1], None)
+            if expected is None:
+                with pytest.raises(ValueError):
+                    tier.set_budget(step[1])
+            else:
+                assert list(tier.set_budget(step[1])) == expected
