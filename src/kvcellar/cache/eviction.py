@@ -107,8 +107,9 @@ class EvictionPlanner(Generic[E]):
             heap_item = heapq.heappop(self._heap)
             sort_key, key = heap_item
             item = source.evictable(key)
-            if item is None or key in chosen or sort_key != self._sort_key(item) or not source.child_keys(key) <= chosen:
-                continue  # stale: the item changed (or went) since this heap item was pushed
+            stale = item is None or key in chosen or sort_key != self._sort_key(item)
+            if stale or not source.child_keys(key) <= chosen:
+                continue  # the item changed (or went) since this heap item was pushed, or is no leaf now
             if key == protected:
                 put_back.append(heap_item)
                 continue

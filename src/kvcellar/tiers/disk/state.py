@@ -184,14 +184,14 @@ class DiskState:
                 if num_errors % 100 == 1:
                     log.warning("disk cache index read failed (%d so far), a miss: %s", num_errors, exc)
                 return [], []
-        found, unreadable = [], []
-        for r in records:
-            token_ids = r.entry.token_ids if r.entry is not None else tokens.get(r.key)
-            if token_ids is None or len(token_ids) != r.num_tokens:
-                unreadable.append(r)
-                continue
-            found.append(CacheEntry(r.key, r.parent, token_ids, r.payload_bytes, r.priority, None, r.is_tail,
-                                    r.has_logits, r.last_used, r.num_pins, r.namespace))  # fmt: skip
+            found, unreadable = [], []
+            for r in records:
+                token_ids = r.entry.token_ids if r.entry is not None else tokens.get(r.key)
+                if token_ids is None or len(token_ids) != r.num_tokens:
+                    unreadable.append(r)
+                    continue
+                found.append(CacheEntry(r.key, r.parent, token_ids, r.payload_bytes, r.priority, None, r.is_tail,
+                                        r.has_logits, r.last_used, r.num_pins, r.namespace))  # fmt: skip
         return found, unreadable
 
     def read(self, r: Record) -> CacheEntry:

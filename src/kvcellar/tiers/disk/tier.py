@@ -57,9 +57,9 @@ _open_tiers: weakref.WeakSet[DiskTier] = weakref.WeakSet()
 class DiskTier:
     name = "disk"
 
-    def __init__(self, cache_dir: str | Path, budget_bytes: int, codec: PayloadCodec, *, policy: str = DEFAULT_EVICTION_POLICY,
-                 max_queue_entries: int = 256, max_queue_bytes: int = 1 << 30, checksum: str = DEFAULT_CHECKSUM,
-                 start_writer: bool = True) -> None:  # fmt: skip
+    def __init__(self, cache_dir: str | Path, budget_bytes: int, codec: PayloadCodec, *,
+                 policy: str = DEFAULT_EVICTION_POLICY, max_queue_entries: int = 256, max_queue_bytes: int = 1 << 30,
+                 checksum: str = DEFAULT_CHECKSUM, start_writer: bool = True) -> None:  # fmt: skip
         """Open (or create) `cache_dir`: lock it, reconcile index and files, prune to the budget, start the writer."""
         check_budget(budget_bytes)
         started = time.perf_counter()
@@ -131,7 +131,8 @@ class DiskTier:
         check quarantines the file, a valid block of that other model.
         """
         with self._lock:
-            stored = [r for r in self._catalog if r.state == RecordState.STORED and not r.is_tail and r.namespace == namespace]
+            stored = [r for r in self._catalog
+                      if r.state == RecordState.STORED and not r.is_tail and r.namespace == namespace]  # fmt: skip
             return max(stored, key=lambda r: r.last_used).key if stored else None
 
     def entries(self) -> list[CacheEntry]:
@@ -190,8 +191,7 @@ class DiskTier:
         self._state.count(f"num_{failure.kind}")  # num_corrupt / num_missing / num_unreadable
         log.warning("disk cache entry %s not served (%s: %s)", record.key.hex()[:16], failure.kind, failure)
         if self._catalog.get(record.key) is record:
-            path = self._dir.entry_path(record.namespace, record.key)
-            if failure.kind == "corrupt" and quarantine(self._dir, path, str(failure)):
+            if failure.kind == "corrupt" and quarantine(self._dir, self._state.path(record), str(failure)):
                 self._state.count("num_quarantined")
             self._space.drop(record)
 
