@@ -44,8 +44,12 @@ class DiskSpace:
         return self._budget_bytes
 
     def evict_for(self, num_bytes: int, protected: bytes) -> tuple[CacheEntry, ...] | None:
-        """Evict leaves until a file of `num_bytes` fits beside the others, or None (nothing evicted). Under the lock."""
-        victims = self._catalog.plan_evictions(self._catalog.num_bytes + num_bytes - self._state.files_budget(), protected)
+        """Evict leaves until a file of `num_bytes` fits beside the others; None: impossible, nothing evicted.
+
+        Under the lock. `protected` (the new entry's parent) is never a victim.
+        """
+        num_needed = self._catalog.num_bytes + num_bytes - self._state.files_budget()
+        victims = self._catalog.plan_evictions(num_needed, protected)
         return None if victims is None else self.evict(victims)
 
     def set_budget(self, budget_bytes: int, flush: Callable[[], bool]) -> tuple[CacheEntry, ...]:
