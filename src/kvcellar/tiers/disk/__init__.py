@@ -1,14 +1,15 @@
 """The disk tier: one self-describing, checksummed safetensors file per entry, indexed in SQLite.
 
 Modules, in the order a write passes through them:
-`tier` (`DiskTier`: the Tier protocol, budget, lookups), `state` (what the
-tier and its writer thread share: records, index, files), `queue` (the
+`tier` (`DiskTier`: the Tier protocol, lookups, loads, stores), `space`
+(`DiskSpace`: the budget, a full disk, evictions), `state` (`DiskState`:
+what the tier and its writer thread share, behind one lock), `queue` (the
 bounded write queue and its thread: pacing, priority), `writer` (what the
 thread does with a batch: write, index, delete), `entry_io` (write, read and
 verify one file), `format` (the file's header), `codec` (`PayloadCodec`:
 payload <-> tensors-as-bytes; `RawCodec`), `files` (paths, atomic writes,
-mapped reads, quarantine, the folder lock), `catalog` (the in-memory records
-and their eviction order), `index` (the SQLite summary of the files),
+mapped reads, quarantine, the folder lock), `catalog` (the in-memory records,
+their `RecordState`, and what the eviction planner reads), `index` (the SQLite summary of the files),
 `index_repair` (open the index, set a damaged one aside, audit rows),
 `recovery` (start-up: reconcile index and files, prune to the budget),
 `admin` (`kvcellar cache stats|ls|clear` without a model),
