@@ -11,6 +11,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from kvcellar.checks import is_int, is_number
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -103,7 +105,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         for name in ("device_cache_bytes", "disk_cache_bytes", "host_cache_bytes", "disk_write_queue_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a byte count >= 0, e.g. parse_size('4G') (got {value!r})")
         if self.disk_write_queue_bytes == 0:
             raise ValueError("disk_write_queue_bytes must be > 0: the disk tier writes through this queue")
@@ -111,7 +113,7 @@ class CacheConfig:
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
             raise ValueError(f"cache_dir must be a folder path or None (no disk tier), got {self.cache_dir!r}")
-        if isinstance(self.drain_timeout_s, bool) or not isinstance(self.drain_timeout_s, (int, float)) or not (
+        if not is_number(self.drain_timeout_s) or not (
             0 <= self.drain_timeout_s < float("inf")
         ):
             raise ValueError(f"drain_timeout_s (--drain-timeout) must be a number of seconds >= 0 (got {self.drain_timeout_s!r})")
@@ -155,7 +157,7 @@ class EngineConfig:
         if not 1 <= self.block_size <= 65536:
             raise ValueError(f"block_size must be between 1 and 65536 tokens (got {self.block_size})")
         chunk = self.prefill_chunk_size
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk % self.block_size):
+        if chunk is not None and (not is_int(chunk) or chunk < 1 or chunk % self.block_size):
             raise ValueError(f"prefill_chunk_size must be a multiple of the block size ({self.block_size}), got {chunk!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 (got {self.num_threads})")

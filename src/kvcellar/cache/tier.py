@@ -37,6 +37,7 @@ from typing import Protocol, runtime_checkable
 
 from kvcellar.cache.entry import CacheEntry, Priority
 from kvcellar.cache.hashing import BlockHash
+from kvcellar.checks import is_int
 
 TIER_NAMES = ("device", "host", "disk", "remote")
 
@@ -111,7 +112,7 @@ class Tier(Protocol):
 
 
 def check_budget(budget_bytes: int) -> None:
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+    if not is_int(budget_bytes) or budget_bytes < 0:
         raise ValueError(f"budget_bytes must be an integer >= 0 (0 stores nothing), got {budget_bytes!r}")
 
 
