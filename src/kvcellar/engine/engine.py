@@ -10,10 +10,11 @@ import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 
-from kvcellar.config import CacheConfig, EngineConfig
+from kvcellar.config import EngineConfig
 from kvcellar.cache.report import ProbeResult, cache_report, namespace_report
 from kvcellar.cache.registry import CacheRegistry, DrainReport
 from kvcellar.kv.wiring import build_prefix_cache
@@ -42,10 +43,11 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
+        config = config.with_block_size(self.loaded.device.type)
         exact = config.cache.enabled and config.cache.exact
         chunk = chunk_size_for(config.prefill_chunk_size, config.block_size, inspect_layout(self.loaded.model.config),
                                self.loaded.device.type, exact)  # fmt: skip
-        self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved, like block_size
+        self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved: block and chunk
         self.prefix_cache, self.cache_registry = build_prefix_cache(
             self.loaded.model.config, self.loaded.device, self.loaded.dtype, self.loaded.fingerprint, config
         )
@@ -55,18 +57,10 @@ class Engine:
         self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry, config.cache.drain_timeout_s)
 
     @classmethod
-    def load(
-        cls,
-        model: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        block_size: int | None = None,
-        num_threads: int | None = None,
-        cache: CacheConfig | None = None,
-        prefill_chunk_size: int | None = None,
-    ) -> Engine:
-        return cls(EngineConfig(model, device, dtype, block_size, num_threads, cache or CacheConfig(), prefill_chunk_size))
+    def load(cls, model: str, **options: Any) -> Engine:
+        """`Engine(EngineConfig(model, **options))`: options are EngineConfig's fields (device, dtype,
+        block_size, num_threads, cache, prefill_chunk_size), defaulting as there."""
+        return cls(EngineConfig(model, **options))
 
     # -- prompts ---------------------------------------------------------------------------------
     @property

@@ -11,6 +11,7 @@ metrics), `telemetry` (the one observer), `metrics` (Prometheus), `rates`
 """
 
 from kvcellar.server.app import create_app, serve
-from kvcellar.server.settings import ServerSettings, parse_api_keys
+from kvcellar.config import ServerSettings
+from kvcellar.server.settings import parse_api_keys
 
 __all__ = ["ServerSettings", "create_app", "parse_api_keys", "serve"]

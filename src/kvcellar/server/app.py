@@ -33,7 +33,7 @@ from kvcellar.server.errors import install_error_handlers
 from kvcellar.server.metrics import CountRejections
 from kvcellar.server.limits import BodyLimitMiddleware
 from kvcellar.server.openapi import install_openapi
-from kvcellar.server.settings import ServerSettings
+from kvcellar.config import ServerSettings
 from kvcellar.server.telemetry import Telemetry
 
 log = logging.getLogger("kvcellar.server")

@@ -20,7 +20,7 @@ from kvcellar.errors import InvalidRequestError
 from kvcellar.server.auth import Tenant
 from kvcellar.server.errors import APIError
 from kvcellar.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
-from kvcellar.server.settings import ServerSettings
+from kvcellar.config import ServerSettings
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from kvcellar.server.metrics import ServerMetrics
 from kvcellar.server.prepare import Prepared
 from kvcellar.server.rates import TENANT_RATE_COUNTERS, RateWindows
 from kvcellar.server.recent import RecentRequests, RequestRecord
-from kvcellar.server.settings import ServerSettings
+from kvcellar.config import ServerSettings
 
 log = logging.getLogger("kvcellar.server")
 
