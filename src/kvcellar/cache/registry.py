@@ -22,6 +22,7 @@ from kvcellar.cache.hashing import NamespaceSpec, namespace_digest
 from kvcellar.cache.layout import LayoutCapabilities
 from kvcellar.cache.prefix_cache import PrefixCache
 from kvcellar.cache.stats import CacheStats
+from kvcellar.cache.tier import BackgroundHelper, BackgroundWriter, Tier
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,11 @@ class CacheRegistry:
 
     spec: NamespaceSpec | None
     capabilities: LayoutCapabilities | None
-    tiers: list = field(default_factory=list)
+    tiers: list[Tier] = field(default_factory=list)
     max_partial_entries: int = 0
     uncacheable_reason: str | None = None
     write_through: tuple[str, ...] = ()
-    helpers: list = field(default_factory=list)  # the tiers' background helpers: .pause(active), .flush(), .close()
+    helpers: list[BackgroundHelper] = field(default_factory=list)  # the tiers' helper threads
     _cores: dict[str, PrefixCache] = field(default_factory=dict)
     # One lock for the cores and the tiers they share: the worker inserts while server threads
     # read stats, clear tiers or change budgets.
@@ -84,7 +85,7 @@ class CacheRegistry:
     @contextlib.contextmanager
     def computing(self):
         """Around a prefill: tiers that write in the background (disk) hold their writes back."""
-        deferring = [tier for tier in self.tiers if hasattr(tier, "defer_writes")]
+        deferring = [tier for tier in self.tiers if isinstance(tier, BackgroundWriter)]
         for tier in deferring:
             tier.defer_writes(True)
         try:
@@ -113,7 +114,7 @@ class CacheRegistry:
         directory lock) and helper. Idempotent: a second call finds nothing queued."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
-        writing = [tier for tier in self.tiers if hasattr(tier, "defer_writes")]  # tiers with a write-behind queue
+        writing = [tier for tier in self.tiers if isinstance(tier, BackgroundWriter)]
         before = {tier.name: tier.stats().counters for tier in writing}
         for tier in self.tiers:
             tier.flush(left())

@@ -17,6 +17,7 @@ import torch
 from kvcellar.config import EngineConfig
 from kvcellar.cache.report import ProbeResult, cache_report, namespace_report
 from kvcellar.cache.registry import CacheRegistry, DrainReport
+from kvcellar.cache.tier import check_known_tier
 from kvcellar.kv.wiring import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
 from kvcellar.engine.prefill import chunk_size_for
@@ -152,20 +153,15 @@ class Engine:
 
     def clear_cache(self, tier: str | None = None) -> None:
         """Drop cached entries of one tier (by name), or of every tier."""
-        self._check_tier(tier)
+        check_known_tier(tier, self.tier_names)
         self.cache_registry.clear(tier)
 
     def set_cache_budget(self, tier: str, num_bytes: int) -> None:
         """Change a tier's byte budget at run time; lowering it evicts at once."""
-        self._check_tier(tier)
+        check_known_tier(tier, self.tier_names)
         if num_bytes < 0:
             raise ValueError(f"a budget cannot be negative (got {num_bytes})")
         self.cache_registry.set_budget(tier, num_bytes)
-
-    def _check_tier(self, tier: str | None) -> None:
-        if tier is not None and tier not in self.tier_names:
-            known = ", ".join(self.tier_names) or "none: the cache is off"
-            raise ValueError(f"unknown cache tier {tier!r}; tiers: {known}")
 
     @property
     def queue_depth(self) -> int:

@@ -15,7 +15,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from kvcellar.cache.tier import check_known_tier
 from kvcellar.config import parse_size
+from kvcellar.errors import UnknownTierError
 from kvcellar.server.auth import Tenant, current_tenant, metrics_reader, require_admin
 from kvcellar.server.errors import APIError
 from kvcellar.server.prepare import check_model, check_prompt_length, encode_input
@@ -27,9 +29,10 @@ MAX_BUDGET_BYTES = 2**63 - 1
 
 
 def _check_tier(engine: object, tier: str | None) -> None:
-    if tier is not None and tier not in engine.tier_names:
-        known = ", ".join(engine.tier_names) or "none (the cache is off)"
-        raise APIError(400, f"unknown cache tier {tier!r}; tiers: {known}", param="tier", code="unknown_tier")
+    try:
+        check_known_tier(tier, engine.tier_names)
+    except UnknownTierError as exc:
+        raise APIError(400, str(exc), param="tier", code="unknown_tier") from None
 
 
 @router.get("/v1/cache/stats")
