@@ -1,7 +1,9 @@
 """The engine: one model, its prefix cache, and the worker thread that runs requests.
 
-Operations: `Engine.load(model_dir, ...)`, `generate`, `stream`, `encode_chat`,
-`cache_stats` (all, or some salts' share), `clear_cache`, `session`, `close`.
+Operations: `Engine.load(model_dir, ...)`, `generate`, `stream`, `encode`, `probe`,
+`cache_report` / `cache_stats` (all, or some salts' share; typed / as JSON), `clear_cache`,
+`set_cache_budget`, `close`. `Engine` satisfies `engine.serving.ServingEngine`, the
+protocol the server and `ChatSession(engine)` are typed against.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from kvcellar.config import EngineConfig
-from kvcellar.cache.report import ProbeResult, cache_report, namespace_report
+from kvcellar.cache.report import CacheReport, ProbeResult, cache_report, namespace_report
 from kvcellar.cache.registry import CacheRegistry, DrainReport
 from kvcellar.cache.tier import check_known_tier
 from kvcellar.kv.wiring import build_prefix_cache
@@ -114,11 +116,6 @@ class Engine:
                 return event.result
         raise RuntimeError("generation ended without a result")
 
-    def session(self, system: str | None = None, **defaults: object):
-        from kvcellar.session import ChatSession
-
-        return ChatSession(self, system=system, **defaults)
-
     # -- cache -----------------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
@@ -128,8 +125,8 @@ class Engine:
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self.cache_registry.tiers]
 
-    def cache_stats(self, salts: Callable[[str], bool] | None = None) -> dict:
-        """JSON-ready counters (lookups, hit/miss/saved tokens, evictions) and occupancy per tier and priority.
+    def cache_report(self, salts: Callable[[str], bool] | None = None) -> CacheReport:
+        """Counters (lookups, hit/miss/saved tokens, evictions) and occupancy per tier and priority, typed.
 
         `salts`: only the cache salts it accepts, their counters and the entries of their namespaces
         (no evictions or media counters: those belong to the shared tiers); None: everything.
@@ -137,6 +134,10 @@ class Engine:
         if salts is not None:
             return namespace_report(self.cache_registry, salts)
         return cache_report(self.cache_registry)
+
+    def cache_stats(self, salts: Callable[[str], bool] | None = None) -> dict:
+        """`cache_report(salts)` as JSON-ready dict (the cache part of GET /v1/cache/stats, docs/api.md)."""
+        return self.cache_report(salts).as_json()
 
     def probe(
         self,
