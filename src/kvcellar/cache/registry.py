@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from kvcellar.cache.hashing import NamespaceSpec, namespace_digest
 from kvcellar.cache.layout import LayoutCapabilities
+from kvcellar.cache.observer import CacheObserver, NullObserver
 from kvcellar.cache.prefix_cache import PrefixCache
 from kvcellar.cache.stats import CacheStats
 from kvcellar.cache.tier import BackgroundHelper, BackgroundWriter, Tier
@@ -45,6 +46,7 @@ class CacheRegistry:
     uncacheable_reason: str | None = None
     write_through: tuple[str, ...] = ()
     helpers: list[BackgroundHelper] = field(default_factory=list)  # the tiers' helper threads
+    observer: CacheObserver = field(default_factory=NullObserver)  # every core's
     _cores: dict[str, PrefixCache] = field(default_factory=dict)
     # One lock for the cores and the tiers they share: the worker inserts while server threads
     # read stats, clear tiers or change budgets.
@@ -57,7 +59,8 @@ class CacheRegistry:
                 root = namespace_digest(self.spec.with_salt(salt) if salt else self.spec)
                 core = PrefixCache(
                     root, self.capabilities, self.tiers,
-                    max_partial_entries=self.max_partial_entries, write_through=self.write_through, lock=self._lock,
+                    max_partial_entries=self.max_partial_entries, observer=self.observer, write_through=self.write_through,
+                    lock=self._lock,
                 )  # fmt: skip
                 self._cores[salt] = core
             return core

@@ -7,11 +7,14 @@ Tiers, fastest first: `device` (MemoryTier); `host` (MemoryTier in pinned RAM,
 only when the model runs on a GPU; kv/pinned.py supplies its hooks); `disk`
 (DiskTier, only with a cache_dir), which also receives every inserted entry
 (write-through, on its background thread) so a restart finds what was
-computed even if nothing was evicted.
+computed even if nothing was evicted. Every core reports its events to a
+`LoggingObserver` on the "kvcellar.cache" logger (refusals and evictions at
+DEBUG).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -19,6 +22,7 @@ import torch
 from kvcellar.cache import BlockHash, NamespaceSpec, namespace_digest
 from kvcellar.cache.registry import CacheRegistry
 from kvcellar.cache.cost_model import CostModel
+from kvcellar.cache.observer import LoggingObserver
 from kvcellar.cache.tier import BackgroundHelper, PersistentTier, Tier
 from kvcellar.config import CacheConfig, EngineConfig
 from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache
@@ -53,7 +57,7 @@ def build_prefix_cache(
     write_through = ("disk",) if any(tier.name == "disk" for tier in tiers) else ()
     registry = CacheRegistry(
         spec, layout.capabilities(config.block_size, chunk), tiers, cache_config.max_partial_entries, write_through=write_through,
-        helpers=helpers,
+        helpers=helpers, observer=LoggingObserver(logging.getLogger("kvcellar.cache")),
     )  # fmt: skip
     prefix_cache = ModelPrefixCache(
         registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, device,
