@@ -41,23 +41,27 @@ def new_request_id(prefix: str) -> str:
 
 
 def build_record(
-    request_id: str, endpoint: str, prepared: Prepared, stream: bool, created_s: float, waited_s: float,
+    request_id: str, endpoint: str, prepared: Prepared, *, stream: bool, created_s: float, waited_s: float,
     result: GenerationResult | None, error: BaseException | None,
 ) -> RequestRecord:  # fmt: skip
     """The record of one request. `waited_s`: arrival -> the request queued in the engine (tokenizing)."""
-    tenant = prepared.tenant.bound_salt
+    request = dict(request_id=request_id, endpoint=endpoint, created_s=created_s, tenant=prepared.tenant.bound_salt,
+                   stream=stream)  # fmt: skip
     if result is None:  # the engine raised: nothing it measured came back
-        finish = "error" if error is not None else "cancelled"
-        return RequestRecord(request_id, endpoint, created_s, tenant, stream, len(prepared.prompt_ids), None, None, 0,
-                             finish, waited_s, None, None, waited_s)  # fmt: skip
+        return RequestRecord(
+            **request, num_prompt_tokens=len(prepared.prompt_ids), num_cached_tokens=None, num_prefilled_tokens=None,
+            num_completion_tokens=0, finish_reason="error" if error is not None else "cancelled", queue_s=waited_s,
+            ttft_s=None, engine_ttft_s=None, total_s=waited_s,
+        )  # fmt: skip
     timings = result.timings
     queue_s = waited_s + timings.queue_s
     generated = bool(result.token_ids)
     return RequestRecord(
-        request_id, endpoint, created_s, tenant, stream, result.num_prompt_tokens, result.num_cached_tokens,
-        timings.num_prefill_tokens, len(result.token_ids), result.finish_reason, queue_s,
-        queue_s + timings.ttft_s if generated else None, timings.ttft_s if generated else None,
-        queue_s + timings.total_s, dict(result.cached_tokens_by_tier),
+        **request, num_prompt_tokens=result.num_prompt_tokens, num_cached_tokens=result.num_cached_tokens,
+        num_prefilled_tokens=timings.num_prefill_tokens, num_completion_tokens=len(result.token_ids),
+        finish_reason=result.finish_reason, queue_s=queue_s,
+        ttft_s=queue_s + timings.ttft_s if generated else None, engine_ttft_s=timings.ttft_s if generated else None,
+        total_s=queue_s + timings.total_s, cached_tokens_by_tier=dict(result.cached_tokens_by_tier),
     )  # fmt: skip
 
 
@@ -74,14 +78,15 @@ class Telemetry:
         self._num_completion_tokens: Counter[str | None] = Counter()
 
     def recorder(
-        self, request_id: str, endpoint: str, prepared: Prepared, stream: bool, created_s: float, arrived: float
+        self, request_id: str, endpoint: str, prepared: Prepared, *, stream: bool, created_s: float, arrived: float
     ) -> Callable[[GenerationResult | None, BaseException | None], None]:
         """The `on_end` of a request about to be queued; `arrived`: its `time.perf_counter()` at arrival."""
         waited_s = time.perf_counter() - arrived
 
         def on_end(result: GenerationResult | None, error: BaseException | None) -> None:
             try:
-                self.finish(build_record(request_id, endpoint, prepared, stream, created_s, waited_s, result, error))
+                self.finish(build_record(request_id, endpoint, prepared, stream=stream, created_s=created_s,
+                                         waited_s=waited_s, result=result, error=error))  # fmt: skip
             except Exception:  # noqa: BLE001 - on the pump thread: a bad record must not lose the next ones
                 log.exception("could not record request %s", request_id)
 
