@@ -6,15 +6,19 @@ Three lines for a library caller:
     engine = Engine.load("path/to/hf-model-folder")
     print(engine.generate("Once upon a time", max_tokens=32).text)
 
-Packages: `cache` (torch-free core: hashing, index, eviction, tiers),
-`kv` (tensor capture/restore), `engine` (model, prefill, decode),
-`models` (offline random-weight model folders), `cli`.
+A chat that reuses the cache turn after turn: `ChatSession(engine).chat("...")`.
+
+Packages, bottom up: `config` / `checks` / `errors` (modules), `cache`
+(torch-free core: hashing, match, eviction, the tier protocol, stats),
+`tiers` (every medium: memory, disk), `kv` (tensor capture/restore, the
+engine's adapter), `engine` (model, prefill, decode), `server` and `session`,
+`bench`, `cli`; `models` (offline model folders, GGUF).
 """
 
 from kvcellar.config import CacheConfig, EngineConfig
 
 __version__ = "0.1.0"
-__all__ = ["CacheConfig", "Engine", "EngineConfig", "SamplingParams", "__version__"]
+__all__ = ["CacheConfig", "ChatSession", "Engine", "EngineConfig", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):
@@ -23,4 +27,8 @@ def __getattr__(name: str):
         from kvcellar import engine
 
         return getattr(engine, name)
+    if name == "ChatSession":
+        from kvcellar.session import ChatSession
+
+        return ChatSession
     raise AttributeError(name)

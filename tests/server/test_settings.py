@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from kvcellar.server.settings import ServerSettings, effective_salt, parse_api_keys
+from kvcellar.config import ServerSettings
+from kvcellar.server.settings import effective_salt, parse_api_keys
 
 
 def test_parse_api_keys_binds_salts():

@@ -40,7 +40,9 @@ def _cpu_model() -> str:
 def _gpu(device: str) -> dict:
     import torch
 
-    if not torch.cuda.is_available() or device.startswith(("cpu", "mps")):
+    from kvcellar.engine.loader import device_type
+
+    if not torch.cuda.is_available() or device_type(device) != "cuda":
         return {}
     index = int(device.split(":")[1]) if ":" in device else 0
     props = torch.cuda.get_device_properties(index)

@@ -54,14 +54,9 @@ def bench_model_dir(progress: Callable[[str], None] | None = _log) -> Path:
 
 
 def _cuda_wanted(config: BenchConfig) -> bool:
-    device = config.engine.device
-    if device.startswith("cuda"):
-        return True
-    if device != "auto":
-        return False
-    import torch
+    from kvcellar.engine.loader import device_type
 
-    return torch.cuda.is_available()
+    return device_type(config.engine.device) == "cuda"
 
 
 def unavailable_modes(config: BenchConfig) -> dict[str, str]:

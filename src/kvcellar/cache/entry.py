@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from kvcellar.cache.hashing import HASH_NUM_BYTES, BlockHash
+from kvcellar.checks import is_int
 
 
 class Priority(IntEnum):
@@ -54,7 +55,7 @@ class CacheEntry:
             if not isinstance(digest, bytes) or len(digest) != HASH_NUM_BYTES:
                 raise ValueError(f"{label} must be a {HASH_NUM_BYTES}-byte BlockHash, got {digest!r:.80}")
         self.token_ids = tuple(self.token_ids)
-        if isinstance(self.num_bytes, bool) or not isinstance(self.num_bytes, int) or self.num_bytes < 0:
+        if not is_int(self.num_bytes) or self.num_bytes < 0:
             raise ValueError(f"num_bytes must be an integer >= 0, got {self.num_bytes!r}")
         self.priority = Priority(self.priority)
         if not self.token_ids and not (self.is_tail and self.has_logits):

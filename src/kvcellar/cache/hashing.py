@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NewType
 
+from kvcellar.checks import is_int
+
 BlockHash = NewType("BlockHash", bytes)
 """A 32-byte sha256 digest naming a namespace root, a block or a tail entry."""
 
@@ -67,15 +69,15 @@ class NamespaceSpec:
             raise ValueError("model_fingerprint must be a non-empty string identifying the model's config and weights")
         if not isinstance(self.dtype, str) or not self.dtype:
             raise ValueError("dtype must be a non-empty string such as 'bfloat16'")
-        if not _is_int(self.block_size) or self.block_size < 1:
+        if not is_int(self.block_size) or self.block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
-        if not _is_int(self.layout_version) or self.layout_version < 0:
+        if not is_int(self.layout_version) or self.layout_version < 0:
             raise ValueError(f"layout_version must be an integer >= 0, got {self.layout_version!r}")
         if not isinstance(self.exact, bool):
             raise ValueError(f"exact must be True or False, got {self.exact!r}")
         if not isinstance(self.tenant_salt, str):
             raise ValueError(f"tenant_salt must be a string, got {type(self.tenant_salt).__name__}")
-        if self.chunk_size is not None and (not _is_int(self.chunk_size) or self.chunk_size % self.block_size):
+        if self.chunk_size is not None and (not is_int(self.chunk_size) or self.chunk_size % self.block_size):
             raise ValueError(f"chunk_size must be None or a multiple of block_size, got {self.chunk_size!r}")
 
     def with_salt(self, salt: str) -> NamespaceSpec:
@@ -107,7 +109,7 @@ def hash_blocks(
 
     Blocks starting at or after `stepped_from` (a token position) get stepped keys.
     """
-    if not _is_int(block_size) or block_size < 1:
+    if not is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     keys: list[BlockHash] = []
     parent = root
@@ -132,10 +134,7 @@ def _chained(tag: bytes, parent: BlockHash, token_ids: Sequence[int]) -> BlockHa
 
 def _bad_token_message(token_ids: Sequence[int]) -> str:
     for index, token in enumerate(token_ids):
-        if not _is_int(token) or not 0 <= token <= MAX_TOKEN_ID:
+        if not is_int(token) or not 0 <= token <= MAX_TOKEN_ID:
             return f"token id {token!r} at index {index} is not an integer in [0, 2**32); pass the tokenizer's ids"
     return "token ids could not be encoded as uint32"
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvcellar.checks import is_int
+
 
 def full_chunks_end(num_tokens: int, chunk_size: int) -> int:
     """Where an n-token prompt's whole prefill chunks end; blocks after it are prefilled (and keyed) stepped."""
@@ -33,17 +35,17 @@ class LayoutCapabilities:
     chunk_size: int | None = None  # prefill chunk, a multiple of block_size; None: one block
 
     def __post_init__(self) -> None:
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+        if not is_int(self.block_size) or self.block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}")
         if not isinstance(self.has_recurrent, bool):
             raise ValueError(f"has_recurrent must be True or False, got {self.has_recurrent!r}")
         window = self.sliding_window
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 2):
+        if window is not None and (not is_int(window) or window < 2):
             raise ValueError(f"sliding_window must be None or an integer >= 2, got {window!r}")
         chunk = self.chunk_size
         if chunk is None:
             object.__setattr__(self, "chunk_size", self.block_size)
-        elif isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1 or chunk % self.block_size:
+        elif not is_int(chunk) or chunk < 1 or chunk % self.block_size:
             raise ValueError(f"chunk_size must be a multiple of block_size ({self.block_size}), got {chunk!r}")
         elif chunk > self.block_size and (self.has_recurrent or window is not None):
             # A recurrent state exists only where a forward pass ends, and a sliding layer keeps only its

@@ -1,13 +1,18 @@
 """One object receives every cache event (metrics, logs, dashboards).
 
-Operations: `CacheObserver` (the protocol) and `NullObserver` (does nothing).
-`PrefixCache` always calls its observer; "no metrics" is a `NullObserver`, not
-a flag checked on every event. Observers run under the cache lock: they must
-be fast and must not call back into the cache's mutating methods.
+Operations: `CacheObserver` (the protocol), `NullObserver` (does nothing),
+`LoggingObserver(logger)` (the engine's: each refused store and each
+eviction becomes a DEBUG line, so `--log-level debug` shows why a block was
+not kept; counters stay in `CacheStats`). `PrefixCache` always calls its
+observer; "no metrics" is a `NullObserver`, not a flag checked on every
+event. `CacheRegistry` hands its one observer to every core it creates.
+Observers run under the cache lock: they must be fast and must not call
+back into the cache's mutating methods.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Protocol
 
 from kvcellar.cache.entry import CacheEntry
@@ -44,3 +49,34 @@ class NullObserver:
 
     def on_refuse(self, entry: CacheEntry, reason: str) -> None:
         pass
+
+
+class LoggingObserver:
+    """Logs what the counters cannot say: which entry a tier refused and why, which one it evicted.
+
+    Lookups and stores are not logged (one per block, and the server logs a HIT/MISS line per
+    request); at any level above DEBUG each event costs one `isEnabledFor` check.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+
+    def on_lookup(self, match: Match, num_prompt_tokens: int) -> None:
+        pass
+
+    def on_evict(self, entry: CacheEntry, tier_name: str) -> None:
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("evicted %s from %s (%d tokens, %d bytes, %s)", _describe(entry), tier_name,
+                            len(entry.token_ids), entry.num_bytes, entry.priority.name)  # fmt: skip
+
+    def on_store(self, entry: CacheEntry, tier_name: str) -> None:
+        pass
+
+    def on_refuse(self, entry: CacheEntry, reason: str) -> None:
+        if self._log.isEnabledFor(logging.DEBUG):
+            self._log.debug("not stored: %s (%d tokens, %d bytes): %s", _describe(entry), len(entry.token_ids),
+                            entry.num_bytes, reason)  # fmt: skip
+
+
+def _describe(entry: CacheEntry) -> str:
+    return f"{'partial' if entry.is_partial else 'block'} {entry.key.hex()[:12]}"

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 
 from kvcellar.cache.hashing import NamespaceSpec, namespace_digest
 from kvcellar.cache.layout import LayoutCapabilities
+from kvcellar.cache.observer import CacheObserver, NullObserver
 from kvcellar.cache.prefix_cache import PrefixCache
 from kvcellar.cache.stats import CacheStats
+from kvcellar.cache.tier import BackgroundHelper, BackgroundWriter, Tier
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,12 @@ class CacheRegistry:
 
     spec: NamespaceSpec | None
     capabilities: LayoutCapabilities | None
-    tiers: list = field(default_factory=list)
+    tiers: list[Tier] = field(default_factory=list)
     max_tail_entries: int = 0
     uncacheable_reason: str | None = None
     write_through: tuple[str, ...] = ()
-    helpers: list = field(default_factory=list)  # the tiers' background helpers: .pause(active), .flush(), .close()
+    helpers: list[BackgroundHelper] = field(default_factory=list)  # the tiers' helper threads
+    observer: CacheObserver = field(default_factory=NullObserver)  # every core's
     _cores: dict[str, PrefixCache] = field(default_factory=dict)
     # One lock for the cores and the tiers they share: the worker inserts while server threads
     # read stats, clear tiers or change budgets.
@@ -56,7 +59,8 @@ class CacheRegistry:
                 root = namespace_digest(self.spec.with_salt(salt) if salt else self.spec)
                 core = PrefixCache(
                     root, self.capabilities, self.tiers,
-                    max_tail_entries=self.max_tail_entries, write_through=self.write_through, lock=self._lock,
+                    max_tail_entries=self.max_tail_entries, observer=self.observer, write_through=self.write_through,
+                    lock=self._lock,
                 )  # fmt: skip
                 self._cores[salt] = core
             return core
@@ -84,7 +88,7 @@ class CacheRegistry:
     @contextlib.contextmanager
     def computing(self):
         """Around a prefill: tiers that write in the background (disk) hold their writes back."""
-        deferring = [tier for tier in self.tiers if hasattr(tier, "defer_writes")]
+        deferring = [tier for tier in self.tiers if isinstance(tier, BackgroundWriter)]
         for tier in deferring:
             tier.defer_writes(True)
         try:
@@ -113,7 +117,7 @@ class CacheRegistry:
         directory lock) and helper. Idempotent: a second call finds nothing queued."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())  # noqa: E731
-        writing = [tier for tier in self.tiers if hasattr(tier, "defer_writes")]  # tiers with a write-behind queue
+        writing = [tier for tier in self.tiers if isinstance(tier, BackgroundWriter)]
         before = {tier.name: tier.stats().counters for tier in writing}
         for tier in self.tiers:
             tier.flush(left())

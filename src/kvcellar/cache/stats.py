@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from kvcellar.cache.tier import TierStats
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CacheStats:
     num_lookups: int
     num_hit_tokens: int  # prompt tokens restored instead of computed

@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from kvcellar.cache.entry import CacheEntry
 from kvcellar.cache.hashing import BlockHash
 from kvcellar.cache.tier import Tier
+from kvcellar.checks import is_int
 
 
 class TailLRU:
     def __init__(self, max_entries: int) -> None:
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 0:
+        if not is_int(max_entries) or max_entries < 0:
             raise ValueError(f"max_partial_entries must be an integer >= 0 (0 disables tails), got {max_entries!r}")
         self.max_entries = max_entries
         self._order: OrderedDict[BlockHash, int] = OrderedDict()  # key -> tier index, least recent first

@@ -5,9 +5,17 @@ Operations: `get`, `contains`, `children`, `entries` (reads, no side effects);
 `prepare_store`/`complete_store`/`abort_store` (reserve bytes, then publish);
 `touch`, `evict`, `clear`, `set_budget` / `budget_bytes` (bookkeeping);
 `stats` (a `TierStats` snapshot), `flush` and `close` (persistent media).
+`check_tier_name` (a new tier is named by its medium), `check_known_tier`
+(a caller's tier name is one of this cache's).
 `namespace_usage(tier, namespaces)`: a tier's occupancy by some namespaces'
-entries only (a tenant's share); a tier may offer `usage_of(namespaces)`
-when listing its `entries()` is expensive (disk).
+entries only (a tenant's share).
+
+Optional abilities, each a runtime-checkable protocol a tier has by having
+its methods (asked with `isinstance`, never `hasattr`): `BackgroundWriter`
+(writes behind on its own thread: `defer_writes`, a bounded `close`),
+`PersistentTier` (`sample_key`, to time a load at start-up), `NamespaceUsage`
+(`usage_of(namespaces)`, when listing `entries()` is expensive);
+`BackgroundHelper` types a tier's helper thread (`pause`, `flush`, `close`).
 
 Tiers are named by medium, fastest first: device, host, disk, remote.
 `MemoryTier` (kvcellar.tiers.memory) serves device and host; the disk tier lives in
@@ -31,12 +39,14 @@ Contract shared by every tier:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from kvcellar.cache.entry import CacheEntry, Priority
 from kvcellar.cache.hashing import BlockHash
+from kvcellar.checks import is_int
+from kvcellar.errors import UnknownTierError
 
 TIER_NAMES = ("device", "host", "disk", "remote")
 
@@ -110,14 +120,68 @@ class Tier(Protocol):
         ...
 
 
+# Optional abilities. A tier (or helper) has one by having its methods; `isinstance` on these
+# runtime-checkable protocols is the one way the cache asks, so each ability is named and typed once.
+
+
+@runtime_checkable
+class BackgroundWriter(Protocol):
+    """A tier that writes behind, on a thread of its own (disk): it holds writes back while the model
+    computes, reports `num_written` / `num_dropped` / `num_queued` in `stats().counters`, and its close
+    drains the queue within a time bound."""
+
+    def defer_writes(self, active: bool) -> None:
+        """The engine is (not) computing a prefill: hold background writes back meanwhile."""
+        ...
+
+    def close(self, timeout_s: float | None = 30.0) -> None:
+        """Drain queued writes for up to `timeout_s` (what is left is dropped), then release the medium."""
+        ...
+
+
+@runtime_checkable
+class PersistentTier(Protocol):
+    """A tier whose entries outlive the process (disk): it can name one stored block to time a load on."""
+
+    def sample_key(self, namespace: BlockHash) -> BlockHash | None:
+        """A stored block of `namespace` (None: it holds none), to measure the tier's load rate at start-up."""
+        ...
+
+
+@runtime_checkable
+class NamespaceUsage(Protocol):
+    """A tier that reports a namespace's occupancy itself, where listing `entries()` is expensive (disk)."""
+
+    def usage_of(self, namespaces: Collection[BlockHash]) -> TierStats: ...
+
+
+@runtime_checkable
+class BackgroundHelper(Protocol):
+    """A tier's helper thread (the pinned-memory reserve): paused while a request runs, flushed and
+    closed with the cache."""
+
+    def pause(self, active: bool) -> None: ...
+
+    def flush(self, timeout_s: float | None = None) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 def check_budget(budget_bytes: int) -> None:
-    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+    if not is_int(budget_bytes) or budget_bytes < 0:
         raise ValueError(f"budget_bytes must be an integer >= 0 (0 stores nothing), got {budget_bytes!r}")
 
 
 def check_tier_name(name: str) -> None:
+    """A tier being built must be named by its medium (TIER_NAMES)."""
     if name not in TIER_NAMES:
         raise ValueError(f"tier name {name!r} is not a medium; use one of: {', '.join(TIER_NAMES)}")
+
+
+def check_known_tier(name: str | None, known: Sequence[str]) -> None:
+    """A caller's tier (None: every tier) must be one this cache has: raise UnknownTierError naming them."""
+    if name is not None and name not in known:
+        raise UnknownTierError(f"unknown cache tier {name!r}; tiers: {', '.join(known) or 'none (the cache is off)'}")
 
 
 def usage_by_priority(entries: Iterable[CacheEntry]) -> tuple[int, int, dict[str, int], dict[str, int]]:
@@ -135,9 +199,8 @@ def usage_by_priority(entries: Iterable[CacheEntry]) -> tuple[int, int, dict[str
 
 def namespace_usage(tier: Tier, namespaces: Collection[BlockHash]) -> TierStats:
     """Occupancy of `tier` by the entries whose namespace root is in `namespaces` (no medium counters)."""
-    usage_of = getattr(tier, "usage_of", None)
-    if usage_of is not None:
-        return usage_of(namespaces)
+    if isinstance(tier, NamespaceUsage):
+        return tier.usage_of(namespaces)
     entries = [entry for entry in tier.entries() if entry.namespace in namespaces]
     num_entries, num_tails, by_count, by_bytes = usage_by_priority(entries)
     return TierStats(tier.name, num_entries, num_tails, sum(e.num_bytes for e in entries), tier.budget_bytes,

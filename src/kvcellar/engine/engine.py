@@ -1,7 +1,9 @@
 """The engine: one model, its prefix cache, and the worker thread that runs requests.
 
-Operations: `Engine.load(model_dir, ...)`, `generate`, `stream`, `encode_chat`,
-`cache_stats` (all, or some salts' share), `clear_cache`, `session`, `close`.
+Operations: `Engine.load(model_dir, ...)`, `generate`, `stream`, `encode`, `probe`,
+`cache_report` / `cache_stats` (all, or some salts' share; typed / as JSON), `clear_cache`,
+`set_cache_budget`, `close`. `Engine` satisfies `engine.serving.ServingEngine`, the
+protocol the server and `ChatSession(engine)` are typed against.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 
-from kvcellar.config import CacheConfig, EngineConfig
-from kvcellar.cache.report import ProbeResult, cache_report, namespace_report
+from kvcellar.config import EngineConfig
+from kvcellar.cache.report import CacheReport, ProbeResult, cache_report, namespace_report
 from kvcellar.cache.registry import CacheRegistry, DrainReport
+from kvcellar.cache.tier import check_known_tier
 from kvcellar.kv.wiring import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
 from kvcellar.engine.prefill import chunk_size_for
@@ -42,10 +46,11 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
+        config = config.with_block_size(self.loaded.device.type)
         exact = config.cache.enabled and config.cache.exact
         chunk = chunk_size_for(config.prefill_chunk_size, config.block_size, inspect_layout(self.loaded.model.config),
                                self.loaded.device.type, exact)  # fmt: skip
-        self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved, like block_size
+        self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved: block and chunk
         self.prefix_cache, self.cache_registry = build_prefix_cache(
             self.loaded.model.config, self.loaded.device, self.loaded.dtype, self.loaded.fingerprint, config
         )
@@ -55,18 +60,10 @@ class Engine:
         self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry, config.cache.drain_timeout_s)
 
     @classmethod
-    def load(
-        cls,
-        model: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        block_size: int | None = None,
-        num_threads: int | None = None,
-        cache: CacheConfig | None = None,
-        prefill_chunk_size: int | None = None,
-    ) -> Engine:
-        return cls(EngineConfig(model, device, dtype, block_size, num_threads, cache or CacheConfig(), prefill_chunk_size))
+    def load(cls, model: str, **options: Any) -> Engine:
+        """`Engine(EngineConfig(model, **options))`: options are EngineConfig's fields (device, dtype,
+        block_size, num_threads, cache, prefill_chunk_size), defaulting as there."""
+        return cls(EngineConfig(model, **options))
 
     # -- prompts ---------------------------------------------------------------------------------
     @property
@@ -119,11 +116,6 @@ class Engine:
                 return event.result
         raise RuntimeError("generation ended without a result")
 
-    def session(self, system: str | None = None, **defaults: object):
-        from kvcellar.session import ChatSession
-
-        return ChatSession(self, system=system, **defaults)
-
     # -- cache -----------------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
@@ -133,8 +125,8 @@ class Engine:
     def tier_names(self) -> list[str]:
         return [tier.name for tier in self.cache_registry.tiers]
 
-    def cache_stats(self, salts: Callable[[str], bool] | None = None) -> dict:
-        """JSON-ready counters (lookups, hit/miss/saved tokens, evictions) and occupancy per tier and priority.
+    def cache_report(self, salts: Callable[[str], bool] | None = None) -> CacheReport:
+        """Counters (lookups, hit/miss/saved tokens, evictions) and occupancy per tier and priority, typed.
 
         `salts`: only the cache salts it accepts, their counters and the entries of their namespaces
         (no evictions or media counters: those belong to the shared tiers); None: everything.
@@ -142,6 +134,10 @@ class Engine:
         if salts is not None:
             return namespace_report(self.cache_registry, salts)
         return cache_report(self.cache_registry)
+
+    def cache_stats(self, salts: Callable[[str], bool] | None = None) -> dict:
+        """`cache_report(salts)` as JSON-ready dict (the cache part of GET /v1/cache/stats, docs/api.md)."""
+        return self.cache_report(salts).as_json()
 
     def probe(
         self,
@@ -158,20 +154,15 @@ class Engine:
 
     def clear_cache(self, tier: str | None = None) -> None:
         """Drop cached entries of one tier (by name), or of every tier."""
-        self._check_tier(tier)
+        check_known_tier(tier, self.tier_names)
         self.cache_registry.clear(tier)
 
     def set_cache_budget(self, tier: str, num_bytes: int) -> None:
         """Change a tier's byte budget at run time; lowering it evicts at once."""
-        self._check_tier(tier)
+        check_known_tier(tier, self.tier_names)
         if num_bytes < 0:
             raise ValueError(f"a budget cannot be negative (got {num_bytes})")
         self.cache_registry.set_budget(tier, num_bytes)
-
-    def _check_tier(self, tier: str | None) -> None:
-        if tier is not None and tier not in self.tier_names:
-            known = ", ".join(self.tier_names) or "none: the cache is off"
-            raise ValueError(f"unknown cache tier {tier!r}; tiers: {known}")
 
     @property
     def queue_depth(self) -> int:

@@ -1,6 +1,7 @@
 """Load a local causal LM, offline: a Hugging Face model folder, or a GGUF file.
 
-Operations: `resolve_device`, `resolve_dtype`, `converted_gguf`, `load_model` -> `LoadedModel`.
+Operations: `resolve_device`, `device_type` (what "auto" means here, for callers
+that need it before a model loads: bench), `resolve_dtype`, `converted_gguf`, `load_model` -> `LoadedModel`.
 Nothing here reaches a hub: loading sets `local_files_only=True`, so a path
 that is not on disk is an error that says so, never a download. A GGUF file
 (or a folder holding one) is converted once into a cached model folder
@@ -59,14 +60,24 @@ class LoadedModel:
         return frozenset(ids)
 
 
+def _auto_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def device_type(name: str) -> str:
+    """"cpu", "cuda" or "mps": the kind of device `name` ("auto", "cuda:1"...) names, "auto" resolved as
+    `resolve_device` does; an explicit device is not checked to exist (that is `resolve_device`'s job)."""
+    return _auto_device().type if name == "auto" else torch.device(name).type
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return _auto_device()
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for but this torch build sees no CUDA GPU: use --device cpu or auto")

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from kvcellar.cache.layout import full_chunks_end
+from kvcellar.config import CPU_PREFILL_CHUNK_SIZE
 from kvcellar.kv.layout import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 # (chunk start, chunk end, the next-token logits at end - 1: only for the chunk that ends the prompt, else None)
 ChunkHook = Callable[[int, int, "torch.Tensor | None"], None]
 
-CPU_CHUNK_TOKENS = 1024  # measured, see the module doc
 _NO_LOGITS = torch.empty(0, dtype=torch.long)  # `logits_to_keep` that skips the LM head (no logits wanted)
 
 
@@ -60,14 +60,14 @@ def cache_argument(model: object, cache: object) -> dict:
 
 def chunk_size_for(requested: int | None, block_size: int, layout: ModelLayout, device_type: str, exact: bool) -> int:
     """The prefill chunk for this model and device: `requested`, or by default one block, except on a CPU
-    with no exact-mode cache (`exact` False), where it is 1024 tokens (see the module doc for both).
+    with no exact-mode cache (`exact` False), where it is `config.CPU_PREFILL_CHUNK_SIZE` tokens (see the module doc for both).
 
     Longer chunks need every layer to be full attention (a recurrent or sliding-window layer cannot hand
     over its state at a block boundary inside a chunk); otherwise one block, with a warning if asked for more.
     """
     only_full_attention = layout.is_cacheable and not layout.has_recurrent and layout.smallest_window is None
     if requested is None:
-        wanted = -(-CPU_CHUNK_TOKENS // block_size) * block_size if device_type == "cpu" and not exact else block_size
+        wanted = -(-CPU_PREFILL_CHUNK_SIZE // block_size) * block_size if device_type == "cpu" and not exact else block_size
     else:
         wanted = requested
     if wanted > block_size and not only_full_attention:

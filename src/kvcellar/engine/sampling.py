@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kvcellar.checks import is_int, is_number
 from kvcellar.errors import InvalidRequestError
 
 MAX_TEMPERATURE = 2.0
@@ -28,15 +29,6 @@ MAX_SEED = 2**64 - 1
 # float32 cumulative sums drift by ~1e-7; a token whose preceding mass is
 # "exactly" top_p must not be kept or dropped by rounding noise.
 _TOP_P_TOLERANCE = 1e-6
-
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass, but `max_tokens=True` is a client bug.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -94,15 +86,15 @@ class SamplingParams:
         object.__setattr__(self, "stop", stop)
 
     def _check_counts(self) -> None:
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidRequestError(
                 f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})"
             )
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise InvalidRequestError(
                 f"top_k must be an integer >= 0, 0 switches it off (got {self.top_k!r})"
             )
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise InvalidRequestError(
                 f"seed must be an integer in [0, 2**64 - 1] or null (got {self.seed!r})"
             )
@@ -110,15 +102,15 @@ class SamplingParams:
     def _check_probabilities(self) -> None:
         # Written as `not (lo <= x <= hi)` so NaN is rejected too.
         t = self.temperature
-        if not _is_number(t) or not 0.0 <= t <= MAX_TEMPERATURE:
+        if not is_number(t) or not 0.0 <= t <= MAX_TEMPERATURE:
             raise InvalidRequestError(
                 f"temperature must be in [0, {MAX_TEMPERATURE}], 0 means greedy (got {t!r})"
             )
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+        if not is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(
                 f"top_p must be in (0, 1], 1 switches it off (got {self.top_p!r})"
             )
-        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+        if not is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(
                 f"min_p must be in [0, 1], 0 switches it off (got {self.min_p!r})"
             )

@@ -7,11 +7,14 @@ Tiers, fastest first: `device` (MemoryTier); `host` (MemoryTier in pinned RAM,
 only when the model runs on a GPU; kv/pinned.py supplies its hooks); `disk`
 (DiskTier, only with a cache_dir), which also receives every inserted entry
 (write-through, on its background thread) so a restart finds what was
-computed even if nothing was evicted.
+computed even if nothing was evicted. Every core reports its events to a
+`LoggingObserver` on the "kvcellar.cache" logger (refusals and evictions at
+DEBUG).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -19,6 +22,8 @@ import torch
 from kvcellar.cache import BlockHash, NamespaceSpec, namespace_digest
 from kvcellar.cache.registry import CacheRegistry
 from kvcellar.cache.cost_model import CostModel
+from kvcellar.cache.observer import LoggingObserver
+from kvcellar.cache.tier import BackgroundHelper, PersistentTier, Tier
 from kvcellar.config import CacheConfig, EngineConfig
 from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache
 from kvcellar.kv import inspect_layout
@@ -52,7 +57,7 @@ def build_prefix_cache(
     write_through = ("disk",) if any(tier.name == "disk" for tier in tiers) else ()
     registry = CacheRegistry(
         spec, layout.capabilities(config.block_size, chunk), tiers, cache_config.max_partial_entries, write_through=write_through,
-        helpers=helpers,
+        helpers=helpers, observer=LoggingObserver(logging.getLogger("kvcellar.cache")),
     )  # fmt: skip
     prefix_cache = ModelPrefixCache(
         registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, device,
@@ -62,15 +67,15 @@ def build_prefix_cache(
     return prefix_cache, registry
 
 
-def prime_load_rates(tiers: list, cost_model: CostModel, namespace: BlockHash) -> None:
-    """Time one stored block of `namespace` loading from each tier that persists across restarts (`sample_key`).
+def prime_load_rates(tiers: list[Tier], cost_model: CostModel, namespace: BlockHash) -> None:
+    """Time one stored block of `namespace` loading from each tier that persists across restarts (`PersistentTier`).
 
     Without it, a process started on a full cache folder loads its first hits whatever they cost, to
     find out: on an H100 with the 0.6B shape the first 8K-token restart hit read the disk for 0.64 s,
     where a prefill takes 0.11 s. The cost model then weighs the first hits against a measured rate.
     """
     for tier in tiers:
-        key = tier.sample_key(namespace) if hasattr(tier, "sample_key") else None
+        key = tier.sample_key(namespace) if isinstance(tier, PersistentTier) else None
         if key is None:
             continue
         started = time.perf_counter()
@@ -83,14 +88,14 @@ def prime_load_rates(tiers: list, cost_model: CostModel, namespace: BlockHash) -
         cost_model.record_load(tier.name, entries[0].num_bytes, seconds)
 
 
-def _build_tiers(device: torch.device, layout: ModelLayout, cache_config: CacheConfig, block_size: int) -> tuple[list, list]:
+def _build_tiers(device: torch.device, layout: ModelLayout, cache_config: CacheConfig, block_size: int) -> tuple[list[Tier], list[BackgroundHelper]]:
     """(tiers fastest first, their background helpers)."""
     policy = cache_config.eviction_policy
     on_gpu = device.type != "cpu"
 
-    helpers = []
+    helpers: list[BackgroundHelper] = []
     device_adopt = payload_mover(device) if on_gpu else None  # promoted payloads land on the GPU
-    tiers = [MemoryTier(cache_config.device_cache_bytes, name="device", policy=policy, adopt=device_adopt)]
+    tiers: list[Tier] = [MemoryTier(cache_config.device_cache_bytes, name="device", policy=policy, adopt=device_adopt)]
     if on_gpu and cache_config.use_host_tier and cache_config.host_cache_bytes > 0:
         reserve = PinnedReserve(cache_config.host_cache_bytes) if device.type == "cuda" else None
         if reserve is not None:

@@ -27,13 +27,14 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from kvcellar.config import ServerSettings
+from kvcellar.engine.serving import ServingEngine
 from kvcellar.server import cache_routes, openai_routes
 from kvcellar.server.bridge import EngineBridge
 from kvcellar.server.errors import install_error_handlers
 from kvcellar.server.metrics import CountRejections
 from kvcellar.server.limits import BodyLimitMiddleware
 from kvcellar.server.openapi import install_openapi
-from kvcellar.server.settings import ServerSettings
 from kvcellar.server.telemetry import Telemetry
 
 log = logging.getLogger("kvcellar.server")
@@ -50,7 +51,7 @@ async def _sample_rates(telemetry: Telemetry, interval_s: float) -> None:
             log.exception("could not sample the cache counters")
 
 
-def create_app(engine: object, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(engine: ServingEngine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
 
     @contextlib.asynccontextmanager
@@ -114,7 +115,7 @@ def _handling(signals: tuple[int, ...], handler):
             signal.signal(sig, old)
 
 
-def _drain(engine: object) -> None:
+def _drain(engine: ServingEngine) -> None:
     """Close the engine (its disk writes drained within the cache's drain_timeout_s); say what was written and dropped."""
     started = time.monotonic()
 
@@ -128,7 +129,7 @@ def _drain(engine: object) -> None:
               f"in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def serve(engine: object, settings: ServerSettings) -> None:
+def serve(engine: ServingEngine, settings: ServerSettings) -> None:
     """Run until SIGTERM, SIGINT or SIGHUP; then close the engine, draining its disk writes, and return."""
     app = create_app(engine, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

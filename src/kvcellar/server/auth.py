@@ -21,7 +21,8 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from kvcellar.server.errors import APIError
-from kvcellar.server.settings import ServerSettings, effective_salt, salt_tenant
+from kvcellar.config import ServerSettings
+from kvcellar.server.settings import effective_salt, salt_tenant
 
 _bearer = HTTPBearer(auto_error=False, description="the key given to `kvcellar serve --api-key`")
 

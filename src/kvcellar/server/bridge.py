@@ -9,12 +9,11 @@ Threads: the engine runs every request on its own worker thread, FIFO, so
 requests are served in the order they arrive. Here one pump thread per open
 stream waits on the engine's iterator and hands events to the loop; the
 server never calls the model itself. Disconnects: when the consumer goes
-away the pump stops at its next event and closes the engine's iterator,
-which cancels the request; the pump still reads the engine's last event, so
+away, the relay cancels the engine's stream (`EventStream.cancel`, thread-safe):
+a request still queued never reaches the model, a running one stops at its
+next chunk or token. The pump still reads the engine's last event, so
 `on_end` gets what really happened (tokens restored, computed, generated,
-timings) also for a request whose client left. (The engine gives no cancel handle apart from
-closing the iterator, so a request still queued in the engine when its
-client leaves runs until its first token, then stops.)
+timings) also for a request whose client left.
 """
 
 from __future__ import annotations
@@ -22,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 
 from kvcellar.engine import GenerationResult, StreamEvent
+from kvcellar.engine.serving import EventStream, ServingEngine
 from kvcellar.server.prepare import Prepared
 
 _END = object()
@@ -34,7 +34,7 @@ OnEnd = Callable[[GenerationResult | None, BaseException | None], None]  # (the 
 
 
 class EngineBridge:
-    def __init__(self, engine: object, max_streams: int) -> None:
+    def __init__(self, engine: ServingEngine, max_streams: int) -> None:
         self._engine = engine
         # Past max_streams, pumps wait on this while the engine's queue keeps their events.
         self._slots = threading.BoundedSemaphore(max_streams)
@@ -50,7 +50,7 @@ class EngineBridge:
                                        params=prepared.params, cache_salt=prepared.cache_salt)  # fmt: skip
         return self._relay(iterator, on_end)
 
-    async def _relay(self, iterator: Iterator[StreamEvent], on_end: OnEnd) -> AsyncIterator[StreamEvent]:
+    async def _relay(self, iterator: EventStream, on_end: OnEnd) -> AsyncIterator[StreamEvent]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -71,7 +71,7 @@ class EngineBridge:
 
 
 def _pump(
-    iterator: Iterator[StreamEvent], loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue, stop: threading.Event,
+    iterator: EventStream, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue, stop: threading.Event,
     slots: threading.BoundedSemaphore, on_end: OnEnd,
 ) -> None:  # fmt: skip
     def send(item: object) -> None:

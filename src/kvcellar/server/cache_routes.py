@@ -15,7 +15,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from kvcellar.cache.tier import check_known_tier
 from kvcellar.config import parse_size
+from kvcellar.engine.serving import ServingEngine
+from kvcellar.errors import UnknownTierError
 from kvcellar.server.auth import Tenant, current_tenant, metrics_reader, require_admin
 from kvcellar.server.errors import APIError
 from kvcellar.server.prepare import check_model, check_prompt_length, encode_input
@@ -26,10 +29,15 @@ router = APIRouter(tags=["cache"])
 MAX_BUDGET_BYTES = 2**63 - 1
 
 
-def _check_tier(engine: object, tier: str | None) -> None:
-    if tier is not None and tier not in engine.tier_names:
-        known = ", ".join(engine.tier_names) or "none (the cache is off)"
-        raise APIError(400, f"unknown cache tier {tier!r}; tiers: {known}", param="tier", code="unknown_tier")
+def _tiers_json(engine: ServingEngine) -> dict:
+    return {name: tier.as_json() for name, tier in engine.cache_report().tiers.items()}
+
+
+def _check_tier(engine: ServingEngine, tier: str | None) -> None:
+    try:
+        check_known_tier(tier, engine.tier_names)
+    except UnknownTierError as exc:
+        raise APIError(400, str(exc), param="tier", code="unknown_tier") from None
 
 
 @router.get("/v1/cache/stats")
@@ -67,7 +75,7 @@ async def cache_clear(request: Request, body: ClearRequest | None = None, tenant
     tier = body.tier if body is not None else None
     _check_tier(engine, tier)
     await run_in_threadpool(engine.clear_cache, tier)
-    return {"cleared": [tier] if tier else list(engine.tier_names), "tiers": engine.cache_stats()["tiers"]}
+    return {"cleared": [tier] if tier else list(engine.tier_names), "tiers": _tiers_json(engine)}
 
 
 @router.post("/v1/cache/budget")
@@ -83,7 +91,7 @@ async def cache_budget(body: BudgetRequest, request: Request, tenant: Tenant = D
         raise APIError(400, f"budget {num_bytes} is over {MAX_BUDGET_BYTES} bytes (8 EiB), the most a tier can count",
                        param="budget", code="invalid_size")  # fmt: skip
     await run_in_threadpool(engine.set_cache_budget, body.tier, num_bytes)
-    return {"tier": body.tier, "budget_bytes": num_bytes, "tiers": engine.cache_stats()["tiers"]}
+    return {"tier": body.tier, "budget_bytes": num_bytes, "tiers": _tiers_json(engine)}
 
 
 @router.get("/v1/requests/recent")

@@ -1,6 +1,6 @@
 """Prometheus metrics, in a registry owned by one app (two apps in one process never clash).
 
-Operations: `ServerMetrics(engine)`: `observe(record)` after each request,
+Operations: `ServerMetrics(snapshot)` (`snapshot()`: the global `ServerStats`): `observe(record)` after each request,
 `count_rejected(status)`, `render()` -> (body, content type) for GET
 /metrics; `CountRejections` (ASGI middleware: every answer with a status of
 400 or more, auth failures, validation errors and 500s included, goes to
@@ -10,61 +10,72 @@ Request metrics are counted as requests finish; the time histograms run
 from the request's arrival at the server (queue, TTFT as a client sees it,
 whole request), plus the engine's own TTFT (queueing left out). Cache metrics (hit / miss /
 saved tokens, evictions, bytes, budget and entries per tier, queue depth)
-are read from `engine.cache_stats()` at scrape time by a collector, so they
-can never drift from the engine's own counters.
+are read from the global `ServerStats` snapshot at scrape time by a
+collector, so they can never drift from the engine's own counters or from
+what GET /v1/cache/stats shows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kvcellar.cache.report import CacheReport, TierReport
 from kvcellar.server.recent import RequestRecord
+from kvcellar.server.stats import ServerStats
 
 _TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_CACHE_COUNTERS = {
-    "lookups": "prefix-cache lookups (one per request)",
-    "hit_tokens": "prompt tokens restored from the cache",
-    "miss_tokens": "prompt tokens that had to be prefilled",
-    "saved_tokens": "prefill tokens the cache saved",
-    "evictions": "cache entries evicted",
-}
-_TIER_GAUGES = {"bytes": "bytes held by the tier", "budget_bytes": "byte budget of the tier", "entries": "entries in the tier"}
+# (metric name suffix, help, the global snapshot's value)
+_CACHE_COUNTERS: tuple[tuple[str, str, Callable[[CacheReport], int]], ...] = (
+    ("lookups", "prefix-cache lookups (one per request)", lambda r: r.num_lookups),
+    ("hit_tokens", "prompt tokens restored from the cache", lambda r: r.num_hit_tokens),
+    ("miss_tokens", "prompt tokens that had to be prefilled", lambda r: r.num_miss_tokens),
+    ("saved_tokens", "prefill tokens the cache saved", lambda r: r.num_saved_tokens),
+    ("evictions", "cache entries evicted", lambda r: r.num_evictions or 0),
+)
+_TIER_GAUGES: tuple[tuple[str, str, Callable[[TierReport], int]], ...] = (
+    ("bytes", "bytes held by the tier", lambda t: t.num_bytes),
+    ("budget_bytes", "byte budget of the tier", lambda t: t.budget_bytes),
+    ("entries", "entries in the tier", lambda t: t.num_entries),
+)
 
 
 class _CacheCollector:
-    """Reads the engine's cache report on every scrape."""
+    """Reads the server's global stats snapshot on every scrape."""
 
-    def __init__(self, engine: object) -> None:
-        self._engine = engine
+    def __init__(self, snapshot: Callable[[], ServerStats]) -> None:
+        self._snapshot = snapshot
 
     def collect(self):
-        stats = self._engine.cache_stats()
-        for name, doc in _CACHE_COUNTERS.items():
+        stats = self._snapshot()
+        cache = stats.cache
+        for name, doc, value in _CACHE_COUNTERS:
             family = CounterMetricFamily(f"kvcellar_cache_{name}", doc)
-            family.add_metric([], stats.get(name, 0))
+            family.add_metric([], value(cache))
             yield family
         by_tier = CounterMetricFamily("kvcellar_cache_tier_hit_tokens", "prompt tokens restored, by the tier they came from",
                                       labels=["tier"])  # fmt: skip
-        for tier, count in stats.get("hit_tokens_by_tier", {}).items():
+        for tier, count in cache.hit_tokens_by_tier.items():
             by_tier.add_metric([tier], count)
         yield by_tier
-        for name, doc in _TIER_GAUGES.items():
+        for name, doc, value in _TIER_GAUGES:
             family = GaugeMetricFamily(f"kvcellar_cache_tier_{name}", doc, labels=["tier"])
-            for tier, values in stats.get("tiers", {}).items():
-                family.add_metric([tier], values[name])
+            for tier, report in cache.tiers.items():
+                family.add_metric([tier], value(report))
             yield family
         queue = GaugeMetricFamily("kvcellar_queue_depth", "requests waiting for the model")
-        queue.add_metric([], self._engine.queue_depth)
+        queue.add_metric([], stats.queue_depth)
         yield queue
 
 
 class ServerMetrics:
-    def __init__(self, engine: object) -> None:
+    def __init__(self, snapshot: Callable[[], ServerStats]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_CacheCollector(engine))
+        self.registry.register(_CacheCollector(snapshot))
         labels = ["endpoint", "finish_reason"]
         self._requests = Counter("kvcellar_requests", "finished generation requests", labels, registry=self.registry)
         self._prompt = Counter("kvcellar_prompt_tokens", "prompt tokens of finished requests", ["endpoint"],

@@ -73,7 +73,8 @@ async def _generate(kind: str, body: ChatCompletionRequest | CompletionRequest, 
     endpoint, prefix = _ENDPOINTS[kind]
     request_id = new_request_id(prefix)
     # Recorded when the engine is done with it (telemetry.py), also when the client left first.
-    on_end = state.telemetry.recorder(request_id, endpoint, prepared, body.stream, created_s, arrived)
+    on_end = state.telemetry.recorder(request_id, endpoint, prepared, stream=body.stream, created_s=created_s,
+                                      arrived=arrived)  # fmt: skip
     events = state.bridge.events(prepared, on_end)
     header = (kind, request_id, int(created_s), state.engine.model_name)
     if body.stream:

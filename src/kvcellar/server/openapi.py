@@ -14,7 +14,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from kvcellar.server.settings import ServerSettings
+from kvcellar.config import ServerSettings
 
 _ERROR_SCHEMA = {
     "title": "Error",

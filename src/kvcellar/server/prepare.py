@@ -20,7 +20,8 @@ from kvcellar.errors import InvalidRequestError
 from kvcellar.server.auth import Tenant
 from kvcellar.server.errors import APIError
 from kvcellar.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
-from kvcellar.server.settings import ServerSettings
+from kvcellar.config import ServerSettings
+from kvcellar.engine.serving import ServingEngine
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Prepared:
     segments: PromptSegments = PromptSegments()  # chat: where the system prompt and last user message end
 
 
-def check_model(engine: object, model: str | None) -> None:
+def check_model(engine: ServingEngine, model: str | None) -> None:
     if model is not None and model != engine.model_name:
         raise APIError(404, f"the model {model!r} does not exist on this server; it serves {engine.model_name!r} "
                             "(see GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
@@ -74,7 +75,7 @@ SAMPLE_CHARS_PER_TOKEN = 16
 PREFIX_MARGIN_TOKENS = 64
 
 
-def _check_text_size(engine: object, messages: list[ChatMessage] | None, prompt: object) -> None:
+def _check_text_size(engine: ServingEngine, messages: list[ChatMessage] | None, prompt: object) -> None:
     """Refuse text that cannot fit the context before tokenizing all of it.
 
     Two bounds: more characters than any tokenization could fit (refused untokenized); or, for text
@@ -101,13 +102,13 @@ def _check_text_size(engine: object, messages: list[ChatMessage] | None, prompt:
                            param=param, code="context_length_exceeded")  # fmt: skip
 
 
-def encode_chat(engine: object, messages: list[ChatMessage]) -> tuple[list[int], PromptSegments]:
+def encode_chat(engine: ServingEngine, messages: list[ChatMessage]) -> tuple[list[int], PromptSegments]:
     """Token ids of chat messages, and where their system prompt and last user message end."""
     _check_text_size(engine, messages, None)
     return engine.encode(messages=[message.as_engine_message() for message in messages])
 
 
-def encode_input(engine: object, *, messages: list[ChatMessage] | None = None, prompt: object = None) -> list[int]:
+def encode_input(engine: ServingEngine, *, messages: list[ChatMessage] | None = None, prompt: object = None) -> list[int]:
     """Token ids of chat messages, a text prompt, a list of one text, or a list of token ids."""
     if messages is not None:
         return encode_chat(engine, messages)[0]
@@ -141,7 +142,7 @@ def _check_lengths(num_prompt: int, max_tokens: int | None, context: int, prompt
 
 
 def prepare_generation(
-    engine: object, body: ChatCompletionRequest | CompletionRequest, tenant: Tenant, settings: ServerSettings
+    engine: ServingEngine, body: ChatCompletionRequest | CompletionRequest, tenant: Tenant, settings: ServerSettings
 ) -> Prepared:
     check_model(engine, body.model)
     unsupported = body.unsupported_fields()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RequestRecord:
     """Times run from the request's arrival at the server (`created_s`), except `engine_ttft_s`.
 

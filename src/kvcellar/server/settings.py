@@ -1,6 +1,6 @@
-"""Server settings and tenant salts.
+"""API keys and tenant salts (the settings themselves are `kvcellar.config.ServerSettings`).
 
-Operations: `ServerSettings` (validated, frozen), `parse_api_keys(["KEY", "KEY:SALT"])`,
+Operations: `parse_api_keys(["KEY", "KEY:SALT"])`,
 `effective_salt(bound_salt, request_salt, default_salt)`, `salt_tenant(cache_salt)` (its inverse:
 whose namespace an engine salt is).
 
@@ -14,9 +14,6 @@ text, can name another tenant's namespace.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def parse_api_keys(values: list[str] | tuple[str, ...]) -> dict[str, str | None]:
@@ -61,53 +58,3 @@ def salt_tenant(cache_salt: str) -> str | None:
     if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str):
         return pair[0]
     return None
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """How `kvcellar serve` listens and whom it serves.
-
-    `api_keys`: key -> bound salt (None = an admin key, which may also clear
-    and resize the cache). Empty means no authentication (bind to 127.0.0.1).
-    `default_max_tokens`: used when a request gives no max_tokens (capped by
-    the context left after the prompt). `metrics_public`: GET /metrics
-    answers without a key (with keys set it otherwise needs an admin key:
-    its figures cover every tenant).
-    `max_request_bytes`: the largest request body read (413 above it). The
-    default, 8 MiB, holds a prompt filling a 128K-token context even when a
-    client escapes every character as JSON `\\uXXXX` (about 4 characters per
-    token, 6 bytes per escaped character: 3 MiB), with room to spare, while
-    capping what one request can make the server hold.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_keys: dict[str, str | None] = field(default_factory=dict)
-    default_salt: str = ""
-    log_level: str = "warning"
-    default_max_tokens: int = 256
-    num_recent_requests: int = 100
-    rate_interval_s: float = 5.0
-    max_concurrent_streams: int = 256
-    metrics_public: bool = False
-    max_request_bytes: int = 8 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535 (got {self.port})")
-        if self.log_level not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)} (got {self.log_level!r})")
-        if self.default_max_tokens < 1:
-            raise ValueError(f"default_max_tokens must be >= 1 (got {self.default_max_tokens})")
-        if self.num_recent_requests < 1:
-            raise ValueError(f"num_recent_requests must be >= 1 (got {self.num_recent_requests})")
-        if self.rate_interval_s <= 0:
-            raise ValueError(f"rate_interval_s must be > 0 (got {self.rate_interval_s})")
-        if self.max_concurrent_streams < 1:
-            raise ValueError(f"max_concurrent_streams must be >= 1 (got {self.max_concurrent_streams})")
-        if self.max_request_bytes < 1024:
-            raise ValueError(f"max_request_bytes must be >= 1024, room for a small request (got {self.max_request_bytes})")
-
-    @property
-    def auth_required(self) -> bool:
-        return bool(self.api_keys)
