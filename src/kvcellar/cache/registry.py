@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from kvcellar.cache.hashing import NamespaceSpec, namespace_digest
 from kvcellar.cache.layout import LayoutCapabilities
 from kvcellar.cache.prefix_cache import PrefixCache
+from kvcellar.cache.reuse import EXACT, ReuseRule
 from kvcellar.cache.stats import CacheStats
 
 
@@ -44,6 +45,7 @@ class CacheRegistry:
     uncacheable_reason: str | None = None
     write_through: tuple[str, ...] = ()
     helpers: list = field(default_factory=list)  # the tiers' background helpers: .pause(active), .flush(), .close()
+    reuse: ReuseRule = EXACT  # every salt's core reuses by the same rule (chosen once: cache/reuse.py reuse_rule)
     _cores: dict[str, PrefixCache] = field(default_factory=dict)
     # One lock for the cores and the tiers they share: the worker inserts while server threads
     # read stats, clear tiers or change budgets.
@@ -55,7 +57,7 @@ class CacheRegistry:
             if core is None:
                 root = namespace_digest(self.spec.with_salt(salt) if salt else self.spec)
                 core = PrefixCache(
-                    root, self.capabilities, self.tiers,
+                    root, self.capabilities, self.tiers, reuse=self.reuse,
                     max_partial_entries=self.max_partial_entries, write_through=self.write_through, lock=self._lock,
                 )  # fmt: skip
                 self._cores[salt] = core

@@ -96,7 +96,7 @@ async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def _on_invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
-    return error_response(400, str(exc), None, "invalid_request")
+    return error_response(400, str(exc), exc.field, exc.code)
 
 
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
