@@ -52,7 +52,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 # Fields whose type is a union: pydantic reports one error per branch, we say what is accepted.
 _UNION_HINTS = {
-    "prompt": "must be a string, a list of one string, or a non-empty list of token ids (integers)",
+    "prompt": "must be a string, a list of one string, or a list of token ids (integers)",
     "stop": "must be a string or a list of at most 16 strings",
     "content": "must be a string, a list of {'type': 'text', 'text': ...} parts, or null",
     "budget": "must be a number of bytes or a size such as '512M'",
