@@ -97,7 +97,8 @@ def test_library_and_server_accept_and_refuse_the_same_prompts(library_and_serve
 def test_a_bool_is_no_token_id_for_either(library_and_server):
     engine, client = library_and_server
     # JSON `true` fails the server's strict schema before the engine sees it; the library refuses it itself.
-    assert _library(engine, [5, True], None) == f"token id True is outside the model's vocabulary (0..{engine.limits.vocab_size - 1})"
+    last_id = engine.limits.vocab_size - 1
+    assert _library(engine, [5, True], None) == f"token id True is outside the model's vocabulary (0..{last_id})"
     response = client.post("/v1/completions", json={"prompt": [5, True], "max_tokens": 1})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
 

@@ -45,7 +45,8 @@ class PromptLimits:
         """Refuse an empty prompt, an id the embedding has no row for, and a prompt that leaves no room to answer."""
         num_prompt = len(ids)
         if num_prompt == 0:
-            raise InvalidRequestError("the prompt is empty: send at least one token of text", code="empty_prompt", field="prompt")
+            raise InvalidRequestError("the prompt is empty: send at least one token of text",
+                                      code="empty_prompt", field="prompt")  # fmt: skip
         for token in ids:
             if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
                 raise InvalidRequestError(f"token id {token!r} is outside the model's vocabulary (0..{self.vocab_size - 1})",

@@ -56,7 +56,9 @@ class DisabledPrefixCache:
     def block_keys(self, token_ids: Sequence[int], salt: str = "") -> list[BlockHash]:
         return []
 
-    def restore(self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "", capacity: int = 0) -> Restored:
+    def restore(
+        self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "", capacity: int = 0
+    ) -> Restored:
         return Restored(new_cache(self._config, capacity), 0)
 
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
@@ -77,7 +79,7 @@ class DisabledPrefixCache:
     def record_prefill(self, num_tokens: int, seconds: float) -> None:
         return None
 
-    def capture_prompt_hook(self, token_ids, block_keys, segments, cache, salt="") -> Callable[[int, int, torch.Tensor | None], None] | None:
+    def capture_prompt_hook(self, token_ids, block_keys, segments, cache, salt="") -> None:
         return None
 
     def decode_capture(self, token_ids, block_keys, cache, salt="") -> DecodeCapture | None:
@@ -116,7 +118,9 @@ class ModelPrefixCache:
         """The keys of the prompt's full blocks in the salt's namespace, as its prefill computes them."""
         return self._core_for_salt(salt).block_keys(token_ids)
 
-    def restore(self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "", capacity: int = 0) -> Restored:
+    def restore(
+        self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "", capacity: int = 0
+    ) -> Restored:
         """Build the cache for the longest restorable prefix; `capacity` = tokens the request may reach."""
         core = self._core_for_salt(salt)
         started = time.perf_counter()
@@ -263,4 +267,5 @@ class DecodeCapture:
     def finish(self, sequence: Sequence[int]) -> None:
         """Store the tail of prompt + generated tokens (after the last full block)."""
         if len(sequence) % self._core.capabilities.block_size:
-            _store_tail(self._core, self._layout, self._cache, sequence, len(sequence), None, Priority.ASSISTANT, self._chain)
+            end = len(sequence)
+            _store_tail(self._core, self._layout, self._cache, sequence, end, None, Priority.ASSISTANT, self._chain)
