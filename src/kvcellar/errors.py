@@ -10,7 +10,16 @@ class ModelLoadError(KvcellarError):
 
 
 class InvalidRequestError(KvcellarError, ValueError):
-    """A request's inputs are invalid (prompt too long, bad sampling parameters, ...)."""
+    """A request's inputs are invalid (prompt too long, bad sampling parameters, ...).
+
+    `code` names the rule broken (the HTTP server's error code); `field` the input it concerns
+    ("prompt": the prompt, whichever form it came in; "max_tokens"; None: unspecified).
+    """
+
+    def __init__(self, message: str, *, code: str = "invalid_request", field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
 
 
 class UnknownTierError(KvcellarError, ValueError):

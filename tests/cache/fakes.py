@@ -16,6 +16,7 @@ from kvcellar.cache import (
     hash_block,
     namespace_digest,
 )
+from kvcellar.cache.reuse import NEAR, ReuseRule
 from kvcellar.tiers.memory import MemoryTier
 
 B = 4  # block size of every test cache
@@ -64,9 +65,10 @@ def make_cache(
     budget_bytes: int = 10_000,
     max_tail_entries: int = 8,
     observer: RecordingObserver | None = None,
+    reuse: ReuseRule = NEAR,
 ) -> PrefixCache:
     tier = MemoryTier(budget_bytes)
-    return PrefixCache(ROOT, capabilities, [tier], max_tail_entries=max_tail_entries, observer=observer)
+    return PrefixCache(ROOT, capabilities, [tier], reuse=reuse, max_tail_entries=max_tail_entries, observer=observer)
 
 
 def insert_chain(

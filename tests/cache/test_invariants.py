@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcellar.cache import Match, PrefixCache, Priority
+from kvcellar.cache.reuse import EXACT, NEAR
 from kvcellar.tiers.memory import MemoryTier
 
 from .fakes import ATTENTION, B, RECURRENT, ROOT, SMALL_WINDOW, insert_chain, restored_tokens
@@ -17,7 +18,7 @@ prompts = st.one_of(
 )
 ops = st.one_of(
     st.tuples(st.just("insert"), prompts, st.sampled_from(Priority), st.integers(1, 30), st.booleans()),
-    st.tuples(st.just("lookup"), prompts, st.booleans(), st.booleans()),
+    st.tuples(st.just("lookup"), prompts, st.booleans()),
     st.tuples(st.just("budget"), st.integers(0, 150)),
     st.tuples(st.just("release")),
     st.tuples(st.just("discard"), st.integers(0, 50)),
@@ -89,13 +90,15 @@ def _check_tier(tier: MemoryTier, held: Match | None, held_intact: bool, connect
 @settings(max_examples=300, deadline=None)
 @given(
     capabilities=st.sampled_from([ATTENTION, RECURRENT, SMALL_WINDOW]),
+    reuse=st.sampled_from([EXACT, NEAR]),
     policy=st.sampled_from(["priority-lru", "lru"]),
     budget=st.integers(0, 150),
     steps=st.lists(ops, max_size=40),
 )
-def test_random_workload_keeps_invariants(capabilities, policy, budget, steps) -> None:
+def test_random_workload_keeps_invariants(capabilities, reuse, policy, budget, steps) -> None:
     tier = MemoryTier(budget, policy=policy)
-    cache = PrefixCache(ROOT, capabilities, [tier], max_tail_entries=MAX_TAILS)
+    cache = PrefixCache(ROOT, capabilities, [tier], reuse=reuse, max_tail_entries=MAX_TAILS)
+    exact = reuse is EXACT
     held: Match | None = None
     connected = held_intact = True
     for step in steps:
@@ -104,8 +107,8 @@ def test_random_workload_keeps_invariants(capabilities, policy, budget, steps) -
             _insert(cache, *step[1:])
             held_intact = held_intact and not step[4]  # a tail with logits explicitly replaces one without
         elif kind == "lookup":
-            _, prompt, exact, hold = step
-            match = cache.lookup(prompt, exact=exact)
+            _, prompt, hold = step
+            match = cache.lookup(prompt)
             _check_match(cache, match, prompt, exact)
             if hold and held is None:
                 held, held_intact = match, True

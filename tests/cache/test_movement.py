@@ -31,7 +31,7 @@ def test_a_promoted_hit_restores_from_the_first_tier_copy():
     insert_chain(cache, T, num_bytes=10)
     cache.set_budget_bytes(0)  # down to the host
     cache.set_budget_bytes(30)
-    match = cache.lookup([*T, 0], exact=True)
+    match = cache.lookup([*T, 0])
     assert match.tokens_by_tier == {"host": 12}
     # The entries are the host's (released there); what to restore from is the device copy, moved once.
     assert [match.payload_of(b) for b in match.blocks] == [("on-device", payload(T[i : i + B])) for i in (0, 4, 8)]
@@ -56,12 +56,12 @@ def test_a_hit_in_a_slower_tier_is_promoted():
     cache.set_budget_bytes(0)  # everything moves down to the host
     assert device.num_entries == 0 and host.num_entries == 3
     cache.set_budget_bytes(30)
-    match = cache.lookup([*T, 0], exact=True)
+    match = cache.lookup([*T, 0])
     assert match.tokens_by_tier == {"host": 12} and [b.payload for b in match.blocks] == [payload(T[i : i + B]) for i in (0, 4, 8)]
     cache.release(match)
     assert device.num_entries == 3 and cache.stats().num_promotions == 3
     assert all(e.num_pins == 0 for tier in cache.tiers for e in tier.entries())
-    again = cache.lookup([*T, 0], exact=True)
+    again = cache.lookup([*T, 0])
     assert again.tokens_by_tier == {"device": 12}
     cache.release(again)
 
@@ -107,7 +107,7 @@ def test_partials_promoted_from_below_respect_the_count_limit():
     for tail in ([7], [8]):
         cache.insert_tail(ROOT, tail, payload(tail), 5, Priority.USER, has_logits=True)
     assert [e.token_ids for e in device.entries()] == [(8,)] and [e.token_ids for e in host.entries()] == [(7,)]
-    match = cache.lookup([7], exact=True)
+    match = cache.lookup([7])
     assert match.use_logits and match.tokens_by_tier == {"host": 1}
     cache.release(match)
     assert [e.token_ids for e in device.entries()] == [(7,)]  # promoted; [8] was demoted in its place
@@ -134,7 +134,7 @@ def test_an_entry_that_fails_to_load_shortens_the_match():
     host = FlakyTier(1000, bad)
     cache = PrefixCache(ROOT, ATTENTION, [MemoryTier(0), host], write_through=("host",))
     insert_chain(cache, T, num_bytes=10)
-    match = cache.lookup([*T, 0], exact=True)
+    match = cache.lookup([*T, 0])
     assert match.num_tokens == 4 and match.tokens_by_tier == {"host": 4}
     assert cache.stats().num_load_failures == 1 and not host.contains(bad)
     cache.release(match)
@@ -148,7 +148,7 @@ def test_an_entry_of_another_namespace_is_never_returned():
     forged = dataclasses.replace(device.evict(key), namespace=other, num_pins=0)
     device.prepare_store(forged)
     device.complete_store(key)
-    match = cache.lookup([*T[:4], 0], exact=True)
+    match = cache.lookup([*T[:4], 0])
     assert match.num_tokens == 0 and not device.contains(key) and cache.stats().num_load_failures == 1
 
 
@@ -161,16 +161,16 @@ def test_a_planner_can_cut_the_restore_short():
         seen.append((segments, num_rest_tokens))
         return 1
 
-    match = cache.lookup([*T, 0], exact=True, planner=planner)
+    match = cache.lookup([*T, 0], planner=planner)
     assert match.num_tokens == 4 and len(match.blocks) == 1
     assert seen == [([Segment("host", 10, 4), Segment("host", 10, 4), Segment("device", 10, 4)], 1)]
     cache.release(match)
-    assert cache.lookup([*T, 0], exact=True, planner=lambda s, n: 0).num_tokens == 0
+    assert cache.lookup([*T, 0], planner=lambda s, n: 0).num_tokens == 0
 
 
 def test_probe_loads_nothing_and_counts_nothing():
     cache, device, host = _two_tiers(device_bytes=10, write_through=("host",))
     insert_chain(cache, T, num_bytes=10)
-    assert cache.probe([*T, 0], exact=True) == (12, {"host": 8, "device": 4})
+    assert cache.probe([*T, 0]) == (12, {"host": 8, "device": 4})
     assert cache.stats().num_lookups == 0 and cache.stats().num_promotions == 0
     assert all(e.num_pins == 0 for tier in cache.tiers for e in tier.entries())

@@ -63,11 +63,11 @@ def test_discard_evicts_only_that_entry() -> None:
     tier = cache.tiers[0]
     assert [tier.contains(key) for key in keys] == [True, False, True]
     assert cache.stats().num_entries == 3 and cache.stats().num_discards == 1 and cache.stats().num_evictions == 0
-    match = cache.lookup([*T, 0, 5], exact=False)
+    match = cache.lookup([*T, 0, 5])
     assert match.num_tokens == B  # the chain stops at the discarded block
     cache.release(match)
     insert_chain(cache, T[:8])  # recomputed block 1 reconnects the rest of the chain
-    match = cache.lookup([*T, 0, 5], exact=False)
+    match = cache.lookup([*T, 0, 5])
     assert match.num_tokens == 13 and match.tail is not None and match.tail.payload == "tail"
     cache.release(match)
 
@@ -75,10 +75,10 @@ def test_discard_evicts_only_that_entry() -> None:
 def test_release_after_discard_does_not_unpin_a_new_entry() -> None:
     cache = make_cache()
     keys = insert_chain(cache, T[:8])
-    stale = cache.lookup([*T[:8], 0], exact=False)
+    stale = cache.lookup([*T[:8], 0])
     cache.discard(keys[1])
     insert_chain(cache, T[:8])
-    fresh = cache.lookup([*T[:8], 0], exact=False)
+    fresh = cache.lookup([*T[:8], 0])
     cache.release(stale)  # the discarded object is skipped
     assert [entry.num_pins for entry in fresh.blocks] == [1, 1]
     cache.release(fresh)
@@ -91,7 +91,7 @@ def test_clear() -> None:
     cache.insert_tail(cache.root, [1], "p", 5, Priority.USER)
     cache.clear()
     assert cache.stats().num_entries == 0 and cache.stats().num_bytes == 0
-    assert cache.lookup(T, exact=False).num_tokens == 0
+    assert cache.lookup(T).num_tokens == 0
     assert cache.insert_tail(cache.root, [2], "p", 5, Priority.USER) is not None
     cache.clear("device")
     assert cache.tiers[0].num_entries == 0 and cache.stats().num_evictions == 0
@@ -101,8 +101,8 @@ def test_stats_are_exact() -> None:
     cache = make_cache()
     keys = insert_chain(cache, T[:8], num_bytes=10, priority=Priority.SYSTEM)
     cache.insert_tail(keys[1], [9, 10], "tail", 5, Priority.ASSISTANT)
-    cache.release(cache.lookup([*T[:10], 0], exact=False))  # 10 hit, 1 miss
-    cache.release(cache.lookup([99, 98], exact=False))  # 2 miss
+    cache.release(cache.lookup([*T[:10], 0]))  # 10 hit, 1 miss
+    cache.release(cache.lookup([99, 98]))  # 2 miss
     stats = cache.stats()
     assert stats == CacheStats(
         num_lookups=2, num_hit_tokens=10, num_miss_tokens=3, num_saved_tokens=10, num_evictions=0, num_discards=0,
@@ -126,7 +126,7 @@ def test_observer_sees_lookups() -> None:
     observer = RecordingObserver()
     cache = make_cache(observer=observer)
     insert_chain(cache, T[:4])
-    cache.release(cache.lookup([*T[:4], 7], exact=True))
+    cache.release(cache.lookup([*T[:4], 7]))
     assert observer.events == [("store", tuple(T[:4]), "device"), ("lookup", 4, 5)]
 
 
@@ -140,7 +140,7 @@ def test_concurrent_use_keeps_invariants() -> None:
                 prompt = [(seed * 7 + step * i) % 5 for i in range(10)]
                 insert_chain(cache, prompt, num_bytes=10)
                 cache.insert_tail(cache.root, prompt[:2], "p", 3, Priority.USER)
-                match = cache.lookup(prompt, exact=step % 2 == 0)
+                match = cache.lookup(prompt)
                 cache.release(match)
         except BaseException as error:  # reported to the main thread
             errors.append(error)

@@ -37,7 +37,7 @@ def test_lookup_promotes_a_partial() -> None:
     cache = make_cache(max_tail_entries=2)
     _insert(cache, [1])
     _insert(cache, [2])
-    match = cache.lookup([1, 9], exact=False)
+    match = cache.lookup([1, 9])
     assert match.tail is not None and match.tail.token_ids == (1,)
     cache.release(match)
     _insert(cache, [3])
@@ -59,7 +59,7 @@ def test_pinned_partials_are_skipped_or_the_insert_is_refused() -> None:
     cache = make_cache(max_tail_entries=2, observer=observer)
     _insert(cache, [1])
     _insert(cache, [2])
-    held = cache.lookup([1, 9], exact=False)  # pins [1]
+    held = cache.lookup([1, 9])  # pins [1]
     _insert(cache, [2])  # promotes [2]: the pinned [1] is now the least recent
     _insert(cache, [3])  # skips the pinned [1]
     assert _resident_partials(cache) == [(1,), (3,)]
@@ -67,7 +67,7 @@ def test_pinned_partials_are_skipped_or_the_insert_is_refused() -> None:
 
     single = make_cache(max_tail_entries=1, observer=observer)
     _insert(single, [1])
-    held = single.lookup([1, 9], exact=False)
+    held = single.lookup([1, 9])
     assert _insert(single, [2]) is None
     assert observer.events[-1] == ("refuse", (2,), "max_partial_entries=1 reached and every tail is pinned")
     single.release(held)
@@ -111,6 +111,6 @@ def test_a_refused_tail_with_logits_keeps_the_old_tail() -> None:
     assert cache.insert_tail(cache.root, [1, 2], "with logits", 11, Priority.USER, has_logits=True) is None
     assert cache.tiers[0].get(key) is old and not old.has_logits  # 11 bytes never fit: the old tail stays
     assert cache.stats().num_partial_entries == 1 and cache.stats().num_bytes == 5
-    match = cache.lookup([1, 2, 3], exact=False)
+    match = cache.lookup([1, 2, 3])
     assert match.tail is old
     cache.release(match)

@@ -39,8 +39,8 @@ def test_chunked_prefill_logits_bit_identical_across_runs(engines, arch):
     engine = engines[arch]
     ids, _ = engine.encode(PROMPT)
     runner = engine._worker.runner
-    _, logits_a = runner.prefill_prompt(GenerationRequest(tuple(ids)))
-    _, logits_b = runner.prefill_prompt(GenerationRequest(tuple(ids)))
+    _, logits_a = runner.prefill_prompt(GenerationRequest(engine.prepare(prompt_ids=ids)))
+    _, logits_b = runner.prefill_prompt(GenerationRequest(engine.prepare(prompt_ids=ids)))
     assert torch.equal(logits_a, logits_b)
 
 

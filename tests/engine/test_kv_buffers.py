@@ -28,7 +28,7 @@ def _poison(engine: Engine) -> None:
 
 def _prefill_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():  # as in a request: the pooled (inference) buffers may be lent
-        return engine._worker.runner.prefill_prompt(GenerationRequest(tuple(ids)))[1]
+        return engine._worker.runner.prefill_prompt(GenerationRequest(engine.prepare(prompt_ids=ids)))[1]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_next_turn_adopts_the_last_prompts_kv_in_place_bit_identically(engines, 
     assert warm_out.token_ids == cold_out.token_ids
     _run(warm[arch], prompt)  # the pool now vouches for `prompt`'s blocks again
     with torch.inference_mode():
-        restored, warm_logits = warm[arch]._worker.runner.prefill_prompt(GenerationRequest(tuple(turn)))
+        restored, warm_logits = warm[arch]._worker.runner.prefill_prompt(GenerationRequest(warm[arch].prepare(prompt_ids=turn)))
     assert restored.num_resident_tokens == 4 * BLOCK
     assert torch.equal(warm_logits, _prefill_logits(cold[arch], turn))
 
@@ -134,7 +134,7 @@ def test_a_cancelled_prefill_leaves_no_resident_kv(engines):
     runner = engine._worker.runner
     prompt = _ids(18, 4 * BLOCK)
     with torch.inference_mode():
-        runner.run(GenerationRequest(tuple(prompt)), emit=lambda event: None, is_cancelled=lambda: True)
+        runner.run(GenerationRequest(engine.prepare(prompt_ids=prompt)), emit=lambda event: None, is_cancelled=lambda: True)
     assert runner.kv_buffers._resident == ()
 
 
@@ -149,6 +149,6 @@ def test_a_pool_misuse_fails_loudly_and_keeps_the_cached_entry(engines, monkeypa
     pool.clear()  # nothing is resident any more, but the restore is told otherwise
     monkeypatch.setattr(prefix, "_resident_tokens", lambda match, capacity, pool: match.num_tokens)
     with torch.inference_mode(), pytest.raises(PoolMisuseError, match="no resident buffer"):
-        prefix.restore(prompt, capacity=4 * BLOCK, pool=pool)
+        prefix.restore(prompt, prefix.block_keys(prompt), capacity=4 * BLOCK, pool=pool)
     monkeypatch.undo()
     assert engine.probe(prompt_ids=prompt).num_cached_tokens == 3 * BLOCK

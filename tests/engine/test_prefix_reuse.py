@@ -47,8 +47,9 @@ def _logits(engine, ids):
     """Prefill `ids` as a request would, keeping its K/V buffers for the next one (adopted in place if it shares them)."""
     runner = engine._worker.runner
     with torch.inference_mode():  # as in a request: the pooled buffers are inference tensors
-        restored, logits = runner.prefill_prompt(GenerationRequest(tuple(ids)))
-        runner.keep_buffers(restored.cache, ids)
+        request = GenerationRequest(engine.prepare(prompt_ids=ids))
+        restored, logits = runner.prefill_prompt(request)
+        runner.keep_buffers(restored.cache, request.prompt.block_keys)
     return restored, logits
 
 
@@ -177,7 +178,7 @@ def test_non_exact_mode_is_close_and_keeps_greedy_first_token(tiny_fp32_dirs, ar
             session.chat(_sentence(seed, 10), max_tokens=5)
             follow_up = session.messages + [{"role": "user", "content": _sentence(seed + 20, 6)}]
             ids, segments = warm.encode(messages=follow_up)
-            restored, warm_logits = warm._worker.runner.prefill_prompt(GenerationRequest(tuple(ids), segments=segments))
+            restored, warm_logits = warm._worker.runner.prefill_prompt(GenerationRequest(warm.prepare(prompt_ids=ids, segments=segments)))
             _, cold_logits = _logits(cold, ids)
             assert restored.num_tokens > 0
             torch.testing.assert_close(warm_logits, cold_logits, atol=NON_EXACT_ATOL, rtol=0)

@@ -94,7 +94,7 @@ def test_exact_mode_logits_are_bit_identical_cached_and_uncached(engines) -> Non
     engine.generate(prompt_ids=ids_for("Which is Spain's capital?"), max_tokens=1)  # caches the document's blocks
     ids = ids_for("Which countries border France?")
     with torch.inference_mode():
-        restored, cached_logits = engine._worker.runner.prefill_prompt(GenerationRequest(tuple(ids)))
-        _, cold_logits = cold._worker.runner.prefill_prompt(GenerationRequest(tuple(ids)))
+        restored, cached_logits = engine._worker.runner.prefill_prompt(GenerationRequest(engine.prepare(prompt_ids=ids)))
+        _, cold_logits = cold._worker.runner.prefill_prompt(GenerationRequest(cold.prepare(prompt_ids=ids)))
     assert len(ids) // 2 < restored.num_tokens < len(ids)  # the document came from the cache, the question did not
     assert torch.equal(cached_logits, cold_logits)

@@ -36,7 +36,8 @@ def test_a_prefill_cancelled_between_chunks_reports_the_tokens_it_computed(engin
         return calls > 3  # prefill asks before each chunk: three chunks run, the fourth does not
 
     events: list[StreamEvent] = []
-    result = engine._worker.runner.run(GenerationRequest(tuple(ids)), events.append, cancelled_after_three_chunks, 0.25)
+    request = GenerationRequest(engine.prepare(prompt_ids=ids))
+    result = engine._worker.runner.run(request, events.append, cancelled_after_three_chunks, 0.25)
     assert result.finish_reason == "cancelled" and result.token_ids == ()
     assert result.num_cached_tokens == 0
     assert result.timings.num_prefill_tokens == 3 * BLOCK

@@ -8,6 +8,7 @@ import threading
 import time
 
 from kvcellar.cache import LayoutCapabilities, PrefixCache, Priority
+from kvcellar.cache.reuse import NEAR
 from kvcellar.tiers.memory import MemoryTier
 from kvcellar.tiers.disk import entry_io, files
 from kvcellar.tiers.disk.state import INDEX_SLACK_BYTES
@@ -65,7 +66,7 @@ def _churn(cache: PrefixCache, rng: random.Random, num_steps: int) -> None:
         if step % 20 == 0:
             cache.tiers[-1].flush(30)  # let the writer keep up now and then (fsyncs are slow here)
         tokens = rng.choice(prefixes)[: rng.randrange(1, 3) * B] + [rng.randrange(30) for _ in range(rng.randrange(1, 4) * B + 2)]
-        match = cache.lookup(tokens, exact=False)
+        match = cache.lookup(tokens)
         for block in match.blocks:
             assert block.payload == payload_for(block.key)  # never a wrong payload, from any tier
         cache.release(match)
@@ -80,7 +81,8 @@ def test_budgets_hold_under_churn_and_at_start_up(tmp_path, monkeypatch):
     folder, budget = tmp_path / "kv", 250_000  # files + index + WAL: the index takes ~200 KB of it (tiers/disk/state.py)
     file_changes = _serialise_file_changes(monkeypatch)
     disk = open_tier(folder, budget_bytes=budget, max_queue_entries=16)
-    cache = PrefixCache(ROOT_A, LayoutCapabilities(B, False, None), [MemoryTier(8_000), disk], write_through=("disk",))
+    cache = PrefixCache(ROOT_A, LayoutCapabilities(B, False, None), [MemoryTier(8_000), disk], reuse=NEAR,
+                        write_through=("disk",))
     worst, stop = [0], threading.Event()
 
     def sample() -> None:  # the files on disk, watched while the writer works
@@ -146,7 +148,7 @@ def test_a_full_disk_drops_writes_and_serving_continues(tmp_path, monkeypatch):
     assert counters["num_evictions"] == 3 and counters["num_written"] == 0
     assert disk.num_entries == 0 and disk.num_bytes == 0 and entry_files(tmp_path / "kv") == []
     assert not list((tmp_path / "kv").rglob("*.tmp"))
-    match = cache.lookup([*tokens, 1], exact=True)
+    match = cache.lookup([*tokens, 1])
     assert match.num_tokens == 16 and match.tokens_by_tier == {"device": 16}  # served from memory
     cache.release(match)
 
@@ -155,7 +157,7 @@ def test_a_full_disk_drops_writes_and_serving_continues(tmp_path, monkeypatch):
     assert disk.stats().counters["effective_budget_bytes"] == disk.budget_bytes
     cache.set_budget_bytes(0)  # the device empties: its evictions are demoted to the disk
     assert disk.flush(10) and disk.num_entries == 4 and check_consistent(disk) == 4
-    match = cache.lookup([*tokens, 1], exact=True)
+    match = cache.lookup([*tokens, 1])
     assert match.tokens_by_tier == {"disk": 16}
     cache.release(match)
     disk.close()

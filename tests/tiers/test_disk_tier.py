@@ -108,13 +108,13 @@ def test_requests_see_the_disk_through_the_prefix_cache(tmp_path):
     for entry in chain(tokens):
         parent = cache.insert_block(parent, entry.token_ids, entry.payload, entry.num_bytes, entry.priority)
     assert disk.num_entries == 6 and device.num_entries < 6  # everything written through, the device is full
-    match = cache.lookup([*tokens, 99], exact=True)
+    match = cache.lookup([*tokens, 99])
     assert match.num_tokens == 24 and set(match.tokens_by_tier) == {"device", "disk"}
     assert [block.payload for block in match.blocks] == [payload_for(e.key) for e in chain(tokens)]
     cache.release(match)
     assert 1 <= cache.stats().num_promotions <= match.tokens_by_tier["disk"] // B  # as many as the device fits
     assert device.num_bytes <= 3000
-    again = cache.lookup([*tokens, 99], exact=True)
+    again = cache.lookup([*tokens, 99])
     assert again.tokens_by_tier.get("device", 0) > match.tokens_by_tier["device"]  # promoted entries hit in memory
     cache.release(again)
     disk.close()
@@ -193,8 +193,8 @@ def test_two_namespaces_never_read_each_other(tmp_path):
     for entry in chain(tokens, ROOT_A):
         parent = cache_a.insert_block(parent, entry.token_ids, entry.payload, entry.num_bytes, entry.priority)
     assert parent is not None and disk.flush(10)
-    assert cache_b.lookup([*tokens, 1], exact=True).num_tokens == 0  # same tokens, other namespace: a miss
-    assert cache_a.lookup([*tokens, 1], exact=True).num_tokens == 12
+    assert cache_b.lookup([*tokens, 1]).num_tokens == 0  # same tokens, other namespace: a miss
+    assert cache_a.lookup([*tokens, 1]).num_tokens == 12
     folders = {p.parent.parent.name for p in entry_files(tmp_path / "kv")}
     assert folders == {ROOT_A.hex()[:16]}
     disk.close()
@@ -207,7 +207,7 @@ def test_the_next_request_sees_a_block_before_its_write_even_with_no_device_room
     parent = ROOT_A
     for entry in chain(tokens):
         parent = cache.insert_block(parent, entry.token_ids, entry.payload, entry.num_bytes, entry.priority) or parent
-    match = cache.lookup([*tokens, 1], exact=True)  # at once: served from the queued payloads
+    match = cache.lookup([*tokens, 1])  # at once: served from the queued payloads
     assert match.num_tokens == 12 and match.tokens_by_tier == {"disk": 12}
     assert [b.payload for b in match.blocks] == [payload_for(e.key) for e in chain(tokens)[:3]]
     cache.release(match)
@@ -215,7 +215,7 @@ def test_the_next_request_sees_a_block_before_its_write_even_with_no_device_room
     assert stats.num_dropped == 1 and stats.tiers["disk"].counters["num_dropped_queue_full"] == 1  # the 4th block
     disk.start()
     assert disk.flush(10) and check_consistent(disk) == 3
-    match = cache.lookup([*tokens, 1], exact=True)
+    match = cache.lookup([*tokens, 1])
     assert match.tokens_by_tier == {"disk": 12} and disk.stats().counters["num_loads"] == 3 + 3  # from the files
     cache.release(match)
     disk.close()

@@ -136,7 +136,7 @@ def test_a_bad_row_is_dropped_at_open_and_its_file_indexed_again(folder, name):
     assert (counters["num_bad_rows_at_open"], counters["num_orphans_indexed"], counters["num_index_rebuilt"]) == (1, 1, 0)
     assert check_consistent(tier) == NUM_ENTRIES
     cache = PrefixCache(ROOT_A, LayoutCapabilities(B, False, None), [MemoryTier(1 << 20), tier])
-    match = cache.lookup(list(range(13)), exact=True)
+    match = cache.lookup(list(range(13)))
     assert match.num_tokens == 12 and [b.payload for b in match.blocks] == [payload_for(e.key) for e in _entries()[:3]]
     cache.release(match)
     tier.close()
@@ -154,7 +154,7 @@ def test_a_row_that_breaks_while_serving_is_dropped_never_raised(folder):
     entries = _entries()
     _damage_tokens_now(tier, entries[2].key)
     cache = PrefixCache(ROOT_A, LayoutCapabilities(B, False, None), [MemoryTier(1 << 20), tier])
-    match = cache.lookup(list(range(13)), exact=True)  # stops before the broken block
+    match = cache.lookup(list(range(13)))  # stops before the broken block
     assert match.num_tokens == 8 and match.tokens_by_tier == {"disk": 8}
     cache.release(match)
     counters = tier.stats().counters

@@ -15,7 +15,7 @@ from collections import defaultdict
 import numpy as np
 
 from kvcellar.bench.scenarios import cold_label
-from kvcellar.cache.match import exact_boundary
+from kvcellar.cache.reuse import EXACT, ChunkedExactReuse
 
 # Modes whose exact repeats must be served whole from the cache (no cost-model choice, no tier forcing).
 EXACT_HIT_MODES = ("kvcellar", "device-only")
@@ -96,7 +96,8 @@ def check_consistency(phases: list[dict], block_size: int) -> list[str]:
                 # It diverges inside its last block: every block before it is cached, and exact mode restores
                 # the last boundary of those where the prompt's prefill schedule passes (a whole chunk's end).
                 n = s["num_prompt_tokens"]
-                least = exact_boundary(n // block_size - 1, n, block_size, chunk) * block_size
+                rule = ChunkedExactReuse(block_size, chunk) if chunk > block_size else EXACT
+                least = rule.last_boundary(n // block_size - 1, n, block_size) * block_size
                 if s["num_cached_tokens"] < least:
                     problems.append(f"{where}: nearest prefix restored {s['num_cached_tokens']}, expected at least {least}")
             if s["ttft_s"] <= 0 or s["total_s"] < s["ttft_s"]:

@@ -6,10 +6,11 @@ namespace. The engine captures each block's KV state as an opaque payload of
 known byte size and inserts it; a lookup returns the longest prefix every
 layer kind can restore (`layout`), pinned until released.
 
-Modules: `hashing` (keys, stable byte encoding), `layout` (what a restore may
-do), `entry` (entries and priorities), `policy` (eviction order),
-`eviction` (the eviction planner every tier uses), `tails` (the count bound
-on tail entries), `tier` (storage protocol, `TierStats`),
+Modules: `hashing` (keys, stable byte encoding), `layout` (what the model's
+layers let a restore do), `reuse` (what a namespace may reuse: exact or near
+rules, chosen once; the prefill schedule), `entry` (entries and priorities),
+`policy` (eviction order), `eviction` (the eviction planner every tier uses),
+`tails` (the count bound on tail entries), `tier` (storage protocol, `TierStats`),
 `match` (restore-point rules), `loading` (pin and load a match), `movement`
 (promotion, demotion, write-through between tiers), `prefix_cache`
 (`PrefixCache`: lookup / insert / discard / stats), `stats`, `observer`,

@@ -16,10 +16,11 @@ change here needs a new domain tag, never Python's `hash()` or pickle):
   block), count is the number of tokens as uint32 little-endian and tokens
   are the token ids, each as uint32 little-endian.
 - stepped block key = the same with the tag b"kvcellar-stepped-block-v1\\x00":
-  a block prefilled on its own after the prompt's last full chunk (exact
-  mode with chunks longer than a block; cache/layout.py). Its K/V differ in
-  rounding from the same tokens computed inside a chunk, so it must not
-  share their key.
+  a block prefilled on its own after the prompt's last full chunk. Only the
+  exact reuse rule over chunks longer than a block keys blocks so
+  (cache/reuse.py `ChunkedExactReuse`, through `hash_blocks(stepped_from=)`):
+  their K/V differ in rounding from the same tokens computed inside a chunk,
+  so they must not share their key.
 - tail key = the same with the tag b"kvcellar-partial-v1\\x00" (the tag
   keeps its first name: it is in every stored key). The distinct tag
   guarantees a tail key never equals a block key.
@@ -62,7 +63,9 @@ class NamespaceSpec:
     layout_version: int  # payload layout of the tensor side
     exact: bool  # bit-exact mode (block-aligned prefill)
     tenant_salt: str = ""  # isolates tenants (timing side channel)
-    chunk_size: int | None = None  # prefill chunk when longer than a block (it changes the K/V's rounding)
+    # Prefill chunk when longer than a block, under either reuse rule: K/V computed in longer chunks round
+    # differently, so they live in a namespace of their own (None, one block, keeps the older digests).
+    chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_fingerprint, str) or not self.model_fingerprint:

@@ -2,20 +2,21 @@
 
 Operations: `Match` (the result handed to the engine), `RestorePoint` (a
 candidate position p with the entries it needs) and `choose_restore_point`
-(the pure rule: largest valid p, given the chain hit and its children).
+(the pure rule: largest valid p, given the chain hit, its children and the
+namespace's `ReuseRule`, cache/reuse.py).
 
 Rules (n prompt tokens, B = block_size, k leading full blocks found):
-- every block boundary jB, j <= k, is a candidate;
+- every block boundary jB, j <= k, the rule `resumes_at` is a candidate;
 - a tail child of the last hit (or of the root) whose tokens are a prefix
   of the rest gives p = kB + len (a "full tail match": valid for every
-  layer kind, a recurrent checkpoint exists at its end);
-- with trimming allowed (capabilities.can_trim and not exact), any child block
-  or tail sharing c >= 1 leading tokens with the rest gives p = kB + c;
-- p == n is valid only through a full tail match whose entry has logits;
-  otherwise p == n becomes n - 1 when trimming is allowed, else it is dropped;
-- exact mode keeps only block boundaries below n that the prompt's own
-  prefill schedule also reaches (`on_schedule`: a chunk boundary, or any
-  block boundary after the last full chunk), and p == n with logits;
+  layer kind, a recurrent checkpoint exists at its end), where the rule
+  `restores_tails`;
+- with trimming allowed (capabilities.can_trim and the rule `trims_entries`),
+  any child block or tail sharing c >= 1 leading tokens with the rest
+  gives p = kB + c;
+- p == n is valid only through a full tail match whose entry has logits
+  (under every rule); otherwise p == n becomes n - 1 when trimming is
+  allowed, else it is dropped;
 - when kB == n, the children of block k-1's parent are candidates too, so the
   fallback below n can end inside the last block.
 """
@@ -26,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvcellar.cache.entry import CacheEntry
-from kvcellar.cache.layout import full_chunks_end
+from kvcellar.cache.reuse import ReuseRule
 
 
 @dataclass(frozen=True)
@@ -89,32 +90,30 @@ def choose_restore_point(
     *,
     block_size: int,
     can_trim: bool,
-    exact: bool,
-    chunk_size: int | None = None,
+    rule: ReuseRule,
 ) -> RestorePoint:
     """The best valid restore point (RestorePoint(0) on a miss).
 
     `chain` holds the k leading blocks found; `children` the entries whose
     parent is the chain's last key (or the root); `previous_children` those
-    whose parent is block k-1's parent (used only when kB == n).
+    whose parent is block k-1's parent (used only when kB == n). `can_trim`:
+    the layout can cut an entry short (LayoutCapabilities.can_trim).
     """
     n = len(token_ids)
     k = len(chain)
     if n == 0:
         return RestorePoint(0)
-    allow_trim = can_trim and not exact
-    chunk = chunk_size or block_size
+    allow_trim = can_trim and rule.trims_entries
     raw = [RestorePoint(k), *_child_points(k, children, token_ids[k * block_size :], allow_trim)]
     if k > 0:
         raw.append(RestorePoint(k - 1))
-        if exact:
-            raw.append(RestorePoint(exact_boundary(k, n, block_size, chunk)))
+        raw.append(RestorePoint(rule.last_boundary(k, n, block_size)))
         if k * block_size == n:
             rest = token_ids[(k - 1) * block_size :]
             raw.extend(_child_points(k - 1, previous_children, rest, allow_trim))
     best = RestorePoint(0)
     for point in raw:
-        valid = _validate(point, n, chain, block_size, allow_trim, exact, chunk)
+        valid = _validate(point, n, chain, block_size, allow_trim, rule)
         if valid is not None and valid.rank(block_size) > best.rank(block_size):
             best = valid
     return best
@@ -135,32 +134,17 @@ def _child_points(
             yield RestorePoint(num_blocks, child, common)
 
 
-def on_schedule(p: int, n: int, chunk_size: int) -> bool:
-    """Whether an n-token prompt's prefill passes through position p (a block boundary; cache/layout.py)."""
-    return p % chunk_size == 0 or p > full_chunks_end(n, chunk_size)
-
-
-def exact_boundary(num_blocks: int, n: int, block_size: int, chunk_size: int) -> int:
-    """The most leading blocks, at most `num_blocks`, that exact mode may restore for an n-token prompt."""
-    for count in range(num_blocks, 0, -1):
-        p = count * block_size
-        if p < n and on_schedule(p, n, chunk_size):
-            return count
-    return 0
-
-
 def _validate(
-    point: RestorePoint, n: int, chain: Sequence[CacheEntry], block_size: int, allow_trim: bool, exact: bool,
-    chunk_size: int,
+    point: RestorePoint, n: int, chain: Sequence[CacheEntry], block_size: int, allow_trim: bool, rule: ReuseRule
 ) -> RestorePoint | None:
     """`point` itself, its n - 1 trim, or None when it breaks the rules."""
     p = point.num_tokens(block_size)
     if point.use_logits:
         return point
-    if exact:
-        return point if point.entry is None and p < n and on_schedule(p, n, chunk_size) else None
+    if point.entry is not None and not rule.restores_tails:
+        return None
     if p < n:
-        return point
+        return point if point.entry is not None or rule.resumes_at(p, n) else None
     if not allow_trim or p == 0:
         return None
     # p == n without logits: keep one token to compute, cut from the last restored entry.

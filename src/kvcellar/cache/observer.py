@@ -79,4 +79,4 @@ class LoggingObserver:
 
 
 def _describe(entry: CacheEntry) -> str:
-    return f"{'partial' if entry.is_partial else 'block'} {entry.key.hex()[:12]}"
+    return f"{'tail' if entry.is_tail else 'block'} {entry.key.hex()[:12]}"

@@ -1,9 +1,14 @@
 """The prefix cache of one namespace: chained blocks and tails over ordered tiers.
 
-Operations: `lookup` (longest restorable prefix, loaded and pinned; optional
+Operations: `block_keys` (a prompt's chained block keys under this
+namespace's reuse rule: compute them once per request and pass them on);
+`lookup` (longest restorable prefix, loaded and pinned; optional
 restore-vs-recompute `planner`) and `release`; `probe` (the same answer,
 nothing loaded or counted); `insert_block`, `insert_tail`; `discard` (drop
 one entry that failed validation); `clear`, `set_budget_bytes`, `stats`.
+
+What may be restored is the namespace's `ReuseRule` (cache/reuse.py: exact or
+near), fixed when the cache is built; no call takes a mode.
 
 Movement between tiers (movement.py), tiers ordered fastest first:
 - insert: into the first tier, plus a copy into every `write_through` tier
@@ -28,19 +33,21 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 from kvcellar.cache.cost_model import Segment
 from kvcellar.cache.entry import CacheEntry, Priority
-from kvcellar.cache.hashing import BlockHash, hash_block, hash_blocks, hash_tail
+from kvcellar.cache.hashing import BlockHash, hash_block, hash_tail
 from kvcellar.cache.layout import LayoutCapabilities
 from kvcellar.cache.loading import LoadFailed, load_match, restore_entries, tokens_by_tier
-from kvcellar.cache.match import Match, RestorePoint, choose_restore_point, exact_boundary
+from kvcellar.cache.match import Match, RestorePoint, choose_restore_point
 from kvcellar.cache.movement import TierSet
 from kvcellar.cache.observer import CacheObserver, NullObserver
 from kvcellar.cache.tails import TailLRU
+from kvcellar.cache.reuse import EXACT, ReuseRule
 from kvcellar.cache.stats import CacheStats, snapshot
 from kvcellar.cache.tier import Tier
 
@@ -61,6 +68,7 @@ class PrefixCache:
         capabilities: LayoutCapabilities,
         tiers: Sequence[Tier],
         *,
+        reuse: ReuseRule = EXACT,
         max_tail_entries: int = 8,
         observer: CacheObserver | None = None,
         write_through: Sequence[str] = (),
@@ -71,6 +79,7 @@ class PrefixCache:
         self._root = root
         self._capabilities = capabilities
         self._block_size = capabilities.block_size
+        self._reuse = reuse
         self._observer: CacheObserver = observer if observer is not None else NullObserver()
         # Re-entrant so an observer may read stats(); pass one lock to every core that shares these tiers.
         self._lock = lock if lock is not None else threading.RLock()
@@ -92,23 +101,35 @@ class PrefixCache:
     def tiers(self) -> tuple[Tier, ...]:
         return self._tiers
 
+    @property
+    def reuse(self) -> ReuseRule:
+        return self._reuse
+
+    def block_keys(self, token_ids: Sequence[int]) -> list[BlockHash]:
+        """The chained keys of the prompt's full blocks, as lookups and inserts of this prompt use them."""
+        return self._reuse.block_keys(self._root, token_ids, self._block_size)
+
     # -- lookup ------------------------------------------------------------------------------
 
-    def lookup(self, token_ids: Sequence[int], *, exact: bool, planner: Planner | None = None) -> Match:
+    def lookup(
+        self, token_ids: Sequence[int], *, block_keys: Sequence[BlockHash] | None = None, planner: Planner | None = None
+    ) -> Match:
         """The longest restorable prefix of `token_ids`, payloads loaded; pinned until `release`.
 
+        `block_keys`: the prompt's `block_keys`, when the caller already has them.
         `planner` (e.g. `CostModel.plan`) may cut the restore short when loading
         from a slow tier would take longer than computing those tokens again.
         """
         tokens = tuple(token_ids)
+        keys = self.block_keys(tokens) if block_keys is None else block_keys
         with self._lock:
             match = Match(0)
             where: dict[BlockHash, int] = {}  # key -> index of the tier that holds the entry
             for _ in range(MAX_LOAD_ATTEMPTS):
                 where = {}
-                point, chain = self._restore_point(tokens, exact, where)
+                point, chain = self._restore_point(tokens, keys, where)
                 if planner is not None:
-                    point = self._plan(point, chain, where, planner, len(tokens), exact)
+                    point = self._plan(point, chain, where, planner, len(tokens))
                 try:
                     match = load_match(self._tiers, point, chain, where, self._block_size, self._root)
                     break
@@ -117,7 +138,7 @@ class PrefixCache:
                     self._counters["num_load_failures"] += 1
                 except KeyError:  # the tier dropped the entry (gone, or failed validation): walk again
                     self._counters["num_load_failures"] += 1
-            match.promoted_payloads.update(self._set.promote(match.entries, where))
+            match = dataclasses.replace(match, promoted_payloads=self._set.promote(match.entries, where))
             self._counters["num_lookups"] += 1
             self._counters["num_hit_tokens"] += match.num_tokens
             self._counters["num_miss_tokens"] += len(tokens) - match.num_tokens
@@ -125,11 +146,15 @@ class PrefixCache:
             self._observer.on_lookup(match, len(tokens))
             return match
 
-    def probe(self, token_ids: Sequence[int], *, exact: bool) -> tuple[int, dict[str, int]]:
+    def probe(
+        self, token_ids: Sequence[int], *, block_keys: Sequence[BlockHash] | None = None
+    ) -> tuple[int, dict[str, int]]:
         """(tokens a lookup would restore now, per tier); nothing is loaded, pinned or counted."""
+        tokens = tuple(token_ids)
+        keys = self.block_keys(tokens) if block_keys is None else block_keys
         with self._lock:
             where: dict[BlockHash, int] = {}
-            point, chain = self._restore_point(tuple(token_ids), exact, where)
+            point, chain = self._restore_point(tokens, keys, where)
             return point.num_tokens(self._block_size), tokens_by_tier(point, chain, where, self._tiers, self._block_size)
 
     def release(self, match: Match) -> None:
@@ -143,21 +168,10 @@ class PrefixCache:
                         tier.complete_load([entry.key])
                         break
 
-    def stepped_from(self, num_tokens: int, exact: bool) -> int | None:
-        """Where an n-token prompt's stepped blocks start (exact mode: see cache/layout.py); None: no stepped keys.
-
-        Outside exact mode any schedule's K/V are good enough, so every block has its plain key.
-        """
-        return self._capabilities.full_chunks_end(num_tokens) if exact else None
-
-    def block_keys(self, token_ids: Sequence[int], *, exact: bool) -> list[BlockHash]:
-        """The chained keys of the prompt's full blocks, as lookups and inserts of this prompt use them."""
-        return hash_blocks(self._root, token_ids, self._block_size, self.stepped_from(len(token_ids), exact))
-
     def _restore_point(
-        self, tokens: tuple[int, ...], exact: bool, where: dict[BlockHash, int]
+        self, tokens: tuple[int, ...], keys: Sequence[BlockHash], where: dict[BlockHash, int]
     ) -> tuple[RestorePoint, list[CacheEntry]]:
-        chain = self._walk_chain(self.block_keys(tokens, exact=exact), where)
+        chain = self._walk_chain(keys, where)
         parent = chain[-1].key if chain else self._root
         children = self._set.children(parent, where)
         previous: list[CacheEntry] = []
@@ -165,8 +179,7 @@ class PrefixCache:
             previous = self._set.children(chain[-1].parent, where)
         point = choose_restore_point(
             tokens, chain, children, previous,
-            block_size=self._block_size, can_trim=self._capabilities.can_trim, exact=exact,
-            chunk_size=self._capabilities.chunk_size,
+            block_size=self._block_size, can_trim=self._capabilities.can_trim, rule=self._reuse,
         )  # fmt: skip
         return point, chain
 
@@ -182,8 +195,7 @@ class PrefixCache:
         return chain
 
     def _plan(
-        self, point: RestorePoint, chain: list[CacheEntry], where: dict[BlockHash, int], planner: Planner, n: int,
-        exact: bool,
+        self, point: RestorePoint, chain: list[CacheEntry], where: dict[BlockHash, int], planner: Planner, n: int
     ) -> RestorePoint:
         """Keep only the leading entries the planner finds faster to load than to compute."""
         used = restore_entries(point, chain)
@@ -195,12 +207,8 @@ class PrefixCache:
         count = planner(segments, n - point.num_tokens(block_size))
         if count >= len(used):
             return point
-        num_blocks = min(count, point.num_blocks)
-        if exact:  # only where the prompt's own prefill schedule passes (match.on_schedule)
-            return RestorePoint(exact_boundary(num_blocks, n, block_size, self._capabilities.chunk_size))
-        if num_blocks * block_size >= n:  # a boundary at the prompt's end needs logits: step back
-            num_blocks -= 1
-        return RestorePoint(num_blocks)
+        # Below the prompt's end (a boundary there needs logits), where the rule lets a prefill start.
+        return RestorePoint(self._reuse.last_boundary(min(count, point.num_blocks), n, block_size))
 
     # -- insert ------------------------------------------------------------------------------
 
@@ -212,16 +220,17 @@ class PrefixCache:
         num_bytes: int,
         priority: Priority,
         tier_name: str | None = None,
-        stepped: bool = False,
+        key: BlockHash | None = None,
     ) -> BlockHash | None:
         """Store a full block after `parent`; its key, or None when refused (parent missing, no room).
 
-        `stepped`: the block was prefilled on its own, after its prompt's last full chunk (`stepped_from`).
+        `key`: the block's key from its prompt's `block_keys` (the only source of a stepped key);
+        None: the plain key of `token_ids` after `parent` is hashed here.
         """
         tokens = tuple(token_ids)
         if len(tokens) != self._block_size:
             raise ValueError(f"a block holds exactly {self._block_size} tokens, got {len(tokens)}; use insert_tail")
-        key = hash_block(parent, tokens, stepped)
+        key = hash_block(parent, tokens) if key is None else key
         entry = CacheEntry(key, parent, tokens, num_bytes, priority, payload, is_tail=False, namespace=self._root)
         with self._lock:
             stored = self._set.store(entry, self._set.index_of(tier_name))

@@ -22,6 +22,7 @@ from kvcellar.cache.hashing import NamespaceSpec, namespace_digest
 from kvcellar.cache.layout import LayoutCapabilities
 from kvcellar.cache.observer import CacheObserver, NullObserver
 from kvcellar.cache.prefix_cache import PrefixCache
+from kvcellar.cache.reuse import EXACT, ReuseRule
 from kvcellar.cache.stats import CacheStats
 from kvcellar.cache.tier import BackgroundHelper, BackgroundWriter, Tier
 
@@ -47,6 +48,7 @@ class CacheRegistry:
     write_through: tuple[str, ...] = ()
     helpers: list[BackgroundHelper] = field(default_factory=list)  # the tiers' helper threads
     observer: CacheObserver = field(default_factory=NullObserver)  # every core's
+    reuse: ReuseRule = EXACT  # every salt's core reuses by the same rule (chosen once: cache/reuse.py reuse_rule)
     _cores: dict[str, PrefixCache] = field(default_factory=dict)
     # One lock for the cores and the tiers they share: the worker inserts while server threads
     # read stats, clear tiers or change budgets.
@@ -58,7 +60,7 @@ class CacheRegistry:
             if core is None:
                 root = namespace_digest(self.spec.with_salt(salt) if salt else self.spec)
                 core = PrefixCache(
-                    root, self.capabilities, self.tiers,
+                    root, self.capabilities, self.tiers, reuse=self.reuse,
                     max_tail_entries=self.max_tail_entries, observer=self.observer, write_through=self.write_through,
                     lock=self._lock,
                 )  # fmt: skip

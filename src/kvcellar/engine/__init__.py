@@ -1,14 +1,16 @@
 """The inference engine: load a model folder, run requests on one worker thread.
 
 Modules: `loader` (offline loading, device/dtype), `prompt` (templating, message
-boundaries), `prefill` (block-aligned chunks), `sampling`, `text_stream`
+boundaries), `prepared` (one request's checked prompt and block keys, and the
+one input rule), `prefill` (block-aligned chunks), `sampling`, `text_stream`
 (detokenizing, stop strings),
 `runner` (one request), `worker` (the
 model's thread), `engine` (the public facade).
 """
 
 from kvcellar.engine.engine import Engine
+from kvcellar.engine.prepared import PreparedPrompt
 from kvcellar.engine.request import GenerationResult, PromptSegments, StreamEvent, Timings
 from kvcellar.engine.sampling import SamplingParams
 
-__all__ = ["Engine", "GenerationResult", "PromptSegments", "SamplingParams", "StreamEvent", "Timings"]
+__all__ = ["Engine", "GenerationResult", "PreparedPrompt", "PromptSegments", "SamplingParams", "StreamEvent", "Timings"]

@@ -1,9 +1,12 @@
 """The engine: one model, its prefix cache, and the worker thread that runs requests.
 
-Operations: `Engine.load(model_dir, ...)`, `generate`, `stream`, `encode`, `probe`,
-`cache_report` / `cache_stats` (all, or some salts' share; typed / as JSON), `clear_cache`,
-`set_cache_budget`, `close`. `Engine` satisfies `engine.serving.ServingEngine`, the
-protocol the server and `ChatSession(engine)` are typed against.
+Operations: `Engine.load(model_dir, ...)`, `encode` (text or chat messages to
+ids and message boundaries), `prepare` (check a prompt and compute what every
+later step needs, once: a `PreparedPrompt`), `generate`, `stream`, `probe`,
+`cache_report` / `cache_stats` (all, or some salts' share; typed / as JSON),
+`clear_cache`, `set_cache_budget`, `close`. `Engine` satisfies
+`engine.serving.ServingEngine`, the protocol the server and
+`ChatSession(engine)` are typed against.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from kvcellar.cache.tier import check_known_tier
 from kvcellar.kv.wiring import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
 from kvcellar.engine.prefill import chunk_size_for
+from kvcellar.engine.prepared import PreparedPrompt, PromptLimits
 from kvcellar.engine.prompt import encode_chat, encode_text
 from kvcellar.engine.request import GenerationRequest, GenerationResult, PromptSegments
 from kvcellar.engine.runner import RequestRunner
@@ -48,12 +52,14 @@ class Engine:
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
         config = config.with_block_size(self.loaded.device.type)
         exact = config.cache.enabled and config.cache.exact
-        chunk = chunk_size_for(config.prefill_chunk_size, config.block_size, inspect_layout(self.loaded.model.config),
-                               self.loaded.device.type, exact)  # fmt: skip
-        self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved: block and chunk
+        layout = inspect_layout(self.loaded.model.config)
+        chunk = chunk_size_for(config.prefill_chunk_size, config.block_size, layout, self.loaded.device.type, exact)
+        self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved, like block_size
         self.prefix_cache, self.cache_registry = build_prefix_cache(
-            self.loaded.model.config, self.loaded.device, self.loaded.dtype, self.loaded.fingerprint, config
+            self.loaded.model.config, layout, self.loaded.device, self.loaded.dtype, self.loaded.fingerprint, config
         )
+        # The one rule for what prompt runs (the server checks through it too): the embedding's rows are the vocabulary.
+        self.limits = PromptLimits(self.loaded.context_length, self.loaded.model.get_input_embeddings().num_embeddings)
         self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk))
         # An engine nobody closed is closed at interpreter exit: the worker thread stops before torch
         # tears down (else the process may abort), and queued disk writes are flushed.
@@ -81,6 +87,32 @@ class Engine:
             return encode_chat(self.loaded.tokenizer, messages)
         return encode_text(self.loaded.tokenizer, prompt), PromptSegments()
 
+    def prepare(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        segments: PromptSegments | None = None,
+        cache_salt: str = "",
+        max_tokens: int | None = None,
+    ) -> PreparedPrompt:
+        """Encode (unless `prompt_ids` are given), check against `limits`, and compute the prompt's block keys.
+
+        `segments` go with `prompt_ids` (as `encode(messages=...)` returned them): where the system
+        prompt and the last user message end, so their blocks are cached at their priority.
+        `max_tokens`, when given, must fit the context after the prompt. Raises InvalidRequestError.
+        """
+        if segments is not None and prompt_ids is None:
+            raise ValueError("segments= goes with prompt_ids=; with prompt= or messages= the engine finds them itself")
+        if prompt_ids is not None:
+            ids, segments = list(prompt_ids), segments or PromptSegments()
+        else:
+            ids, segments = self.encode(prompt, messages)
+        self.limits.check_prompt(ids)
+        self.limits.check_max_tokens(len(ids), max_tokens)
+        return PreparedPrompt(tuple(ids), segments, cache_salt, tuple(self.prefix_cache.block_keys(ids, cache_salt)))
+
     # -- generation ------------------------------------------------------------------------------
     def stream(
         self,
@@ -89,25 +121,27 @@ class Engine:
         messages: Sequence[dict] | None = None,
         prompt_ids: Sequence[int] | None = None,
         segments: PromptSegments | None = None,
+        prepared: PreparedPrompt | None = None,
         params: SamplingParams | None = None,
         cache_salt: str = "",
         **sampling: object,
     ) -> GenerationStream:
         """Queue a request; iterate the returned stream for its text, the last event carries `.result`.
 
-        `segments` go with `prompt_ids` (as `encode(messages=...)` returned them): where the system
-        prompt and the last user message end, so their blocks are cached at their priority.
+        The prompt comes as for `prepare` (text, messages, or ids with their segments), or as a
+        `prepared` one (its salt is the one it was prepared with). A `max_tokens` given (here or in
+        `params`) must fit the context after the prompt; left out, generation stops at the context's end.
         `stream.cancel()` (from any thread) or dropping the stream cancels the request.
         """
-        if segments is not None and prompt_ids is None:
-            raise ValueError("segments= goes with prompt_ids=; with prompt= or messages= the engine finds them itself")
-        if prompt_ids is not None:
-            ids, segments = list(prompt_ids), segments or PromptSegments()
+        max_tokens = sampling.get("max_tokens", params.max_tokens if params is not None else None)
+        if prepared is None:
+            prepared = self.prepare(prompt, messages=messages, prompt_ids=prompt_ids, segments=segments,
+                                    cache_salt=cache_salt, max_tokens=max_tokens)  # fmt: skip
         else:
-            ids, segments = self.encode(prompt, messages)
+            self.limits.check_max_tokens(len(prepared.ids), max_tokens)
         params = replace(params, **sampling) if params is not None and sampling else params
         params = params or SamplingParams.from_request(**sampling)
-        return GenerationStream(self._worker.submit(GenerationRequest(tuple(ids), params, segments, cache_salt)))
+        return GenerationStream(self._worker.submit(GenerationRequest(prepared, params)))
 
     def generate(self, prompt: str | None = None, **kwargs: object) -> GenerationResult:
         """Generate to the end and return the whole result (text, tokens, cached tokens, timings)."""
@@ -146,11 +180,15 @@ class Engine:
         messages: Sequence[dict] | None = None,
         prompt_ids: Sequence[int] | None = None,
         cache_salt: str = "",
+        prepared: PreparedPrompt | None = None,
     ) -> ProbeResult:
-        """How many of this prompt's tokens the cache would restore now, per tier, without running the model."""
-        ids = list(prompt_ids) if prompt_ids is not None else self.encode(prompt, messages)[0]
-        num_cached, by_tier = self.prefix_cache.probe(ids, cache_salt)
-        return ProbeResult(len(ids), num_cached, by_tier)
+        """How many of this prompt's tokens the cache would restore now, per tier, without running the model.
+
+        The prompt comes as for `prepare`, or `prepared`; it is checked as a generation's prompt is."""
+        if prepared is None:
+            prepared = self.prepare(prompt, messages=messages, prompt_ids=prompt_ids, cache_salt=cache_salt)
+        num_cached, by_tier = self.prefix_cache.probe(prepared.ids, prepared.block_keys, prepared.salt)
+        return ProbeResult(len(prepared.ids), num_cached, by_tier)
 
     def clear_cache(self, tier: str | None = None) -> None:
         """Drop cached entries of one tier (by name), or of every tier."""

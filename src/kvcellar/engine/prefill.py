@@ -1,6 +1,6 @@
 """Chunked prefill on a schedule fixed by absolute positions.
 
-The schedule of an n-token prompt (cache/layout.py states it once): chunks of
+The schedule of an n-token prompt (cache/reuse.py states it once): chunks of
 `chunk_size` tokens aligned to position 0 up to the last whole chunk, then
 one block at a time up to n, plus any extra cut asked for (message
 boundaries in non-exact mode). Why fixed: a cold run and a warm run that
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from kvcellar.cache.layout import full_chunks_end
+from kvcellar.cache.reuse import full_chunks_end
 from kvcellar.config import CPU_PREFILL_CHUNK_SIZE
 from kvcellar.kv.layout import ModelLayout
 

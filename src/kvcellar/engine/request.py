@@ -1,7 +1,7 @@
 """What a generation request carries in, and what comes back out.
 
-Operations: `GenerationRequest` (its `PromptSegments`, cache/segments.py), `Timings`, `StreamEvent`,
-`GenerationResult`.
+Operations: `GenerationRequest` (a `PreparedPrompt`, engine/prepared.py, and its sampling), `Timings`,
+`StreamEvent`, `GenerationResult`.
 """
 
 from __future__ import annotations
@@ -9,15 +9,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvcellar.cache.segments import PromptSegments
+from kvcellar.engine.prepared import PreparedPrompt
 from kvcellar.engine.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    prompt_ids: tuple[int, ...]
+    prompt: PreparedPrompt  # checked, its block keys computed (Engine.prepare)
     params: SamplingParams = field(default_factory=SamplingParams)
-    segments: PromptSegments = field(default_factory=PromptSegments)
-    cache_salt: str = ""
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.prompt.ids
+
+    @property
+    def segments(self) -> PromptSegments:
+        return self.prompt.segments
+
+    @property
+    def cache_salt(self) -> str:
+        return self.prompt.salt
 
 
 @dataclass

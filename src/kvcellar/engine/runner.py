@@ -9,7 +9,7 @@ pages while a restore or prefill writes it. It then trims the freed heap (`heap.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -36,21 +36,6 @@ class RequestRunner:
         self._eos_ids = loaded.eos_token_ids
         # CUDA's caching allocator already reuses freed blocks (and could lend them to other tensors).
         self.kv_buffers = KvBufferPool() if loaded.device.type == "cpu" else None
-
-    def check(self, request: GenerationRequest) -> None:
-        """Reject what cannot run, before it reaches the queue."""
-        num_prompt = len(request.prompt_ids)
-        if num_prompt == 0:
-            raise InvalidRequestError("the prompt is empty: send at least one token of text")
-        if num_prompt >= self.loaded.context_length:
-            raise InvalidRequestError(
-                f"the prompt has {num_prompt} tokens but the model's context is {self.loaded.context_length} tokens: "
-                "shorten the prompt (leave room for the answer)"
-            )
-        vocab = self.loaded.model.get_input_embeddings().num_embeddings
-        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1})")
 
     @torch.inference_mode()
     def time_prefill(self) -> None:
@@ -95,7 +80,6 @@ class RequestRunner:
         self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool],
         timings: Timings,
     ) -> GenerationResult:
-        self.check(request)
         started = time.perf_counter()
         restored, logits = self.prefill_prompt(request, is_cancelled, timings)
         cache = restored.cache
@@ -119,18 +103,19 @@ class RequestRunner:
         # Only after a normal end: nothing reads this cache's K/V any more (an exception's traceback
         # could still hold views of it, so a failed request's buffers are simply freed).
         # A prefill cancelled part-way left only some of the prompt's blocks: vouch for none.
-        self.keep_buffers(cache, prompt if logits is not None else (), request.cache_salt)
+        self.keep_buffers(cache, request.prompt.block_keys if logits is not None else ())
         return result
 
-    def keep_buffers(self, cache: object, prompt: tuple[int, ...] | list[int], salt: str = "") -> None:
-        """CPU: keep a finished request's K/V buffers for the next one, with `prompt`'s K/V in them.
+    def keep_buffers(self, cache: object, block_keys: Sequence[bytes]) -> None:
+        """CPU: keep a finished request's K/V buffers for the next one, with the K/V of the blocks `block_keys`.
 
-        The next request adopts the blocks it shares with `prompt` in place (kv/buffer_pool.py); then the
+        Only the prompt's blocks: generated tokens' K/V come from decode steps, off the prefill schedule.
+        The next request adopts the blocks it shares with them in place (kv/buffer_pool.py); then the
         heap is trimmed, so the freed temporaries leave RSS before the caller sees the end (heap.py).
         """
         if self.kv_buffers is None:
             return
-        self.kv_buffers.give_back(cache, self.prefix_cache.resident_keys(prompt, salt))
+        self.kv_buffers.give_back(cache, list(block_keys))
         trim_heap()
 
     def prefill_prompt(
@@ -142,7 +127,7 @@ class RequestRunner:
         capacity = min(len(prompt) + request.params.max_tokens, self.loaded.context_length)
         # Background disk writes step aside until the first token: restore and prefill are what TTFT is made of.
         with self.prefix_cache.computing():
-            restored = self.prefix_cache.restore(prompt, request.cache_salt, capacity, self.kv_buffers)
+            restored = self.prefix_cache.restore(prompt, request.prompt.block_keys, request.cache_salt, capacity, self.kv_buffers)
             timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
             timings.num_resident_tokens = restored.num_resident_tokens
             started = time.perf_counter()
@@ -150,7 +135,8 @@ class RequestRunner:
             reached = restored.num_tokens  # the prompt position the cache stands at (a cancel stops short)
             if logits is None:
                 ids = torch.tensor(prompt, dtype=torch.long, device=self.loaded.device)
-                capture = self.prefix_cache.capture_prompt_hook(prompt, request.segments, restored.cache, request.cache_salt)
+                capture = self.prefix_cache.capture_prompt_hook(prompt, request.prompt.block_keys, request.segments,
+                                                                restored.cache, request.cache_salt)  # fmt: skip
 
                 def on_chunk_end(start: int, end: int, chunk_logits: torch.Tensor | None) -> None:
                     nonlocal reached
@@ -175,7 +161,7 @@ class RequestRunner:
         detokenizer = IncrementalDetokenizer(self.loaded.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(params.stop)
         sequence = list(request.prompt_ids)
-        on_token_fed = self.prefix_cache.decode_hook(sequence, cache, request.cache_salt)
+        generated_capture = self.prefix_cache.decode_capture(sequence, request.prompt.block_keys, cache, request.cache_salt)
         budget = min(params.max_tokens, self.loaded.context_length - len(sequence))
         decode_started = time.perf_counter()
         finish = "length"
@@ -203,8 +189,8 @@ class RequestRunner:
                 use_cache=True,
             )
             sequence.append(token)
-            if on_token_fed is not None:
-                on_token_fed(sequence)
+            if generated_capture is not None:
+                generated_capture.token_fed(sequence)
             logits = output.logits[0, -1]
         if not stops.stopped:  # release text held back for a possible stop string or a split character
             rest = stops.push(detokenizer.flush()).text
@@ -214,5 +200,6 @@ class RequestRunner:
                 emit(StreamEvent(text=rest))
         timings.num_decode_tokens = max(len(generated) - 1, 0)  # tokens produced after the first one
         timings.decode_s = time.perf_counter() - decode_started
-        self.prefix_cache.finish_generated(sequence, cache, request.cache_salt)
+        if generated_capture is not None:
+            generated_capture.finish(sequence)
         return finish

@@ -101,7 +101,7 @@ class ModelWorker:
         return self._jobs.qsize()
 
     def submit(self, request: GenerationRequest) -> Job:
-        self.runner.check(request)  # fail fast, in the caller's thread, with the caller's error
+        # The prompt was checked when it was prepared (Engine.prepare), in the caller's thread.
         job = Job(request, next(self._ids))
         self._jobs.put(job)
         return job

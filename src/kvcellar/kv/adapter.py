@@ -1,8 +1,12 @@
 """The prefix cache as the engine sees it: restore before prefill, capture during it.
 
-Operations: `ModelPrefixCache.restore`, `.capture_prompt_hook`, `.store_generated`,
-and `DisabledPrefixCache`, the null object used when caching is off or the
-model's cache cannot be restored (no `if enabled` checks on the request path).
+Operations: `ModelPrefixCache.block_keys` (once per request: every later call
+takes the keys it returned), `.restore`, `.probe`, `.checkpoint_positions`,
+`.capture_prompt_hook`, `.decode_capture` (generated tokens, where the reuse
+rule stores them), and `DisabledPrefixCache`, the null object used when
+caching is off or the model's cache cannot be restored (no `if enabled`
+checks on the request path). What is reused is the namespace's reuse rule
+(cache/reuse.py), chosen when the cache was wired; no method checks a mode.
 
 Thread: only the engine's worker thread calls into these objects; the core
 `PrefixCache` has its own lock for readers such as stats.
@@ -19,8 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from kvcellar.cache import Match, Priority, PrefixCache, hash_block
+from kvcellar.cache import BlockHash, Match, Priority, PrefixCache, hash_block
 from kvcellar.cache.cost_model import CostModel
+from kvcellar.cache.reuse import ReuseRule
 from kvcellar.cache.segments import PromptSegments, segment_priority
 from kvcellar.kv import ModelLayout, build_cache, capture_entry
 from kvcellar.kv.buffer_pool import KvBufferPool
@@ -48,8 +53,13 @@ class DisabledPrefixCache:
     def __init__(self, config: object) -> None:
         self._config = config
 
-    def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0,
-                pool: KvBufferPool | None = None) -> Restored:  # fmt: skip
+    def block_keys(self, token_ids: Sequence[int], salt: str = "") -> list[BlockHash]:
+        return []
+
+    def restore(
+        self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "", capacity: int = 0,
+        pool: KvBufferPool | None = None,
+    ) -> Restored:
         return Restored(new_cache(self._config, capacity, pool), 0)
 
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
@@ -64,22 +74,16 @@ class DisabledPrefixCache:
     def wants_prefill_rate(self) -> bool:
         return False
 
-    def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
+    def probe(self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "") -> tuple[int, dict[str, int]]:
         return 0, {}
-
-    def resident_keys(self, token_ids: Sequence[int], salt: str = "") -> list[bytes]:
-        return []
 
     def record_prefill(self, num_tokens: int, seconds: float) -> None:
         return None
 
-    def capture_prompt_hook(self, token_ids, segments, cache, salt="") -> Callable[[int, int, torch.Tensor | None], None] | None:
+    def capture_prompt_hook(self, token_ids, block_keys, segments, cache, salt="") -> None:
         return None
 
-    def decode_hook(self, token_ids, cache, salt="") -> Callable[[list[int]], None] | None:
-        return None
-
-    def finish_generated(self, token_ids: Sequence[int], cache: DynamicCache, salt: str = "") -> None:
+    def decode_capture(self, token_ids, block_keys, cache, salt="") -> DecodeCapture | None:
         return None
 
 
@@ -92,7 +96,7 @@ class ModelPrefixCache:
         model_config: object,
         layout: ModelLayout,
         block_size: int,
-        exact: bool,
+        reuse: ReuseRule,
         device: torch.device,
         computing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         serving: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -108,11 +112,17 @@ class ModelPrefixCache:
         self._config = model_config
         self._layout = layout
         self.block_size = block_size
-        self.exact = exact
+        self.reuse = reuse  # the rule every salt's core was built with
 
     # -- restore ---------------------------------------------------------------------------------
-    def restore(self, token_ids: Sequence[int], salt: str = "", capacity: int = 0,
-                pool: KvBufferPool | None = None) -> Restored:  # fmt: skip
+    def block_keys(self, token_ids: Sequence[int], salt: str = "") -> list[BlockHash]:
+        """The keys of the prompt's full blocks in the salt's namespace, as its prefill computes them."""
+        return self._core_for_salt(salt).block_keys(token_ids)
+
+    def restore(
+        self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "", capacity: int = 0,
+        pool: KvBufferPool | None = None,
+    ) -> Restored:
         """Build the cache for the longest restorable prefix; `capacity` = tokens the request may reach.
 
         The K/V buffers come from `pool` (the CPU runner's; None: fresh allocations), which may still
@@ -120,7 +130,7 @@ class ModelPrefixCache:
         """
         core = self._core_for_salt(salt)
         started = time.perf_counter()
-        match = core.lookup(token_ids, exact=self.exact, planner=self._planner)
+        match = core.lookup(token_ids, block_keys=block_keys, planner=self._planner)
         looked_up = time.perf_counter()
         for tier_name, seconds in match.load_s_by_tier.items():
             self.cost_model.record_load(tier_name, match.loaded_bytes_by_tier.get(tier_name, 0), seconds)
@@ -153,16 +163,9 @@ class ModelPrefixCache:
         keys = [entry.key for entry in match.blocks[:whole]]
         return pool.resident_blocks(keys, max(capacity, match.num_tokens)) * self.block_size
 
-    def resident_keys(self, token_ids: Sequence[int], salt: str = "") -> list[bytes]:
-        """Keys of the prompt's full blocks, as a finished request leaves them in its K/V buffers.
-
-        Only the prompt's: generated tokens' K/V come from decode steps, off the prefill schedule.
-        """
-        return self._core_for_salt(salt).block_keys(token_ids, exact=self.exact)
-
-    def probe(self, token_ids: Sequence[int], salt: str = "") -> tuple[int, dict[str, int]]:
+    def probe(self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "") -> tuple[int, dict[str, int]]:
         """Tokens the next request with these ids would restore, per tier (the lookup is released at once)."""
-        return self._core_for_salt(salt).probe(token_ids, exact=self.exact)
+        return self._core_for_salt(salt).probe(token_ids, block_keys=block_keys)
 
     def wants_prefill_rate(self) -> bool:
         """Whether the cost model has a tier to weigh against recomputing (any tier below the first)."""
@@ -181,77 +184,93 @@ class ModelPrefixCache:
 
     # -- capture ---------------------------------------------------------------------------------
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
-        """Extra chunk cuts at message boundaries; only non-exact mode may change the chunk schedule."""
-        if self.exact:
-            return []
-        return [p for p in (segments.system_end, segments.last_user_end) if p is not None and 0 < p < len(token_ids)]
+        """Extra chunk cuts at message boundaries, where the reuse rule lets them change the chunk schedule."""
+        return self.reuse.message_cuts(len(token_ids), (segments.system_end, segments.last_user_end))
 
     def capture_prompt_hook(
-        self, token_ids: Sequence[int], segments: PromptSegments, cache: DynamicCache, salt: str = ""
+        self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], segments: PromptSegments, cache: DynamicCache,
+        salt: str = "",
     ) -> Callable[[int, int, torch.Tensor | None], None]:
         """A prefill hook that stores each full block, each message-boundary checkpoint and the prompt's tail.
 
-        A chunk may span several blocks (engine/prefill.py): each is captured, keyed as its prompt's
-        schedule computed it (`PrefixCache.stepped_from`).
+        A chunk may span several blocks (engine/prefill.py): each is captured under its key in
+        `block_keys` (the prompt's, from `block_keys`: keyed as its schedule computed it).
         """
         core = self._core_for_salt(salt)
         block = self.block_size
-        hashes = core.block_keys(token_ids, exact=self.exact)
-        stepped_from = core.stepped_from(len(token_ids), self.exact)
+        layout = self._layout
         checkpoints = set(self.checkpoint_positions(token_ids, segments))
         num_tokens = len(token_ids)
 
         def on_chunk_end(chunk_start: int, end: int, logits: torch.Tensor | None) -> None:
             for block_end in range((chunk_start // block + 1) * block, end + 1, block):
                 start = block_end - block
-                parent = hashes[start // block - 1] if start else core.root
-                payload = capture_entry(cache, self._layout, start, block_end)
+                parent = block_keys[start // block - 1] if start else core.root
+                payload = capture_entry(cache, layout, start, block_end)
                 priority = segment_priority(start, block_end, segments)
-                stepped = stepped_from is not None and start >= stepped_from
-                core.insert_block(parent, token_ids[start:block_end], payload, payload.num_bytes, priority, stepped=stepped)
+                key = block_keys[start // block]
+                core.insert_block(parent, token_ids[start:block_end], payload, payload.num_bytes, priority, key=key)
             if end == num_tokens or end in checkpoints:
-                self._store_tail(core, cache, token_ids, end, logits, segment_priority(end - 1, end, segments), hashes)
+                priority = segment_priority(end - 1, end, segments)
+                _store_tail(core, layout, cache, token_ids, end, logits, priority, block_keys)
 
         return on_chunk_end
 
-    def _store_tail(self, core, cache, token_ids, end, logits, priority, hashes) -> None:
-        """Store tokens [last boundary, end) as a tail entry; a 0-token one carries only logits."""
-        block = self.block_size
-        start = end // block * block
-        if start == end and logits is None:
-            return
-        parent = hashes[start // block - 1] if start else core.root
-        payload = capture_entry(cache, self._layout, start, end, logits)
-        core.insert_tail(parent, token_ids[start:end], payload, payload.num_bytes, priority, has_logits=logits is not None)
-
-    def decode_hook(self, token_ids: Sequence[int], cache: DynamicCache, salt: str = "") -> Callable[[list[int]], None] | None:
-        """Non-exact mode keeps the KV of generated tokens (assistant priority) as their blocks fill."""
-        if self.exact:
+    def decode_capture(
+        self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], cache: DynamicCache, salt: str = ""
+    ) -> DecodeCapture | None:
+        """Where the reuse rule stores generated tokens: what keeps their K/V as the request decodes."""
+        if not self.reuse.stores_generated:
             return None
-        core = self._core_for_salt(salt)
-        block = self.block_size
-        chain = core.block_keys(token_ids, exact=False)
+        return DecodeCapture(self._core_for_salt(salt), self._layout, cache, list(block_keys))
 
-        def on_token_fed(sequence: list[int]) -> None:
-            # `sequence` = prompt + generated tokens whose KV is now in `cache`.
-            end = len(sequence)
-            if end % block:
-                return
-            parent = chain[-1] if chain else core.root
-            tokens = sequence[end - block:end]
-            payload = capture_entry(cache, self._layout, end - block, end)
-            core.insert_block(parent, tokens, payload, payload.num_bytes, Priority.ASSISTANT)
-            # The chain follows the sequence even when the store was refused: a later block keyed
-            # under an older parent would claim a prefix it does not have (the core then refuses
-            # it, since its true parent is not resident).
-            chain.append(hash_block(parent, tokens))
 
-        return on_token_fed
+def _store_tail(
+    core: PrefixCache, layout: ModelLayout, cache: DynamicCache, token_ids: Sequence[int], end: int,
+    logits: torch.Tensor | None, priority: Priority, block_keys: Sequence[BlockHash],
+) -> None:
+    """Store tokens [last block boundary, end) as a tail entry; a 0-token one carries only logits."""
+    block = core.capabilities.block_size
+    start = end // block * block
+    if start == end and logits is None:
+        return
+    parent = block_keys[start // block - 1] if start else core.root
+    payload = capture_entry(cache, layout, start, end, logits)
+    core.insert_tail(parent, token_ids[start:end], payload, payload.num_bytes, priority, has_logits=logits is not None)
 
-    def finish_generated(self, sequence: Sequence[int], cache: DynamicCache, salt: str = "") -> None:
-        """Non-exact mode: store the tail of prompt + generated tokens so the next turn can extend it."""
-        if self.exact or len(sequence) % self.block_size == 0:
+
+class DecodeCapture:
+    """Keeps the K/V of one request's generated tokens (assistant priority): each block as it fills,
+    then the tail, so the next turn can extend prompt + answer.
+
+    `chain` starts as the prompt's block keys and follows the sequence block by block.
+    """
+
+    def __init__(self, core: PrefixCache, layout: ModelLayout, cache: DynamicCache, chain: list[BlockHash]) -> None:
+        self._core = core
+        self._layout = layout
+        self._cache = cache
+        self._chain = chain
+
+    def token_fed(self, sequence: list[int]) -> None:
+        """`sequence` = prompt + generated tokens whose K/V is now in the cache."""
+        block = self._core.capabilities.block_size
+        end = len(sequence)
+        if end % block:
             return
-        core = self._core_for_salt(salt)
-        hashes = core.block_keys(sequence, exact=False)
-        self._store_tail(core, cache, sequence, len(sequence), None, Priority.ASSISTANT, hashes)
+        core = self._core
+        parent = self._chain[-1] if self._chain else core.root
+        tokens = sequence[end - block : end]
+        key = hash_block(parent, tokens)
+        payload = capture_entry(self._cache, self._layout, end - block, end)
+        core.insert_block(parent, tokens, payload, payload.num_bytes, Priority.ASSISTANT, key=key)
+        # The chain follows the sequence even when the store was refused: a later block keyed
+        # under an older parent would claim a prefix it does not have (the core then refuses
+        # it, since its true parent is not resident).
+        self._chain.append(key)
+
+    def finish(self, sequence: Sequence[int]) -> None:
+        """Store the tail of prompt + generated tokens (after the last full block)."""
+        if len(sequence) % self._core.capabilities.block_size:
+            end = len(sequence)
+            _store_tail(self._core, self._layout, self._cache, sequence, end, None, Priority.ASSISTANT, self._chain)

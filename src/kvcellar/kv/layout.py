@@ -61,10 +61,8 @@ class ModelLayout:
         windows = [layer.sliding_window for layer in self.layers if layer.sliding_window is not None]
         return min(windows) if windows else None
 
-    def capabilities(self, block_size: int, chunk_size: int | None = None) -> LayoutCapabilities:
-        return LayoutCapabilities(
-            block_size=block_size, has_recurrent=self.has_recurrent, sliding_window=self.smallest_window, chunk_size=chunk_size
-        )
+    def capabilities(self, block_size: int) -> LayoutCapabilities:
+        return LayoutCapabilities(block_size=block_size, has_recurrent=self.has_recurrent, sliding_window=self.smallest_window)
 
     def describe(self) -> str:
         kinds = []

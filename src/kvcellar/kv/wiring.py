@@ -1,7 +1,9 @@
 """Wire a loaded model to its prefix cache: namespace, tiers, one core per tenant salt.
 
-Operations: `build_prefix_cache(model_config, device, dtype, fingerprint, config)
--> (prefix cache, CacheRegistry)`, `prime_load_rates`.
+Operations: `build_prefix_cache(model_config, layout, device, dtype, fingerprint,
+config) -> (prefix cache, CacheRegistry)`, `prime_load_rates`. The namespace's
+reuse rule (exact or near, cache/reuse.py) is chosen here, once, and every
+tenant salt's core is built with it.
 
 Tiers, fastest first: `device` (MemoryTier); `host` (MemoryTier in pinned RAM,
 only when the model runs on a GPU; kv/pinned.py supplies its hooks); `disk`
@@ -24,9 +26,9 @@ from kvcellar.cache.registry import CacheRegistry
 from kvcellar.cache.cost_model import CostModel
 from kvcellar.cache.observer import LoggingObserver
 from kvcellar.cache.tier import BackgroundHelper, PersistentTier, Tier
+from kvcellar.cache.reuse import reuse_rule
 from kvcellar.config import CacheConfig, EngineConfig
 from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache
-from kvcellar.kv import inspect_layout
 from kvcellar.kv.layout import LAYOUT_VERSION, ModelLayout
 from kvcellar.kv.pinned import PinnedReserve, payload_mover, pinned_admission
 from kvcellar.kv.torch_codec import TorchCodec, layout_string
@@ -35,11 +37,12 @@ from kvcellar.tiers.memory import MemoryTier
 
 
 def build_prefix_cache(
-    model_config: object, device: torch.device, dtype: torch.dtype, fingerprint: str, config: EngineConfig
+    model_config: object, layout: ModelLayout, device: torch.device, dtype: torch.dtype, fingerprint: str,
+    config: EngineConfig,
 ) -> tuple[ModelPrefixCache | DisabledPrefixCache, CacheRegistry]:
-    """The engine's prefix cache for a model (its transformers config, where it runs, its weights' fingerprint)."""
+    """The engine's prefix cache for a model (its transformers config and layer kinds (`inspect_layout`),
+    where it runs, its weights' fingerprint); `config.prefill_chunk_size` as the engine resolved it."""
     cache_config = config.cache
-    layout = inspect_layout(model_config)
     if not cache_config.enabled or not layout.is_cacheable:
         reason = "disabled by configuration" if not cache_config.enabled else layout.uncacheable_reason
         return DisabledPrefixCache(model_config), CacheRegistry(None, None, uncacheable_reason=reason)
@@ -53,14 +56,16 @@ def build_prefix_cache(
         tenant_salt=cache_config.tenant_salt,
         chunk_size=chunk if chunk > config.block_size else None,  # None keeps the digests of one-block chunks
     )
+    capabilities = layout.capabilities(config.block_size)
+    reuse = reuse_rule(cache_config.exact, capabilities, chunk)
     tiers, helpers = _build_tiers(device, layout, cache_config, config.block_size)
     write_through = ("disk",) if any(tier.name == "disk" for tier in tiers) else ()
     registry = CacheRegistry(
-        spec, layout.capabilities(config.block_size, chunk), tiers, cache_config.max_partial_entries, write_through=write_through,
-        helpers=helpers, observer=LoggingObserver(logging.getLogger("kvcellar.cache")),
+        spec, capabilities, tiers, cache_config.max_partial_entries, write_through=write_through, helpers=helpers,
+        reuse=reuse, observer=LoggingObserver(logging.getLogger("kvcellar.cache")),
     )  # fmt: skip
     prefix_cache = ModelPrefixCache(
-        registry.core_for_salt, model_config, layout, config.block_size, cache_config.exact, device,
+        registry.core_for_salt, model_config, layout, config.block_size, reuse, device,
         computing=registry.computing, serving=registry.serving, weigh_restores=cache_config.cost_model,
     )
     prime_load_rates(tiers, prefix_cache.cost_model, namespace_digest(spec))  # the default salt's namespace

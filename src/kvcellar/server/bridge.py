@@ -46,8 +46,7 @@ class EngineBridge:
         `on_end` runs on the pump thread once the engine finished the request (even when the events'
         consumer left first), before the last event reaches the consumer; it is not called when this
         method raises."""
-        iterator = self._engine.stream(prompt_ids=prepared.prompt_ids, segments=prepared.segments,
-                                       params=prepared.params, cache_salt=prepared.cache_salt)  # fmt: skip
+        iterator = self._engine.stream(prepared=prepared.prompt, params=prepared.params)
         return self._relay(iterator, on_end)
 
     async def _relay(self, iterator: EventStream, on_end: OnEnd) -> AsyncIterator[StreamEvent]:

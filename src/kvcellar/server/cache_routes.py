@@ -21,7 +21,7 @@ from kvcellar.engine.serving import ServingEngine
 from kvcellar.errors import UnknownTierError
 from kvcellar.server.auth import Tenant, current_tenant, metrics_reader, require_admin
 from kvcellar.server.errors import APIError
-from kvcellar.server.prepare import check_model, check_prompt_length, encode_input
+from kvcellar.server.prepare import check_model, encode_input, prepare_prompt
 from kvcellar.server.schemas import BudgetRequest, ClearRequest, ProbeRequest
 
 router = APIRouter(tags=["cache"])
@@ -59,8 +59,8 @@ async def cache_probe(body: ProbeRequest, request: Request, tenant: Tenant = Dep
 
     def probe() -> dict:
         ids = encode_input(engine, messages=body.messages, prompt=body.prompt)
-        check_prompt_length(len(ids), engine.context_length, "messages" if body.messages is not None else "prompt")
-        found = engine.probe(prompt_ids=ids, cache_salt=tenant.salt_for(body.cache_salt))
+        param = "messages" if body.messages is not None else "prompt"
+        found = engine.probe(prepared=prepare_prompt(engine, param, ids, cache_salt=tenant.salt_for(body.cache_salt)))
         return {"model": engine.model_name, "prompt_tokens": found.num_prompt_tokens,
                 "cached_tokens": found.num_cached_tokens, "cached_tokens_by_tier": dict(found.tokens_by_tier),
                 "uncached_tokens": found.num_prompt_tokens - found.num_cached_tokens}  # fmt: skip

@@ -52,7 +52,7 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 # Fields whose type is a union: pydantic reports one error per branch, we say what is accepted.
 _UNION_HINTS = {
-    "prompt": "must be a string, a list of one string, or a non-empty list of token ids (integers)",
+    "prompt": "must be a string, a list of one string, or a list of token ids (integers)",
     "stop": "must be a string or a list of at most 16 strings",
     "content": "must be a string, a list of {'type': 'text', 'text': ...} parts, or null",
     "budget": "must be a number of bytes or a size such as '512M'",
@@ -96,7 +96,7 @@ async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def _on_invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
-    return error_response(400, str(exc), None, "invalid_request")
+    return error_response(400, str(exc), exc.field, exc.code)
 
 
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

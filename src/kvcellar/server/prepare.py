@@ -1,12 +1,14 @@
-"""Turn a validated request body into what the engine runs: token ids, sampling, salt.
+"""Turn a validated request body into what the engine runs: a prepared prompt, sampling, salt.
 
 Operations: `check_model`, `prepare_generation(engine, body, tenant, settings) -> Prepared`,
 `encode_input(engine, messages=..., prompt=...)` (refuses text too long to
 fit the context before tokenizing all of it: `max_chars_per_token` and a
 bounded leading sample),
-`encode_chat` (ids and message boundaries), `check_prompt_length`. Runs in a worker thread
-(tokenizing a long prompt must not stall the event loop); raises APIError or
-InvalidRequestError, which the error handlers turn into 4xx answers.
+`encode_chat` (ids and message boundaries), `prepare_prompt` (the engine's own
+check, `Engine.prepare`, its refusal turned into a 400 with the engine's words:
+the server accepts exactly the prompts the library does). Runs in a worker
+thread (tokenizing a long prompt must not stall the event loop); raises
+APIError or InvalidRequestError, which the error handlers turn into 4xx answers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from kvcellar.engine import PromptSegments, SamplingParams
+from kvcellar.engine import PreparedPrompt, PromptSegments, SamplingParams
 from kvcellar.errors import InvalidRequestError
 from kvcellar.server.auth import Tenant
 from kvcellar.server.errors import APIError
@@ -26,11 +28,17 @@ from kvcellar.engine.serving import ServingEngine
 
 @dataclass(frozen=True)
 class Prepared:
-    prompt_ids: tuple[int, ...]
+    prompt: PreparedPrompt  # ids, segments, salt and block keys, computed once
     params: SamplingParams
-    cache_salt: str
     tenant: Tenant
-    segments: PromptSegments = PromptSegments()  # chat: where the system prompt and last user message end
+
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return self.prompt.ids
+
+    @property
+    def cache_salt(self) -> str:
+        return self.prompt.salt
 
 
 def check_model(engine: ServingEngine, model: str | None) -> None:
@@ -117,28 +125,22 @@ def encode_input(engine: ServingEngine, *, messages: list[ChatMessage] | None = 
         prompt = prompt[0]
     if isinstance(prompt, str):
         return engine.encode(prompt=prompt)[0]
-    vocab = len(engine.tokenizer)
-    bad = [t for t in prompt if not 0 <= t < vocab]
-    if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt", code="invalid_token")
-    return list(prompt)
+    return list(prompt)  # token ids: the engine's check judges them (prepare_prompt)
 
 
-def check_prompt_length(num_prompt: int, context: int, prompt_param: str) -> None:
-    if num_prompt >= context:
-        raise APIError(400, f"the prompt has {num_prompt} tokens but the model's context is {context} tokens: "
-                            "shorten the prompt and leave room for the answer",
-                       param=prompt_param, code="context_length_exceeded")  # fmt: skip
+def prepare_prompt(
+    engine: object, prompt_param: str, prompt_ids: list[int], segments: PromptSegments | None = None,
+    cache_salt: str = "", max_tokens: int | None = None,
+) -> PreparedPrompt:
+    """`engine.prepare` of these ids; its refusal as a 400 with the engine's message and code.
 
-
-def _check_lengths(num_prompt: int, max_tokens: int | None, context: int, prompt_param: str) -> None:
-    if num_prompt == 0:
-        raise APIError(400, "the prompt is empty: send at least one token of text", param=prompt_param, code="empty_prompt")
-    check_prompt_length(num_prompt, context, prompt_param)
-    if max_tokens is not None and not 1 <= max_tokens <= context - num_prompt:
-        raise APIError(400, f"max_tokens must be between 1 and {context - num_prompt} for this prompt "
-                            f"({num_prompt} prompt tokens, {context} tokens of context), got {max_tokens}",
-                       param="max_tokens", code="max_tokens_out_of_range")  # fmt: skip
+    `prompt_param`: the body field the prompt came in ("messages" or "prompt"), named in the error.
+    """
+    try:
+        return engine.prepare(prompt_ids=prompt_ids, segments=segments, cache_salt=cache_salt, max_tokens=max_tokens)
+    except InvalidRequestError as exc:
+        param = prompt_param if exc.field == "prompt" else exc.field
+        raise APIError(400, str(exc), param=param, code=exc.code) from None
 
 
 def prepare_generation(
@@ -155,13 +157,13 @@ def prepare_generation(
         (ids, segments), prompt_param = encode_chat(engine, body.messages), "messages"
     else:
         ids, prompt_param = encode_input(engine, prompt=body.prompt), "prompt"
-    context = engine.context_length
-    _check_lengths(len(ids), fields["max_tokens"], context, prompt_param)
+    salt = tenant.salt_for(body.cache_salt)
+    prompt = prepare_prompt(engine, prompt_param, ids, segments, salt, fields["max_tokens"])
     if fields["max_tokens"] is None:
-        fields["max_tokens"] = min(settings.default_max_tokens, context - len(ids))
+        fields["max_tokens"] = min(settings.default_max_tokens, engine.context_length - len(ids))
     try:
         params = SamplingParams.from_request(**fields)
     except InvalidRequestError as exc:  # its message starts with the field's name
         name = str(exc).split(" ", 1)[0]
         raise APIError(400, str(exc), param=name if name in fields else None, code="invalid_sampling") from None
-    return Prepared(tuple(ids), params, tenant.salt_for(body.cache_salt), tenant, segments)
+    return Prepared(prompt, params, tenant)

@@ -134,7 +134,8 @@ class ChatCompletionRequest(SamplingFields):
         return problems
 
 
-PromptInput = Text | Annotated[list[Text], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
+# An empty list of ids passes here: the engine's one prompt rule refuses it, as it does an empty text.
+PromptInput = Text | Annotated[list[Text], Field(min_length=1, max_length=1)] | list[int]
 
 
 class CompletionRequest(SamplingFields):
