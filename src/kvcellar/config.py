@@ -42,13 +42,12 @@ def format_size(num_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-# Default block per device, by measurement (docs/benchmarks.md). On a CPU the block is small so that
-# exact mode reuses a chat fine-grained (with 512, a 448-token chat prompt, the quick bench's, reused
+# Default block per device, chosen by measurement (figures: docs/benchmarks.md). On a CPU the block is
+# small so that exact mode reuses a chat fine-grained (a chat prompt shorter than a block reuses
 # nothing); without an exact-mode cache the prefill runs 1024-token chunks where the model allows
-# (engine/prefill.py), since they prefill faster (8K prompt: 0.82x one pass, against 0.98-1.28x in
-# 256-token passes); in exact mode one block, so that a growing chat is not prefilled twice. A GPU
-# spends ~25 ms of launches per forward on a 0.6B model and wants long kernels: 2048 is within 5% of
-# 4096 for an 8B shape at 32K.
+# (engine/prefill.py), since fewer, longer forwards prefill faster; in exact mode one block, so that a
+# growing chat is not prefilled twice. A GPU pays a fixed kernel-launch cost per forward and wants
+# long kernels, so its block is long.
 DEFAULT_BLOCK_SIZE = {"cpu": 256, "mps": 256, "cuda": 2048}
 
 

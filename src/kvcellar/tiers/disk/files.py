@@ -118,10 +118,10 @@ def ensure_dir(path: Path, known: set[Path]) -> None:
 def drop_cached_pages(fd: int) -> None:
     """Evict the file's (clean, just fsynced) pages from the page cache; no-op without posix_fadvise (macOS).
 
-    Measured on the 2-core VM (29 MB files, back to back): write() cost 50-76 ms
-    of CPU per file while the page cache grew onto memory not touched lately,
-    and 7 ms with each file's pages dropped after its fsync (the next file's
-    write reuses them at once); the DONTNEED call itself is ~1 ms. A later read
+    Files written back to back cost write() several times more CPU while the
+    page cache grows onto memory not touched lately than with each file's
+    pages dropped after its fsync (the next file's write reuses them at once);
+    the DONTNEED call itself is cheap. A later read
     of the entry comes from the disk instead of the page cache: the tier's
     reads are restores after a restart or an eviction, rarely right after a
     write, and the memory stays with the model and the RAM tiers.
@@ -167,8 +167,8 @@ def map_file(path: Path) -> memoryview:
 
     Private and writable so tensors can view it in place; nothing ever writes
     to it, so no page is copied. Not MAP_POPULATE: on a writable private
-    mapping that pre-faults by copying every page (measured 2 GB/s against
-    5.4 GB/s lazily, page-cached); the checksum pass faults the pages in
+    mapping that pre-faults by copying every page (slower than faulting them in
+    lazily from the page cache); the checksum pass faults the pages in
     sequentially anyway. Our files are replaced by rename, never truncated or
     rewritten in place, so the mapping cannot lose or change its pages.
     """

@@ -60,9 +60,9 @@ class WriteHandler(Protocol):
     def sync_recency(self) -> None: ...
 
 
-# Measured on a 2-core CPU (2 torch threads): each 29 MB block written during a prefill cost the
-# prefill ~60 ms, about five times the writer's own CPU time (mostly the page-cache copy and its
-# writeback: the same work without the data written cost nothing). So writes wait for the model to be
+# A block written during a prefill slows that prefill by several times the writer's own CPU time
+# (mostly the page-cache copy and its writeback: the same work without the data written cost
+# nothing; docs/benchmarks.md, disk tier). So writes wait for the model to be
 # idle, within these bounds: the oldest queued write waits at most MAX_DEFER_S, and nothing waits once
 # reservations pass HIGH_WATER of the queue (1/8 left: a few blocks, more than one prefill chunk stores
 # before the writer, then at normal priority, writes a file) or the queue has refused a write.
