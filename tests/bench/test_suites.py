@@ -123,7 +123,7 @@ def test_prefix_cache_suite_writes_the_json_the_docs_link_to(tiny_model_dirs, tm
     prefix_cache.run(prefix_cache.PrefixCacheConfig(model=str(tiny_model_dirs["qwen3"]), lengths=(32,), block_size=16,
                                                     out=str(out)))  # fmt: skip
     new = json.loads(out.read_text())
-    old = json.loads((DOCS_BENCH / "cpu-epyc" / "prefix_cache-2k8k-1454.json").read_text())
+    old = json.loads((DOCS_BENCH / "cpu-epyc-zen4" / "prefix_cache.json").read_text())
     assert set(new) == set(old)
     assert set(new["summary"]["32"]) == set(old["summary"]["2048"])
     assert set(new["summary"]["32"]["modes"]["exact"]) == set(old["summary"]["2048"]["modes"]["exact"])
@@ -137,7 +137,7 @@ def test_chunking_suite_compares_every_variant_with_one_pass(tiny_model_dirs, tm
     chunking.run(chunking.ChunkingConfig(model=str(tiny_model_dirs["qwen3"]), lengths=(64,), block_size=16,
                                          chunks=(16, 32), rounds=2, out=str(out)))  # fmt: skip
     new = json.loads(out.read_text())
-    old = json.loads((DOCS_BENCH / "cpu-epyc" / "chunking-2k-1207.json").read_text())
+    old = json.loads((DOCS_BENCH / "cpu-epyc-zen4" / "chunking-2k.json").read_text())
     assert set(new) == set(old)
     results = new["results"]["64"]
     assert list(results) == ["one pass", "chunk 16", "chunk 32"]
