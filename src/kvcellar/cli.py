@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(serve)
     serve.set_defaults(handler=_cmd_serve)
 
-    bench = commands.add_parser("bench", help="prompt-cache benchmarks: JSON, a markdown table and PNG plots")
+    bench = commands.add_parser("bench", help="prompt-cache benchmarks: JSON, a markdown table and PNG plots "
+                                "(`bench SUITE` runs one focused suite)")
     bench.add_argument("--quick", action="store_true",
                        help="small sizes: prompts of 1K and 2K tokens (each at least two blocks), short workloads")
     bench.add_argument("--lengths", default=_env("bench_lengths", None),
