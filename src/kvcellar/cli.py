@@ -243,10 +243,14 @@ def _cmd_bench_suite(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def _token_counts(text: str) -> tuple[int, ...]:
+    """"2048,8K" -> (2048, 8192), for the suites' --lengths and --chunks."""
     from kvcellar.bench import parse_lengths
 
-    return parse_lengths(text)
+    try:
+        return parse_lengths(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write token counts separated by commas, e.g. 2048,8192 or 2K,8K (got {text!r})") from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -281,7 +285,7 @@ def _add_bench_suites(bench: argparse.ArgumentParser) -> None:
     p, d = suite(prefix_cache, prefix_cache.PrefixCacheConfig,
                  "cold vs cached TTFT, chunking overhead and per-request peak RSS on CPU (3 fresh processes per length)")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--lengths", type=_ints, help=f"prompt lengths in tokens (default {d('lengths')})")
+    p.add_argument("--lengths", type=_token_counts, help=f"prompt lengths in tokens (default {d('lengths')})")
     p.add_argument("--block-size", type=int, help=f"cache block in tokens (default {d('block_size')})")
     p.add_argument("--out", help=f"JSON file (default {d('out')})")
 
@@ -299,9 +303,9 @@ def _add_bench_suites(bench: argparse.ArgumentParser) -> None:
     p, d = suite(chunking, chunking.ChunkingConfig,
                  "one-pass vs chunked cold prefill on the bare model, interleaved in one process")
     p.add_argument("--model", help=model_help)
-    p.add_argument("--lengths", type=_ints, help=f"prompt lengths in tokens (default {d('lengths')})")
+    p.add_argument("--lengths", type=_token_counts, help=f"prompt lengths in tokens (default {d('lengths')})")
     p.add_argument("--block-size", type=int, help=f"cache block in tokens (default {d('block_size')})")
-    p.add_argument("--chunks", type=_ints, help=f"prefill chunk sizes, multiples of the block (default {d('chunks')})")
+    p.add_argument("--chunks", type=_token_counts, help=f"prefill chunk sizes, multiples of the block (default {d('chunks')})")
     p.add_argument("--rounds", type=int, help=f"interleaved rounds (default {d('rounds')})")
     p.add_argument("--out", help=f"JSON file (default {d('out')})")
 

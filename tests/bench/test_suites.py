@@ -142,3 +142,11 @@ def test_chunking_suite_compares_every_variant_with_one_pass(tiny_model_dirs, tm
     results = new["results"]["64"]
     assert list(results) == ["one pass", "chunk 16", "chunk 32"]
     assert results["one pass"]["vs_one_pass"] == 1.0 and all(len(r["runs_s"]) == 2 for r in results.values())
+
+
+def test_token_counts_take_k_suffixes_and_refuse_words(captured, capsys):
+    assert main(["bench", "chunking", "--lengths", "1K,4k", "--chunks", "256"]) == 0
+    assert captured[0].lengths == (1024, 4096) and captured[0].chunks == (256,)
+    with pytest.raises(SystemExit):
+        main(["bench", "prefix-cache", "--lengths", "two"])
+    assert "write token counts separated by commas" in capsys.readouterr().err
