@@ -2,7 +2,8 @@
 
 Commands: `make-model` (random-weight model folders, offline), `generate`
 (stream an answer to the terminal), `serve` (the OpenAI-compatible server), `bench`
-(prompt-cache benchmarks). Every option can also be set by an environment
+(prompt-cache benchmarks; `bench SUITE` runs one of the focused suites of
+`kvcellar.bench.suites`). Every option can also be set by an environment
 variable named KVCELLAR_<OPTION> (e.g. KVCELLAR_BLOCK_SIZE=512).
 """
 
@@ -13,6 +14,7 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from kvcellar.config import (CPU_PREFILL_CHUNK_SIZE, DEFAULT_BLOCK_SIZE, LOG_LEVELS, CacheConfig, EngineConfig, ServerSettings,
                              parse_size, size_text)  # fmt: skip
@@ -262,6 +264,104 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_suite(args: argparse.Namespace) -> int:
+    """`kvcellar bench SUITE ...`: the suite's config from the options given (the others keep its defaults)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(args.suite_config)}
+    given = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    given = {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
+    if "command" in fields:
+        given["command"] = "kvcellar " + " ".join(sys.argv[1:])
+    args.suite_run(args.suite_config(**given))
+    return 0
+
+
+def _token_counts(text: str) -> tuple[int, ...]:
+    """"2048,8K" -> (2048, 8192), for the suites' --lengths and --chunks."""
+    from kvcellar.bench import parse_lengths
+
+    try:
+        return parse_lengths(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"write token counts separated by commas, e.g. 2048,8192 or 2K,8K (got {text!r})") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _add_bench_suites(bench: argparse.ArgumentParser) -> None:
+    """`kvcellar bench SUITE [options]`: sub-commands, because no suite shares the scenario bench's options.
+
+    Every option defaults to None here: the suite's frozen config holds the defaults (shown in --help).
+    """
+    import dataclasses
+
+    from kvcellar.bench.suites import chunking, disk_tier, gguf_dtypes, prefix_cache, side_by_side
+
+    suites = bench.add_subparsers(dest="suite", metavar="SUITE", title="suites (options go after the suite's name; "
+                                  "without a suite: the scenario bench, options above)")  # fmt: skip
+
+    def suite(module: object, config: type, text: str) -> tuple[argparse.ArgumentParser, Callable[[str], str]]:
+        name = module.__name__.rsplit(".", 1)[1].replace("_", "-")
+        parser = suites.add_parser(name, help=text, description=text)
+        parser.set_defaults(handler=_cmd_bench_suite, suite_config=config, suite_run=module.run)
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+
+        def default(field: str) -> str:
+            value = defaults[field]
+            return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+        return parser, default
+
+    model_help = "model folder (default: the bench's random-weight Qwen3-0.6B-shape folder, made on first use)"
+    p, d = suite(prefix_cache, prefix_cache.PrefixCacheConfig,
+                 "cold vs cached TTFT, chunking overhead and per-request peak RSS on CPU (3 fresh processes per length)")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--lengths", type=_token_counts, help=f"prompt lengths in tokens (default {d('lengths')})")
+    p.add_argument("--block-size", type=int, help=f"cache block in tokens (default {d('block_size')})")
+    p.add_argument("--out", help=f"JSON file (default {d('out')})")
+
+    p, d = suite(disk_tier, disk_tier.DiskTierConfig,
+                 "disk tier on CPU: restart hit, restore vs raw read bandwidth, miss-only p99 with the tier on / off")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--length", type=int, help=f"restart-hit prompt length in tokens (default {d('length')})")
+    p.add_argument("--block-size", type=int, help=f"cache block in tokens (default {d('block_size')})")
+    p.add_argument("--miss-prompts", type=int, help=f"distinct prompts per setting, a multiple of 4 (default {d('miss_prompts')})")
+    p.add_argument("--work-dir", help="folder for the cache directories (default: a new temp folder)")
+    p.add_argument("--keep", action="store_true", default=None, help="keep the cache directories")
+    p.add_argument("--only-miss", action="store_true", default=None, help="run only the miss-only part")
+    p.add_argument("--out", help=f"JSON file (default {d('out')})")
+
+    p, d = suite(chunking, chunking.ChunkingConfig,
+                 "one-pass vs chunked cold prefill on the bare model, interleaved in one process")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--lengths", type=_token_counts, help=f"prompt lengths in tokens (default {d('lengths')})")
+    p.add_argument("--block-size", type=int, help=f"cache block in tokens (default {d('block_size')})")
+    p.add_argument("--chunks", type=_token_counts, help=f"prefill chunk sizes, multiples of the block (default {d('chunks')})")
+    p.add_argument("--rounds", type=int, help=f"interleaved rounds (default {d('rounds')})")
+    p.add_argument("--out", help=f"JSON file (default {d('out')})")
+
+    p, d = suite(gguf_dtypes, gguf_dtypes.GgufDtypesConfig,
+                 "a GGUF file per dtype: conversion, later loads, RSS, cold prefill and decode (a fresh process each)")
+    p.add_argument("--model", help="a .gguf file (default: the demo model's)")
+    p.add_argument("--dtypes", type=_names, help=f"dtypes to compare (default {d('dtypes')})")
+    p.add_argument("--length", type=int, help=f"cold prompt length in tokens (default {d('length')})")
+    p.add_argument("--out", help=f"JSON file (default {d('out')})")
+
+    p, d = suite(side_by_side, side_by_side.SideBySideConfig,
+                 "kvcellar and peer servers (scripts/peers/) on the same token-id prompts over HTTP")
+    p.add_argument("--target", dest="targets", action="append", type=side_by_side.parse_target, required=True,
+                   metavar="NAME=URL", help="a server (repeat, at least two; the first is the one compared)")
+    p.add_argument("--length", type=int, help=f"prompt tokens (default {d('length')})")
+    p.add_argument("--rounds", type=int, help=f"rounds, alternating which server goes first (default {d('rounds')})")
+    p.add_argument("--decode-tokens", type=int, help=f"tokens of the decode row (default {d('decode_tokens')})")
+    p.add_argument("--max-token-id", type=int, help=f"prompt ids are drawn from [100, this) (default {d('max_token_id')})")
+    p.add_argument("--seed", type=int, help="prompt seed (default: the clock, recorded)")
+    p.add_argument("--out", help=f"JSON file (default {d('out')})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvcellar", description="LLM server and library with a persistent prefix KV cache")
     parser.add_argument("--version", action="version", version=f"kvcellar {_version()}")
@@ -317,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(serve)
     serve.set_defaults(handler=_cmd_serve)
 
-    bench = commands.add_parser("bench", help="prompt-cache benchmarks: JSON, a markdown table and PNG plots")
+    bench = commands.add_parser("bench", help="prompt-cache benchmarks: JSON, a markdown table and PNG plots "
+                                "(`bench SUITE` runs one focused suite)")
     bench.add_argument("--quick", action="store_true",
                        help="small sizes: prompts of 1K and 2K tokens (each at least two blocks), short workloads")
     bench.add_argument("--lengths", default=_env("bench_lengths", None),
@@ -342,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     if "--cache-dir" not in bench._option_string_actions:  # unless the engine options have it already
         bench.add_argument("--cache-dir", default=_env("cache_dir", None), help="base folder of the disk tiers (default OUT/cache)")
     bench.set_defaults(handler=_cmd_bench)
+    _add_bench_suites(bench)
     return parser
 
 

@@ -65,10 +65,12 @@ def size_text(num_bytes: int) -> str:
     return str(num_bytes)
 
 
-# Default block per device, by measurement (docs/benchmarks.md). On a CPU the block is small so that
-# exact mode reuses a chat fine-grained (with 512, the quick bench's 448-token chat prompts reused
-# nothing); a GPU spends a fixed launch cost per forward and wants long kernels (docs/configuration.md,
-# "Block size and prefill chunk").
+# Default block per device, chosen by measurement (figures: docs/benchmarks.md). On a CPU the block is
+# small so that exact mode reuses a chat fine-grained (a chat prompt shorter than a block reuses
+# nothing); without an exact-mode cache the prefill runs 1024-token chunks where the model allows
+# (engine/prefill.py), since fewer, longer forwards prefill faster; in exact mode one block, so that a
+# growing chat is not prefilled twice. A GPU pays a fixed kernel-launch cost per forward and wants
+# long kernels, so its block is long.
 DEFAULT_BLOCK_SIZE = {"cpu": 256, "mps": 256, "cuda": 2048}
 # Prefill chunk on a CPU without an exact-mode cache, for models whose layers are all full attention
 # (engine/prefill.py says why longer chunks are faster there and why not in exact mode).

@@ -7,7 +7,10 @@ HTTP server), `handwritten` (the transformers deepcopy baseline), `phases`
 (modes: no-cache, kvcellar, after-restart, hf-deepcopy, tier-forced; one
 process each), `summary` (percentiles, hit rates, checks), `report` (JSON,
 markdown), `plots` (matplotlib), `hardware` (machine facts, CPU share,
-memory), `runner` (run_bench).
+memory), `runner` (run_bench), `children` (phase processes reaped with the
+bench), `progress` (the run's bar and log line). `suites/`: the focused
+measurements of `kvcellar bench SUITE` (prefix-cache, disk-tier, chunking,
+gguf-dtypes, side-by-side), built on the same helpers.
 
 Operations: `run_bench(config) -> results`, `bench_model_dir()`.
 """

@@ -1,6 +1,8 @@
 """Phase processes of `kvcellar bench` that never outlive the bench.
 
-Operations: `run_child(command, env, on_line) -> exit code` (start a child,
+Operations: `child_env()` (this environment, with kvcellar's own source
+folder first on PYTHONPATH so a child imports the same code without an
+install), `run_child(command, env, on_line) -> exit code` (start a child,
 hand each line it prints on stdout to `on_line`, and always reap it: on any
 exception, Ctrl-C or a stop signal, it is terminated, then killed),
 `end_with_parent(parent_pid)` (called first thing in the child),
@@ -22,9 +24,17 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 TERMINATE_WAIT_S = 30.0
+
+
+def child_env() -> dict[str, str]:
+    import kvcellar
+
+    src = str(Path(kvcellar.__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
 
 
 def end_with_parent(parent_pid: int) -> None:

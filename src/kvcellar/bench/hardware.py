@@ -3,7 +3,9 @@
 Operations: `hardware(device)` (CPU model, cores, memory, GPU name, versions,
 date), `Usage.start()` / `.finish()` (CPU seconds over wall seconds: about
 the thread count when the cores were ours, much less when other processes
-shared them), `memory_report(device)` (RSS now and its peak; CUDA peak).
+shared them; minor page faults), `memory_report(device)` (RSS now and its
+peak; CUDA peak), `reset_peak_rss()` (the peak starts again from RSS now, so
+one request's peak is its own).
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ def hardware(device: str = "auto") -> dict:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """CPU time of this process (and its finished children) against wall time."""
+    """CPU time of this process (and its finished children) against wall time; minor faults of this process."""
 
     cpu_s: float
     wall_s: float
+    minor_faults: int = 0
 
     @staticmethod
     def _cpu_s() -> float:
@@ -85,12 +88,14 @@ class Usage:
 
     @classmethod
     def start(cls) -> Usage:
-        return cls(cls._cpu_s(), time.perf_counter())
+        return cls(cls._cpu_s(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
     def finish(self) -> dict:
         cpu_s, wall_s = self._cpu_s() - self.cpu_s, time.perf_counter() - self.wall_s
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        return {"cpu_s": cpu_s, "wall_s": wall_s, "cpu_util": cpu_s / wall_s if wall_s > 0 else 0.0, "loadavg_1m": load}
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.minor_faults
+        return {"cpu_s": cpu_s, "wall_s": wall_s, "cpu_util": cpu_s / wall_s if wall_s > 0 else 0.0, "loadavg_1m": load,
+                "minor_faults": faults}  # fmt: skip
 
 
 def memory_report(device: object = None) -> dict:
@@ -104,3 +109,10 @@ def memory_report(device: object = None) -> dict:
 
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / MIB
     return out
+
+
+def reset_peak_rss() -> None:
+    """Linux >= 4.0: VmHWM := VmRSS, so the next `memory_report()` peak is what came after; elsewhere a no-op."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")

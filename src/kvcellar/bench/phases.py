@@ -37,8 +37,8 @@ def warm_up_ids(config: BenchConfig, scenarios: tuple[str, ...]) -> list[int]:
     """Token ids of the request each phase sends before its measured ones (under its own cache salt).
 
     As long as the longest prefix-scenario prompt: a process's first request of a length pays one-time
-    costs (allocator growth, first-touch pages; measured on an H100: a 32K-token prefill took 0.90 s
-    the first time, 0.63 s after), which a server pays once, not per request.
+    costs (allocator growth, first-touch pages, on CUDA kernel loading), which a server pays once, not
+    per request.
     """
     wanted = wanted_scenarios(config, scenarios)
     longest = max(config.lengths) if PREFIX in wanted or RESTART in wanted else min(config.block_size, 256)

@@ -1,7 +1,8 @@
 """The bench's progress: one bar over every measured request of the run, with its ETA.
 
 Operations: `RunProgress(phase_sizes)` with `.phase(mode)`, `.sample(sample)`,
-`.finish_phase(mode, num_done)`, `.close()`.
+`.finish_phase(mode, num_done)`, `.close()`; `log(message)` (one timestamped
+line on stderr, the bench's and the suites' running commentary).
 
 Phase processes report each request (phases.PROGRESS_PREFIX lines), so the
 one bar lives in the parent. Without a terminal (a log file, CI) tqdm draws
@@ -11,6 +12,11 @@ nothing and a line per scenario row is printed instead.
 from __future__ import annotations
 
 import sys
+import time
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 class RunProgress:

@@ -1,7 +1,9 @@
 """Benchmark results as files: results.json (everything) and results.md (tables a person reads).
 
 Operations: `write_json(results, path)`, `markdown(results) -> str`,
-`ttft_matrix(results) -> str` (the headline table alone, for the terminal).
+`ttft_matrix(results) -> str` (the headline table alone, for the terminal),
+`table(header, rows)` and `section(title, header, rows)` (markdown lines,
+also used by the suites).
 """
 
 from __future__ import annotations
@@ -38,8 +40,13 @@ def _x(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}x"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def section(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A blank line, a `### title` heading, a blank line, then the table."""
+    return ["", f"### {title}", "", *table(header, rows)]
 
 
 def _modes(results: dict) -> list[str]:
@@ -55,7 +62,7 @@ def ttft_matrix(results: dict) -> str:
     body = [[label, *(_s(index[(label, m)]["ttft_p50_s"]) if (label, m) in index else "" for m in modes),
              _x(index[(label, main)]["speedup"]) if (label, main) in index else ""] for label in labels]  # fmt: skip
     header = ["scenario", *(f"{m} (s)" for m in modes), f"{main} vs {results['baseline_mode']}"]
-    return "\n".join(_table(header, body))
+    return "\n".join(table(header, body))
 
 
 def _details(rows: list[dict]) -> list[str]:
@@ -66,7 +73,7 @@ def _details(rows: list[dict]) -> list[str]:
              _s(r["restore_p50_s"]), _s(r["prefill_p50_s"]), f"{r['hit_rate']:.0%}",
              ", ".join(f"{t} {v:.0%}" for t, v in r["hit_rate_by_tier"].items()) or "—",
              str(r["num_saved_tokens"]), _x(r["speedup"])] for r in rows]  # fmt: skip
-    return _table(header, body)
+    return table(header, body)
 
 
 def _phases(results: dict) -> list[str]:
@@ -81,7 +88,7 @@ def _phases(results: dict) -> list[str]:
             peak += f" (CUDA {memory['cuda_peak_mib']:.0f})"
         wall, cpu = (f"{usage['wall_s']:.1f}", f"{usage['cpu_util']:.2f}") if usage else ("—", "—")
         body.append([p["mode"], p["description"], tiers, wall, cpu, peak, status])
-    return _table(header, body)
+    return table(header, body)
 
 
 def _hardware_lines(results: dict) -> list[str]:

@@ -23,13 +23,12 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import kvcellar
 from kvcellar.bench.config import BenchConfig
 from kvcellar.bench.hardware import Usage, hardware
-from kvcellar.bench.children import run_child, stop_signals_interrupt
+from kvcellar.bench.children import child_env, run_child, stop_signals_interrupt
 from kvcellar.bench.phases import (BASELINE_MODE, HTTP_MODES, IN_PROCESS_MODES, MODES, PROGRESS_PREFIX, count_requests,
                                    run_phase)  # fmt: skip
-from kvcellar.bench.progress import RunProgress
+from kvcellar.bench.progress import RunProgress, log
 from kvcellar.bench.report import markdown, ttft_matrix, write_json
 from kvcellar.bench.scenarios import SCENARIOS
 from kvcellar.bench.summary import check_consistency, summarise
@@ -41,11 +40,7 @@ NEEDS_EARLIER = {"after-restart": "kvcellar"}
 _CHILD = "import sys; from kvcellar.bench.phases import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def bench_model_dir(progress: Callable[[str], None] | None = _log) -> Path:
+def bench_model_dir(progress: Callable[[str], None] | None = log) -> Path:
     """`$KVCELLAR_HOME/models/bench-qwen3-0.6b` (random Qwen3-0.6B-shape weights), made on first use."""
     from kvcellar.models.demo import kvcellar_home
     from kvcellar.models.factory import ensure_model
@@ -90,11 +85,6 @@ def plan_modes(config: BenchConfig) -> list[str]:
     return [m for m in candidates if m in config.modes]
 
 
-def _child_env() -> dict[str, str]:
-    src = str(Path(kvcellar.__file__).resolve().parent.parent)  # so `-m kvcellar...` works without an install
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
-
-
 def _failed_phase(mode_name: str, reason: str) -> dict:
     mode = MODES[mode_name]
     return {"mode": mode.name, "description": mode.description, "samples": [], "info": {}, "skipped": reason}
@@ -112,7 +102,7 @@ def _run_isolated(spec: dict, on_sample: Callable[[dict], None]) -> dict:
                 print(line, flush=True)
 
         command = [sys.executable, "-c", _CHILD, str(spec_path), str(out_path), str(os.getpid())]
-        code = run_child(command, _child_env(), relay)
+        code = run_child(command, child_env(), relay)
         if code != 0 or not out_path.exists():
             return _failed_phase(spec["mode"], f"the phase's process failed (exit code {code}; its error is above)")
         return json.loads(out_path.read_text())
@@ -129,17 +119,17 @@ def _run_phases(config: BenchConfig, modes: list[str], cache_base: Path, run_id:
             earlier = next((p for p in phases if p["mode"] == needed), None)
             if needed is not None and (earlier is None or earlier.get("skipped") or "disk" not in earlier["info"].get("tiers", [])):
                 phases.append(_failed_phase(mode, f"needs the {needed} phase to have filled a disk tier first"))
-                _log(f"phase {number}/{len(modes)} {mode}: skipped ({phases[-1]['skipped']})")
+                log(f"phase {number}/{len(modes)} {mode}: skipped ({phases[-1]['skipped']})")
             else:
-                _log(f"phase {number}/{len(modes)} {mode}: {MODES[mode].description}"
+                log(f"phase {number}/{len(modes)} {mode}: {MODES[mode].description}"
                      + (" (fresh process)" if config.isolate else ""))  # fmt: skip
                 spec = {"mode": mode, "config": config.to_json(), "run_id": run_id, "cache_dir": str(cache_base)}
                 phase = _run_isolated(spec, progress.sample) if config.isolate else run_phase(spec, progress.sample)
                 if phase.get("skipped"):
-                    _log(f"phase {mode}: skipped: {phase['skipped']}")
+                    log(f"phase {mode}: skipped: {phase['skipped']}")
                 else:
                     usage = phase["usage"]
-                    _log(f"phase {mode}: {len(phase['samples'])} requests, {usage['wall_s']:.1f} s, "
+                    log(f"phase {mode}: {len(phase['samples'])} requests, {usage['wall_s']:.1f} s, "
                          f"CPU use {usage['cpu_util']:.2f}, peak RSS {phase['memory']['peak_rss_mib']:.0f} MiB")
                 phases.append(phase)
             progress.finish_phase(mode, len(phases[-1]["samples"]))
@@ -171,7 +161,7 @@ def run_bench(config: BenchConfig) -> dict:
     created = [cache_base / name for name in ("kvcellar", "disk-only") if not (cache_base / name).exists()]
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     hw = hardware(config.engine.device if config.engine else "cpu")
-    _log(f"kvcellar bench: {len(modes)} phases ({', '.join(modes)}) -> {out_dir}")
+    log(f"kvcellar bench: {len(modes)} phases ({', '.join(modes)}) -> {out_dir}")
     phases: list[dict] = []
     facts = {"config": config, "run_id": run_id, "hardware": hw, "started": started, "usage": usage}
     partial = lambda reason: _write(_results(phases, stopped_early=reason, **facts), out_dir)  # noqa: E731
@@ -181,7 +171,7 @@ def run_bench(config: BenchConfig) -> dict:
     except BaseException as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         partial(f"{reason} after {len(phases)} of {len(modes)} phases")
-        _log(f"stopped early ({reason}); the {len(phases)} finished phases are in {out_dir / 'results.json'}")
+        log(f"stopped early ({reason}); the {len(phases)} finished phases are in {out_dir / 'results.json'}")
         raise
     finally:
         if not config.keep_cache:
@@ -197,9 +187,9 @@ def run_bench(config: BenchConfig) -> dict:
     results["plots"] = write_plots(results, out_dir)
     _write(results, out_dir)
     print(ttft_matrix(results), flush=True)
-    _log(f"wrote {out_dir / 'results.json'}, results.md, {', '.join(results['plots'])} in {results['wall_s']:.0f} s")
+    log(f"wrote {out_dir / 'results.json'}, results.md, {', '.join(results['plots'])} in {results['wall_s']:.0f} s")
     for problem in results["checks"]:
-        _log(f"check: {problem}")
+        log(f"check: {problem}")
     return results
 
 

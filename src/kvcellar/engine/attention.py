@@ -4,9 +4,8 @@ A prefill chunk of q tokens on top of p cached ones attends causally with the
 diagonal aligned to the bottom right: query i sees keys [0, p + i]. transformers'
 `sdpa` attention builds that as a dense [q, p + q] boolean mask, and with a
 mask CUDA's SDPA can neither skip the masked tiles nor use its flash kernel
-for grouped K/V heads (it copies K/V out to every query head first). Measured
-on an H100: a 32K-token prompt in 4K chunks took 1.8x (0.6B shape) and 1.5x
-(8B shape) the time of one unchunked pass.
+for grouped K/V heads (it copies K/V out to every query head first), so a
+chunked prefill ran far slower than one unchunked pass (docs/benchmarks.md).
 
 So this registers `kvcellar_sdpa`, transformers' sdpa with one change: for a
 plain causal mask (no padding, no sliding window, no custom overlay) with a
@@ -49,7 +48,7 @@ def _mask(**kwargs: object) -> object:
     return sdpa_mask(**kwargs)
 
 
-# Below this many cached keys one masked pass is as fast (measured, 256 queries, 2 threads).
+# Below this many cached keys one masked pass is as fast as the split (a CPU measurement, 256 queries).
 SPLIT_FROM_CACHED_KEYS = 1024
 
 
@@ -58,8 +57,8 @@ def _split_causal_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     The chunk's queries see all cached keys (no mask) and their own keys causally (a square: plain
     is_causal). torch's CPU flash kernel runs both without a mask tensor and takes grouped K/V heads as
-    they are. Merged with one `lerp` (the weight of the second part is sigmoid(lse2 - lse1)). For 256
-    queries (16 heads, 8 K/V heads, bf16, 2 threads): 18.5 vs 29.7 ms on 8K keys, 5.1 vs 7.6 ms on 2K.
+    they are. Merged with one `lerp` (the weight of the second part is sigmoid(lse2 - lse1)). Faster
+    than one masked pass from SPLIT_FROM_CACHED_KEYS cached keys on, the more so the more keys.
     """
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     past = key.shape[2] - query.shape[2]

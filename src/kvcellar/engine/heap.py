@@ -1,9 +1,9 @@
 """Return the heap a finished request freed to the OS (glibc), so idle RSS is what is in use.
 
 Why: a request's temporaries (activations, attention workspaces) are freed
-into glibc's arenas, which keep part of them: RSS before the next request
-stood 35-75 MiB above what was in use (bench/prefix_cache.py, "as is" against
-"after malloc_trim"). The engine trims after each CPU request, after its last
+into glibc's arenas, which keep part of them, so RSS before the next request
+stood above what was in use (`kvcellar bench prefix-cache`, docs/benchmarks.md).
+The engine trims after each CPU request, after its last
 token and before its result is handed over (so whoever reads RSS after the
 result sees it trimmed); the time is in neither its TTFT nor the next one's.
 

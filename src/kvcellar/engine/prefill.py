@@ -8,20 +8,18 @@ restored a prefix where the schedule passes then execute the very same
 kernels on the same shapes, which is what makes their logits bit-identical.
 
 Why chunks longer than a block (CPU only, `chunk_size_for`): each forward
-pass streams all weights and runs the matrix units at the chunk's row count.
-On a 2-core Xeon with AMX (0.6B shape, `bench/chunking.py`, docs/benchmarks.md),
-1024-token chunks took 0.89x / 0.82x the time of one pass at 2K / 8K tokens,
-256-token chunks 1.04x / 0.98x in the same run and up to 1.22x / 1.28x in
-earlier ones; on a 2-core AMD EPYC 0.94x / 0.91x against 0.98x / 1.05x.
+pass streams all weights and runs the matrix units at the chunk's row count,
+so on CPUs 1024-token chunks prefill at or below one pass's time where
+one-block chunks do not (`kvcellar bench chunking`; figures in
+docs/benchmarks.md).
 
 Why not by default in exact mode: there only state produced on this schedule
 is reused, and a schedule of chunks longer than a block is not stable as a
 prompt grows. When a chat's prompt crosses a chunk boundary, the blocks it
 prefilled one at a time since its last whole chunk are prefilled again, as
 part of one chunk: every token of a growing chat is computed about twice.
-On the EPYC (`kvcellar bench --scenarios chat,agent`), 1024-token chunks
-made the chat scenario's summed TTFT 39.6 s against 28.7 s with 256-token
-ones, and the agent's 25.1 s against 16.9 s; a cold prompt gains 4-13%.
+That costs a chat or an agent loop far more than long chunks gain a cold
+prompt (`kvcellar bench --scenarios chat,agent`; docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ class RequestRunner:
         warm-up pass, and feed its rate to the cost model.
 
         Without a measured rate the cost model restores every hit it finds, so a process started on a
-        filled cache folder loaded its first hits from disk even where recomputing was faster (H100,
-        0.6B shape: 0.64-0.89 s per 8K-token restart hit against 0.11-0.19 s cold). Only caches with a
+        filled cache folder loaded its first hits from disk even where recomputing was faster (a small
+        model on a fast GPU, docs/benchmarks.md). Only caches with a
         slower tier to weigh (`wants_prefill_rate`) pay these two forwards at start-up.
         """
         if not self.prefix_cache.wants_prefill_rate():
@@ -52,9 +52,9 @@ class RequestRunner:
         vocab = self.loaded.model.get_input_embeddings().num_embeddings
         length = max(1, min(self.block_size, self.loaded.context_length - 1))
         ids = torch.arange(length, device=self.loaded.device) % vocab
-        # Twice, timing the second: a process's first forward pays one-time costs (on an H100, CUDA kernel
-        # loading made it several times slower), and a rate taken from it made the first restart hits
-        # load 8K tokens from disk in 0.7-0.8 s where a prefill takes 0.14 s.
+        # Twice, timing the second: a process's first forward pays one-time costs (on CUDA, kernel
+        # loading), and a rate taken from it understates the prefill speed, so the first restart hits
+        # would load from disk what recomputing serves faster.
         for _ in range(2):
             cache = new_cache(self.loaded.model.config, length, None)  # throwaway: never the pool's buffers
             started = time.perf_counter()

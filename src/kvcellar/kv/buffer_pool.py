@@ -3,8 +3,8 @@
 Why: a request's K/V buffers are large (8K tokens of the 0.6B shape: 28
 layers x 2 x 16.8 MB). glibc serves allocations that size with mmap and
 unmaps them on free, so the next request writes into fresh pages and pays a
-page fault per 4 KiB: an 8K restore took 0.25 s into fresh memory against
-0.10 s into reused memory, and a multi-turn TTFT up to 2.1 s against 0.54 s.
+page fault per 4 KiB: a restore into fresh memory takes a multiple of one into
+reused memory, and so does a multi-turn TTFT (docs/benchmarks.md).
 On CUDA torch's caching allocator already reuses freed blocks; the engine
 uses a pool only on CPU.
 
@@ -13,8 +13,8 @@ K/V. `give_back(cache, resident_keys)` records the chained keys of the full
 blocks they hold, in order; a next request whose restore begins with the same
 keys (a chat's next turn, a repeated prompt) adopts its layers' own buffers
 with those tokens in place (`GrowingLayer.resume`) and copies nothing for
-them. An 8K-token restore copies 0.9 GB (0.10 s on the 2-core Xeon), which was
-most of the gap between a multi-turn hit and the new tokens' prefill.
+them. An 8K-token restore of the 0.6B shape copies 0.9 GB, which was most of
+the gap between a multi-turn hit and the new tokens' prefill.
 
 Operations: `KvBufferPool.take(slot, shape, dtype, device)`, `.give_back(cache,
 resident_keys)`, `.resident_blocks(keys, capacity)`, `.take_resident(slot)`
@@ -145,9 +145,9 @@ def _fresh_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
     Not torch.empty: glibc serves a buffer below its mmap threshold (which it raises up to 32 MiB after
     a larger block is freed) from its heap, in pages a request's temporaries made resident, so the
-    capacity no request writes was resident anyway (2K prompt, 1024-token prefill chunks: 85 of the
-    112 MiB of rounding in the 56 buffers were resident; 0 with 256-token chunks, whose buffers glibc
-    mmapped). Where there is no MAP_PRIVATE (Windows), torch.empty.
+    capacity no request writes was resident anyway (with long prefill chunks, most of the buffers'
+    rounding; with one-block chunks, whose buffers glibc mmapped, none). Where there is no MAP_PRIVATE
+    (Windows), torch.empty.
     """
     nbytes = math.prod(shape) * dtype.itemsize
     private = getattr(mmap, "MAP_PRIVATE", None)

@@ -2,10 +2,10 @@
 
 A captured entry holds two tensors per layer (keys and values) plus any
 recurrent states: dozens of small tensors. Allocated one by one they fragment
-the heap (on CPU, glibc then trims and re-faults the pages every request: we
-measured ~0.4M minor faults and +30% prefill time for a 2K-token prompt with
-capture on), and moved one by one they pay a copy call each (on CUDA, 72
-pinned host→device copies of 2 MB run at 38 GB/s, one of 151 MB at 53 GB/s).
+the heap (on CPU, glibc then trims and re-faults the pages every request,
+which slowed a prefill with capture on), and moved one by one they pay a copy
+call each (on CUDA many small pinned host→device copies run well below the
+bandwidth of one large copy).
 So every payload built here lives in one uint8 buffer, `flat`, and its tensors
 are views at 64-byte aligned offsets; moving the payload is one copy of `flat`.
 

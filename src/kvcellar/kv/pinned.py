@@ -10,11 +10,10 @@ Operations: `PinnedReserve(budget_bytes).take(num_bytes, ahead) -> uint8 tensor`
 (where demotions copy) and `.flush()` (wait for those copies), `.stats()`, `.close()`.
 
 Why: page-locking fresh memory is slow (the driver faults in and pins every
-page). Measured on an H100 with the 0.6B shape: while the host tier was
-still growing, demoting one 32K-token request's blocks (16 of 235 MB) took
-3.0-5.7 s on the request thread and each cold request took 3.8-6.6 s instead
-of 0.86 s; with the pinned buffers already allocated the same demotions took
-0.11 s. So the first demotion of a whole block starts a thread that allocates
+page): while the host tier was still growing, demoting a long request's
+blocks on the request thread took several times that request's cold prefill,
+and a small fraction of it once the pinned buffers existed
+(docs/benchmarks.md). So the first demotion of a whole block starts a thread that allocates
 buffers of that size until the host tier's budget is covered, and demotions
 take them (blocks of one model all have one size; tail entries, smaller
 and rarer, allocate as before).
@@ -22,8 +21,8 @@ Buffers the host tier frees go back to torch's pinned allocator, which
 reuses them: once the tier is full, allocations are fast anyway.
 
 The thread allocates only while the model is idle (`pause`): page-locking
-holds a CUDA driver lock, and a first attempt that allocated during a
-prefill stalled that prefill's kernel launches for 25 s. A request that
+holds a CUDA driver lock, and allocating during a prefill stalls that
+prefill's kernel launches until it is done. A request that
 starts while one buffer is being allocated waits for that one only.
 
 While a request runs and no buffer is ready, the host tier refuses the
@@ -185,8 +184,8 @@ def payload_mover(
 def _demote_async(payload: StatePayload, buffer: torch.Tensor, side: torch.cuda.Stream) -> StatePayload:
     """GPU -> pinned `buffer` on a side stream: the copy engine runs beside the prefill, not in its way.
 
-    Measured on an H100: copying a 32K-token request's blocks (3.8 GB) synchronously added ~0.15 s to
-    its prefill. The returned payload carries the copy's event (readers wait for it, StatePayload.wait_ready);
+    A synchronous copy of a long request's blocks would add its whole transfer time to that request's
+    prefill. The returned payload carries the copy's event (readers wait for it, StatePayload.wait_ready);
     the GPU buffer is recorded on the side stream, so the allocator does not reuse it before the copy ran.
     """
     device = payload.flat.device

@@ -38,8 +38,8 @@ def _on_host(payload: StatePayload) -> dict[str, torch.Tensor]:
 
     From CUDA: one DMA copy into pinned memory (torch's caching host allocator reuses those buffers), on a
     side stream. A copy into pageable memory goes through the driver's staging buffers with the CPU
-    copying, and on the default stream it would queue between the next request's kernels: measured on an
-    H100, either way slowed a concurrent 8B 32K-token prefill by 0.3-1.0 s.
+    copying, and on the default stream it would queue between the next request's kernels: either way it
+    slows a concurrent prefill.
     """
     payload.wait_ready()
     device = payload.device

@@ -76,8 +76,8 @@ def prime_load_rates(tiers: list[Tier], cost_model: CostModel, namespace: BlockH
     """Time one stored block of `namespace` loading from each tier that persists across restarts (`PersistentTier`).
 
     Without it, a process started on a full cache folder loads its first hits whatever they cost, to
-    find out: on an H100 with the 0.6B shape the first 8K-token restart hit read the disk for 0.64 s,
-    where a prefill takes 0.11 s. The cost model then weighs the first hits against a measured rate.
+    find out, even where recomputing is several times faster (a small model on a fast GPU,
+    docs/benchmarks.md). The cost model then weighs the first hits against a measured rate.
     """
     for tier in tiers:
         key = tier.sample_key(namespace) if isinstance(tier, PersistentTier) else None

@@ -119,8 +119,8 @@ def converted_dir(
 ) -> Path:
     """The converted folder of `file` in `dtype` ("bfloat16", "float16", "float32"), converting it first if absent.
 
-    Progress goes to a warning by default: the one-time conversion takes a while (about a
-    minute for a 100 MB file on 2 cores), and a server's default log level must show why.
+    Progress goes to a warning by default: the one-time conversion takes a while (dequantizing
+    every tensor), and a server's default log level must show why.
     """
     fingerprint = fingerprint or gguf_fingerprint(file)
     out = home / "models" / "gguf" / f"{file.stem}-{fingerprint[:16]}-{dtype}"

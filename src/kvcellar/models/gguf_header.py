@@ -3,11 +3,11 @@
 Operation: `read_header(file)` -> `GgufHeader` (`metadata`, `tensor_elements`, `.architecture`,
 `.num_parameters`).
 
-Why not `gguf.GGUFReader`: it builds numpy views of every field, and a 49K-token vocabulary took it
-about 5 s, on every start. This reads the same layout (GGUF v2/v3, little-endian: magic, version,
+Why not `gguf.GGUFReader`: it builds numpy views of every field, which for a large vocabulary costs
+seconds on every start. This reads the same layout (GGUF v2/v3, little-endian: magic, version,
 tensor count, metadata count, key/value pairs, tensor infos) with `struct` over an mmap, keeping
 scalars and strings and stepping over arrays (the vocabulary, merges, token types) without
-decoding them, in tens of milliseconds.
+decoding them, so its cost does not grow with the vocabulary's arrays.
 """
 
 from __future__ import annotations

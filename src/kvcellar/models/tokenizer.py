@@ -46,7 +46,7 @@ _PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
     r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-# ~0.5 s of training for an 8K vocabulary on a 2-core CPU; more text barely
+# Caps the training text, so building a tokenizer stays quick; more text barely
 # changes the merges of a vocabulary this small.
 _CORPUS_CHAR_CAP = 2_000_000
 _MIN_VOCAB_SIZE = 512

@@ -1,45 +1,80 @@
-"""Side by side: kvcellar and a peer server (llama.cpp's llama-server, vLLM) on the same model, prompts and machine.
+"""Side-by-side suite: kvcellar and peer servers (llama.cpp's llama-server, vLLM) on the same model and prompts.
 
-Run (both servers already up, each on its own port, serving the same weights):
+Operations: `SideBySideConfig`, `run(config) -> dict` (prints the table,
+writes the JSON), `Server` (`.model()`, `.complete(ids, max_tokens)`),
+`table_text(names, rounds, length)`.
 
-    PYTHONPATH=src .venv/bin/python bench/side_by_side.py \\
-        --target kvcellar=http://127.0.0.1:8000 --target llama.cpp=http://127.0.0.1:8001 \\
-        --length 2048 --rounds 3 --out bench-out/side_by_side.json
-
-Every request is a streaming POST /v1/completions with a token-id prompt, temperature 0 and
-`ignore_eos`; times are the client's. Per round, each target (in alternating order, so drift
-hits both alike) gets a fresh seeded prompt P of `--length` ids, the same ids for every target:
+Every request is a streaming POST /v1/completions with a token-id prompt,
+temperature 0 and `ignore_eos`; times are the client's. Per round, each
+target (in alternating order, so drift hits both alike) gets a fresh seeded
+prompt P of `length` ids, the same ids for every target:
 
 | row | request | figure |
 |---|---|---|
 | cold | P, 1 token | time to first token |
 | exact repeat | P again, 16 tokens | time to first token |
 | extension | P + 64 new ids, 1 token | time to first token |
-| decode | P + 64 again, `--decode-tokens` tokens | tokens/s from the first to the last token |
+| decode | P + 64 again, `decode_tokens` tokens | tokens/s from the first to the last token |
 
-A warm-up request (other ids) goes to each target first. The seed defaults to the clock, so a
-second run against the same servers is cold again; it is recorded. The load average is sampled
-around every round: compare runs only at similar load. Prints a markdown table (median, min–max,
-ratio of the first target to each other one) and writes every raw sample to `--out`.
+A warm-up request (other ids) goes to each target first. The seed defaults
+to the clock, so a second run against the same servers is cold again; it is
+recorded. The load average is sampled around every round: compare runs only
+at similar load. The peers are started by the scripts in `scripts/peers/`.
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kvcellar.bench.hardware import hardware
+from kvcellar.bench.config import DEFAULT_MAX_TOKEN_ID
+from kvcellar.bench.progress import log
 from kvcellar.bench.scenarios import make_ids
 
-EXTENSION_TOKENS, REPEAT_TOKENS = 64, 16
+EXTENSION_TOKENS, REPEAT_TOKENS, WARM_UP_TOKENS = 64, 16, 256
 ROWS = ("cold", "exact repeat", "extension", "decode")
+
+
+@dataclass(frozen=True, slots=True)
+class SideBySideConfig:
+    """`targets`: (name, base URL) pairs, at least two; the first is the one compared. `seed` None: the clock."""
+
+    targets: tuple[tuple[str, str], ...]
+    length: int = 2048
+    rounds: int = 3
+    decode_tokens: int = 128
+    max_token_id: int = DEFAULT_MAX_TOKEN_ID
+    seed: int | None = None
+    out: str = "bench-out/side_by_side.json"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.targets) < 2 or any(not urlsplit(url).netloc for _, url in self.targets):
+            raise ValueError("give at least two --target NAME=http://HOST:PORT")
+        if len({name for name, _ in self.targets}) != len(self.targets):
+            raise ValueError(f"--target names must differ (got {[name for name, _ in self.targets]})")
+        for name, value in (("--length", self.length), ("--rounds", self.rounds)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1 (got {value})")
+        if self.decode_tokens < 2:
+            raise ValueError(f"--decode-tokens must be >= 2: the rate is timed from the first to the last token "
+                             f"(got {self.decode_tokens})")
+        if self.max_token_id < 200:
+            raise ValueError(f"--max-token-id must be >= 200: prompts use ids from 100 up (got {self.max_token_id})")
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """"kvcellar=http://127.0.0.1:8000" -> ("kvcellar", "http://127.0.0.1:8000")."""
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url.startswith(("http://", "https://")):
+        raise ValueError(f"--target must be NAME=http://HOST:PORT (got {text!r})")
+    return name, url
 
 
 class Server:
@@ -100,8 +135,8 @@ def run_round(servers: list[Server], prompt: list[int], extension: list[int], de
         out[server.name] = {"cold": cold["ttft_s"], "exact repeat": repeat["ttft_s"], "extension": extend["ttft_s"],
                             "decode": rate, "raw": {"cold": cold, "exact repeat": repeat, "extension": extend,
                                                     "decode": decode}}  # fmt: skip
-        print(f"  {server.name}: cold {cold['ttft_s']:.3f} s, repeat {repeat['ttft_s']:.3f} s, "
-              f"+{len(extension)} {extend['ttft_s']:.3f} s, decode {rate:.1f} tok/s", file=sys.stderr, flush=True)
+        log(f"  {server.name}: cold {cold['ttft_s']:.3f} s, repeat {repeat['ttft_s']:.3f} s, "
+            f"+{len(extension)} {extend['ttft_s']:.3f} s, decode {rate:.1f} tok/s")
     return out
 
 
@@ -111,7 +146,8 @@ def _cell(values: list[float], unit: str) -> str:
     return f"{median} {unit} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
-def table(names: list[str], rounds: list[dict], length: int) -> str:
+def table_text(names: list[str], rounds: list[dict], length: int) -> str:
+    """Median (min–max) per row and target, then the first target's ratio to each other one."""
     head = f"| {length}-token prompt | " + " | ".join(names) + " | " + " | ".join(
         f"{names[0]} ÷ {other}" for other in names[1:]) + " |"  # fmt: skip
     lines = [head, "|" + "---|" * (1 + 2 * len(names) - 1)]
@@ -124,45 +160,31 @@ def table(names: list[str], rounds: list[dict], length: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", action="append", required=True, help="NAME=URL (repeat; the first is the one compared)")
-    parser.add_argument("--length", type=int, default=2048, help="prompt tokens (default 2048)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--max-token-id", type=int, default=8000, help="prompt ids are drawn from [100, this)")
-    parser.add_argument("--seed", type=int, default=None, help="prompt seed (default: the clock, recorded)")
-    parser.add_argument("--out", default="bench-out/side_by_side.json")
-    args = parser.parse_args(argv)
-    servers = [Server(*spec.split("=", 1)) for spec in args.target]
-    if len(servers) < 2 or any(not s.netloc for s in servers):
-        parser.error("give at least two --target NAME=http://HOST:PORT")
-    seed = args.seed if args.seed is not None else int(time.time())
+def run(config: SideBySideConfig) -> dict:
+    from kvcellar.bench.hardware import hardware
+
+    servers = [Server(name, url) for name, url in config.targets]
+    seed = config.seed if config.seed is not None else int(time.time())
     models = {s.name: s.model() for s in servers}
-    print(f"models: {models}; seed {seed}", file=sys.stderr)
+    log(f"models: {models}; seed {seed}")
     for server in servers:  # warm-up: first-request costs (allocator, threads) stay out of the figures
-        server.complete(make_ids(256, f"{seed}:warm-up", args.max_token_id), 8)
+        server.complete(make_ids(WARM_UP_TOKENS, f"{seed}:warm-up", config.max_token_id), 8)
     rounds, loads = [], []
-    for index in range(args.rounds):
-        prompt = make_ids(args.length, f"{seed}:prompt-{index}", args.max_token_id)
-        extension = make_ids(EXTENSION_TOKENS, f"{seed}:extension-{index}", args.max_token_id)
+    for index in range(config.rounds):
+        prompt = make_ids(config.length, f"{seed}:prompt-{index}", config.max_token_id)
+        extension = make_ids(EXTENSION_TOKENS, f"{seed}:extension-{index}", config.max_token_id)
         order = list(range(len(servers)))
         order = order if index % 2 == 0 else order[::-1]
-        print(f"round {index + 1}/{args.rounds} (order {', '.join(servers[i].name for i in order)})", file=sys.stderr)
+        log(f"round {index + 1}/{config.rounds} (order {', '.join(servers[i].name for i in order)})")
         before = os.getloadavg()
-        rounds.append(run_round(servers, prompt, extension, args.decode_tokens, order))
+        rounds.append(run_round(servers, prompt, extension, config.decode_tokens, order))
         loads.append({"before": before, "after": os.getloadavg()})
-    names = [s.name for s in servers]
-    text = table(names, rounds, args.length)
+    text = table_text([s.name for s in servers], rounds, config.length)
     print(text)
-    result = {"hardware": hardware("cpu"), "command": " ".join(sys.argv), "models": models, "seed": seed,
-              "length": args.length, "load_average": loads, "table": text, "rounds": rounds}  # fmt: skip
-    out = Path(args.out)
+    result = {"hardware": hardware("cpu"), "command": config.command, "models": models, "seed": seed,
+              "length": config.length, "load_average": loads, "table": text, "rounds": rounds}  # fmt: skip
+    out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    log(f"wrote {out}")
+    return result

@@ -3,8 +3,8 @@
 # Never a dependency of kvcellar: it is built in its own folder from the llama.cpp sources that PyPI's
 # llama-cpp-python sdist vendors (the one route to llama.cpp's source from a package registry).
 #
-#   bench/peers/llama_cpp.sh install              # once: fetch the sdist, build llama-server (~10 min on 2 cores)
-#   bench/peers/llama_cpp.sh serve FILE.gguf PORT # foreground; stop it with SIGINT/SIGTERM
+#   scripts/peers/llama_cpp.sh install              # once: fetch the sdist, build llama-server (a long C++ build)
+#   scripts/peers/llama_cpp.sh serve FILE.gguf PORT # foreground; stop it with SIGINT/SIGTERM
 #
 # Env: LLAMA_PEER_DIR (default ~/.cache/kvcellar-peers/llama-cpp), LLAMA_PEER_VERSION (llama-cpp-python, default 0.3.36),
 #      LLAMA_PEER_THREADS (default nproc), LLAMA_PEER_CTX (context, default 9000), LLAMA_PEER_CACHE_RAM_MIB (default 8192).
