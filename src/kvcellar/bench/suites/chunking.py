@@ -68,7 +68,7 @@ def _chunked(model: object, ids: object, block_size: int, chunk_size: int) -> No
     from kvcellar.engine.prefill import prefill
     from kvcellar.kv.growing_layer import new_cache
 
-    prefill(model, new_cache(model.config, ids.shape[0] + 1), ids, 0, block_size, chunk_size=chunk_size)
+    prefill(model, new_cache(model.config, ids.shape[0] + 1, None), ids, 0, block_size, chunk_size=chunk_size)
 
 
 def measure(model: object, length: int, block_size: int, chunks: tuple[int, ...], rounds: int, vocab: int) -> dict:
