@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kvcellar.config import EngineConfig
+from kvcellar.engine.prepared import PreparedPrompt
 from kvcellar.engine.request import PromptSegments, StreamEvent
 from kvcellar.engine.sampling import SamplingParams
 
@@ -59,6 +60,17 @@ class ServingEngine(Protocol):
 
     def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None) -> tuple[list[int], PromptSegments]: ...
 
+    def prepare(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        segments: PromptSegments | None = None,
+        cache_salt: str = "",
+        max_tokens: int | None = None,
+    ) -> PreparedPrompt: ...
+
     def stream(
         self,
         prompt: str | None = None,
@@ -66,6 +78,7 @@ class ServingEngine(Protocol):
         messages: Sequence[dict] | None = None,
         prompt_ids: Sequence[int] | None = None,
         segments: PromptSegments | None = None,
+        prepared: PreparedPrompt | None = None,
         params: SamplingParams | None = None,
         cache_salt: str = "",
         **sampling: object,
@@ -77,6 +90,7 @@ class ServingEngine(Protocol):
         *,
         messages: Sequence[dict] | None = None,
         prompt_ids: Sequence[int] | None = None,
+        prepared: PreparedPrompt | None = None,
         cache_salt: str = "",
     ) -> ProbeResult: ...
 

@@ -129,7 +129,7 @@ def encode_input(engine: ServingEngine, *, messages: list[ChatMessage] | None = 
 
 
 def prepare_prompt(
-    engine: object, prompt_param: str, prompt_ids: list[int], segments: PromptSegments | None = None,
+    engine: ServingEngine, prompt_param: str, prompt_ids: list[int], segments: PromptSegments | None = None,
     cache_salt: str = "", max_tokens: int | None = None,
 ) -> PreparedPrompt:
     """`engine.prepare` of these ids; its refusal as a 400 with the engine's message and code.
