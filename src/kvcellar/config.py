@@ -75,6 +75,14 @@ DEFAULT_BLOCK_SIZE = {"cpu": 256, "mps": 256, "cuda": 2048}
 # Prefill chunk on a CPU without an exact-mode cache, for models whose layers are all full attention
 # (engine/prefill.py says why longer chunks are faster there and why not in exact mode).
 CPU_PREFILL_CHUNK_SIZE = 1024
+# How a prefill is cut into forward passes (engine/prefill.py): "fixed", the schedule aligned to position 0
+# that makes exact mode bit-identical by construction; "row-invariant", passes of up to the prefill chunk
+# starting at any block boundary, exact where the machine's kernels round a row alike in any pass of at least
+# ROW_INVARIANT_MIN_ROWS rows (checked at load, engine/invariance.py); "auto", row-invariant where it applies
+# (CPU, exact mode, only full-attention layers) and the check holds, else fixed.
+PREFILL_SCHEDULES = ("auto", "fixed", "row-invariant")
+# Fewer rows than this take other matrix kernels on the CPUs measured (docs/configuration.md).
+ROW_INVARIANT_MIN_ROWS = 16
 
 
 def default_block_size(device_type: str) -> int:
@@ -163,8 +171,9 @@ class EngineConfig:
     what makes a restored prefix bit-identical to a cold prefill
     (cache/layout.py). None: `CPU_PREFILL_CHUNK_SIZE` on a CPU without an
     exact-mode cache for models whose layers are all full attention, else
-    one block. `Engine.config` holds the values the engine resolved (a
-    concrete block size and chunk); device and dtype stay as asked.
+    one block. `prefill_schedule`: one of `PREFILL_SCHEDULES` (see there).
+    `Engine.config` holds the values the engine resolved (a concrete block
+    size, chunk and schedule); device and dtype stay as asked.
     """
 
     model: str
@@ -175,6 +184,7 @@ class EngineConfig:
     num_threads: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     prefill_chunk_size: int | None = None
+    prefill_schedule: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -188,6 +198,8 @@ class EngineConfig:
         if chunk is not None and (not is_int(chunk) or chunk < 1 or (self.block_size is not None and chunk % self.block_size)):
             shown = self.block_size if self.block_size is not None else "the device's default"
             raise ValueError(f"prefill_chunk_size must be a multiple of the block size ({shown}), got {chunk!r}")
+        if self.prefill_schedule not in PREFILL_SCHEDULES:
+            raise ValueError(f"prefill_schedule must be one of {', '.join(PREFILL_SCHEDULES)} (got {self.prefill_schedule!r})")
         if self.num_threads is not None and (not is_int(self.num_threads) or self.num_threads < 1):
             raise ValueError(f"num_threads must be >= 1 (got {self.num_threads!r})")
 

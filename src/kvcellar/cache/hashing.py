@@ -66,6 +66,9 @@ class NamespaceSpec:
     # Prefill chunk when longer than a block, under either reuse rule: K/V computed in longer chunks round
     # differently, so they live in a namespace of their own (None, one block, keeps the older digests).
     chunk_size: int | None = None
+    # The prefill schedule when it is not the fixed one ("row-invariant"): its attention runs in query
+    # pieces and rounds differently from the fixed schedule's (None keeps the older digests).
+    schedule: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_fingerprint, str) or not self.model_fingerprint:

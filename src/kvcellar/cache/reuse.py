@@ -1,8 +1,8 @@
 """Reuse rules: which cached state a namespace may restore, chosen once where its core is built.
 
 Operations: `ReuseRule` (the protocol a `PrefixCache` and the engine adapter
-consult), `NearReuse`, `ExactReuse`, `ChunkedExactReuse`, `reuse_rule(exact,
-capabilities, chunk_size)` (the one place that picks a rule), and
+consult), `NearReuse`, `ExactReuse`, `ChunkedExactReuse`, `RowInvariantExactReuse`,
+`reuse_rule(exact, capabilities, chunk_size, min_rows)` (the one place that picks a rule), and
 `full_chunks_end`, the prefill schedule's one rule.
 
 - `NearReuse` (CacheConfig.exact False): any state whose tokens match is good
@@ -15,6 +15,11 @@ capabilities, chunk_size)` (the one place that picks a rule), and
   schedule gets no extra cuts; generated tokens are not stored.
 - `ChunkedExactReuse`: exact reuse when the prefill runs chunks longer than a
   block. Only this rule knows the schedule (below) and "stepped" keys.
+- `RowInvariantExactReuse`: exact reuse over a row-invariant prefill, where a
+  token's K/V do not depend on the pass that computed them as long as every
+  pass has at least `min_rows` tokens (engine/prefill.py states when that
+  holds and how the engine checks it). Any block boundary is a restore point
+  that leaves `min_rows` or more tokens to compute; blocks have plain keys.
 
 The prefill schedule of an n-token prompt (engine/prefill.py runs it): chunks
 of `chunk_size` tokens aligned to absolute position 0 up to full_chunks_end(n)
@@ -130,13 +135,37 @@ class ChunkedExactReuse(ExactReuse):
         return hashing.hash_blocks(root, token_ids, block_size, self.stepped_from(len(token_ids)))
 
 
+@dataclass(frozen=True)
+class RowInvariantExactReuse(ExactReuse):
+    """Exact reuse over a prefill whose passes all have at least `min_rows` tokens (a short prompt: one pass)."""
+
+    min_rows: int
+
+    def __post_init__(self) -> None:
+        if self.min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {self.min_rows}")
+
+    def resumes_at(self, position: int, num_tokens: int) -> bool:
+        return num_tokens - position >= self.min_rows
+
+    def last_boundary(self, num_blocks: int, num_tokens: int, block_size: int) -> int:
+        return max(min(num_blocks, (num_tokens - self.min_rows) // block_size), 0)
+
+
 NEAR = NearReuse()
 EXACT = ExactReuse()
 
 
-def reuse_rule(exact: bool, capabilities: LayoutCapabilities, chunk_size: int | None = None) -> ReuseRule:
-    """The rule of a namespace: exact or near, over a prefill of `chunk_size`-token chunks (None: one block)."""
+def reuse_rule(
+    exact: bool, capabilities: LayoutCapabilities, chunk_size: int | None = None, min_rows: int | None = None
+) -> ReuseRule:
+    """The rule of a namespace: exact or near, over a prefill of `chunk_size`-token chunks (None: one block),
+    or, with `min_rows`, over the row-invariant prefill (exact mode only; then chunks are the engine's concern)."""
     block_size = capabilities.block_size
+    if min_rows is not None:
+        if not exact or capabilities.has_recurrent or capabilities.sliding_window is not None:
+            raise ValueError("the row-invariant prefill is an exact-mode schedule for models with only full attention")
+        return RowInvariantExactReuse(min_rows=min_rows)
     chunk = chunk_size or block_size
     if chunk % block_size:
         raise ValueError(f"the prefill chunk must be a multiple of block_size ({block_size}), got {chunk}")

@@ -16,6 +16,16 @@ materialize that mask, it runs two unmasked flash passes instead once 1K keys ar
 `_split_causal_cpu`). Every other case (sliding windows, padding, decode
 steps) goes through transformers' own code unchanged. Cold and cached
 prefills take the same path, so exact mode stays bit-identical.
+
+Query pieces (`use_query_pieces`, CPU, set by the engine for the row-invariant
+prefill schedule, engine/prefill.py): a prefill's queries are cut at absolute
+multiples of the piece (the cache block), and each piece [a, e) attends to
+keys [0, a) unmasked and to [a, e) causally, two flash passes merged as above.
+A piece is then computed the same way whichever forward pass it falls in, one
+pass over the whole prompt or a pass after a restored prefix: torch's CPU flash
+kernel tiles the queries of each call from the call's first row, with tile
+sizes chosen from the call's length, and rows rounded differently in
+differently sized tiles.
 """
 
 from __future__ import annotations
@@ -67,7 +77,39 @@ def _split_causal_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return torch.lerp(seen, own, torch.sigmoid(own_lse - seen_lse).unsqueeze(-1).to(seen.dtype))
 
 
+def _query_pieces_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                      piece: int) -> torch.Tensor:  # fmt: skip
+    """Causal attention of the last q of kv positions, in query pieces cut at absolute multiples of `piece`.
+
+    query [B, H, q, D], key/value [B, H_kv, kv, D] (the cached prefix, then the chunk's own).
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    num_keys = key.shape[2]
+    offset = num_keys - query.shape[2]
+    outputs = []
+    start = offset
+    while start < num_keys:
+        end = min((start // piece + 1) * piece, num_keys)
+        rows = query[:, :, start - offset : end - offset]
+        own, own_lse = flash(rows, key[:, :, start:end], value[:, :, start:end], 0.0, True, scale=scale)
+        if start > 0:
+            seen, seen_lse = flash(rows, key[:, :, :start], value[:, :, :start], 0.0, False, scale=scale)
+            own = torch.lerp(seen, own, torch.sigmoid(own_lse - seen_lse).unsqueeze(-1).to(seen.dtype))
+        outputs.append(own)
+        start = end
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def use_query_pieces(model: torch.nn.Module, piece: int | None) -> None:
+    """Cut prefill queries at absolute multiples of `piece` (None: one SDPA call per pass, as before)."""
+    model.config.kvcellar_query_piece = piece
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    piece = getattr(module.config, "kvcellar_query_piece", None)
+    plain_causal = attention_mask is None or isinstance(attention_mask, CausalBias)
+    if piece and plain_causal and query.shape[2] > 1 and query.device.type == "cpu" and dropout == 0.0:
+        return _query_pieces_cpu(query, key, value, scaling, piece).transpose(1, 2).contiguous(), None
     if not isinstance(attention_mask, CausalBias):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.device.type == "cpu" and dropout == 0.0 and key.shape[2] - query.shape[2] >= SPLIT_FROM_CACHED_KEYS:

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from kvcellar.config import EngineConfig
+from kvcellar.config import ROW_INVARIANT_MIN_ROWS, EngineConfig
 from kvcellar.cache.report import CacheReport, ProbeResult, cache_report, namespace_report
 from kvcellar.cache.registry import CacheRegistry, DrainReport
 from kvcellar.cache.tier import check_known_tier
 from kvcellar.kv.wiring import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
-from kvcellar.engine.prefill import chunk_size_for
+from kvcellar.engine.schedule import choose_schedule
 from kvcellar.engine.prepared import PreparedPrompt, PromptLimits
 from kvcellar.engine.prompt import encode_chat, encode_text
 from kvcellar.engine.request import GenerationRequest, GenerationResult, PromptSegments
@@ -53,14 +53,15 @@ class Engine:
         config = config.with_block_size(self.loaded.device.type)
         exact = config.cache.enabled and config.cache.exact
         layout = inspect_layout(self.loaded.model.config)
-        chunk = chunk_size_for(config.prefill_chunk_size, config.block_size, layout, self.loaded.device.type, exact)
-        self.config = config = replace(config, prefill_chunk_size=chunk)  # as resolved, like block_size
+        schedule, chunk = choose_schedule(self.loaded.model, config, layout, self.loaded.device.type)
+        self.config = config = replace(config, prefill_chunk_size=chunk, prefill_schedule=schedule)  # as resolved
         self.prefix_cache, self.cache_registry = build_prefix_cache(
             self.loaded.model.config, layout, self.loaded.device, self.loaded.dtype, self.loaded.fingerprint, config
         )
         # The one rule for what prompt runs (the server checks through it too): the embedding's rows are the vocabulary.
         self.limits = PromptLimits(self.loaded.context_length, self.loaded.model.get_input_embeddings().num_embeddings)
-        self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk))
+        min_rows = ROW_INVARIANT_MIN_ROWS if schedule == "row-invariant" else None
+        self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows))
         # An engine nobody closed is closed at interpreter exit: the worker thread stops before torch
         # tears down (else the process may abort), and queued disk writes are flushed.
         self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry, config.cache.drain_timeout_s)

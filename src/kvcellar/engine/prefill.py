@@ -20,6 +20,21 @@ prefilled one at a time since its last whole chunk are prefilled again, as
 part of one chunk: every token of a growing chat is computed about twice.
 That costs a chat or an agent loop far more than long chunks gain a cold
 prompt (`kvcellar bench --scenarios chat,agent`; docs/benchmarks.md).
+
+The row-invariant schedule (exact mode on CPU, models with only full
+attention; `invariant_chunk_ends`): a pass may start at any block boundary
+and run up to `chunk_size` tokens, as long as it has at least `min_rows`
+tokens. Why that is exact: every operation of such a model computes a token's
+row alone (norms, rotary, activations, linear layers), except attention,
+which the engine then cuts into query pieces at absolute block multiples
+(engine/attention.py). The CPU's matrix kernels round a row the same way in
+any pass of `min_rows` rows or more (fewer rows take other kernels), so a
+block's K/V and the last token's logits are bit for bit those of one pass
+over the whole prompt. That property belongs to the machine's math library,
+so the engine checks it when it loads (engine/invariance.py) and keeps the
+block schedule where it does not hold. What it buys: a cold prompt prefills
+in passes of `chunk_size`, and a chat or an agent loop still restores at
+every block boundary.
 """
 
 from __future__ import annotations
@@ -89,6 +104,21 @@ def chunk_ends(start: int, end: int, block_size: int, extra_cuts: Iterable[int] 
     return sorted(ends)
 
 
+def invariant_chunk_ends(start: int, end: int, chunk_size: int, min_rows: int) -> list[int]:
+    """Chunk ends in (start, end] for the row-invariant schedule: at multiples of `chunk_size`, then `end`,
+    with no chunk shorter than `min_rows` (a short one is merged into the next; only a whole range
+    shorter than `min_rows` is one short chunk)."""
+    ends: list[int] = []
+    position = start
+    for cut in [*range((start // chunk_size + 1) * chunk_size, end, chunk_size), end]:
+        if cut - position >= min_rows or cut == end:
+            if cut == end and ends and cut - position < min_rows:
+                ends.pop()  # the last chunk would be short: the one before runs on to the end
+            ends.append(cut)
+            position = cut
+    return ends
+
+
 @torch.inference_mode()
 def prefill(
     model: torch.nn.Module,
@@ -100,16 +130,22 @@ def prefill(
     on_chunk_end: ChunkHook | None = None,
     is_cancelled: Callable[[], bool] = lambda: False,
     chunk_size: int | None = None,
+    min_rows: int | None = None,
 ) -> torch.Tensor | None:
     """Run tokens [start, len) through `model` into `cache`; return the next-token logits ([vocab]).
 
-    `token_ids` is a 1-D tensor on the model's device holding the whole prompt.
+    `token_ids` is a 1-D tensor on the model's device holding the whole prompt. With `min_rows`, the
+    row-invariant schedule (`invariant_chunk_ends`; no extra cuts), else the fixed one (`chunk_ends`).
     Returns None when cancelled between chunks. Chunks before the last skip the LM head.
     """
     logits = None
     position = start
     num_tokens = token_ids.shape[0]
-    for end in chunk_ends(start, num_tokens, block_size, extra_cuts, chunk_size):
+    if min_rows is not None:
+        ends = invariant_chunk_ends(start, num_tokens, chunk_size or block_size, min_rows)
+    else:
+        ends = chunk_ends(start, num_tokens, block_size, extra_cuts, chunk_size)
+    for end in ends:
         if is_cancelled():
             return None
         keep = 1 if end == num_tokens else _NO_LOGITS.to(token_ids.device)

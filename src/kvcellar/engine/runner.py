@@ -16,7 +16,7 @@ import torch
 from kvcellar.engine.heap import trim_heap
 from kvcellar.engine.loader import LoadedModel
 from kvcellar.engine.prefill import cache_argument, prefill
-from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache, Restored
+from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache, PendingRestore, Restored
 from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
 from kvcellar.engine.sampling import Sampler
 from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
@@ -27,12 +27,14 @@ from kvcellar.kv.growing_layer import new_cache
 
 class RequestRunner:
     def __init__(
-        self, loaded: LoadedModel, prefix_cache: ModelPrefixCache | DisabledPrefixCache, block_size: int, chunk_size: int
+        self, loaded: LoadedModel, prefix_cache: ModelPrefixCache | DisabledPrefixCache, block_size: int, chunk_size: int,
+        min_rows: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.prefix_cache = prefix_cache
         self.block_size = block_size
         self.chunk_size = chunk_size  # prefill chunk, a multiple of block_size (engine/prefill.py)
+        self.min_rows = min_rows  # set: the row-invariant schedule (engine/prefill.py), else the fixed one
         self._eos_ids = loaded.eos_token_ids
         # CUDA's caching allocator already reuses freed blocks (and could lend them to other tensors).
         self.kv_buffers = KvBufferPool() if loaded.device.type == "cpu" else None
@@ -58,7 +60,7 @@ class RequestRunner:
         for _ in range(2):
             cache = new_cache(self.loaded.model.config, length, None)  # throwaway: never the pool's buffers
             started = time.perf_counter()
-            prefill(self.loaded.model, cache, ids, 0, self.block_size, chunk_size=self.chunk_size)
+            prefill(self.loaded.model, cache, ids, 0, self.block_size, chunk_size=self.chunk_size, min_rows=self.min_rows)
             if self.loaded.device.type == "cuda":
                 torch.cuda.synchronize(self.loaded.device)
         self.prefix_cache.record_prefill(length, time.perf_counter() - started)
@@ -81,29 +83,37 @@ class RequestRunner:
         timings: Timings,
     ) -> GenerationResult:
         started = time.perf_counter()
-        restored, logits = self.prefill_prompt(request, is_cancelled, timings)
-        cache = restored.cache
-        prompt = request.prompt_ids
-
+        pending = self._lookup(request, timings)
+        # A whole-prompt hit with its logits needs no forward before the first token: it is sampled and
+        # streamed first, and the K/V are copied only when the second token needs a forward.
+        prompt_state = _PromptState(lambda: self._restore_and_prefill(pending, request, is_cancelled, timings))
+        logits = pending.logits if pending.logits is not None else prompt_state.logits()
         generated: list[int] = []
         text_parts: list[str] = []
         finish = "cancelled"
-        if logits is not None:
-            finish = self._decode(request, cache, logits, generated, text_parts, emit, is_cancelled, timings, started)
+        try:
+            if logits is not None:
+                finish = self._decode(request, prompt_state, logits, generated, text_parts, emit, is_cancelled,
+                                      timings, started)  # fmt: skip
+        finally:
+            pending.release()  # held entries not restored (answered from the stored logits alone) are let go
+        restored = prompt_state.restored
         timings.total_s = time.perf_counter() - started
         result = GenerationResult(
             text="".join(text_parts),
             token_ids=tuple(generated),
             finish_reason=finish,
-            num_prompt_tokens=len(prompt),
-            num_cached_tokens=restored.num_tokens,
-            cached_tokens_by_tier=restored.tokens_by_tier,
+            num_prompt_tokens=len(request.prompt_ids),
+            num_cached_tokens=restored.num_tokens if restored is not None else pending.num_tokens,
+            cached_tokens_by_tier=restored.tokens_by_tier if restored is not None else pending.tokens_by_tier,
             timings=timings,
         )
         # Only after a normal end: nothing reads this cache's K/V any more (an exception's traceback
         # could still hold views of it, so a failed request's buffers are simply freed).
         # A prefill cancelled part-way left only some of the prompt's blocks: vouch for none.
-        self.keep_buffers(cache, request.prompt.block_keys if logits is not None else ())
+        if restored is not None:
+            complete = prompt_state.logits() is not None
+            self.keep_buffers(restored.cache, request.prompt.block_keys if complete else ())
         return result
 
     def keep_buffers(self, cache: object, block_keys: Sequence[bytes]) -> None:
@@ -123,12 +133,27 @@ class RequestRunner:
     ) -> tuple[Restored, torch.Tensor | None]:
         """Restore the longest cached prefix, prefill the rest; returns the cache state and next-token logits."""
         timings = timings if timings is not None else Timings()
+        return self._restore_and_prefill(self._lookup(request, timings), request, is_cancelled, timings)
+
+    def _lookup(self, request: GenerationRequest, timings: Timings) -> PendingRestore:
+        with self.prefix_cache.computing():
+            pending = self.prefix_cache.lookup(list(request.prompt_ids), request.prompt.block_keys, request.cache_salt)
+        timings.lookup_s = pending.lookup_s
+        return pending
+
+    def _restore_and_prefill(
+        self, pending: PendingRestore, request: GenerationRequest, is_cancelled: Callable[[], bool], timings: Timings
+    ) -> tuple[Restored, torch.Tensor | None]:
+        """Copy the held entries into the request's cache, then prefill the rest of the prompt.
+
+        Returns the cache and the prompt's next-token logits (None when cancelled part-way).
+        """
         prompt = list(request.prompt_ids)
         capacity = min(len(prompt) + request.params.max_tokens, self.loaded.context_length)
         # Background disk writes step aside until the first token: restore and prefill are what TTFT is made of.
         with self.prefix_cache.computing():
-            restored = self.prefix_cache.restore(prompt, request.prompt.block_keys, request.cache_salt, capacity, self.kv_buffers)
-            timings.lookup_s, timings.restore_s = restored.lookup_s, restored.restore_s
+            restored = pending.build(capacity, self.kv_buffers)
+            timings.restore_s = restored.restore_s
             timings.num_resident_tokens = restored.num_resident_tokens
             started = time.perf_counter()
             logits = restored.logits
@@ -146,7 +171,7 @@ class RequestRunner:
 
                 cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
                 logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts,
-                                 on_chunk_end, is_cancelled, self.chunk_size)  # fmt: skip
+                                 on_chunk_end, is_cancelled, self.chunk_size, self.min_rows)  # fmt: skip
         if self.loaded.device.type == "cuda":  # kernels run behind the CPU: wait, so prefill_s is the true time
             torch.cuda.synchronize(self.loaded.device)  # (free: sampling the first token waits for them anyway)
         timings.prefill_s = time.perf_counter() - started
@@ -154,14 +179,18 @@ class RequestRunner:
         self.prefix_cache.record_prefill(timings.num_prefill_tokens, timings.prefill_s)
         return restored, logits
 
-    def _decode(self, request, cache, logits, generated, text_parts, emit, is_cancelled, timings, started) -> str:
-        """Sample until eos, a stop string, max_tokens or the context end; returns the finish reason."""
+    def _decode(self, request, prompt_state, logits, generated, text_parts, emit, is_cancelled, timings, started) -> str:
+        """Sample until eos, a stop string, max_tokens or the context end; returns the finish reason.
+
+        Every sampled token is emitted (its text may be empty while a character or a stop string is
+        held back), so a client sees each token, the first one included, when it is made.
+        """
         params = request.params
         sampler = Sampler(params)
         detokenizer = IncrementalDetokenizer(self.loaded.tokenizer, request.prompt_ids)
         stops = StopStringMatcher(params.stop)
         sequence = list(request.prompt_ids)
-        generated_capture = self.prefix_cache.decode_capture(sequence, request.prompt.block_keys, cache, request.cache_salt)
+        cache = generated_capture = None
         budget = min(params.max_tokens, self.loaded.context_length - len(sequence))
         decode_started = time.perf_counter()
         finish = "length"
@@ -177,13 +206,20 @@ class RequestRunner:
             match = stops.push(detokenizer.push(token))
             if match.text:
                 text_parts.append(match.text)
-                emit(StreamEvent(text=match.text, token_id=token))
+            emit(StreamEvent(text=match.text, token_id=token))
             if match.stopped:
                 finish = "stop"
                 break
             if len(generated) >= budget or is_cancelled():
                 finish = "length" if len(generated) >= budget else "cancelled"
                 break
+            if cache is None:  # the first forward: the prompt's K/V must be in place (a deferred restore runs now)
+                if prompt_state.logits() is None:
+                    finish = "cancelled"
+                    break
+                cache = prompt_state.restored.cache
+                generated_capture = self.prefix_cache.decode_capture(sequence, request.prompt.block_keys, cache,
+                                                                     request.cache_salt)  # fmt: skip
             output = self.loaded.model(
                 input_ids=torch.tensor([[token]], device=self.loaded.device), **cache_argument(self.loaded.model, cache),
                 use_cache=True,
@@ -203,3 +239,18 @@ class RequestRunner:
         if generated_capture is not None:
             generated_capture.finish(sequence)
         return finish
+
+
+class _PromptState:
+    """The prompt's cache and logits, made by `make` on first use (restore + prefill), at most once."""
+
+    def __init__(self, make: Callable[[], tuple[Restored, torch.Tensor | None]]) -> None:
+        self._make = make
+        self.restored: Restored | None = None
+        self._logits: torch.Tensor | None = None
+
+    def logits(self) -> torch.Tensor | None:
+        """The next-token logits after the prompt (None: the prefill was cancelled part-way)."""
+        if self.restored is None:
+            self.restored, self._logits = self._make()
+        return self._logits

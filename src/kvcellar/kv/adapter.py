@@ -1,7 +1,8 @@
 """The prefix cache as the engine sees it: restore before prefill, capture during it.
 
 Operations: `ModelPrefixCache.block_keys` (once per request: every later call
-takes the keys it returned), `.restore`, `.probe`, `.checkpoint_positions`,
+takes the keys it returned), `.restore`, `.lookup` (a `PendingRestore`: a hit's
+logits at once, its K/V copied only by `build`), `.probe`, `.checkpoint_positions`,
 `.capture_prompt_hook`, `.decode_capture` (generated tokens, where the reuse
 rule stores them), and `DisabledPrefixCache`, the null object used when
 caching is off or the model's cache cannot be restored (no `if enabled`
@@ -47,6 +48,55 @@ class Restored:
     num_resident_tokens: int = 0  # of num_tokens, adopted in place from the last request's buffers
 
 
+class PendingRestore:
+    """A lookup's entries, held (pinned) until `build` copies them into a cache or `release` lets them go.
+
+    `build` at most once; `release` after it (or twice) is a no-op, so a `finally` may call it.
+    `logits`: the prompt's next-token logits when the whole prompt was found with them (then no
+    forward is needed before the first token), else None.
+    """
+
+    def __init__(self, owner: ModelPrefixCache | None, core: PrefixCache | None, match: Match | None,
+                 logits: torch.Tensor | None, lookup_s: float) -> None:  # fmt: skip
+        self._owner = owner
+        self.core = core
+        self.match = match
+        self.logits = logits
+        self.lookup_s = lookup_s
+        self.num_tokens = match.num_tokens if match is not None else 0
+        self.tokens_by_tier = dict(match.tokens_by_tier) if match is not None else {}
+        self._open = True
+
+    def build(self, capacity: int, pool: KvBufferPool | None) -> Restored:
+        """The cache standing at `num_tokens` (at 0 if the entries did not fit: they are then discarded)."""
+        self._close()
+        return self._owner._build(self, capacity, pool)
+
+    def release(self) -> None:
+        """Let the entries go without restoring them (the request needed no forward)."""
+        if self._open:
+            self._open = False
+            if self.core is not None:
+                self.core.release(self.match)
+
+    def _close(self) -> None:
+        if not self._open:
+            raise RuntimeError("a pending restore is built once, and not after its release")
+        self._open = False
+
+
+class _MissedRestore(PendingRestore):
+    """The disabled cache's lookup: nothing held, a fresh cache."""
+
+    def __init__(self, config: object) -> None:
+        super().__init__(None, None, None, None, 0.0)
+        self._config = config
+
+    def build(self, capacity: int, pool: KvBufferPool | None) -> Restored:
+        self._close()
+        return Restored(new_cache(self._config, capacity, pool), 0)
+
+
 class DisabledPrefixCache:
     """Null object: every lookup misses, nothing is stored."""
 
@@ -60,7 +110,10 @@ class DisabledPrefixCache:
         self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "", capacity: int = 0,
         pool: KvBufferPool | None = None,
     ) -> Restored:
-        return Restored(new_cache(self._config, capacity, pool), 0)
+        return self.lookup(token_ids, block_keys, salt).build(capacity, pool)
+
+    def lookup(self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "") -> PendingRestore:
+        return _MissedRestore(self._config)
 
     def checkpoint_positions(self, token_ids: Sequence[int], segments: PromptSegments) -> list[int]:
         return []
@@ -128,12 +181,32 @@ class ModelPrefixCache:
         The K/V buffers come from `pool` (the CPU runner's; None: fresh allocations), which may still
         hold the last request's K/V of this prompt's leading blocks: those are adopted in place.
         """
+        return self.lookup(token_ids, block_keys, salt).build(capacity, pool)
+
+    def lookup(self, token_ids: Sequence[int], block_keys: Sequence[BlockHash], salt: str = "") -> PendingRestore:
+        """Find the longest restorable prefix and hold its entries; nothing is copied into a cache yet.
+
+        When the whole prompt is cached with its next-token logits, `PendingRestore.logits` has them at
+        once: the first token can be sampled before the K/V are copied (`build`), or without them at all.
+        """
         core = self._core_for_salt(salt)
         started = time.perf_counter()
         match = core.lookup(token_ids, block_keys=block_keys, planner=self._planner)
         looked_up = time.perf_counter()
         for tier_name, seconds in match.load_s_by_tier.items():
             self.cost_model.record_load(tier_name, match.loaded_bytes_by_tier.get(tier_name, 0), seconds)
+        logits = None
+        if match.use_logits:
+            try:
+                logits = match.payload_of(match.tail).logits.to(self._device)
+            except BaseException:
+                core.release(match)
+                raise
+        return PendingRestore(self, core, match, logits, looked_up - started)
+
+    def _build(self, pending: PendingRestore, capacity: int, pool: KvBufferPool | None) -> Restored:
+        core, match = pending.core, pending.match
+        started = time.perf_counter()
         try:
             payloads = [match.payload_of(entry) for entry in match.entries]
             for payload in payloads:
@@ -146,14 +219,13 @@ class ModelPrefixCache:
                 # A payload that does not fit this model is a mismatch: evict exactly it and run cold.
                 log.warning("cached state did not fit (%s); discarding it and recomputing", exc)
                 self._discard_suspects(core, match)
-                return Restored(new_cache(self._config, capacity, pool), 0, lookup_s=looked_up - started)
-            logits = match.payload_of(match.tail).logits.to(device) if match.use_logits else None
+                return Restored(new_cache(self._config, capacity, pool), 0, lookup_s=pending.lookup_s)
         finally:
             core.release(match)
         if device.type == "cuda":  # the copies run behind the CPU: wait, so restore_s is their true time
             torch.cuda.synchronize(device)
-        return Restored(cache, match.num_tokens, logits, dict(match.tokens_by_tier), looked_up - started,
-                        time.perf_counter() - looked_up, resident)
+        return Restored(cache, match.num_tokens, pending.logits, dict(match.tokens_by_tier), pending.lookup_s,
+                        time.perf_counter() - started, resident)
 
     def _resident_tokens(self, match: Match, capacity: int, pool: KvBufferPool | None) -> int:
         """Leading tokens of `match` whose K/V `pool`'s buffers still hold from the last request."""

@@ -102,7 +102,8 @@ class KvBufferPool:
 
     def resident_blocks(self, keys: Sequence[bytes], capacity: int) -> int:
         """How many leading `keys` the pooled buffers hold in place; 0 unless they fit `capacity` tokens."""
-        if not self._resident or any(not _fits_here(b, capacity) for b in self._free.values()):
+        # Empty: a request that adopted them has not given them back (it may have ended without `give_back`).
+        if not self._resident or not self._free or any(not _fits_here(b, capacity) for b in self._free.values()):
             return 0
         count = 0
         for held, wanted in zip(self._resident, keys):

@@ -27,7 +27,7 @@ from kvcellar.cache.cost_model import CostModel
 from kvcellar.cache.observer import LoggingObserver
 from kvcellar.cache.tier import BackgroundHelper, PersistentTier, Tier
 from kvcellar.cache.reuse import reuse_rule
-from kvcellar.config import CacheConfig, EngineConfig
+from kvcellar.config import ROW_INVARIANT_MIN_ROWS, CacheConfig, EngineConfig
 from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache
 from kvcellar.kv.layout import LAYOUT_VERSION, ModelLayout
 from kvcellar.kv.pinned import PinnedReserve, payload_mover, pinned_admission
@@ -47,6 +47,7 @@ def build_prefix_cache(
         reason = "disabled by configuration" if not cache_config.enabled else layout.uncacheable_reason
         return DisabledPrefixCache(model_config), CacheRegistry(None, None, uncacheable_reason=reason)
     chunk = config.prefill_chunk_size or config.block_size
+    row_invariant = config.prefill_schedule == "row-invariant"  # as the engine resolved it
     spec = NamespaceSpec(
         model_fingerprint=fingerprint,
         dtype=str(dtype).removeprefix("torch."),
@@ -55,9 +56,10 @@ def build_prefix_cache(
         exact=cache_config.exact,
         tenant_salt=cache_config.tenant_salt,
         chunk_size=chunk if chunk > config.block_size else None,  # None keeps the digests of one-block chunks
+        schedule="row-invariant" if row_invariant else None,
     )
     capabilities = layout.capabilities(config.block_size)
-    reuse = reuse_rule(cache_config.exact, capabilities, chunk)
+    reuse = reuse_rule(cache_config.exact, capabilities, chunk, ROW_INVARIANT_MIN_ROWS if row_invariant else None)
     tiers, helpers = _build_tiers(device, layout, cache_config, config.block_size)
     write_through = ("disk",) if any(tier.name == "disk" for tier in tiers) else ()
     registry = CacheRegistry(

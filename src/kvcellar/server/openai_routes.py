@@ -96,8 +96,8 @@ async def _stream_chunks(header: tuple, events: AsyncIterator[StreamEvent], incl
             async for event in events:
                 if event.result is not None:
                     result = event.result
-                elif event.text:
-                    yield sse(chunk_body(*header, event.text))
+                elif event.text or event.token_id is not None:  # one chunk per token, as OpenAI's and vLLM's
+                    yield sse(chunk_body(*header, event.text))  # (empty while a character is incomplete)
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
             yield sse(error_body(500, f"generation failed ({type(exc).__name__}: {exc})"))
             return

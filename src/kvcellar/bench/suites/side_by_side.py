@@ -112,7 +112,8 @@ class Server:
                 chunk = json.loads(line[5:])
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                if any(choice.get("text") for choice in chunk.get("choices") or []):
+                # A token's chunk, with or without text (a random-weight model's tokens often decode to none).
+                if any(choice.get("text") or choice.get("finish_reason") is None for choice in chunk.get("choices") or []):
                     stamps.append(time.perf_counter() - started)
         finally:
             conn.close()
