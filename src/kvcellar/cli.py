@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from kvcellar.config import (CPU_PREFILL_CHUNK_SIZE, DEFAULT_BLOCK_SIZE, LOG_LEVELS, CacheConfig, EngineConfig, ServerSettings,
+from kvcellar.config import (CPU_PREFILL_CHUNK_SIZE, DEFAULT_BLOCK_SIZE, LOG_LEVELS, PREFILL_SCHEDULES, CacheConfig, EngineConfig, ServerSettings,
                              parse_size, size_text)  # fmt: skip
 from kvcellar.errors import KvcellarError
 
@@ -97,6 +97,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help=f"tokens per prefill forward pass, a multiple of the block size (default: one block; "
                             f"{CPU_PREFILL_CHUNK_SIZE} on CPU with --no-exact or --no-cache, for models with only "
                             "full-attention layers)")
+    group.add_argument("--prefill-schedule", choices=PREFILL_SCHEDULES, default=_env("prefill_schedule", _ENGINE["prefill_schedule"]),
+                       help="how a prefill is cut into forward passes: row-invariant (long passes, exact at every block "
+                            "boundary; CPU, full-attention models, checked at start), fixed (aligned to position 0), or "
+                            f"auto: row-invariant where it applies (default: {_ENGINE['prefill_schedule']})")
     group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch (default: torch's)")
     group.add_argument("--device-cache-size", default=_env("device_cache_size", size_text(_CACHE.device_cache_bytes)),
                        help=f"byte budget of the in-memory tier, e.g. 512M, 4G (default: {size_text(_CACHE.device_cache_bytes)})")
@@ -152,7 +156,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     )
     threads = int(args.threads) if args.threads is not None else None
     return EngineConfig(model, device=args.device, dtype=args.dtype, block_size=args.block_size, num_threads=threads,
-                        cache=cache, prefill_chunk_size=args.prefill_chunk_size)  # fmt: skip
+                        cache=cache, prefill_chunk_size=args.prefill_chunk_size,
+                        prefill_schedule=args.prefill_schedule)  # fmt: skip
 
 
 def _server_settings(args: argparse.Namespace) -> ServerSettings:

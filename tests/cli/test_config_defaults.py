@@ -78,6 +78,7 @@ EXPECTED = {
     "--host-tier": _on_off(CACHE.use_host_tier),
     "--tail-cache-entries": str(CACHE.max_partial_entries),
     "--exact": _on_off(CACHE.exact),
+    "--prefill-schedule": f"`{ENGINE.prefill_schedule}`",
     "--no-cache": _on_off(not CACHE.enabled),
     "--log-level": f"`{SERVER.log_level}`",
     "--host": f"`{SERVER.host}`",

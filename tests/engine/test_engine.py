@@ -60,14 +60,20 @@ def test_prefill_chunk_defaults_to_1024_on_cpu_only_for_full_attention_models(en
     assert {arch: engines[arch].config.prefill_chunk_size for arch in ARCHS} == {"qwen3": 1024, "gemma3": 16, "qwen3_5": 16}
 
 
-@pytest.mark.parametrize(("cache", "chunk"), [(CacheConfig(exact=True), 16), (CacheConfig(exact=False), 1024)])
-def test_an_exact_cache_prefills_one_block_per_chunk_by_default(tiny_model_dirs, cache, chunk):
-    # Exact mode reuses only on-schedule state; chunks longer than a block would make a growing chat
-    # prefill again what it had prefilled block by block, at each chunk boundary it crosses.
-    engine = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=16, cache=cache)
+@pytest.mark.parametrize(("cache", "schedule", "chunk", "resolved"), [
+    (CacheConfig(exact=True), "fixed", 16, "fixed"),
+    (CacheConfig(exact=True), "auto", 1024, "row-invariant"),
+    (CacheConfig(exact=False), "auto", 1024, "fixed"),
+])  # fmt: skip
+def test_an_exact_cache_prefills_one_block_per_chunk_on_the_fixed_schedule(tiny_model_dirs, cache, schedule, chunk, resolved):
+    # On the fixed schedule exact mode reuses only on-schedule state; chunks longer than a block would make a
+    # growing chat prefill again what it had prefilled block by block, at each chunk boundary it crosses.
+    # The row-invariant schedule (the CPU default for full-attention models) has no such boundaries.
+    engine = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=16, cache=cache, prefill_schedule=schedule)
     try:
-        assert engine.config.prefill_chunk_size == chunk
-        explicit = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=16, cache=cache, prefill_chunk_size=64)
+        assert (engine.config.prefill_chunk_size, engine.config.prefill_schedule) == (chunk, resolved)
+        explicit = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=16, cache=cache, prefill_chunk_size=64,
+                               prefill_schedule=schedule)  # fmt: skip
         explicit.close()
         assert explicit.config.prefill_chunk_size == 64  # a chunk asked for is kept in either mode
     finally:

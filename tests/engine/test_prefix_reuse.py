@@ -26,8 +26,8 @@ WORDS = ["cache", "prefix", "token", "block", "layer", "window", "state", "the",
 NON_EXACT_ATOL = 1e-4
 
 
-def _pair(model_dir, exact=True, dtype="auto", chunk=BLOCK):
-    options = {"block_size": BLOCK, "dtype": dtype, "prefill_chunk_size": chunk}
+def _pair(model_dir, exact=True, dtype="auto", chunk=BLOCK, schedule="auto"):
+    options = {"block_size": BLOCK, "dtype": dtype, "prefill_chunk_size": chunk, "prefill_schedule": schedule}
     warm = Engine.load(str(model_dir), cache=CacheConfig(exact=exact), **options)
     cold = Engine.load(str(model_dir), cache=CacheConfig(enabled=False), **options)
     return warm, cold
@@ -36,7 +36,7 @@ def _pair(model_dir, exact=True, dtype="auto", chunk=BLOCK):
 @pytest.fixture(scope="module")
 def exact_pairs(tiny_model_dirs):
     pairs = {arch: _pair(tiny_model_dirs[arch]) for arch in ARCHS}
-    pairs[CHUNKED] = _pair(tiny_model_dirs["qwen3"], chunk=CHUNK)
+    pairs[CHUNKED] = _pair(tiny_model_dirs["qwen3"], chunk=CHUNK, schedule="fixed")  # stepped keys: the fixed schedule
     yield pairs
     for warm, cold in pairs.values():
         warm.close()

@@ -17,7 +17,9 @@ SYSTEM = "You are a careful assistant. " * 12
 @pytest.fixture(scope="module")
 def engine(tiny_model_dirs):
     # Exact mode: one block per prefill chunk and no message-boundary checkpoints, so the entries are countable.
-    loaded = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=BLOCK, cache=CacheConfig(exact=True))
+    # The fixed schedule: one block per pass, so a cancel between passes is easy to place.
+    loaded = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=BLOCK, cache=CacheConfig(exact=True),
+                         prefill_schedule="fixed")  # fmt: skip
     yield loaded
     loaded.close()
 

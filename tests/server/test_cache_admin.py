@@ -90,6 +90,7 @@ def test_stats_have_cumulative_counters_and_windows(server, unique):
     assert after["model"] == server.model and after["queue_depth"] == 0
     health = server.get("/health").json()
     assert health["block_size"] > 0 and health["prefill_chunk_size"] % health["block_size"] == 0
+    assert health["prefill_schedule"] in ("fixed", "row-invariant")
 
 
 def _metric(text: str, name: str) -> float:

@@ -76,7 +76,8 @@ class EngineMode:
             changes["cache_dir"] = str(Path(spec["cache_dir"]) / self.cache_subdir)
         engine = Engine(dataclasses.replace(config.engine, cache=dataclasses.replace(cache, **changes)))
         info = {"tiers": engine.tier_names, "cache_dir": changes.get("cache_dir"), **_where(engine.loaded),
-                "prefill_chunk_size": engine.config.prefill_chunk_size}  # fmt: skip
+                "prefill_chunk_size": engine.config.prefill_chunk_size,
+                "prefill_schedule": engine.config.prefill_schedule}  # fmt: skip
         if self.needs_tier is not None and self.needs_tier not in engine.tier_names:
             EngineTarget(engine, 1).close()
             why = {"disk": "a disk tier needs a cache folder and an engine built with it",
