@@ -150,3 +150,12 @@ def test_token_counts_take_k_suffixes_and_refuse_words(captured, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "prefix-cache", "--lengths", "two"])
     assert "write token counts separated by commas" in capsys.readouterr().err
+
+
+def test_side_by_side_table_writes_tiny_ratios_as_how_many_times_less():
+    rounds = [{"a": {"cold": 1.0, "exact repeat": 0.004, "extension": 1.2, "shared 3/4": 1.0, "decode": 4.0},
+               "b": {"cold": 2.0, "exact repeat": 8.0, "extension": 1.2, "shared 3/4": 1.0, "decode": 8.0}}]  # fmt: skip
+    table = side_by_side.table_text(["a", "b"], rounds, 2048)
+    assert "| cold | 1.000 s" in table and "| 0.50x |" in table
+    assert "| 2000x less |" in table  # 0.004 / 8: not "0.00x"
+    assert "| 1.00x |" in table and table.count("\n") == 6

@@ -14,6 +14,7 @@ prompt P of `length` ids, the same ids for every target:
 | cold | P, 1 token | time to first token |
 | exact repeat | P again, 16 tokens | time to first token |
 | extension | P + 64 new ids, 1 token | time to first token |
+| shared 3/4 | P's first 3/4, then as many new ids, 1 token | time to first token |
 | decode | P + 64 again, `decode_tokens` tokens | tokens/s from the first to the last token |
 
 A warm-up request (other ids) goes to each target first. The seed defaults
@@ -38,7 +39,7 @@ from kvcellar.bench.progress import log
 from kvcellar.bench.scenarios import make_ids
 
 EXTENSION_TOKENS, REPEAT_TOKENS, WARM_UP_TOKENS = 64, 16, 256
-ROWS = ("cold", "exact repeat", "extension", "decode")
+ROWS = ("cold", "exact repeat", "extension", "shared 3/4", "decode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +113,9 @@ class Server:
                 chunk = json.loads(line[5:])
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                # A token's chunk, with or without text (a random-weight model's tokens often decode to none).
-                if any(choice.get("text") or choice.get("finish_reason") is None for choice in chunk.get("choices") or []):
+                # Every chunk with a choice: a token's, with or without text (a random-weight model's tokens often
+                # decode to none), or the closing one (vLLM sends the last token in it; kvcellar right after it).
+                if chunk.get("choices"):
                     stamps.append(time.perf_counter() - started)
         finally:
             conn.close()
@@ -124,20 +126,22 @@ class Server:
         return {"ttft_s": stamps[0], "last_s": stamps[-1], "tokens": tokens, "cached_tokens": cached}
 
 
-def run_round(servers: list[Server], prompt: list[int], extension: list[int], decode_tokens: int, order: list[int]) -> dict:
+def run_round(
+    servers: list[Server], prompt: list[int], extension: list[int], branch: list[int], decode_tokens: int, order: list[int]
+) -> dict:
+    """`branch`: a prompt sharing P's first 3/4 (the rest new)."""
     out: dict[str, dict] = {}
     for index in order:
         server = servers[index]
-        cold = server.complete(prompt, 1)
-        repeat = server.complete(prompt, REPEAT_TOKENS)
-        extend = server.complete(prompt + extension, 1)
-        decode = server.complete(prompt + extension, decode_tokens)
+        raw = {"cold": server.complete(prompt, 1), "exact repeat": server.complete(prompt, REPEAT_TOKENS),
+               "extension": server.complete(prompt + extension, 1), "shared 3/4": server.complete(branch, 1),
+               "decode": server.complete(prompt + extension, decode_tokens)}  # fmt: skip
+        decode = raw["decode"]
         rate = (decode["tokens"] - 1) / max(decode["last_s"] - decode["ttft_s"], 1e-9)
-        out[server.name] = {"cold": cold["ttft_s"], "exact repeat": repeat["ttft_s"], "extension": extend["ttft_s"],
-                            "decode": rate, "raw": {"cold": cold, "exact repeat": repeat, "extension": extend,
-                                                    "decode": decode}}  # fmt: skip
-        log(f"  {server.name}: cold {cold['ttft_s']:.3f} s, repeat {repeat['ttft_s']:.3f} s, "
-            f"+{len(extension)} {extend['ttft_s']:.3f} s, decode {rate:.1f} tok/s")
+        out[server.name] = {**{row: raw[row]["ttft_s"] for row in ROWS if row != "decode"}, "decode": rate, "raw": raw}
+        log(f"  {server.name}: cold {raw['cold']['ttft_s']:.3f} s, repeat {raw['exact repeat']['ttft_s']:.3f} s, "
+            f"+{len(extension)} {raw['extension']['ttft_s']:.3f} s, 3/4 shared {raw['shared 3/4']['ttft_s']:.3f} s, "
+            f"decode {rate:.1f} tok/s")
     return out
 
 
@@ -145,6 +149,11 @@ def _cell(values: list[float], unit: str) -> str:
     fmt = "{:.1f}" if unit == "tok/s" else "{:.3f}"
     median = fmt.format(statistics.median(values))
     return f"{median} {unit} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def _ratio_text(ratio: float) -> str:
+    """A ratio as written in the table: "0.62x", or "1780x less" where two decimals would read 0.00x."""
+    return f"{ratio:.2f}x" if ratio >= 0.1 or ratio == 0 else f"{1 / ratio:.0f}x less"
 
 
 def table_text(names: list[str], rounds: list[dict], length: int) -> str:
@@ -157,7 +166,7 @@ def table_text(names: list[str], rounds: list[dict], length: int) -> str:
         values = {name: [r[name][row] for r in rounds] for name in names}
         ratios = [statistics.median(values[names[0]]) / statistics.median(values[other]) for other in names[1:]]
         lines.append(f"| {row} | " + " | ".join(_cell(values[n], unit) for n in names) + " | "
-                     + " | ".join(f"{ratio:.2f}x" for ratio in ratios) + " |")  # fmt: skip
+                     + " | ".join(_ratio_text(ratio) for ratio in ratios) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -174,11 +183,13 @@ def run(config: SideBySideConfig) -> dict:
     for index in range(config.rounds):
         prompt = make_ids(config.length, f"{seed}:prompt-{index}", config.max_token_id)
         extension = make_ids(EXTENSION_TOKENS, f"{seed}:extension-{index}", config.max_token_id)
+        shared = config.length * 3 // 4
+        branch = prompt[:shared] + make_ids(config.length - shared, f"{seed}:branch-{index}", config.max_token_id)
         order = list(range(len(servers)))
         order = order if index % 2 == 0 else order[::-1]
         log(f"round {index + 1}/{config.rounds} (order {', '.join(servers[i].name for i in order)})")
         before = os.getloadavg()
-        rounds.append(run_round(servers, prompt, extension, config.decode_tokens, order))
+        rounds.append(run_round(servers, prompt, extension, branch, config.decode_tokens, order))
         loads.append({"before": before, "after": os.getloadavg()})
     text = table_text([s.name for s in servers], rounds, config.length)
     print(text)
