@@ -2,10 +2,11 @@
 
 Modules: `loader` (offline loading, device/dtype), `prompt` (templating, message
 boundaries), `prepared` (one request's checked prompt and block keys, and the
-one input rule), `prefill` (block-aligned chunks), `sampling`, `text_stream`
-(detokenizing, stop strings),
-`runner` (one request), `worker` (the
-model's thread), `engine` (the public facade).
+one input rule), `prefill` (the two chunk schedules), `schedule` (which one an
+engine runs), `invariance` (the load-time check behind the row-invariant one),
+`attention` (`kvcellar_sdpa`, query pieces), `sampling`, `text_stream`
+(detokenizing, stop strings), `runner` (one request), `worker` (the model's
+thread), `engine` (the public facade).
 """
 
 from kvcellar.engine.engine import Engine
