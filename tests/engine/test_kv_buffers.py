@@ -152,3 +152,17 @@ def test_a_pool_misuse_fails_loudly_and_keeps_the_cached_entry(engines, monkeypa
         prefix.restore(prompt, prefix.block_keys(prompt), capacity=4 * BLOCK, pool=pool)
     monkeypatch.undo()
     assert engine.probe(prompt_ids=prompt).num_cached_tokens == 3 * BLOCK
+
+
+def test_buffers_adopted_and_not_given_back_are_not_vouched_for_again(engines):
+    """A prefill that adopted the resident buffers and ended without giving them back (as `prefill_prompt`
+    alone does) leaves the pool empty: the next hit copies instead of resuming buffers that are gone."""
+    warm, cold = engines
+    engine = warm["qwen3"]
+    prompt = _ids(21, 3 * BLOCK)
+    _run(engine, prompt)  # given back: its 3 blocks are resident
+    turn = prompt + _ids(22, 20)
+    _prefill_logits(engine, turn)  # adopts them in place, keeps them
+    again = _run(engine, turn + _ids(23, 20))
+    assert again.num_cached_tokens == 4 * BLOCK and again.timings.num_resident_tokens == 0
+    assert again.token_ids == _run(cold["qwen3"], turn + _ids(23, 20)).token_ids
