@@ -83,7 +83,6 @@ def _query_pieces_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     query [B, H, q, D], key/value [B, H_kv, kv, D] (the cached prefix, then the chunk's own).
     """
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     num_keys = key.shape[2]
     offset = num_keys - query.shape[2]
     outputs = []
@@ -91,11 +90,11 @@ def _query_pieces_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     while start < num_keys:
         end = min((start // piece + 1) * piece, num_keys)
         rows = query[:, :, start - offset : end - offset]
-        own, own_lse = flash(rows, key[:, :, start:end], value[:, :, start:end], 0.0, True, scale=scale)
-        if start > 0:
-            seen, seen_lse = flash(rows, key[:, :, :start], value[:, :, :start], 0.0, False, scale=scale)
-            own = torch.lerp(seen, own, torch.sigmoid(own_lse - seen_lse).unsqueeze(-1).to(seen.dtype))
-        outputs.append(own)
+        if start > 0:  # the piece's rows see keys [0, start) and, causally, their own
+            outputs.append(_split_causal_cpu(rows, key[:, :, :end], value[:, :, :end], scale))
+        else:
+            outputs.append(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                rows, key[:, :, :end], value[:, :, :end], 0.0, True, scale=scale)[0])  # fmt: skip
         start = end
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 

@@ -51,7 +51,6 @@ class Engine:
         self.config = config
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
         config = config.with_block_size(self.loaded.device.type)
-        exact = config.cache.enabled and config.cache.exact
         layout = inspect_layout(self.loaded.model.config)
         schedule, chunk = choose_schedule(self.loaded.model, config, layout, self.loaded.device.type)
         self.config = config = replace(config, prefill_chunk_size=chunk, prefill_schedule=schedule)  # as resolved

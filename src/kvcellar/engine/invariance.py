@@ -15,7 +15,6 @@ which is exact by construction.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,8 +23,6 @@ import torch
 from kvcellar.engine.attention import use_query_pieces
 from kvcellar.engine.prefill import cache_argument, invariant_chunk_ends
 from kvcellar.kv.growing_layer import new_cache
-
-log = logging.getLogger(__name__)
 
 CHECK_LAYERS = 2  # enough for attention to read K/V that earlier passes computed
 _SEED = 20261203

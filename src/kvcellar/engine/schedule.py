@@ -1,6 +1,6 @@
 """Which prefill schedule an engine runs, decided once when it loads (engine/prefill.py states both).
 
-Operations: `choose_schedule(model, config, layout, device_type, exact) -> (schedule, chunk_size)`.
+Operations: `choose_schedule(model, config, layout, device_type) -> (schedule, chunk_size)`.
 
 "auto" takes the row-invariant schedule where it applies: a CPU, an exact-mode
 cache or none at all (an engine without a cache is the reference an exact one
