@@ -25,8 +25,11 @@ from kvcellar.checks import is_int, is_number
 from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+# "float32-bf16-weights": fp32 activations and K/V, weights stored in bf16 where bf16 holds them exactly
+# (engine/weights.py); "auto" picks it on a CPU without bf16 instructions for a 16-bit checkpoint.
+DTYPES = ("auto", "bfloat16", "float16", "float32", "float32-bf16-weights")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                  "fp32-bf16w": "float32-bf16-weights"}  # fmt: skip
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -83,6 +86,11 @@ CPU_PREFILL_CHUNK_SIZE = 1024
 PREFILL_SCHEDULES = ("auto", "fixed", "row-invariant")
 # Fewer rows than this take other matrix kernels on the CPUs measured (docs/configuration.md).
 ROW_INVARIANT_MIN_ROWS = 16
+# With weights stored in bf16 (DTYPES), a pass of at least this many rows multiplies them upcast to fp32
+# (a prefill: bit-identical to an fp32 model); a shorter one (a decode step) multiplies them in bf16, the
+# bytes a memory-bound step reads halved. Equal to ROW_INVARIANT_MIN_ROWS so that a row-invariant
+# prefill never takes the bf16 path.
+FP32_WEIGHTS_FROM_ROWS = ROW_INVARIANT_MIN_ROWS
 
 
 def default_block_size(device_type: str) -> int:
@@ -98,7 +106,7 @@ def default_block_size(device_type: str) -> int:
 def normalize_dtype(dtype: str) -> str:
     name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)} (or bf16/fp16/fp32)")
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)} (or bf16/fp16/fp32/fp32-bf16w)")
     return name
 
 
@@ -162,8 +170,9 @@ class EngineConfig:
     """How to load and run one model: `EngineConfig(model, device=..., ...)` (all but `model` by keyword).
 
     `device`: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or
-    "mps"; `dtype`: "auto" or bfloat16/float16/float32 (bf16, fp16, fp32
-    too). Both "auto"s are resolved when the model loads (engine/loader.py).
+    "mps"; `dtype`: "auto", bfloat16/float16/float32 (bf16, fp16, fp32
+    too) or float32-bf16-weights (fp32 compute, 16-bit weight storage:
+    engine/weights.py). Both "auto"s are resolved when the model loads (engine/loader.py).
     `block_size` is the cache block. None: the default of the device the
     model loads on (`DEFAULT_BLOCK_SIZE`). `prefill_chunk_size` (a multiple
     of it) is the prefill's forward pass: chunks aligned to absolute position

@@ -52,3 +52,21 @@ def test_the_cpu_split_equals_one_masked_pass() -> None:
         query, key, value, attn_mask=causal_lower_right(5, 12)._materialize(), enable_gqa=True
     )
     torch.testing.assert_close(attention._split_causal_cpu(query, key, value, None), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cpu_decode_step_equals_sdpa_over_grouped_heads() -> None:
+    torch.manual_seed(0)
+    query = torch.randn(1, 8, 1, 32)
+    key, value = torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)  # 4 query heads per K/V head
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+    for scale in (None, 0.125):
+        reference = expected if scale is None else torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, enable_gqa=True, scale=scale)  # fmt: skip
+        assert torch.allclose(attention._decode_cpu(query, key, value, scale), reference, atol=1e-6)
+    module = torch.nn.Module()
+    module.config = None
+    output, _ = attention._attention(module, query, key[:, :, :200], value[:, :, :200], None, scaling=None)
+    assert output.shape == (1, 1, 8, 32)  # [B, q, H, D], as transformers' attention functions return
+    assert torch.allclose(output.transpose(1, 2), attention._decode_cpu(query, key[:, :, :200], value[:, :, :200], None))
+    with pytest.raises(ValueError, match="softcap"):  # soft-capping is left to transformers, which refuses it for sdpa
+        attention._attention(module, query, key, value, None, scaling=None, softcap=30.0)

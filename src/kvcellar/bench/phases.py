@@ -94,7 +94,7 @@ class EngineMode:
 
 
 def _where(loaded: object) -> dict:
-    return {"device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch.")}
+    return {"device": str(loaded.device), "dtype": loaded.precision}
 
 
 def _forcer(engine: object, tier: str) -> Callable[[], None]:

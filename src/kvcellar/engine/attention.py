@@ -13,9 +13,12 @@ cached prefix, the mask function returns torch's `causal_lower_right` bias
 instead of a tensor, and the attention function hands it to SDPA, which runs
 the flash kernel with bottom-right causality (on CPU, where SDPA would
 materialize that mask, it runs two unmasked flash passes instead once 1K keys are cached:
-`_split_causal_cpu`). Every other case (sliding windows, padding, decode
-steps) goes through transformers' own code unchanged. Cold and cached
-prefills take the same path, so exact mode stays bit-identical.
+`_split_causal_cpu`). A decode step on CPU (one query row, no mask, fp32)
+runs `_decode_cpu`: two batched products per K/V head group, which read the
+K/V at close to the memory bandwidth. Every other case (sliding windows,
+padding, other dtypes) goes through transformers' own code unchanged. Cold
+and cached prefills take the same path, so exact mode stays bit-identical;
+decode steps after a restore and after a cold prefill take the same path too.
 
 Query pieces (`use_query_pieces`, CPU, set by the engine for the row-invariant
 prefill schedule, engine/prefill.py): a prefill's queries are cut at absolute
@@ -99,6 +102,20 @@ def _query_pieces_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
+def _decode_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """One query row per head against all keys: two batched matrix products over each K/V head's group.
+
+    query [B, H, 1, D], key/value [B, H_kv, kv, D] -> [B, H, 1, D]. A decode step is bound by reading
+    the K/V; grouping the query heads of each K/V head makes the products stream every key and value
+    once, where SDPA's CPU kernel for one query row reads them at a fraction of the memory bandwidth.
+    """
+    batch, heads, _, dim = query.shape
+    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)  # [B, H_kv, G, D]
+    scores = torch.matmul(key, grouped.transpose(-1, -2))  # [B, H_kv, kv, G]
+    probs = torch.softmax(scores.mul_(dim**-0.5 if scale is None else scale), dim=2)
+    return torch.matmul(probs.transpose(-1, -2), value).reshape(batch, heads, 1, dim)
+
+
 def use_query_pieces(model: torch.nn.Module, piece: int | None) -> None:
     """Cut prefill queries at absolute multiples of `piece` (None: one SDPA call per pass, as before)."""
     model.config.kvcellar_query_piece = piece
@@ -109,6 +126,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     plain_causal = attention_mask is None or isinstance(attention_mask, CausalBias)
     if piece and plain_causal and query.shape[2] > 1 and query.device.type == "cpu" and dropout == 0.0:
         return _query_pieces_cpu(query, key, value, scaling, piece).transpose(1, 2).contiguous(), None
+    one_row = query.shape[2] == 1 and attention_mask is None and query.dtype == torch.float32
+    if one_row and query.device.type == "cpu" and dropout == 0.0 and not _extra_terms(kwargs):
+        return _decode_cpu(query, key, value, scaling).transpose(1, 2).contiguous(), None
     if not isinstance(attention_mask, CausalBias):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.device.type == "cpu" and dropout == 0.0 and key.shape[2] - query.shape[2] >= SPLIT_FROM_CACHED_KEYS:
@@ -119,6 +139,11 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
         )
     return output.transpose(1, 2).contiguous(), None
+
+
+def _extra_terms(kwargs: dict) -> bool:
+    """Whether a model adds to plain softmax attention (logit soft-capping, attention sinks)."""
+    return kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None
 
 
 def register() -> str:

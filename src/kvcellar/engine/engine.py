@@ -55,7 +55,7 @@ class Engine:
         schedule, chunk = choose_schedule(self.loaded.model, config, layout, self.loaded.device.type)
         self.config = config = replace(config, prefill_chunk_size=chunk, prefill_schedule=schedule)  # as resolved
         self.prefix_cache, self.cache_registry = build_prefix_cache(
-            self.loaded.model.config, layout, self.loaded.device, self.loaded.dtype, self.loaded.fingerprint, config
+            self.loaded.model.config, layout, self.loaded.device, self.loaded.precision, self.loaded.fingerprint, config
         )
         # The one rule for what prompt runs (the server checks through it too): the embedding's rows are the vocabulary.
         self.limits = PromptLimits(self.loaded.context_length, self.loaded.model.get_input_embeddings().num_embeddings)

@@ -25,7 +25,8 @@ from kvcellar.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                 "float32-bf16-weights": torch.float32}  # the compute dtype; the weights: engine/weights.py
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -42,9 +43,17 @@ class LoadedModel:
     fingerprint: str  # sha256 over config.json and the weight files' names and sizes (see _fingerprint)
     name: str = ""  # the served model id: the folder's name, or a GGUF file's stem
     source: Path | None = None  # the GGUF file a converted folder came from; None for a plain folder
+    weight_dtype: torch.dtype | None = None  # bf16 where weights are stored in bf16 (engine/weights.py); None: dtype
 
     def __post_init__(self) -> None:
         self.name = self.name or self.path.name
+
+    @property
+    def precision(self) -> str:
+        """The dtype as `--dtype` names it: "float32-bf16-weights" when fp32 runs on bf16-stored weights."""
+        if self.weight_dtype == torch.bfloat16 and self.dtype == torch.float32:
+            return "float32-bf16-weights"
+        return _dtype_name(self.dtype)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -216,6 +225,9 @@ def load_model(
 
     folder = Path(path).expanduser().resolve()
     torch_device = resolve_device(device)
+    if dtype == "float32-bf16-weights" and torch_device.type != "cpu":
+        raise ModelLoadError("dtype float32-bf16-weights is for CPUs (it halves a decode step's weight reads "
+                             f"where bf16 arithmetic is emulated); on {torch_device.type} use bfloat16 or auto")  # fmt: skip
     gguf_file = gguf.find_gguf(folder)
     source_fingerprint, torch_dtype = None, None
     if gguf_file is not None:
@@ -244,9 +256,28 @@ def load_model(
     except Exception as exc:
         raise ModelLoadError(f"cannot load the model in {str(folder)!r}: {exc}") from exc
     model.to(torch_device).eval()
+    weight_dtype = _store_weights(model, dtype, torch_device, torch_dtype)
     text_config = model.config.get_text_config(decoder=True)
     context_length = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 2048
     name = gguf_file.stem if gguf_file is not None else folder.name
-    log.info("loaded %s on %s as %s (context %d)", name, torch_device, torch_dtype, context_length)
-    return LoadedModel(model, tokenizer, folder, torch_device, torch_dtype, context_length,
-                       source_fingerprint or _fingerprint(folder), name=name, source=gguf_file)  # fmt: skip
+    loaded = LoadedModel(model, tokenizer, folder, torch_device, torch_dtype, context_length,
+                         source_fingerprint or _fingerprint(folder), name=name, source=gguf_file,
+                         weight_dtype=weight_dtype)  # fmt: skip
+    log.info("loaded %s on %s as %s (context %d)", name, torch_device, loaded.precision, context_length)
+    return loaded
+
+
+def _store_weights(model: torch.nn.Module, dtype: str, device: torch.device, torch_dtype: torch.dtype) -> torch.dtype | None:
+    """bf16 storage for fp32 weights (engine/weights.py): asked for, or `auto` on a CPU that computes in fp32."""
+    from kvcellar.engine.weights import store_weights_in_bf16
+    from kvcellar.models.demo import kvcellar_home
+
+    wanted = dtype == "float32-bf16-weights" or (dtype == "auto" and device.type == "cpu" and torch_dtype == torch.float32)
+    if not wanted:
+        return None
+    # inductor's artifacts beside the cache, not in /tmp: a restart finds the compiled kernel (a user's value wins)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvcellar_home() / "inductor"))
+    stored = store_weights_in_bf16(model)
+    if stored.num_fp32:
+        log.info("%d weights are not bf16 values and stay in fp32", stored.num_fp32)
+    return torch.bfloat16 if stored.num_bf16 else None

@@ -1,6 +1,6 @@
 """Wire a loaded model to its prefix cache: namespace, tiers, one core per tenant salt.
 
-Operations: `build_prefix_cache(model_config, layout, device, dtype, fingerprint,
+Operations: `build_prefix_cache(model_config, layout, device, precision, fingerprint,
 config) -> (prefix cache, CacheRegistry)`, `prime_load_rates`. The namespace's
 reuse rule (exact or near, cache/reuse.py) is chosen here, once, and every
 tenant salt's core is built with it.
@@ -37,11 +37,11 @@ from kvcellar.tiers.memory import MemoryTier
 
 
 def build_prefix_cache(
-    model_config: object, layout: ModelLayout, device: torch.device, dtype: torch.dtype, fingerprint: str,
+    model_config: object, layout: ModelLayout, device: torch.device, precision: str, fingerprint: str,
     config: EngineConfig,
 ) -> tuple[ModelPrefixCache | DisabledPrefixCache, CacheRegistry]:
     """The engine's prefix cache for a model (its transformers config and layer kinds (`inspect_layout`),
-    where it runs, its weights' fingerprint); `config.prefill_chunk_size` as the engine resolved it."""
+    where it runs, its dtype as `LoadedModel.precision` names it, its weights' fingerprint); `config.prefill_chunk_size` as the engine resolved it."""
     cache_config = config.cache
     if not cache_config.enabled or not layout.is_cacheable:
         reason = "disabled by configuration" if not cache_config.enabled else layout.uncacheable_reason
@@ -50,7 +50,7 @@ def build_prefix_cache(
     row_invariant = config.prefill_schedule == "row-invariant"  # as the engine resolved it
     spec = NamespaceSpec(
         model_fingerprint=fingerprint,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=precision,  # stored logits round as the weights do (engine/weights.py): their own namespace
         block_size=config.block_size,
         layout_version=LAYOUT_VERSION,
         exact=cache_config.exact,

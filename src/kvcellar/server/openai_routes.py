@@ -63,7 +63,7 @@ async def health(request: Request, tenant: Tenant = Depends(current_tenant)) -> 
     engine = request.app.state.engine
     config = engine.config
     return {"status": "ok", "model": engine.model_name, "queue_depth": engine.queue_depth,
-            "block_size": config.block_size, "prefill_chunk_size": config.prefill_chunk_size,
+            "device": str(engine.loaded.device), "dtype": engine.loaded.precision, "block_size": config.block_size, "prefill_chunk_size": config.prefill_chunk_size,
             "prefill_schedule": config.prefill_schedule}  # fmt: skip
 
 

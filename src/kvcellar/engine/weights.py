@@ -1,0 +1,149 @@
+"""fp32 compute with weights stored in bf16: the `float32-bf16-weights` dtype.
+
+On a CPU without bf16 instructions (AVX2), fp32 is the fast compute dtype:
+torch emulates bf16 arithmetic, and a bf16 prefill runs several times slower
+(docs/benchmarks.md). But a decode step multiplies every weight by one row of
+activations, so it is bound by memory bandwidth, and fp32 weights are twice
+the bytes a bf16 checkpoint holds. So each weight that bf16 holds exactly
+(every weight of a bf16 checkpoint; checked value by value, never assumed)
+is stored once, in bf16, and a linear layer:
+
+- upcasts it to fp32 for a pass of at least `FP32_WEIGHTS_FROM_ROWS` rows (a
+  prefill): the same values and the same fp32 kernel as an fp32 model, so the
+  prefill's K/V and hidden states are bit-identical to it (the upcast costs
+  one read of the weight per pass, small next to the pass's arithmetic);
+- for one row (a decode step) runs a kernel that torch.compile (inductor)
+  generates from `_one_row_product`: each bf16 weight is read once and
+  widened in registers, the sum is fp32 and so are the activations, half the
+  bytes of an fp32 weight read. Eager torch has no such mixed kernel: a bf16
+  `linear` would round the activations and the output to bf16 and, with
+  bf16 arithmetic emulated, runs slower. If compiling fails (no C++ compiler),
+  one warning, and one-row passes take the path below;
+- multiplies it in bf16 for 2 to `FP32_WEIGHTS_FROM_ROWS` - 1 rows (a short
+  prompt tail): the activations rounded to bf16, the output upcast back.
+
+Exact mode keeps its promise: a request with the cache and without it run
+the same passes through the same code. The weights take half the memory. A
+tied embedding shares the bf16 copy when it is a plain `nn.Embedding` (its
+lookup is exact and is upcast on the way out); any other owner (a scaled
+embedding) keeps the weight in fp32 for all of them.
+
+Operations: `store_weights_in_bf16(model, compile_one_row) -> StoredWeights`.
+The compiled kernel is built and run once per weight shape while the model
+loads, so no request pays for compiling; inductor keeps its artifacts in a
+cache folder (`KVCELLAR_HOME/inductor`, set by the loader), so a restart
+does not compile again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from kvcellar.config import FP32_WEIGHTS_FROM_ROWS
+
+
+log = logging.getLogger(__name__)
+
+OneRowProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _one_row_product(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """row [1, in] fp32, weight [out, in] bf16 -> [1, out] fp32: written for inductor to fuse into one pass."""
+    return (weight.float() * row).sum(-1).unsqueeze(0)
+
+
+class Bf16StoredLinear(nn.Linear):
+    """An `nn.Linear` whose weight is stored in bf16 and whose inputs and outputs are fp32 (see the module doc)."""
+
+    one_row: OneRowProduct | None = None  # the compiled kernel, shared by every layer; None: bf16 linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if rows >= FP32_WEIGHTS_FROM_ROWS:
+            return functional.linear(x, self.weight.float(), self.bias)
+        if rows == 1 and self.one_row is not None:
+            output = self.one_row(x.reshape(1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
+        else:
+            output = functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return output if self.bias is None else output + self.bias
+
+
+def _upcast_output(module: nn.Module, inputs: object, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """What `store_weights_in_bf16` did: weights moved to bf16 and kept in fp32, with their bytes before."""
+
+    num_bf16: int
+    num_fp32: int
+    bytes_saved: int
+    compiled: bool  # whether one-row passes run the compiled kernel
+
+
+def _convertible(module: nn.Module) -> bool:
+    """Only the plain classes: a subclass (a scaled embedding, a model's own linear) computes in ways of its own."""
+    return type(module) in (nn.Linear, nn.Embedding)
+
+
+def store_weights_in_bf16(model: nn.Module, compile_one_row: bool = True) -> StoredWeights:
+    """Store the fp32 weights of `model`'s linear layers (and plain embeddings) in bf16 where that is exact.
+
+    `compile_one_row`: build the one-row kernel (False: one-row passes use a bf16 linear).
+    """
+    owners: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(module)
+    num_bf16 = num_fp32 = bytes_saved = 0
+    for modules in owners.values():
+        weight = modules[0].weight
+        if weight.dtype != torch.float32 or not all(_convertible(module) for module in modules):
+            num_fp32 += any(_convertible(module) for module in modules)
+            continue
+        stored = weight.detach().to(torch.bfloat16)
+        if not torch.equal(stored.float(), weight.detach()):  # not a 16-bit checkpoint's value: keep it
+            num_fp32 += 1
+            continue
+        shared = nn.Parameter(stored, requires_grad=False)
+        for module in modules:
+            module.weight = shared
+            if isinstance(module, nn.Linear):
+                module.__class__ = Bf16StoredLinear
+            else:
+                module.register_forward_hook(_upcast_output)
+        num_bf16 += 1
+        bytes_saved += weight.numel() * 2
+    linears = [module for module in model.modules() if isinstance(module, Bf16StoredLinear)]
+    kernel = _compiled_one_row(linears) if compile_one_row and linears else None
+    for module in linears:
+        module.one_row = kernel
+    return StoredWeights(num_bf16, num_fp32, bytes_saved, compiled=kernel is not None)
+
+
+def _compiled_one_row(linears: list[Bf16StoredLinear]) -> OneRowProduct | None:
+    """`_one_row_product` compiled (sizes symbolic: one kernel for every shape) and run on each weight shape."""
+    kernel = torch.compile(_one_row_product, dynamic=True)
+    shapes = {module.weight.shape: module for module in linears}
+    try:
+        with torch.inference_mode():
+            for module in shapes.values():
+                row = torch.ones(1, module.in_features, device=module.weight.device)
+                expected = module.weight.float().sum(-1).unsqueeze(0)  # the same sums, in another order
+                if not torch.allclose(kernel(row, module.weight), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())):
+                    raise RuntimeError(f"the compiled one-row product differs from torch's on a {tuple(module.weight.shape)} weight")
+    except Exception as exc:  # inductor raises many types (no compiler, a failed build); all mean: run eager
+        log.warning("compiling the one-row product for bf16-stored weights failed, decode steps run eager "
+                    "bf16 linears instead (slower): %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    return kernel
+

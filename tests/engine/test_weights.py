@@ -1,0 +1,153 @@
+"""fp32 compute on bf16-stored weights (engine/weights.py, dtype `float32-bf16-weights`).
+
+A prefill is bit-identical to the fp32 model's; the weights take half the bytes; only values bf16
+holds exactly are moved; one-row passes run the compiled kernel and fall back to a bf16 linear, with
+one warning, where compiling fails; exact mode still holds with the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from kvcellar import Engine
+from kvcellar.config import FP32_WEIGHTS_FROM_ROWS, CacheConfig, EngineConfig
+from kvcellar.engine import loader, weights
+from kvcellar.engine.loader import load_model
+from kvcellar.engine.weights import Bf16StoredLinear, store_weights_in_bf16
+from kvcellar.errors import ModelLoadError
+from kvcellar.kv.growing_layer import new_cache
+
+ARCHS = ("qwen3", "gemma3", "qwen3_5")
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_model_dirs):
+    """arch -> (the bf16 checkpoint run in fp32, the same run on bf16-stored weights)."""
+    return {arch: (load_model(tiny_model_dirs[arch], "cpu", "float32"),
+                   load_model(tiny_model_dirs[arch], "cpu", "float32-bf16-weights")) for arch in ARCHS}  # fmt: skip
+
+
+def _prefill(loaded, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    cache = new_cache(loaded.model.config, ids.shape[1] + 8, None)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    states = [tensor for layer in cache.layers for name, tensor in vars(layer).items()
+              if isinstance(tensor, torch.Tensor) and not name.startswith("_")]  # not a buffer's unwritten tail
+    return logits, [state.clone() for state in states]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_prefill_is_bit_identical_to_the_fp32_model(pairs, arch) -> None:
+    fp32, stored = pairs[arch]
+    assert stored.precision == "float32-bf16-weights" and fp32.precision == "float32"
+    ids = torch.arange(3, 3 + 2 * FP32_WEIGHTS_FROM_ROWS + 5).unsqueeze(0)
+    logits, states = _prefill(fp32, ids)
+    logits_stored, states_stored = _prefill(stored, ids)
+    assert torch.equal(logits, logits_stored)  # every row's logits: a pass of many rows runs fp32 throughout
+    assert len(states) == len(states_stored) > 0
+    assert all(torch.equal(a, b) for a, b in zip(states, states_stored, strict=True))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_weights_take_half_the_bytes(pairs, arch) -> None:
+    fp32, stored = pairs[arch]
+    kept = {"lm_head"} if arch == "gemma3" else set()  # tied to a scaled embedding (the next test)
+    linears = [name for name, module in fp32.model.named_modules() if type(module) is nn.Linear and name not in kept]
+    modules = dict(stored.model.named_modules())
+    assert linears and all(isinstance(modules[name], Bf16StoredLinear) for name in linears)
+    assert all(modules[name].weight.dtype == torch.bfloat16 for name in linears)
+    before = {id(p): p.numel() * 4 for name in linears for p in [dict(fp32.model.named_modules())[name].weight]}
+    after = {id(p): p.numel() * 2 for name in linears for p in [modules[name].weight]}
+    assert sum(after.values()) * 2 == sum(before.values())  # a tied head and embedding share one copy
+
+
+def test_a_scaled_embedding_keeps_its_tied_head_in_fp32(pairs) -> None:
+    _, stored = pairs["gemma3"]  # Gemma3's embedding multiplies by a scale in the weight's dtype
+    model = stored.model
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert type(model.get_output_embeddings()) is nn.Linear
+
+
+def test_values_bf16_cannot_hold_stay_fp32(tiny_fp32_dirs) -> None:
+    loaded = load_model(tiny_fp32_dirs["qwen3"], "cpu", "float32-bf16-weights")  # random fp32 values
+    assert loaded.precision == "float32" and loaded.weight_dtype is None
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+    layer = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.5, 2.0, -3.0]] * 3))
+        layer.weight[1, 1] = 1.0 + 2**-12  # one value between two bf16 numbers
+    assert store_weights_in_bf16(nn.Sequential(layer), compile_one_row=False).num_fp32 == 1
+    assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32
+
+
+def _stored_linear(compile_one_row: bool) -> Bf16StoredLinear:
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.to(torch.bfloat16).float())
+    store_weights_in_bf16(nn.Sequential(layer), compile_one_row=compile_one_row)
+    assert isinstance(layer, Bf16StoredLinear)
+    return layer
+
+
+def test_each_pass_length_takes_its_path() -> None:
+    layer = _stored_linear(compile_one_row=True)
+    assert layer.one_row is not None
+    weight, bias = layer.weight.float(), layer.bias
+    with torch.inference_mode():
+        long = torch.randn(2, FP32_WEIGHTS_FROM_ROWS // 2, 64)  # 16 rows in all: fp32, bit for bit
+        assert torch.equal(layer(long), nn.functional.linear(long, weight, bias))
+        row = torch.randn(1, 1, 64)  # one row: the compiled kernel, fp32 sums of the bf16 weights
+        assert torch.allclose(layer(row), nn.functional.linear(row, weight, bias), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(layer(row), _bf16_linear(row, layer))
+        short = torch.randn(1, 3, 64)  # a short tail: a bf16 linear
+        assert torch.equal(layer(short), _bf16_linear(short, layer))
+
+
+def _bf16_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    return nn.functional.linear(x.to(torch.bfloat16), layer.weight).float() + layer.bias
+
+
+def test_a_failed_compile_falls_back_to_bf16_linears_with_one_warning(monkeypatch, caplog) -> None:
+    # Isolates the fallback: torch.compile is replaced by one whose kernels fail, as without a C++ compiler.
+    def broken(function, **options):
+        def run(*args):
+            raise RuntimeError("InductorError: CppCompileError: no C++ compiler found\nlong build log")
+        return run
+
+    monkeypatch.setattr(weights.torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="kvcellar.engine.weights"):
+        layer = _stored_linear(compile_one_row=True)
+    assert layer.one_row is None
+    assert caplog.text.count("compiling the one-row product") == 1 and "no C++ compiler found" in caplog.text
+    assert "long build log" not in caplog.text
+    with torch.inference_mode():
+        row = torch.randn(1, 64)
+        assert torch.equal(layer(row), _bf16_linear(row, layer))
+
+
+def test_exact_mode_holds_on_stored_weights(tiny_model_dirs) -> None:
+    ids = [(7 * i + 3) % 400 + 10 for i in range(70)]
+    outputs = []
+    for cache in (CacheConfig(exact=True, cost_model=False), CacheConfig(enabled=False)):
+        with Engine.load(str(tiny_model_dirs["qwen3"]), dtype="float32-bf16-weights", block_size=16, cache=cache) as engine:
+            assert engine.loaded.precision == "float32-bf16-weights"
+            first = engine.generate(prompt_ids=ids, max_tokens=8, temperature=0.0)
+            again = engine.generate(prompt_ids=ids + [11, 12], max_tokens=8, temperature=0.0)
+            outputs.append((first.token_ids, again.token_ids, again.num_cached_tokens))
+    (first, again, cached), (first_cold, again_cold, _) = outputs
+    assert cached >= 48  # the second prompt restored shared blocks (the row-invariant rule leaves >= 16 to compute)
+    assert first == first_cold and again == again_cold
+
+
+def test_the_dtype_is_named_and_refused_off_cpu(monkeypatch) -> None:
+    assert EngineConfig("m", dtype="fp32-bf16w").dtype == "float32-bf16-weights"
+    # Isolates the refusal: the device resolves to a GPU without one being here; it comes before any loading.
+    monkeypatch.setattr(loader, "resolve_device", lambda name: torch.device("cuda"))
+    with pytest.raises(ModelLoadError, match="float32-bf16-weights is for CPUs"):
+        load_model("/nonexistent", "cuda", "float32-bf16-weights")
