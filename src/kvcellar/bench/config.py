@@ -65,7 +65,9 @@ class BenchConfig:
     sizes: WorkloadSizes = field(default_factory=WorkloadSizes)
     modes: tuple[str, ...] | None = None  # None: every mode that applies to the target
     scenarios: tuple[str, ...] | None = None  # None: every scenario
-    max_tokens: int = 1
+    # Tokens generated per request: TTFT as a client asking for an answer sees it (a one-token request
+    # can be served from stored logits with no forward at all); restore and prefill times stay columns.
+    max_tokens: int = 16
     seed: int = 0
     max_token_id: int = DEFAULT_MAX_TOKEN_ID
     server_block_size: int = 256  # with url: the server's block size (where "inside the last block" is)

@@ -1,10 +1,11 @@
 """The inference engine: load a model folder, run requests on one worker thread.
 
-Modules: `loader` (offline loading, device/dtype), `prompt` (templating, message
+Modules: `loader` (offline loading, device/dtype), `weights` (fp32 compute on
+bf16-stored weights), `prompt` (templating, message
 boundaries), `prepared` (one request's checked prompt and block keys, and the
 one input rule), `prefill` (the two chunk schedules), `schedule` (which one an
 engine runs), `invariance` (the load-time check behind the row-invariant one),
-`attention` (`kvcellar_sdpa`, query pieces), `sampling`, `text_stream`
+`attention` (`kvcellar_sdpa`, query pieces, CPU decode steps), `sampling`, `text_stream`
 (detokenizing, stop strings), `runner` (one request), `worker` (the model's
 thread), `engine` (the public facade).
 """
