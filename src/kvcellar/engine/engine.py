@@ -46,9 +46,17 @@ class Engine:
     """Load once, then generate. Thread-safe: requests from any thread queue to the model's worker."""
 
     def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        # Everything that computes with the model runs on its worker thread, loading included (worker.py).
+        self._worker = ModelWorker(lambda: self._set_up(config))
+        # An engine nobody closed is closed at interpreter exit: the worker thread stops before torch
+        # tears down (else the process may abort), and queued disk writes are flushed.
+        self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry, self.config.cache.drain_timeout_s)
+
+    def _set_up(self, config: EngineConfig) -> RequestRunner:
+        """Load the model, choose its prefill schedule, build its cache; the runner of its requests."""
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.config = config
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
         config = config.with_block_size(self.loaded.device.type)
         layout = inspect_layout(self.loaded.model.config)
@@ -60,10 +68,7 @@ class Engine:
         # The one rule for what prompt runs (the server checks through it too): the embedding's rows are the vocabulary.
         self.limits = PromptLimits(self.loaded.context_length, self.loaded.model.get_input_embeddings().num_embeddings)
         min_rows = ROW_INVARIANT_MIN_ROWS if schedule == "row-invariant" else None
-        self._worker = ModelWorker(RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows))
-        # An engine nobody closed is closed at interpreter exit: the worker thread stops before torch
-        # tears down (else the process may abort), and queued disk writes are flushed.
-        self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry, config.cache.drain_timeout_s)
+        return RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows)
 
     @classmethod
     def load(cls, model: str, **options: Any) -> Engine:

@@ -69,7 +69,7 @@ class Bf16StoredLinear(nn.Linear):
         if rows >= FP32_WEIGHTS_FROM_ROWS:
             return functional.linear(x, self.weight.float(), self.bias)
         if rows == 1 and self.one_row is not None:
-            output = self.one_row(x.reshape(1, self.in_features), self.weight).view(*x.shape[:-1], self.out_features)
+            output = self.one_row(x.reshape(1, self.in_features), self.weight.detach()).view(*x.shape[:-1], self.out_features)
         else:
             output = functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         return output if self.bias is None else output + self.bias
@@ -139,7 +139,7 @@ def _compiled_one_row(linears: list[Bf16StoredLinear]) -> OneRowProduct | None:
             for module in shapes.values():
                 row = torch.ones(1, module.in_features, device=module.weight.device)
                 expected = module.weight.float().sum(-1).unsqueeze(0)  # the same sums, in another order
-                if not torch.allclose(kernel(row, module.weight), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())):
+                if not torch.allclose(kernel(row, module.weight.detach()), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())):
                     raise RuntimeError(f"the compiled one-row product differs from torch's on a {tuple(module.weight.shape)} weight")
     except Exception as exc:  # inductor raises many types (no compiler, a failed build); all mean: run eager
         log.warning("compiling the one-row product for bf16-stored weights failed, decode steps run eager "

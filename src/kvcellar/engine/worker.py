@@ -3,7 +3,11 @@
 Operations: `ModelWorker.submit(request) -> Job`, `Job` (iterate its events;
 `cancel()` stops it between chunks or tokens), `ModelWorker.close()`.
 Invariant: only the worker thread touches the model and the live caches, so
-no forward pass ever runs concurrently with another.
+no forward pass ever runs concurrently with another. It also loads the model
+and runs every load-time computation (the row-invariance check, compiling
+kernels): torch's OpenMP keeps a team of threads per thread that computes,
+and a second team, left by compute on another thread, competes with the
+worker's for the cores (a decode step ran 20% slower so).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
 from kvcellar.engine.runner import RequestRunner
@@ -89,12 +94,32 @@ class GenerationStream:
 
 
 class ModelWorker:
-    def __init__(self, runner: RequestRunner) -> None:
-        self.runner = runner
+    """Starts the model's thread, which runs `set_up` (load the model, build its runner) and then the
+    requests; the constructor returns once `set_up` did, or raises what it raised."""
+
+    def __init__(self, set_up: Callable[[], RequestRunner]) -> None:
         self._jobs: queue.Queue[Job | object] = queue.Queue()
         self._ids = itertools.count(1)
-        self._thread = threading.Thread(target=self._loop, name="kvcellar-model", daemon=True)
+        ready: Future[RequestRunner] = Future()
+        # Handed over through an attribute the thread clears: `set_up` may hold its engine, which must stay
+        # collectable (its finalizer closes this worker).
+        self._set_up: Callable[[], RequestRunner] | None = set_up
+        self._thread = threading.Thread(target=self._start, args=(ready,), name="kvcellar-model", daemon=True)
         self._thread.start()
+        self.runner = ready.result()
+
+    def _start(self, ready: Future[RequestRunner]) -> None:
+        set_up, self._set_up = self._set_up, None
+        try:
+            runner = set_up()
+        except BaseException as exc:  # the caller's constructor raises it
+            ready.set_exception(exc)
+            return
+        finally:
+            del set_up
+        self.runner = runner
+        ready.set_result(runner)
+        self._loop()
 
     @property
     def queue_depth(self) -> int:
