@@ -37,17 +37,15 @@ does not compile again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional
 
 from kvcellar.config import FP32_WEIGHTS_FROM_ROWS
-
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +67,9 @@ class Bf16StoredLinear(nn.Linear):
         if rows >= FP32_WEIGHTS_FROM_ROWS:
             return functional.linear(x, self.weight.float(), self.bias)
         if rows == 1 and self.one_row is not None:
-            output = self.one_row(x.reshape(1, self.in_features), self.weight.detach()).view(*x.shape[:-1], self.out_features)
+            # A plain tensor, not the Parameter: dynamo keeps a Parameter's sizes static (a graph per shape).
+            output = self.one_row(x.reshape(1, self.in_features), self.weight.detach())
+            output = output.view(*x.shape[:-1], self.out_features)
         else:
             output = functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         return output if self.bias is None else output + self.bias
@@ -81,7 +81,7 @@ def _upcast_output(module: nn.Module, inputs: object, output: torch.Tensor) -> t
 
 @dataclass(frozen=True)
 class StoredWeights:
-    """What `store_weights_in_bf16` did: weights moved to bf16 and kept in fp32, with their bytes before."""
+    """What `store_weights_in_bf16` did: how many weights moved to bf16 and stayed as they were, bytes saved."""
 
     num_bf16: int
     num_fp32: int
@@ -139,8 +139,10 @@ def _compiled_one_row(linears: list[Bf16StoredLinear]) -> OneRowProduct | None:
             for module in shapes.values():
                 row = torch.ones(1, module.in_features, device=module.weight.device)
                 expected = module.weight.float().sum(-1).unsqueeze(0)  # the same sums, in another order
-                if not torch.allclose(kernel(row, module.weight.detach()), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())):
-                    raise RuntimeError(f"the compiled one-row product differs from torch's on a {tuple(module.weight.shape)} weight")
+                tolerance = 1e-4 * float(expected.abs().max())
+                if not torch.allclose(kernel(row, module.weight.detach()), expected, rtol=1e-4, atol=tolerance):
+                    shape = tuple(module.weight.shape)
+                    raise RuntimeError(f"the compiled one-row product differs from torch's on a {shape} weight")
     except Exception as exc:  # inductor raises many types (no compiler, a failed build); all mean: run eager
         log.warning("compiling the one-row product for bf16-stored weights failed, decode steps run eager "
                     "bf16 linears instead (slower): %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

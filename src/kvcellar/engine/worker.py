@@ -7,7 +7,7 @@ no forward pass ever runs concurrently with another. It also loads the model
 and runs every load-time computation (the row-invariance check, compiling
 kernels): torch's OpenMP keeps a team of threads per thread that computes,
 and a second team, left by compute on another thread, competes with the
-worker's for the cores (a decode step ran 20% slower so).
+worker's for the cores.
 """
 
 from __future__ import annotations
