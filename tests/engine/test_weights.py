@@ -81,23 +81,25 @@ def test_values_bf16_cannot_hold_stay_fp32(tiny_fp32_dirs) -> None:
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, 0.5, 2.0, -3.0]] * 3))
         layer.weight[1, 1] = 1.0 + 2**-12  # one value between two bf16 numbers
-    assert store_weights_in_bf16(nn.Sequential(layer), compile_one_row=False).num_fp32 == 1
+    assert store_weights_in_bf16(nn.Sequential(layer), None).num_fp32 == 1
     assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32
 
 
-def _stored_linear(compile_one_row: bool) -> Bf16StoredLinear:
+def _stored_linear(kernel_dir) -> Bf16StoredLinear:
     torch.manual_seed(0)
     layer = nn.Linear(64, 48)
     with torch.no_grad():
         layer.weight.copy_(layer.weight.to(torch.bfloat16).float())
-    store_weights_in_bf16(nn.Sequential(layer), compile_one_row=compile_one_row)
+    store_weights_in_bf16(nn.Sequential(layer), kernel_dir)
     assert isinstance(layer, Bf16StoredLinear)
     return layer
 
 
-def test_each_pass_length_takes_its_path() -> None:
-    layer = _stored_linear(compile_one_row=True)
+def test_each_pass_length_takes_its_path(tmp_path) -> None:
+    layer = _stored_linear(tmp_path)
     assert layer.one_row is not None
+    assert [file.name for file in tmp_path.iterdir()] == [f"one-row-product-torch{torch.__version__}.pt2"]
+    assert _stored_linear(tmp_path).one_row is not None  # loaded from the package the first one built
     weight, bias = layer.weight.float(), layer.bias
     with torch.inference_mode():
         long = torch.randn(2, FP32_WEIGHTS_FROM_ROWS // 2, 64)  # 16 rows in all: fp32, bit for bit
@@ -113,18 +115,16 @@ def _bf16_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return nn.functional.linear(x.to(torch.bfloat16), layer.weight).float() + layer.bias
 
 
-def test_a_failed_compile_falls_back_to_bf16_linears_with_one_warning(monkeypatch, caplog) -> None:
-    # Isolates the fallback: torch.compile is replaced by one whose kernels fail, as without a C++ compiler.
-    def broken(function, **options):
-        def run(*args):
-            raise RuntimeError("InductorError: CppCompileError: no C++ compiler found\nlong build log")
-        return run
+def test_a_failed_build_falls_back_to_bf16_linears_with_one_warning(monkeypatch, caplog, tmp_path) -> None:
+    # Isolates the fallback: building the kernel fails, as it does without a C++ compiler.
+    def broken(kernel_dir):
+        raise RuntimeError("InductorError: CppCompileError: no C++ compiler found\nlong build log")
 
-    monkeypatch.setattr(weights.torch, "compile", broken)
+    monkeypatch.setattr(weights, "_load_or_build", broken)
     with caplog.at_level(logging.WARNING, logger="kvcellar.engine.weights"):
-        layer = _stored_linear(compile_one_row=True)
+        layer = _stored_linear(tmp_path)
     assert layer.one_row is None
-    assert caplog.text.count("compiling the one-row product") == 1 and "no C++ compiler found" in caplog.text
+    assert caplog.text.count("building the one-row kernel") == 1 and "no C++ compiler found" in caplog.text
     assert "long build log" not in caplog.text
     with torch.inference_mode():
         row = torch.randn(1, 64)

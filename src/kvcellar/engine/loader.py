@@ -275,9 +275,7 @@ def _store_weights(model: torch.nn.Module, dtype: str, device: torch.device, tor
     wanted = dtype == "float32-bf16-weights" or (dtype == "auto" and device.type == "cpu" and torch_dtype == torch.float32)
     if not wanted:
         return None
-    # inductor's artifacts beside the cache, not in /tmp: a restart finds the compiled kernel (a user's value wins)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(kvcellar_home() / "inductor"))
-    stored = store_weights_in_bf16(model)
+    stored = store_weights_in_bf16(model, kvcellar_home() / "kernels")
     if stored.num_fp32:
         log.info("%d weights are not bf16 values and stay in fp32", stored.num_fp32)
     return torch.bfloat16 if stored.num_bf16 else None

@@ -12,8 +12,8 @@ is stored once, in bf16, and a linear layer:
   prefill): the same values and the same fp32 kernel as an fp32 model, so the
   prefill's K/V and hidden states are bit-identical to it (the upcast costs
   one read of the weight per pass, small next to the pass's arithmetic);
-- for one row (a decode step) runs a kernel that torch.compile (inductor)
-  generates from `_one_row_product`: each bf16 weight is read once and
+- for one row (a decode step) runs a kernel that AOTInductor (torch.export
+  and inductor, ahead of time) builds from `_OneRowProduct`: each bf16 weight is read once and
   widened in registers, the sum is fp32 and so are the activations, half the
   bytes of an fp32 weight read. Eager torch has no such mixed kernel: a bf16
   `linear` would round the activations and the output to bf16 and, with
@@ -28,18 +28,23 @@ tied embedding shares the bf16 copy when it is a plain `nn.Embedding` (its
 lookup is exact and is upcast on the way out); any other owner (a scaled
 embedding) keeps the weight in fp32 for all of them.
 
-Operations: `store_weights_in_bf16(model, compile_one_row) -> StoredWeights`.
-The compiled kernel is built and run once per weight shape while the model
-loads, so no request pays for compiling; inductor keeps its artifacts in a
-cache folder (`KVCELLAR_HOME/inductor`, set by the loader), so a restart
-does not compile again.
+Operations: `store_weights_in_bf16(model, kernel_dir) -> StoredWeights`.
+The kernel (sizes symbolic: one for every weight shape) is built once per
+torch version into `kernel_dir` (the loader passes `$KVCELLAR_HOME/kernels`)
+and loaded from there after, then checked on each weight shape while the
+model loads, so no request pays for it. Built ahead of time rather than
+through `torch.compile`: a compiled function's Python wrapper costs more per
+call than the product of a small weight, and a restart would trace it again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -52,23 +57,23 @@ log = logging.getLogger(__name__)
 OneRowProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _one_row_product(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """row [1, in] fp32, weight [out, in] bf16 -> [1, out] fp32: written for inductor to fuse into one pass."""
-    return (weight.float() * row).sum(-1).unsqueeze(0)
+class _OneRowProduct(nn.Module):
+    def forward(self, row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """row [1, in] fp32, weight [out, in] bf16 -> [1, out] fp32: written for inductor to fuse into one pass."""
+        return (weight.float() * row).sum(-1).unsqueeze(0)
 
 
 class Bf16StoredLinear(nn.Linear):
     """An `nn.Linear` whose weight is stored in bf16 and whose inputs and outputs are fp32 (see the module doc)."""
 
-    one_row: OneRowProduct | None = None  # the compiled kernel, shared by every layer; None: bf16 linear
+    one_row: OneRowProduct | None = None  # the built kernel, shared by every layer; None: bf16 linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows >= FP32_WEIGHTS_FROM_ROWS:
             return functional.linear(x, self.weight.float(), self.bias)
         if rows == 1 and self.one_row is not None:
-            # A plain tensor, not the Parameter: dynamo keeps a Parameter's sizes static (a graph per shape).
-            output = self.one_row(x.reshape(1, self.in_features), self.weight.detach())
+            output = self.one_row(x.reshape(1, self.in_features).contiguous(), self.weight)
             output = output.view(*x.shape[:-1], self.out_features)
         else:
             output = functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
@@ -94,10 +99,10 @@ def _convertible(module: nn.Module) -> bool:
     return type(module) in (nn.Linear, nn.Embedding)
 
 
-def store_weights_in_bf16(model: nn.Module, compile_one_row: bool = True) -> StoredWeights:
+def store_weights_in_bf16(model: nn.Module, kernel_dir: Path | None) -> StoredWeights:
     """Store the fp32 weights of `model`'s linear layers (and plain embeddings) in bf16 where that is exact.
 
-    `compile_one_row`: build the one-row kernel (False: one-row passes use a bf16 linear).
+    `kernel_dir`: where the one-row kernel is kept (None: one-row passes use a bf16 linear).
     """
     owners: dict[int, list[nn.Module]] = {}
     for module in model.modules():
@@ -124,28 +129,53 @@ def store_weights_in_bf16(model: nn.Module, compile_one_row: bool = True) -> Sto
         num_bf16 += 1
         bytes_saved += weight.numel() * 2
     linears = [module for module in model.modules() if isinstance(module, Bf16StoredLinear)]
-    kernel = _compiled_one_row(linears) if compile_one_row and linears else None
+    kernel = _one_row_kernel(linears, kernel_dir) if kernel_dir is not None and linears else None
     for module in linears:
         module.one_row = kernel
     return StoredWeights(num_bf16, num_fp32, bytes_saved, compiled=kernel is not None)
 
 
-def _compiled_one_row(linears: list[Bf16StoredLinear]) -> OneRowProduct | None:
-    """`_one_row_product` compiled (sizes symbolic: one kernel for every shape) and run on each weight shape."""
-    kernel = torch.compile(_one_row_product, dynamic=True)
-    shapes = {module.weight.shape: module for module in linears}
+_MIN_SIZE = 2  # torch.export treats sizes 0 and 1 as constants: a symbolic size starts at 2
+
+
+def _one_row_kernel(linears: list[Bf16StoredLinear], kernel_dir: Path) -> OneRowProduct | None:
+    """The built kernel, checked on each weight shape; None (with one warning) where it cannot be had."""
+    if any(min(module.weight.shape) < _MIN_SIZE for module in linears):
+        log.warning("a linear layer has fewer than %d inputs or outputs: decode steps run eager bf16 linears", _MIN_SIZE)
+        return None
     try:
+        kernel = _load_or_build(kernel_dir)
         with torch.inference_mode():
-            for module in shapes.values():
+            for module in {module.weight.shape: module for module in linears}.values():
                 row = torch.ones(1, module.in_features, device=module.weight.device)
                 expected = module.weight.float().sum(-1).unsqueeze(0)  # the same sums, in another order
                 tolerance = 1e-4 * float(expected.abs().max())
-                if not torch.allclose(kernel(row, module.weight.detach()), expected, rtol=1e-4, atol=tolerance):
+                if not torch.allclose(kernel(row, module.weight), expected, rtol=1e-4, atol=tolerance):
                     shape = tuple(module.weight.shape)
-                    raise RuntimeError(f"the compiled one-row product differs from torch's on a {shape} weight")
-    except Exception as exc:  # inductor raises many types (no compiler, a failed build); all mean: run eager
-        log.warning("compiling the one-row product for bf16-stored weights failed, decode steps run eager "
+                    raise RuntimeError(f"the one-row kernel differs from torch's product on a {shape} weight")
+    except Exception as exc:  # export and inductor raise many types (no compiler, a failed build); all mean: run eager
+        log.warning("building the one-row kernel for bf16-stored weights failed, decode steps run eager "
                     "bf16 linears instead (slower): %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
     return kernel
 
+
+def _load_or_build(kernel_dir: Path) -> OneRowProduct:
+    """The kernel package of this torch version in `kernel_dir`, built there first if it is not."""
+    import torch._inductor  # noqa: F401  (not imported with torch)
+
+    package = kernel_dir / f"one-row-product-torch{torch.__version__}.pt2"
+    if not package.is_file():
+        log.info("building the one-row kernel for bf16-stored weights (once per torch version): %s", package)
+        kernel_dir.mkdir(parents=True, exist_ok=True)
+        inputs, outputs = torch.export.Dim("inputs", min=_MIN_SIZE), torch.export.Dim("outputs", min=_MIN_SIZE)
+        example = (torch.ones(1, 64), torch.ones(48, 64, dtype=torch.bfloat16))
+        program = torch.export.export(_OneRowProduct(), example, dynamic_shapes=({1: inputs}, {0: outputs, 1: inputs}))
+        handle, partial = tempfile.mkstemp(dir=kernel_dir, prefix="partial-", suffix=".pt2")  # AOTI wants .pt2
+        os.close(handle)
+        try:  # built beside its name and renamed: a process that loads it never sees half a file
+            torch._inductor.aoti_compile_and_package(program, package_path=partial)
+            os.replace(partial, package)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+    return torch._inductor.aoti_load_package(str(package))
