@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 from kvcellar.config import (CPU_PREFILL_CHUNK_SIZE, DEFAULT_BLOCK_SIZE, LOG_LEVELS, PREFILL_SCHEDULES, CacheConfig, EngineConfig, ServerSettings,
                              parse_size, size_text)  # fmt: skip
-from kvcellar.bench.config import BenchConfig
 from kvcellar.errors import KvcellarError
 
 
@@ -75,7 +74,6 @@ def _env_bool(name: str, default: bool) -> bool:
 _CACHE = CacheConfig()  # the defaults of every cache option below
 _SERVER = ServerSettings()
 _ENGINE = {f.name: f.default for f in dataclasses.fields(EngineConfig) if f.default is not dataclasses.MISSING}
-_BENCH_MAX_TOKENS = next(f.default for f in dataclasses.fields(BenchConfig) if f.name == "max_tokens")
 
 
 def _on_off(value: bool) -> str:
@@ -438,8 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--api-key", default=_env("bench_api_key", None), help="API key for --url")
     bench.add_argument("--out", default=_env("bench_out", "bench-out/bench"), help="output folder")
     bench.add_argument("--keep-cache", action="store_true", help="keep the disk tiers' files after the run")
-    bench.add_argument("--max-tokens", type=int, default=_BENCH_MAX_TOKENS,
-                       help=f"tokens generated per request (total latency = TTFT + decode; default {_BENCH_MAX_TOKENS})")
+    from kvcellar.bench.config import BenchConfig  # imported when the parser is built, as the suites are
+
+    max_tokens = next(f.default for f in dataclasses.fields(BenchConfig) if f.name == "max_tokens")
+    bench.add_argument("--max-tokens", type=int, default=max_tokens,
+                       help=f"tokens generated per request (total latency = TTFT + decode; default {max_tokens})")
     bench.add_argument("--seed", type=int, default=0, help="seed of the synthetic token-id prompts")
     bench.add_argument("--max-token-id", type=int, default=8000, help="prompts use token ids in [100, this)")
     bench.add_argument("--same-process", action="store_true", help="run every phase in this process (faster; memory peaks mix)")

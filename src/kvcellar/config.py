@@ -26,7 +26,7 @@ from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # "float32-bf16-weights": fp32 activations and K/V, weights stored in bf16 where bf16 holds them exactly
-# (engine/weights.py); "auto" picks it on a CPU without bf16 instructions for a 16-bit checkpoint.
+# (engine/weights.py); "auto" picks it on a CPU without bf16 instructions (other weights stay fp32).
 DTYPES = ("auto", "bfloat16", "float16", "float32", "float32-bf16-weights")
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
                   "fp32-bf16w": "float32-bf16-weights"}  # fmt: skip
@@ -87,7 +87,7 @@ PREFILL_SCHEDULES = ("auto", "fixed", "row-invariant")
 # Fewer rows than this take other matrix kernels on the CPUs measured (docs/configuration.md).
 ROW_INVARIANT_MIN_ROWS = 16
 # With weights stored in bf16 (DTYPES), a pass of at least this many rows multiplies them upcast to fp32
-# (a prefill: bit-identical to an fp32 model); a shorter one (a decode step) multiplies them in bf16, the
+# (a prefill: bit-identical to an fp32 model); a shorter one (a decode step) reads them as bf16, the
 # bytes a memory-bound step reads halved. Equal to ROW_INVARIANT_MIN_ROWS so that a row-invariant
 # prefill never takes the bf16 path.
 FP32_WEIGHTS_FROM_ROWS = ROW_INVARIANT_MIN_ROWS

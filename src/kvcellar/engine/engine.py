@@ -46,7 +46,6 @@ class Engine:
     """Load once, then generate. Thread-safe: requests from any thread queue to the model's worker."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         # Everything that computes with the model runs on its worker thread, loading included (worker.py).
         self._worker = ModelWorker(lambda: self._set_up(config))
         # An engine nobody closed is closed at interpreter exit: the worker thread stops before torch

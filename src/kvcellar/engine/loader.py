@@ -276,6 +276,6 @@ def _store_weights(model: torch.nn.Module, dtype: str, device: torch.device, tor
     if not wanted:
         return None
     stored = store_weights_in_bf16(model, kvcellar_home() / "kernels")
-    if stored.num_fp32:
-        log.info("%d weights are not bf16 values and stay in fp32", stored.num_fp32)
+    log.info("%d weights stored in bf16 (%.2f GB saved), %d stay in fp32 (not bf16 values)",
+             stored.num_bf16, stored.bytes_saved / 1e9, stored.num_fp32)  # fmt: skip
     return torch.bfloat16 if stored.num_bf16 else None

@@ -13,12 +13,12 @@ is stored once, in bf16, and a linear layer:
   prefill's K/V and hidden states are bit-identical to it (the upcast costs
   one read of the weight per pass, small next to the pass's arithmetic);
 - for one row (a decode step) runs a kernel that AOTInductor (torch.export
-  and inductor, ahead of time) builds from `_OneRowProduct`: each bf16 weight is read once and
-  widened in registers, the sum is fp32 and so are the activations, half the
+  and inductor, ahead of time) builds from `_OneRowProduct`: each bf16
+  weight is read once and widened in registers, the sum is fp32 and so are the activations, half the
   bytes of an fp32 weight read. Eager torch has no such mixed kernel: a bf16
   `linear` would round the activations and the output to bf16 and, with
-  bf16 arithmetic emulated, runs slower. If compiling fails (no C++ compiler),
-  one warning, and one-row passes take the path below;
+  bf16 arithmetic emulated, runs slower. If building it fails (no C++
+  compiler), one warning, and one-row passes take the path below;
 - multiplies it in bf16 for 2 to `FP32_WEIGHTS_FROM_ROWS` - 1 rows (a short
   prompt tail): the activations rounded to bf16, the output upcast back.
 
@@ -91,7 +91,6 @@ class StoredWeights:
     num_bf16: int
     num_fp32: int
     bytes_saved: int
-    compiled: bool  # whether one-row passes run the compiled kernel
 
 
 def _convertible(module: nn.Module) -> bool:
@@ -132,7 +131,7 @@ def store_weights_in_bf16(model: nn.Module, kernel_dir: Path | None) -> StoredWe
     kernel = _one_row_kernel(linears, kernel_dir) if kernel_dir is not None and linears else None
     for module in linears:
         module.one_row = kernel
-    return StoredWeights(num_bf16, num_fp32, bytes_saved, compiled=kernel is not None)
+    return StoredWeights(num_bf16, num_fp32, bytes_saved)
 
 
 _MIN_SIZE = 2  # torch.export treats sizes 0 and 1 as constants: a symbolic size starts at 2

@@ -41,7 +41,8 @@ def build_prefix_cache(
     config: EngineConfig,
 ) -> tuple[ModelPrefixCache | DisabledPrefixCache, CacheRegistry]:
     """The engine's prefix cache for a model (its transformers config and layer kinds (`inspect_layout`),
-    where it runs, its dtype as `LoadedModel.precision` names it, its weights' fingerprint); `config.prefill_chunk_size` as the engine resolved it."""
+    where it runs, its dtype as `LoadedModel.precision` names it, its weights' fingerprint);
+    `config.prefill_chunk_size` as the engine resolved it."""
     cache_config = config.cache
     if not cache_config.enabled or not layout.is_cacheable:
         reason = "disabled by configuration" if not cache_config.enabled else layout.uncacheable_reason
