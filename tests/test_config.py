@@ -26,17 +26,29 @@ def test_config_dataclasses_take_keywords_only() -> None:
     assert EngineConfig("model", device="cpu").device == "cpu"
 
 
-def test_block_size_is_left_to_the_engine_unless_given() -> None:
+def test_block_size_and_exact_mode_are_left_to_the_engine_unless_given() -> None:
     config = EngineConfig("model", device="auto")
-    assert config.block_size is None
-    assert config.with_block_size("cuda").block_size == default_block_size("cuda") == 2048
-    assert EngineConfig("model", block_size=64).with_block_size("cuda").block_size == 64
+    assert config.block_size is None and config.cache.exact is None
+    cpu = config.resolved("cpu")
+    assert (cpu.block_size, cpu.cache.exact) == (256, True)
+    # A GPU: near mode, small blocks sliced out of long passes; long blocks where each pass is one block.
+    cuda = config.resolved("cuda")
+    assert (cuda.block_size, cuda.cache.exact) == (256, False)
+    assert config.resolved("cuda", only_full_attention=False).block_size == 2048
+    exact = EngineConfig("model", cache=CacheConfig(exact=True)).resolved("cuda")
+    assert (exact.block_size, exact.cache.exact) == (2048, True)
+    uncached = EngineConfig("model", cache=CacheConfig(enabled=False, exact=True)).resolved("cuda")
+    assert uncached.block_size == 256  # no exact-mode cache: nothing needs one-block passes
+    assert EngineConfig("model", block_size=64).resolved("cuda").block_size == 64
+    assert EngineConfig("model", cache=CacheConfig(exact=False)).resolved("cpu").cache.exact is False
     with pytest.raises(ValueError, match="no default block size for device type 'auto'"):
         default_block_size("auto")
+    with pytest.raises(ValueError, match="exact must be True, False or None"):
+        CacheConfig(exact="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"multiple of the block size \(16\), got 40"):
         EngineConfig("model", block_size=16, prefill_chunk_size=40)
     with pytest.raises(ValueError, match=r"multiple of the block size \(256\), got 40"):
-        EngineConfig("model", prefill_chunk_size=40).with_block_size("cpu")
+        EngineConfig("model", prefill_chunk_size=40).resolved("cpu")
     with pytest.raises(ValueError, match="block_size must be between 1 and 65536"):
         EngineConfig("model", block_size=True)
 

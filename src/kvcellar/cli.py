@@ -16,8 +16,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from kvcellar.config import (CPU_PREFILL_CHUNK_SIZE, DEFAULT_BLOCK_SIZE, LOG_LEVELS, PREFILL_SCHEDULES, CacheConfig, EngineConfig, ServerSettings,
-                             parse_size, size_text)  # fmt: skip
+from kvcellar.config import (DEFAULT_BLOCK_SIZE, DEFAULT_EXACT, LOG_LEVELS, ONE_BLOCK_PASS_BLOCK_SIZE, PREFILL_CHUNK_SIZE,
+                             PREFILL_SCHEDULES, CacheConfig, EngineConfig, ServerSettings, parse_size, size_text)  # fmt: skip
 from kvcellar.errors import KvcellarError
 
 
@@ -66,7 +66,7 @@ def _version() -> str:
         return __version__
 
 
-def _env_bool(name: str, default: bool) -> bool:
+def _env_bool(name: str, default: bool | None) -> bool | None:
     value = _env(name, None)
     return default if value is None else str(value).lower() in ("1", "true", "yes", "on")
 
@@ -90,13 +90,14 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default=_env("dtype", _ENGINE["dtype"]), help=f"auto, bf16, fp16, fp32 (default: {_ENGINE['dtype']})")
     block = _env("block_size", None)
     group.add_argument("--block-size", type=int, default=int(block) if block else None,
-                       help=f"cache block, in tokens (default: {DEFAULT_BLOCK_SIZE['cpu']} on CPU, "
-                            f"{DEFAULT_BLOCK_SIZE['cuda']} on CUDA)")
+                       help=f"cache block, in tokens (default: {DEFAULT_BLOCK_SIZE['cpu']}; on CUDA "
+                            f"{ONE_BLOCK_PASS_BLOCK_SIZE['cuda']} with --exact or for models with sliding-window or "
+                            "recurrent layers)")
     chunk = _env("prefill_chunk_size", None)
     group.add_argument("--prefill-chunk-size", type=int, default=int(chunk) if chunk else None,
-                       help=f"tokens per prefill forward pass, a multiple of the block size (default: one block; "
-                            f"{CPU_PREFILL_CHUNK_SIZE} on CPU with --no-exact or --no-cache, for models with only "
-                            "full-attention layers)")
+                       help="the longest prefill forward pass, in tokens, a multiple of the block size (default: "
+                            f"one block; {PREFILL_CHUNK_SIZE['cpu']} on CPU and {PREFILL_CHUNK_SIZE['cuda']} on CUDA "
+                            "with --no-exact or --no-cache, for models with only full-attention layers)")
     group.add_argument("--prefill-schedule", choices=PREFILL_SCHEDULES, default=_env("prefill_schedule", _ENGINE["prefill_schedule"]),
                        help="how a prefill is cut into forward passes: row-invariant (long passes, exact at every block "
                             "boundary; CPU, full-attention models, checked at start), fixed (aligned to position 0), or "
@@ -107,8 +108,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", _CACHE.max_partial_entries)),
                        help=f"prompt tails kept, 0 disables (default: {_CACHE.max_partial_entries})")
     group.add_argument("--exact", action=argparse.BooleanOptionalAction, default=_env_bool("exact", _CACHE.exact),
-                       help=f"bit-identical output with the cache (default: {_on_off(_CACHE.exact)}); --no-exact also "
-                            "reuses tails and generated tokens")
+                       help=f"bit-identical output with the cache (default: {_on_off(DEFAULT_EXACT['cpu'])} on CPU, "
+                            f"{_on_off(DEFAULT_EXACT['cuda'])} on CUDA); --no-exact also reuses tails and generated tokens")
     group.add_argument("--no-cache", action="store_true", default=_env_bool("no_cache", not _CACHE.enabled),
                        help="turn the prefix cache off")
     group.add_argument("--cache-dir", default=_env("cache_dir", None),
@@ -252,11 +253,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sizes = replace(sizes, repeats=args.repeats) if args.repeats else sizes
     names = lambda text: tuple(x.strip() for x in text.split(",") if x.strip()) if text else None  # noqa: E731
     engine = None
-    if args.url is None:  # the bench sizes its prompts by the block: resolve the device's default now
-        from kvcellar.engine.loader import device_type
+    if args.url is None:  # the bench sizes its prompts by the block: resolve the device's defaults now
+        from kvcellar.engine.loader import device_type, has_only_full_attention
 
         engine = _engine_config(args)
-        engine = engine.with_block_size(device_type(engine.device))
+        engine = engine.resolved(device_type(engine.device), has_only_full_attention(engine.model))
     block = engine.block_size if engine is not None else (args.block_size or DEFAULT_BLOCK_SIZE["cpu"])
     run_bench(BenchConfig(
         out_dir=args.out, engine=engine, url=args.url, api_key=args.api_key,

@@ -68,16 +68,25 @@ def size_text(num_bytes: int) -> str:
     return str(num_bytes)
 
 
-# Default block per device, chosen by measurement (figures: docs/benchmarks.md). On a CPU the block is
-# small so that exact mode reuses a chat fine-grained (a chat prompt shorter than a block reuses
-# nothing); without an exact-mode cache the prefill runs 1024-token chunks where the model allows
-# (engine/prefill.py), since fewer, longer forwards prefill faster; in exact mode one block, so that a
-# growing chat is not prefilled twice. A GPU pays a fixed kernel-launch cost per forward and wants
-# long kernels, so its block is long.
-DEFAULT_BLOCK_SIZE = {"cpu": 256, "mps": 256, "cuda": 2048}
-# Prefill chunk on a CPU without an exact-mode cache, for models whose layers are all full attention
-# (engine/prefill.py says why longer chunks are faster there and why not in exact mode).
-CPU_PREFILL_CHUNK_SIZE = 1024
+# Default block per device, chosen by measurement (figures: docs/benchmarks.md). Small, so that a chat
+# or an agent loop reuses fine-grained (a prompt shorter than a block reuses nothing). Where a prefill
+# pass may span many blocks (the blocks are sliced out of it: only full-attention layers, and no
+# exact-mode cache, or the row-invariant schedule on a CPU) the block does not set the pass length.
+# Where each pass must be one block (exact mode on a GPU; sliding-window or recurrent layers, whose
+# state cannot be handed over at a block end inside a pass), a GPU, which pays a fixed launch cost per
+# forward and wants long passes, takes the long block of ONE_BLOCK_PASS_BLOCK_SIZE instead.
+DEFAULT_BLOCK_SIZE = {"cpu": 256, "mps": 256, "cuda": 256}
+ONE_BLOCK_PASS_BLOCK_SIZE = {"cuda": 2048}
+# Exact mode (bit-identical output with the cache) by default where it costs a prefill nothing
+# measurable: on a CPU through the row-invariant schedule. On a GPU the attention kernels round a row
+# differently with the pass it falls in, so exactness there needs one-block passes through a slower
+# kernel; near mode (equal within rounding, as every peer's prefix cache) is the default there
+# (docs/configuration.md, "Exact and near reuse").
+DEFAULT_EXACT = {"cpu": True, "mps": True, "cuda": False}
+# Prefill pass without an exact-mode cache, for models whose layers are all full attention
+# (engine/prefill.py says why longer passes are faster and why not in exact mode). A device not
+# listed prefills one block per pass.
+PREFILL_CHUNK_SIZE = {"cpu": 1024, "cuda": 32768}
 # How a prefill is cut into forward passes (engine/prefill.py): "fixed", the schedule aligned to position 0
 # that makes exact mode bit-identical by construction; "row-invariant", passes of up to the prefill chunk
 # starting at any block boundary, exact where the machine's kernels round a row alike in any pass of at least
@@ -93,14 +102,24 @@ ROW_INVARIANT_MIN_ROWS = 16
 FP32_WEIGHTS_FROM_ROWS = ROW_INVARIANT_MIN_ROWS
 
 
-def default_block_size(device_type: str) -> int:
+def default_block_size(device_type: str, one_block_passes: bool = False) -> int:
     """The block size used when none is given, for a resolved device type: "cpu", "cuda" or "mps".
 
-    "auto" is not a device type: the engine resolves it when the model loads (engine/loader.py).
+    `one_block_passes`: each prefill pass must be one block (see DEFAULT_BLOCK_SIZE). "auto" is not a
+    device type: the engine resolves it when the model loads (engine/loader.py).
     """
     if device_type not in DEFAULT_BLOCK_SIZE:
         raise ValueError(f"no default block size for device type {device_type!r}: use one of {', '.join(DEFAULT_BLOCK_SIZE)}")
+    if one_block_passes:
+        return ONE_BLOCK_PASS_BLOCK_SIZE.get(device_type, DEFAULT_BLOCK_SIZE[device_type])
     return DEFAULT_BLOCK_SIZE[device_type]
+
+
+def default_exact(device_type: str) -> bool:
+    """Whether a cache with `exact=None` runs in exact mode on this device type (DEFAULT_EXACT)."""
+    if device_type not in DEFAULT_EXACT:
+        raise ValueError(f"no default reuse mode for device type {device_type!r}: use one of {', '.join(DEFAULT_EXACT)}")
+    return DEFAULT_EXACT[device_type]
 
 
 def normalize_dtype(dtype: str) -> str:
@@ -114,17 +133,19 @@ def normalize_dtype(dtype: str) -> str:
 class CacheConfig:
     """The prefix cache of one engine.
 
-    `exact`: reuse only state produced on the fixed, block-aligned prefill
-    schedule, so output with the cache is bit-identical to output without it.
-    Off, partial blocks, prompt tails and decode-produced KV are reused too
-    (equal within rounding, and a shorter time to first token on multi-turn
-    chats). docs/configuration.md explains the trade-off.
+    `exact`: reuse only state that a prefill without the cache would have
+    computed bit for bit, so output with the cache is bit-identical to output
+    without it. Off (near mode), partial blocks, prompt tails and
+    decode-produced KV are reused too (equal within rounding, and a shorter
+    time to first token on multi-turn chats). None: the device's default,
+    `DEFAULT_EXACT` (on for CPUs, off for CUDA), resolved when the model
+    loads. docs/configuration.md explains the trade-off.
     """
 
     enabled: bool = True
     device_cache_bytes: int = 2 * 1024**3
     max_partial_entries: int = 16
-    exact: bool = True
+    exact: bool | None = None
     eviction_policy: str = DEFAULT_EVICTION_POLICY
     tenant_salt: str = ""
     # Persistent and host tiers. The disk tier exists only with a cache_dir; the host tier only
@@ -146,6 +167,8 @@ class CacheConfig:
             value = getattr(self, name)
             if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be a byte count >= 0, e.g. parse_size('4G') (got {value!r})")
+        if self.exact is not None and not isinstance(self.exact, bool):
+            raise ValueError(f"exact must be True, False or None (the device's default), got {self.exact!r}")
         if self.disk_write_queue_bytes == 0:
             raise ValueError("disk_write_queue_bytes must be > 0: the disk tier writes through this queue")
         if isinstance(self.cache_dir, os.PathLike):
@@ -174,15 +197,14 @@ class EngineConfig:
     too) or float32-bf16-weights (fp32 compute, 16-bit weight storage:
     engine/weights.py). Both "auto"s are resolved when the model loads (engine/loader.py).
     `block_size` is the cache block. None: the default of the device the
-    model loads on (`DEFAULT_BLOCK_SIZE`). `prefill_chunk_size` (a multiple
-    of it) is the prefill's forward pass: chunks aligned to absolute position
-    0 up to the prompt's last whole chunk, then one block at a time, which is
-    what makes a restored prefix bit-identical to a cold prefill
-    (cache/layout.py). None: `CPU_PREFILL_CHUNK_SIZE` on a CPU without an
-    exact-mode cache for models whose layers are all full attention, else
-    one block. `prefill_schedule`: one of `PREFILL_SCHEDULES` (see there).
-    `Engine.config` holds the values the engine resolved (a concrete block
-    size, chunk and schedule); device and dtype stay as asked.
+    model loads on (`default_block_size`). `prefill_chunk_size` (a multiple
+    of it) is the prefill's longest forward pass (engine/prefill.py). None:
+    `PREFILL_CHUNK_SIZE` of the device without an exact-mode cache for
+    models whose layers are all full attention, else one block (on a CPU the
+    row-invariant schedule's own). `prefill_schedule`: one of
+    `PREFILL_SCHEDULES` (see there). `Engine.config` holds the values the
+    engine resolved (`resolved`, then the schedule's: a concrete block size,
+    exact mode, chunk and schedule); device and dtype stay as asked.
     """
 
     model: str
@@ -212,11 +234,16 @@ class EngineConfig:
         if self.num_threads is not None and (not is_int(self.num_threads) or self.num_threads < 1):
             raise ValueError(f"num_threads must be >= 1 (got {self.num_threads!r})")
 
-    def with_block_size(self, device_type: str) -> EngineConfig:
-        """This config with `block_size` set: as given, or the default of `device_type` (checked again)."""
-        if self.block_size is not None:
-            return self
-        return dataclasses.replace(self, block_size=default_block_size(device_type))
+    def resolved(self, device_type: str, only_full_attention: bool = True) -> EngineConfig:
+        """This config with the defaults of `device_type` filled in (checked again): the cache's exact
+        mode, then the block size, which is long on a GPU where each pass must be one block (an
+        exact-mode cache, or `only_full_attention` False: the model has sliding-window or recurrent layers)."""
+        cache = self.cache
+        if cache.exact is None:
+            cache = dataclasses.replace(cache, exact=default_exact(device_type))
+        one_block_passes = (cache.enabled and cache.exact and device_type != "cpu") or not only_full_attention
+        block = self.block_size or default_block_size(device_type, one_block_passes)
+        return dataclasses.replace(self, cache=cache, block_size=block)
 
 
 @dataclass(frozen=True, kw_only=True)

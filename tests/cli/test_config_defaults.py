@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvcellar import cli
-from kvcellar.config import (CPU_PREFILL_CHUNK_SIZE, DEFAULT_BLOCK_SIZE, CacheConfig, EngineConfig, ServerSettings,
-                             size_text)  # fmt: skip
+from kvcellar.config import (DEFAULT_BLOCK_SIZE, DEFAULT_EXACT, ONE_BLOCK_PASS_BLOCK_SIZE, PREFILL_CHUNK_SIZE, CacheConfig,
+                             EngineConfig, ServerSettings, size_text)  # fmt: skip
 from kvcellar.models.demo import kvcellar_home
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -67,7 +67,8 @@ def _on_off(value: bool) -> str:
 EXPECTED = {
     "--device": f"`{ENGINE.device}`",
     "--dtype": f"`{ENGINE.dtype}`",
-    "--block-size": f"{DEFAULT_BLOCK_SIZE['cpu']} on CPU, {DEFAULT_BLOCK_SIZE['cuda']} on CUDA",
+    "--block-size": f"{DEFAULT_BLOCK_SIZE['cpu']}; on CUDA {ONE_BLOCK_PASS_BLOCK_SIZE['cuda']} with `--exact` or for models "
+                    "with sliding-window or recurrent layers",
     "--device-cache-size": f"`{size_text(CACHE.device_cache_bytes)}`",
     "--disk-cache-size": f"`{size_text(CACHE.disk_cache_bytes)}`",
     "--disk-tier": _on_off(CACHE.use_disk_tier),
@@ -77,7 +78,7 @@ EXPECTED = {
     "--host-cache-size": f"`{size_text(CACHE.host_cache_bytes)}`",
     "--host-tier": _on_off(CACHE.use_host_tier),
     "--tail-cache-entries": str(CACHE.max_partial_entries),
-    "--exact": _on_off(CACHE.exact),
+    "--exact": f"{_on_off(DEFAULT_EXACT['cpu'])} on CPU, {_on_off(DEFAULT_EXACT['cuda'])} on CUDA",
     "--prefill-schedule": f"`{ENGINE.prefill_schedule}`",
     "--no-cache": _on_off(not CACHE.enabled),
     "--log-level": f"`{SERVER.log_level}`",
@@ -92,7 +93,7 @@ DESCRIBED = {
     "--model": "demo model",
     "--threads": "torch default",
     "--cache-dir": "`$KVCELLAR_HOME/kv-cache`",
-    "--prefill-chunk-size": f"one block; {CPU_PREFILL_CHUNK_SIZE} on CPU",
+    "--prefill-chunk-size": f"one block; {PREFILL_CHUNK_SIZE['cpu']} on CPU and {PREFILL_CHUNK_SIZE['cuda']} on CUDA",
     "--api-key": "none",
 }
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from kvcellar import CacheConfig, Engine
-from kvcellar.engine.prefill import chunk_ends
+from kvcellar.engine.loader import has_only_full_attention
+from kvcellar.engine.prefill import chunk_ends, chunk_size_for
 from kvcellar.engine.request import GenerationRequest
 from kvcellar.errors import InvalidRequestError, ModelLoadError
+from kvcellar.kv.layout import inspect_layout
 
 ARCHS = ("qwen3", "gemma3", "qwen3_5")
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n" * 3
@@ -53,11 +55,29 @@ def test_chunks_are_aligned_to_absolute_position_zero():
     assert chunk_ends(0, 128, 16, chunk_size=64) == [64, 128]
     assert chunk_ends(80, 150, 16, chunk_size=64) == [128, 144, 150]  # a restore inside a chunk completes it
     assert chunk_ends(128, 170, 16, chunk_size=64) == [144, 160, 170]
+    # No exact-mode cache (steps_tail False): chunk boundaries only, so a prompt shorter than a chunk is one pass.
+    assert chunk_ends(0, 8192, 256, chunk_size=32768, steps_tail=False) == [8192]
+    assert chunk_ends(0, 150, 16, chunk_size=64, steps_tail=False) == [64, 128, 150]
+    assert chunk_ends(80, 150, 16, extra_cuts=[100], chunk_size=64, steps_tail=False) == [100, 128, 150]
+    assert chunk_ends(20, 40, 16, steps_tail=False) == [32, 40]  # one block per pass still ends passes at block ends
 
 
 def test_prefill_chunk_defaults_to_1024_on_cpu_only_for_full_attention_models(engines):
     # block 16: 1024 is 64 blocks; sliding-window (gemma3) and recurrent (qwen3_5) layers need one chunk per block
     assert {arch: engines[arch].config.prefill_chunk_size for arch in ARCHS} == {"qwen3": 1024, "gemma3": 16, "qwen3_5": 16}
+
+
+def test_the_default_prefill_pass_per_device_and_mode(engines):
+    # No exact-mode cache: long passes where the model allows them, 32K tokens on CUDA (a prompt up to that
+    # long prefills in one pass), 1024 on CPU; one block on MPS and in exact mode on the fixed schedule.
+    layouts = {arch: inspect_layout(engines[arch].loaded.model.config) for arch in ARCHS}
+    assert chunk_size_for(None, 256, layouts["qwen3"], "cuda", exact=False) == 32768
+    assert chunk_size_for(None, 256, layouts["qwen3"], "cpu", exact=False) == 1024
+    assert chunk_size_for(None, 768, layouts["qwen3"], "cpu", exact=False) == 1536  # whole blocks
+    assert chunk_size_for(None, 256, layouts["qwen3"], "mps", exact=False) == 256
+    assert chunk_size_for(None, 2048, layouts["qwen3"], "cuda", exact=True) == 2048
+    assert chunk_size_for(None, 2048, layouts["gemma3"], "cuda", exact=False) == 2048
+    assert chunk_size_for(None, 2048, layouts["qwen3_5"], "cuda", exact=False) == 2048
 
 
 @pytest.mark.parametrize(("cache", "schedule", "chunk", "resolved"), [
@@ -202,3 +222,10 @@ def test_a_cancelled_queued_request_never_runs(engines):
     queued.cancel()  # from this thread, while the first request holds the worker
     assert [e.result.finish_reason for e in queued if e.result] == ["cancelled"]
     assert list(first)[-1].result.finish_reason == "length"
+
+
+def test_the_layout_is_read_from_a_folder_without_loading_weights(tiny_model_dirs, tmp_path):
+    # The bench resolves the block (which depends on it on CUDA) before any model loads.
+    assert {arch: has_only_full_attention(tiny_model_dirs[arch]) for arch in ARCHS} == {
+        "qwen3": True, "gemma3": False, "qwen3_5": False}
+    assert has_only_full_attention(tmp_path / "model.gguf")  # no config: the engine resolves it after loading

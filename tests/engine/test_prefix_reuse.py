@@ -200,6 +200,31 @@ def test_non_exact_reuses_up_to_the_previous_prompt_end(tiny_fp32_dirs):
         cold.close()
 
 
+def test_near_mode_prefills_a_prompt_shorter_than_the_chunk_in_one_pass_and_restores_its_blocks(tiny_fp32_dirs):
+    # Capture is independent of the pass: the blocks a later prompt restores are sliced out of one long pass
+    # (no block steps after the last whole chunk: a 150-token prompt with chunk 256 is one forward).
+    warm, cold = _pair(tiny_fp32_dirs["qwen3"], exact=False, dtype="float32", chunk=256)
+    passes: list[int] = []
+    hook = warm.loaded.model.register_forward_pre_hook(lambda _m, _a, kw: passes.append(kw["input_ids"].shape[1]),
+                                                        with_kwargs=True)  # fmt: skip
+    try:
+        ids = warm.encode(_sentence(9, 100))[0][:150]
+        assert len(ids) == 150
+        _logits(warm, ids)
+        assert passes == [150]
+        passes.clear()
+        follow = ids[:100] + warm.encode(_sentence(11, 20))[0][:40]
+        restored, warm_logits = _logits(warm, follow)
+        assert restored.num_tokens == 100  # the shared tokens (near mode trims the block they diverge in)
+        assert passes == [len(follow) - 100]
+        _, cold_logits = _logits(cold, follow)
+        torch.testing.assert_close(warm_logits, cold_logits, atol=NON_EXACT_ATOL, rtol=0)
+    finally:
+        hook.remove()
+        warm.close()
+        cold.close()
+
+
 def test_generated_blocks_keep_their_true_parents_when_a_store_is_refused(tiny_fp32_dirs):
     from kvcellar.cache import hash_block, hash_blocks
 

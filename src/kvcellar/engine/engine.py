@@ -57,8 +57,8 @@ class Engine:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
-        config = config.with_block_size(self.loaded.device.type)
         layout = inspect_layout(self.loaded.model.config)
+        config = config.resolved(self.loaded.device.type, layout.only_full_attention)
         schedule, chunk = choose_schedule(self.loaded.model, config, layout, self.loaded.device.type)
         self.config = config = replace(config, prefill_chunk_size=chunk, prefill_schedule=schedule)  # as resolved
         self.prefix_cache, self.cache_registry = build_prefix_cache(
@@ -67,7 +67,8 @@ class Engine:
         # The one rule for what prompt runs (the server checks through it too): the embedding's rows are the vocabulary.
         self.limits = PromptLimits(self.loaded.context_length, self.loaded.model.get_input_embeddings().num_embeddings)
         min_rows = ROW_INVARIANT_MIN_ROWS if schedule == "row-invariant" else None
-        return RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows)
+        # An engine with no cache steps like an exact one of the same `exact` setting: it is the reference.
+        return RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows, steps_tail=config.cache.exact)
 
     @classmethod
     def load(cls, model: str, **options: Any) -> Engine:

@@ -83,6 +83,25 @@ def device_type(name: str) -> str:
     return _auto_device().type if name == "auto" else torch.device(name).type
 
 
+def has_only_full_attention(path: str | os.PathLike) -> bool:
+    """Whether every layer of the model at `path` is full attention, from its config alone (no weights
+    loaded), for the defaults that depend on it before a load (EngineConfig.resolved). A GGUF file or
+    a folder whose config transformers cannot read counts as full attention: the engine resolves the
+    same defaults from the loaded model, and a block given explicitly is kept."""
+    from transformers import AutoConfig
+
+    from kvcellar.kv.layout import inspect_layout
+
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        return True
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception:  # transformers raises many types for a config it cannot read; loading will say why
+        return True
+    return inspect_layout(config).only_full_attention
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     if name == "auto":

@@ -6,11 +6,18 @@ one block at a time up to n, plus any extra cut asked for (message
 boundaries in non-exact mode). Why fixed: a cold run and a warm run that
 restored a prefix where the schedule passes then execute the very same
 kernels on the same shapes, which is what makes their logits bit-identical.
+Without an exact-mode cache nothing needs that: the passes end at chunk
+boundaries only (no block steps), and the blocks a later prompt restores are
+sliced out of them.
 
-Why chunks longer than a block (CPU only, `chunk_size_for`): each forward
-pass streams all weights and runs the matrix units at the chunk's row count,
-so on CPUs 1024-token chunks prefill at or below one pass's time where
-one-block chunks do not (`kvcellar bench chunking`; figures in
+Why chunks longer than a block (`chunk_size_for`): each forward pass
+streams all weights and runs the matrix units at the chunk's row count, so on
+CPUs 1024-token chunks prefill at or below one pass's time where one-block
+chunks do not (`kvcellar bench chunking`). A GPU also pays a fixed launch
+cost per kernel, and a pass with no cached prefix runs the plain causal
+attention kernel (cuDNN on Hopper), faster than the bottom-right one a pass
+after a prefix needs: there a prompt of up to 32K tokens prefills in one
+pass. The blocks are sliced out of the pass either way (figures in
 docs/benchmarks.md).
 
 Why not by default in exact mode: there only state produced on this schedule
@@ -47,7 +54,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from kvcellar.cache.reuse import full_chunks_end
-from kvcellar.config import CPU_PREFILL_CHUNK_SIZE
+from kvcellar.config import PREFILL_CHUNK_SIZE
 from kvcellar.kv.layout import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -72,18 +79,19 @@ def cache_argument(model: object, cache: object) -> dict:
 
 
 def chunk_size_for(requested: int | None, block_size: int, layout: ModelLayout, device_type: str, exact: bool) -> int:
-    """The prefill chunk for this model and device: `requested`, or by default one block, except on a CPU
-    with no exact-mode cache (`exact` False), where it is `config.CPU_PREFILL_CHUNK_SIZE` tokens (see the module doc for both).
+    """The prefill chunk for this model and device: `requested`, or by default one block, except with no
+    exact-mode cache (`exact` False) on a device with a `config.PREFILL_CHUNK_SIZE` (CPU, CUDA): that many
+    tokens, rounded up to whole blocks (see the module doc for both).
 
     Longer chunks need every layer to be full attention (a recurrent or sliding-window layer cannot hand
     over its state at a block boundary inside a chunk); otherwise one block, with a warning if asked for more.
     """
-    only_full_attention = layout.is_cacheable and not layout.has_recurrent and layout.smallest_window is None
+    long_pass = PREFILL_CHUNK_SIZE.get(device_type) if not exact else None
     if requested is None:
-        wanted = -(-CPU_PREFILL_CHUNK_SIZE // block_size) * block_size if device_type == "cpu" and not exact else block_size
+        wanted = -(-long_pass // block_size) * block_size if long_pass else block_size
     else:
         wanted = requested
-    if wanted > block_size and not only_full_attention:
+    if wanted > block_size and not layout.only_full_attention:
         if requested is not None:
             log.warning(
                 "prefill chunk of %d tokens ignored: this model's layers (%s) need one chunk per block (%d tokens)",
@@ -93,9 +101,22 @@ def chunk_size_for(requested: int | None, block_size: int, layout: ModelLayout, 
     return wanted
 
 
-def chunk_ends(start: int, end: int, block_size: int, extra_cuts: Iterable[int] = (), chunk_size: int | None = None) -> list[int]:
-    """Sorted chunk end positions in (start, end]: chunk then block boundaries, extra cuts, and `end`."""
+def chunk_ends(
+    start: int, end: int, block_size: int, extra_cuts: Iterable[int] = (), chunk_size: int | None = None,
+    steps_tail: bool = True,
+) -> list[int]:
+    """Sorted chunk end positions in (start, end]: chunk then block boundaries, extra cuts, and `end`.
+
+    `steps_tail` False (no exact-mode cache: nothing needs a later, longer prompt to pass where this one
+    did): no block steps after the last whole chunk, only chunk boundaries (so one block per pass still
+    ends each pass at a block end, where a recurrent or sliding-window layer's state is checkpointed).
+    """
     chunk = chunk_size or block_size
+    if not steps_tail:
+        ends = set(range((start // chunk + 1) * chunk, end, chunk))
+        ends.update(cut for cut in extra_cuts if start < cut < end)
+        ends.add(end)
+        return sorted(ends)
     chunks_end = full_chunks_end(end, chunk)
     ends = set(range((start // chunk + 1) * chunk, chunks_end + 1, chunk))
     ends.update(range(max(start, chunks_end) // block_size * block_size + block_size, end, block_size))
@@ -131,11 +152,13 @@ def prefill(
     is_cancelled: Callable[[], bool] = lambda: False,
     chunk_size: int | None = None,
     min_rows: int | None = None,
+    steps_tail: bool = True,
 ) -> torch.Tensor | None:
     """Run tokens [start, len) through `model` into `cache`; return the next-token logits ([vocab]).
 
     `token_ids` is a 1-D tensor on the model's device holding the whole prompt. With `min_rows`, the
-    row-invariant schedule (`invariant_chunk_ends`; no extra cuts), else the fixed one (`chunk_ends`).
+    row-invariant schedule (`invariant_chunk_ends`; no extra cuts), else the fixed one (`chunk_ends`, with
+    `steps_tail`).
     Returns None when cancelled between chunks. Chunks before the last skip the LM head.
     """
     logits = None
@@ -144,7 +167,7 @@ def prefill(
     if min_rows is not None:
         ends = invariant_chunk_ends(start, num_tokens, chunk_size or block_size, min_rows)
     else:
-        ends = chunk_ends(start, num_tokens, block_size, extra_cuts, chunk_size)
+        ends = chunk_ends(start, num_tokens, block_size, extra_cuts, chunk_size, steps_tail)
     for end in ends:
         if is_cancelled():
             return None

@@ -28,13 +28,14 @@ from kvcellar.kv.growing_layer import new_cache
 class RequestRunner:
     def __init__(
         self, loaded: LoadedModel, prefix_cache: ModelPrefixCache | DisabledPrefixCache, block_size: int, chunk_size: int,
-        min_rows: int | None = None,
+        min_rows: int | None = None, steps_tail: bool = True,
     ) -> None:
         self.loaded = loaded
         self.prefix_cache = prefix_cache
         self.block_size = block_size
         self.chunk_size = chunk_size  # prefill chunk, a multiple of block_size (engine/prefill.py)
         self.min_rows = min_rows  # set: the row-invariant schedule (engine/prefill.py), else the fixed one
+        self.steps_tail = steps_tail  # the fixed schedule's block steps after the last chunk (exact mode only)
         self._eos_ids = loaded.eos_token_ids
         # CUDA's caching allocator already reuses freed blocks (and could lend them to other tensors).
         self.kv_buffers = KvBufferPool() if loaded.device.type == "cpu" else None
@@ -60,7 +61,8 @@ class RequestRunner:
         for _ in range(2):
             cache = new_cache(self.loaded.model.config, length, None)  # throwaway: never the pool's buffers
             started = time.perf_counter()
-            prefill(self.loaded.model, cache, ids, 0, self.block_size, chunk_size=self.chunk_size, min_rows=self.min_rows)
+            prefill(self.loaded.model, cache, ids, 0, self.block_size, chunk_size=self.chunk_size, min_rows=self.min_rows,
+                    steps_tail=self.steps_tail)
             if self.loaded.device.type == "cuda":
                 torch.cuda.synchronize(self.loaded.device)
         self.prefix_cache.record_prefill(length, time.perf_counter() - started)
@@ -171,7 +173,7 @@ class RequestRunner:
 
                 cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
                 logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts,
-                                 on_chunk_end, is_cancelled, self.chunk_size, self.min_rows)  # fmt: skip
+                                 on_chunk_end, is_cancelled, self.chunk_size, self.min_rows, self.steps_tail)  # fmt: skip
         if self.loaded.device.type == "cuda":  # kernels run behind the CPU: wait, so prefill_s is the true time
             torch.cuda.synchronize(self.loaded.device)  # (free: sampling the first token waits for them anyway)
         timings.prefill_s = time.perf_counter() - started

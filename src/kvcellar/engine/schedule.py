@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from kvcellar.config import CPU_PREFILL_CHUNK_SIZE, ROW_INVARIANT_MIN_ROWS, EngineConfig
+from kvcellar.config import PREFILL_CHUNK_SIZE, ROW_INVARIANT_MIN_ROWS, EngineConfig
 from kvcellar.engine.attention import use_query_pieces
 from kvcellar.engine.invariance import check_row_invariance
 from kvcellar.engine.prefill import chunk_size_for
@@ -33,7 +33,7 @@ def _why_not(layout: ModelLayout, device_type: str, near: bool) -> str | None:
         return f"it runs on CPUs only (this engine runs on {device_type})"
     if near:
         return "it serves exact mode (the cache is in near mode, where chunks are free already)"
-    if not layout.is_cacheable or layout.has_recurrent or layout.smallest_window is not None:
+    if not layout.only_full_attention:
         return f"it needs every layer to be full attention ({layout.describe() if layout.is_cacheable else 'uncacheable'})"
     return None
 
@@ -47,7 +47,7 @@ def choose_schedule(model: torch.nn.Module, config: EngineConfig, layout: ModelL
     if config.prefill_schedule == "fixed":
         return fixed
     reason = _why_not(layout, device_type, near=config.cache.enabled and not config.cache.exact)
-    chunk = config.prefill_chunk_size or -(-CPU_PREFILL_CHUNK_SIZE // block) * block
+    chunk = config.prefill_chunk_size or -(-PREFILL_CHUNK_SIZE["cpu"] // block) * block
     if reason is None:
         started = time.perf_counter()
         check = check_row_invariance(model, block, chunk, ROW_INVARIANT_MIN_ROWS)

@@ -61,6 +61,11 @@ class ModelLayout:
         windows = [layer.sliding_window for layer in self.layers if layer.sliding_window is not None]
         return min(windows) if windows else None
 
+    @property
+    def only_full_attention(self) -> bool:
+        """Every layer keeps K/V per token: a pass may end anywhere and its blocks be sliced out of it."""
+        return self.is_cacheable and not self.has_recurrent and self.smallest_window is None
+
     def capabilities(self, block_size: int) -> LayoutCapabilities:
         return LayoutCapabilities(block_size=block_size, has_recurrent=self.has_recurrent, sliding_window=self.smallest_window)
 
