@@ -111,6 +111,62 @@ def test_each_pass_length_takes_its_path(tmp_path) -> None:
         assert torch.equal(layer(short), _bf16_linear(short, layer))
 
 
+class _Projections(nn.Module):
+    """Attention's three projections of one input, as transformers' models name them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 32, bias=False), nn.Linear(64, 16, bias=False), nn.Linear(64, 16, bias=False)
+        with torch.no_grad():
+            for layer in (self.q_proj, self.k_proj, self.v_proj):
+                layer.weight.copy_(torch.randn_like(layer.weight).to(torch.bfloat16).float())
+
+
+def test_sibling_projections_share_one_weight_tensor_and_one_product(tmp_path) -> None:
+    torch.manual_seed(1)
+    block = _Projections()
+    separate = {name: getattr(block, name).weight.detach().clone() for name in ("q_proj", "k_proj", "v_proj")}
+    store_weights_in_bf16(block, tmp_path)
+    q, k, v = block.q_proj, block.k_proj, block.v_proj
+    assert q.siblings is k.siblings is v.siblings is not None
+    assert q.weight.untyped_storage().data_ptr() == v.weight.untyped_storage().data_ptr()  # views: no second copy
+    calls = []
+    kernel = q.one_row
+    for layer in (q, k, v):
+        layer.one_row = lambda row, weight: calls.append(tuple(weight.shape)) or kernel(row, weight)
+    with torch.inference_mode():
+        row = torch.randn(1, 1, 64)
+        outputs = [layer(row) for layer in (q, k, v)]
+        assert calls == [(64, 64)]  # one product for the three
+        for output, name in zip(outputs, ("q_proj", "k_proj", "v_proj"), strict=True):
+            assert torch.equal(output, kernel(row.reshape(1, 64), separate[name].to(torch.bfloat16)).view(1, 1, -1))
+        calls.clear()
+        other = torch.randn(1, 1, 64)  # k called on another input than q's: its own product, never q's stale one
+        assert torch.equal(k(other), kernel(other.reshape(1, 64), separate["k_proj"].to(torch.bfloat16)).view(1, 1, -1))
+        assert calls == [(16, 64)]
+        long = torch.randn(1, FP32_WEIGHTS_FROM_ROWS, 64)  # a prefill: each its own fp32 product, bit for bit
+        assert torch.equal(v(long), nn.functional.linear(long, separate["v_proj"]))
+
+
+def test_a_bf16_models_one_row_passes_run_the_kernel(tmp_path, tiny_model_dirs) -> None:
+    torch.manual_seed(2)
+    layer = nn.Linear(64, 48).to(torch.bfloat16)
+    plain = nn.Linear(64, 48).to(torch.bfloat16)
+    plain.load_state_dict(layer.state_dict())
+    assert weights.use_one_row_kernel(nn.Sequential(layer), tmp_path) == 1
+    assert isinstance(layer, weights.Bf16Linear) and layer.one_row is not None
+    with torch.inference_mode():
+        long = torch.randn(1, 5, 64).to(torch.bfloat16)  # more than one row: torch's bf16 linear, bit for bit
+        assert torch.equal(layer(long), plain(long))
+        row = torch.randn(1, 1, 64).to(torch.bfloat16)  # one row: fp32 sums, rounded to bf16 once
+        expected = (nn.functional.linear(row.float(), layer.weight.float()) + layer.bias.float()).to(torch.bfloat16)
+        assert layer(row).dtype == torch.bfloat16
+        assert torch.allclose(layer(row).float(), expected.float(), rtol=2**-7, atol=1e-3)
+    loaded = load_model(tiny_model_dirs["qwen3"], "cpu", "bfloat16")
+    assert {type(module).__name__ for name, module in loaded.model.named_modules() if name.endswith("proj")} == {"Bf16Linear"}
+    assert loaded.model.model.layers[0].self_attn.k_proj.siblings is not None
+
+
 def _bf16_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     return nn.functional.linear(x.to(torch.bfloat16), layer.weight).float() + layer.bias
 

@@ -15,7 +15,8 @@ the flash kernel with bottom-right causality (on CPU, where SDPA would
 materialize that mask, it runs two unmasked flash passes instead once 1K keys are cached:
 `_split_causal_cpu`). A decode step on CPU (one query row, no mask, fp32)
 runs `_decode_cpu`: two batched products per K/V head group, which read the
-K/V at close to the memory bandwidth. Every other case (sliding windows,
+K/V at close to the memory bandwidth (fp32 or bf16; SDPA's CPU kernel for one
+bf16 row read them 5x slower). Every other case (sliding windows,
 padding, other dtypes) goes through transformers' own code unchanged. Cold
 and cached prefills take the same path, so exact mode stays bit-identical;
 decode steps after a restore and after a cold prefill take the same path too.
@@ -34,6 +35,7 @@ differently sized tiles.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -60,6 +62,12 @@ def _mask(**kwargs: object) -> object:
         return causal_lower_right(q_length, kv_length)
     return sdpa_mask(**kwargs)
 
+
+# CUDA: SDPA's cuDNN kernel builds a graph for every new shape (on the CPU, about 1.5 ms a call), and a
+# decode step's key count is new at every step; from this many query rows on, a pass is long enough that
+# cuDNN's faster kernel pays for that build. Shorter calls (decode steps) take flash or memory-efficient.
+CUDNN_FROM_ROWS = 1024
+_NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # Below this many cached keys one masked pass is as fast as the split (a CPU measurement, 256 queries).
 SPLIT_FROM_CACHED_KEYS = 1024
@@ -112,8 +120,9 @@ def _decode_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     batch, heads, _, dim = query.shape
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)  # [B, H_kv, G, D]
     scores = torch.matmul(key, grouped.transpose(-1, -2))  # [B, H_kv, kv, G]
-    probs = torch.softmax(scores.mul_(dim**-0.5 if scale is None else scale), dim=2)
-    return torch.matmul(probs.transpose(-1, -2), value).reshape(batch, heads, 1, dim)
+    # bf16: scores rounded to bf16, softmax in fp32, as transformers' eager attention does.
+    probs = torch.softmax(scores.mul_(dim**-0.5 if scale is None else scale), dim=2, dtype=torch.float32)
+    return torch.matmul(probs.to(value.dtype).transpose(-1, -2), value).reshape(batch, heads, 1, dim)
 
 
 def use_query_pieces(model: torch.nn.Module, piece: int | None) -> None:
@@ -126,10 +135,14 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     plain_causal = attention_mask is None or isinstance(attention_mask, CausalBias)
     if piece and plain_causal and query.shape[2] > 1 and query.device.type == "cpu" and dropout == 0.0:
         return _query_pieces_cpu(query, key, value, scaling, piece).transpose(1, 2).contiguous(), None
-    one_row = query.shape[2] == 1 and attention_mask is None and query.dtype == torch.float32
+    one_row = query.shape[2] == 1 and attention_mask is None and query.dtype in (torch.float32, torch.bfloat16)
     if one_row and query.device.type == "cpu" and dropout == 0.0 and not _extra_terms(kwargs):
         return _decode_cpu(query, key, value, scaling).transpose(1, 2).contiguous(), None
     if not isinstance(attention_mask, CausalBias):
+        if query.device.type == "cuda" and query.shape[2] < CUDNN_FROM_ROWS:
+            with sdpa_kernel(_NOT_CUDNN):
+                return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                              **kwargs)  # fmt: skip
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.device.type == "cpu" and dropout == 0.0 and key.shape[2] - query.shape[2] >= SPLIT_FROM_CACHED_KEYS:
         output = _split_causal_cpu(query, key, value, scaling)

@@ -287,10 +287,15 @@ def load_model(
 
 
 def _store_weights(model: torch.nn.Module, dtype: str, device: torch.device, torch_dtype: torch.dtype) -> torch.dtype | None:
-    """bf16 storage for fp32 weights (engine/weights.py): asked for, or `auto` on a CPU that computes in fp32."""
-    from kvcellar.engine.weights import store_weights_in_bf16
+    """bf16 storage for fp32 weights (engine/weights.py): asked for, or `auto` on a CPU that computes in fp32.
+    A bf16 model on a CPU gets the same one-row kernel for its decode steps (`use_one_row_kernel`)."""
+    from kvcellar.engine.weights import store_weights_in_bf16, use_one_row_kernel
     from kvcellar.models.demo import kvcellar_home
 
+    if device.type == "cpu" and torch_dtype == torch.bfloat16:
+        log.info("%d linear layers run one-row passes through the built kernel",
+                 use_one_row_kernel(model, kvcellar_home() / "kernels"))  # fmt: skip
+        return None
     wanted = dtype == "float32-bf16-weights" or (dtype == "auto" and device.type == "cpu" and torch_dtype == torch.float32)
     if not wanted:
         return None
