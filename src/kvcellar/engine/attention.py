@@ -16,7 +16,7 @@ materialize that mask, it runs two unmasked flash passes instead once 1K keys ar
 `_split_causal_cpu`). A decode step on CPU (one query row, no mask, fp32)
 runs `_decode_cpu`: two batched products per K/V head group, which read the
 K/V at close to the memory bandwidth (fp32 or bf16; SDPA's CPU kernel for one
-bf16 row read them 5x slower). Every other case (sliding windows,
+bf16 row reads them several times slower). Every other case (sliding windows,
 padding, other dtypes) goes through transformers' own code unchanged. Cold
 and cached prefills take the same path, so exact mode stays bit-identical;
 decode steps after a restore and after a cold prefill take the same path too.
@@ -63,9 +63,9 @@ def _mask(**kwargs: object) -> object:
     return sdpa_mask(**kwargs)
 
 
-# CUDA: SDPA's cuDNN kernel builds a graph for every new shape (on the CPU, about 1.5 ms a call), and a
-# decode step's key count is new at every step; from this many query rows on, a pass is long enough that
-# cuDNN's faster kernel pays for that build. Shorter calls (decode steps) take flash or memory-efficient.
+# CUDA: SDPA's cuDNN kernel builds an execution graph on the CPU for every new shape, and a decode step's
+# key count is new at every step; from this many query rows on, a pass is long enough that cuDNN's faster
+# kernel pays for that build. Shorter calls (decode steps) take flash or memory-efficient attention.
 CUDNN_FROM_ROWS = 1024
 _NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

@@ -1,4 +1,5 @@
-"""fp32 compute with weights stored in bf16: the `float32-bf16-weights` dtype.
+"""fp32 compute with weights stored in bf16 (the `float32-bf16-weights` dtype), and
+the one-row kernel that a decode step of it, or of a bf16 model on a CPU, runs.
 
 On a CPU without bf16 instructions (AVX2), fp32 is the fast compute dtype:
 torch emulates bf16 arithmetic, and a bf16 prefill runs several times slower
@@ -28,7 +29,15 @@ tied embedding shares the bf16 copy when it is a plain `nn.Embedding` (its
 lookup is exact and is upcast on the way out); any other owner (a scaled
 embedding) keeps the weight in fp32 for all of them.
 
-Operations: `store_weights_in_bf16(model, kernel_dir) -> StoredWeights`.
+A bf16 model on a CPU (`use_one_row_kernel`, `Bf16Linear`) keeps its
+weights and its bf16 products for passes of several rows; only a one-row pass
+runs the same kernel (the row widened to fp32 exactly, the output rounded to
+bf16 once), since torch's bf16 product for one row reads the weight at about
+half the rate. In both, the linear layers that read one input (`SIBLINGS`)
+store their weights as row ranges of one tensor, multiplied in one call.
+
+Operations: `store_weights_in_bf16(model, kernel_dir) -> StoredWeights`,
+`use_one_row_kernel(model, kernel_dir) -> int`.
 The kernel (sizes symbolic: one for every weight shape) is built once per
 torch version into `kernel_dir` (the loader passes `$KVCELLAR_HOME/kernels`)
 and loaded from there after, then checked on each weight shape while the
