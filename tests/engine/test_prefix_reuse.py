@@ -219,6 +219,15 @@ def test_near_mode_prefills_a_prompt_shorter_than_the_chunk_in_one_pass_and_rest
         assert passes == [len(follow) - 100]
         _, cold_logits = _logits(cold, follow)
         torch.testing.assert_close(warm_logits, cold_logits, atol=NON_EXACT_ATOL, rtol=0)
+        # Every block boundary of the one pass is a restore point: prompts that leave it there restore
+        # exactly its blocks, and continue as a cold run would.
+        for boundary in range(BLOCK, 150, BLOCK):
+            other = next(token for token in range(5, 50) if token != ids[boundary])
+            follow = ids[:boundary] + [other] * 7
+            restored, warm_logits = _logits(warm, follow)
+            assert restored.num_tokens == boundary
+            _, cold_logits = _logits(cold, follow)
+            torch.testing.assert_close(warm_logits, cold_logits, atol=NON_EXACT_ATOL, rtol=0)
     finally:
         hook.remove()
         warm.close()
