@@ -108,7 +108,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", _CACHE.max_partial_entries)),
                        help=f"prompt tails kept, 0 disables (default: {_CACHE.max_partial_entries})")
     group.add_argument("--exact", action=argparse.BooleanOptionalAction, default=_env_bool("exact", _CACHE.exact),
-                       help=f"bit-identical output with the cache (default: {_on_off(DEFAULT_EXACT['cpu'])} on CPU, "
+                       help=f"bit-identical output with the cache (default: {_on_off(DEFAULT_EXACT['cpu'])} for CPU and MPS, "
                             f"{_on_off(DEFAULT_EXACT['cuda'])} on CUDA); --no-exact also reuses tails and generated tokens")
     group.add_argument("--no-cache", action="store_true", default=_env_bool("no_cache", not _CACHE.enabled),
                        help="turn the prefix cache off")

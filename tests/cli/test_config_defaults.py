@@ -78,7 +78,7 @@ EXPECTED = {
     "--host-cache-size": f"`{size_text(CACHE.host_cache_bytes)}`",
     "--host-tier": _on_off(CACHE.use_host_tier),
     "--tail-cache-entries": str(CACHE.max_partial_entries),
-    "--exact": f"{_on_off(DEFAULT_EXACT['cpu'])} on CPU, {_on_off(DEFAULT_EXACT['cuda'])} on CUDA",
+    "--exact": f"{_on_off(DEFAULT_EXACT['cpu'])} for CPU and MPS, {_on_off(DEFAULT_EXACT['cuda'])} on CUDA",
     "--prefill-schedule": f"`{ENGINE.prefill_schedule}`",
     "--no-cache": _on_off(not CACHE.enabled),
     "--log-level": f"`{SERVER.log_level}`",
@@ -115,3 +115,8 @@ def test_every_cli_option_of_serve_appears_in_a_docs_table(bare_cli):
     serve = next(action for action in bare_cli._subparsers._group_actions[0].choices.values() if action.prog.endswith("serve"))
     flags = {action.option_strings[0] for action in serve._actions if action.option_strings and action.dest != "help"}
     assert flags - documented == set()
+
+
+def test_the_exact_default_said_for_cpu_holds_for_mps_too():
+    # The help text and the docs name CPU and MPS together.
+    assert DEFAULT_EXACT["mps"] == DEFAULT_EXACT["cpu"]
