@@ -116,7 +116,8 @@ class _Projections(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 32, bias=False), nn.Linear(64, 16, bias=False), nn.Linear(64, 16, bias=False)
+        self.q_proj = nn.Linear(64, 32, bias=False)
+        self.k_proj, self.v_proj = nn.Linear(64, 16, bias=False), nn.Linear(64, 16, bias=False)
         with torch.no_grad():
             for layer in (self.q_proj, self.k_proj, self.v_proj):
                 layer.weight.copy_(torch.randn_like(layer.weight).to(torch.bfloat16).float())

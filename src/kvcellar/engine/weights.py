@@ -129,7 +129,10 @@ class Bf16Linear(Bf16StoredLinear):
         if x.numel() != self.in_features or self.one_row is None:
             return functional.linear(x, self.weight, self.bias)
         row = x.reshape(1, self.in_features).float()
-        output = self.siblings.product(self.one_row, self, x, row) if self.siblings is not None else self.one_row(row, self.weight)
+        if self.siblings is not None:
+            output = self.siblings.product(self.one_row, self, x, row)
+        else:
+            output = self.one_row(row, self.weight)
         if self.bias is not None:
             output = output + self.bias.float()
         return output.to(x.dtype).view(*x.shape[:-1], self.out_features)
