@@ -102,7 +102,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="how a prefill is cut into forward passes: row-invariant (long passes, exact at every block "
                             "boundary; CPU, full-attention models, checked at start), fixed (aligned to position 0), or "
                             f"auto: row-invariant where it applies (default: {_ENGINE['prefill_schedule']})")
-    group.add_argument("--threads", type=int, default=_env("threads", None), help="CPU threads for torch (default: torch's)")
+    group.add_argument("--threads", type=int, default=_env("threads", None),
+                       help="CPU threads for torch (default: torch's, then sized to the cores other processes leave free)")
     group.add_argument("--device-cache-size", default=_env("device_cache_size", size_text(_CACHE.device_cache_bytes)),
                        help=f"byte budget of the in-memory tier, e.g. 512M, 4G (default: {size_text(_CACHE.device_cache_bytes)})")
     group.add_argument("--tail-cache-entries", type=int, default=int(_env("tail_cache_entries", _CACHE.max_partial_entries)),

@@ -25,7 +25,9 @@ from kvcellar.cache.registry import CacheRegistry, DrainReport
 from kvcellar.cache.tier import check_known_tier
 from kvcellar.kv.wiring import build_prefix_cache
 from kvcellar.engine.loader import LoadedModel, load_model
+from kvcellar.engine.invariance import thread_counts_alike
 from kvcellar.engine.schedule import choose_schedule
+from kvcellar.engine.threads import ThreadSizer, cpu_busy_seconds
 from kvcellar.engine.prepared import PreparedPrompt, PromptLimits
 from kvcellar.engine.prompt import encode_chat, encode_text
 from kvcellar.engine.request import GenerationRequest, GenerationResult, PromptSegments
@@ -68,7 +70,20 @@ class Engine:
         self.limits = PromptLimits(self.loaded.context_length, self.loaded.model.get_input_embeddings().num_embeddings)
         min_rows = ROW_INVARIANT_MIN_ROWS if schedule == "row-invariant" else None
         # An engine with no cache steps like an exact one of the same `exact` setting: it is the reference.
-        return RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows, steps_tail=config.cache.exact)
+        return RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows, steps_tail=config.cache.exact,
+                             threads=self._thread_sizer(config))  # fmt: skip
+
+    def _thread_sizer(self, config: EngineConfig) -> ThreadSizer | None:
+        """CPU threads sized to the free cores (engine/threads.py), among the counts that compute alike;
+        None where the user set the threads, on a GPU, with one thread, or without /proc/stat."""
+        most = torch.get_num_threads()
+        if self.loaded.device.type != "cpu" or config.num_threads is not None or most < 2 or cpu_busy_seconds() is None:
+            return None
+        alike = thread_counts_alike(self.loaded.model, [1, most // 2, most - 1, most], ROW_INVARIANT_MIN_ROWS)
+        if len(alike) < 2:
+            log.info("CPU threads stay at %d: other thread counts round some values differently here", most)
+            return None
+        return ThreadSizer(alike)
 
     @classmethod
     def load(cls, model: str, **options: Any) -> Engine:

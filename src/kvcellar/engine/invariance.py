@@ -1,7 +1,8 @@
 """Whether this machine computes a model's tokens the same in any prefill pass: the premise of the
 row-invariant prefill schedule (engine/prefill.py), checked once when the engine loads.
 
-Operations: `check_row_invariance(model, block_size, chunk_size, min_rows) -> RowCheck`.
+Operations: `check_row_invariance(model, block_size, chunk_size, min_rows) -> RowCheck`,
+`thread_counts_alike(model, counts, min_rows) -> list[int]`.
 
 The check prefills fixed random ids in one pass, then again in passes that start
 after a prefix computed alone (at one and at two blocks, the second leaving
@@ -25,6 +26,7 @@ from kvcellar.engine.prefill import cache_argument, invariant_chunk_ends
 from kvcellar.kv.growing_layer import new_cache
 
 CHECK_LAYERS = 2  # enough for attention to read K/V that earlier passes computed
+CHECK_PROMPT_TOKENS = 256  # the thread-count check's prompt
 _SEED = 20261203
 
 
@@ -80,3 +82,34 @@ def check_row_invariance(model: torch.nn.Module, block_size: int, chunk_size: in
             if not torch.equal(logits, reference_logits):
                 return RowCheck(False, f"the last logits differ after a prefix of {restored_at} tokens")
     return RowCheck(True, "")
+
+
+@torch.inference_mode()
+def thread_counts_alike(model: torch.nn.Module, counts: list[int], min_rows: int) -> list[int]:
+    """The thread counts among `counts` whose prefill pass and decode step match, bit for bit, those of the
+    current count (always included): what engine/threads.py may switch between."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(_SEED + 1)
+    # A prompt long enough for the matrix kernels' blocked paths, then one decode step (the one-row paths).
+    ids = torch.randint(0, vocab, (max(CHECK_PROMPT_TOKENS, 3 * min_rows) + 1,), generator=generator).to(model.device)
+    current = torch.get_num_threads()
+
+    def run() -> list[torch.Tensor]:
+        cache = new_cache(model.config, ids.shape[0], None)
+        prompt = model(input_ids=ids[:-1].unsqueeze(0), **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+        step = model(input_ids=ids[-1:].unsqueeze(0), **cache_argument(model, cache), use_cache=True)
+        states = [tensor.clone() for layer in cache.layers[: model.config.num_hidden_layers]
+                  for name, tensor in vars(layer).items() if isinstance(tensor, torch.Tensor) and not name.startswith("_")]
+        return [prompt.logits, step.logits, *states]  # every layer kind's state (K/V, conv and recurrent states)
+
+    alike = [current]
+    try:
+        with _first_layers(model, CHECK_LAYERS):
+            reference = run()
+            for count in sorted(set(counts) - {current}):
+                torch.set_num_threads(count)
+                if all(torch.equal(a, b) for a, b in zip(run(), reference, strict=True)):
+                    alike.append(count)
+    finally:
+        torch.set_num_threads(current)
+    return sorted(alike)

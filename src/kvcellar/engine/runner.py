@@ -20,6 +20,7 @@ from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache, PendingRe
 from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
 from kvcellar.engine.sampling import Sampler
 from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
+from kvcellar.engine.threads import ThreadSizer
 from kvcellar.errors import InvalidRequestError
 from kvcellar.kv.buffer_pool import KvBufferPool
 from kvcellar.kv.growing_layer import new_cache
@@ -28,7 +29,7 @@ from kvcellar.kv.growing_layer import new_cache
 class RequestRunner:
     def __init__(
         self, loaded: LoadedModel, prefix_cache: ModelPrefixCache | DisabledPrefixCache, block_size: int, chunk_size: int,
-        min_rows: int | None = None, steps_tail: bool = True,
+        min_rows: int | None = None, steps_tail: bool = True, threads: ThreadSizer | None = None,
     ) -> None:
         self.loaded = loaded
         self.prefix_cache = prefix_cache
@@ -36,6 +37,7 @@ class RequestRunner:
         self.chunk_size = chunk_size  # prefill chunk, a multiple of block_size (engine/prefill.py)
         self.min_rows = min_rows  # set: the row-invariant schedule (engine/prefill.py), else the fixed one
         self.steps_tail = steps_tail  # the fixed schedule's block steps after the last chunk (exact mode only)
+        self.threads = threads  # set: CPU threads follow the cores other processes leave free (engine/threads.py)
         self._eos_ids = loaded.eos_token_ids
         # CUDA's caching allocator already reuses freed blocks (and could lend them to other tensors).
         self.kv_buffers = KvBufferPool() if loaded.device.type == "cpu" else None
@@ -73,6 +75,7 @@ class RequestRunner:
         queue_s: float = 0.0,
     ) -> GenerationResult:
         """`queue_s`: how long the request waited for the worker (reported in its timings)."""
+        self._fit_threads()
         # The cache's background helpers (pinned-memory allocation on a GPU) wait for the end of the request;
         # the result is emitted after, so a caller that acts on it finds the request over.
         with self.prefix_cache.serving():
@@ -170,6 +173,7 @@ class RequestRunner:
                     reached = end
                     if capture is not None:
                         capture(start, end, chunk_logits)
+                    self._fit_threads()
 
                 cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
                 logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts,
@@ -180,6 +184,10 @@ class RequestRunner:
         timings.num_prefill_tokens = reached - restored.num_tokens
         self.prefix_cache.record_prefill(timings.num_prefill_tokens, timings.prefill_s)
         return restored, logits
+
+    def _fit_threads(self) -> None:
+        if self.threads is not None:
+            self.threads.adjust()
 
     def _decode(self, request, prompt_state, logits, generated, text_parts, emit, is_cancelled, timings, started) -> str:
         """Sample until eos, a stop string, max_tokens or the context end; returns the finish reason.
@@ -222,6 +230,7 @@ class RequestRunner:
                 cache = prompt_state.restored.cache
                 generated_capture = self.prefix_cache.decode_capture(sequence, request.prompt.block_keys, cache,
                                                                      request.cache_salt)  # fmt: skip
+            self._fit_threads()
             output = self.loaded.model(
                 input_ids=torch.tensor([[token]], device=self.loaded.device), **cache_argument(self.loaded.model, cache),
                 use_cache=True,

@@ -1,0 +1,78 @@
+"""CPU threads sized to the cores that other processes leave free (CPU only, threads not set by the user).
+
+Why: a forward pass splits its work evenly over its OpenMP threads and waits for the slowest. With
+another busy process on one of the cores, the thread that shares that core holds every pass back, and
+the request takes far longer than on the free cores alone (docs/benchmarks.md, "Under contention").
+So between passes the engine counts the cores other processes kept busy since the last look
+(/proc/stat, minus this process's own CPU time) and runs on the cores left, never fewer than one.
+
+Why only where checked: exact mode promises bit-identical output, so a pass must round alike whatever
+thread count runs it. The engine checks that when it loads (`check_thread_invariance` in
+engine/invariance.py) and sizes only among the thread counts that passed.
+
+Operations: `ThreadSizer(counts, read_busy)`, `.adjust()` (cheap; looks at most every
+`LOOK_EVERY_S`), `cpu_busy_seconds()` (the machine's busy CPU seconds, None off Linux).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LOOK_EVERY_S = 0.25  # shorter windows count too few clock ticks to tell a busy core from noise
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_busy_seconds() -> float | None:
+    """Busy CPU seconds, since boot, of the CPUs this process may run on (None where /proc/stat is missing)."""
+    try:
+        allowed = {f"cpu{index}" for index in os.sched_getaffinity(0)}
+        with open("/proc/stat") as stat:
+            lines = [line.split() for line in stat if line.startswith("cpu") and not line.startswith("cpu ")]
+    except (OSError, AttributeError):
+        return None
+    busy = 0
+    for fields in lines:
+        if fields[0] in allowed:
+            ticks = [int(value) for value in fields[1:8]]  # user nice system idle iowait irq softirq
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy / _CLOCK_TICKS
+
+
+class ThreadSizer:
+    """Chooses the thread count, among `counts` (checked alike), for the cores other processes leave free."""
+
+    def __init__(self, counts: Sequence[int], read_busy: Callable[[], float | None] = cpu_busy_seconds) -> None:
+        self.counts = sorted(counts)
+        self._read_busy = read_busy
+        self._cores = max(self.counts)
+        self.threads = self._cores
+        self._last = self._look()
+
+    def _look(self) -> tuple[float, float, float] | None:
+        busy = self._read_busy()
+        return None if busy is None else (time.monotonic(), busy, time.process_time())
+
+    def adjust(self) -> int:
+        """Look again if the last look is old enough, set torch's threads to fit; returns the count."""
+        if self._last is None or time.monotonic() - self._last[0] < LOOK_EVERY_S:
+            return self.threads
+        now = self._look()
+        if now is None:
+            return self.threads
+        wall, busy, own = (now[index] - self._last[index] for index in range(3))
+        self._last = now
+        others = max(0.0, busy - own) / wall  # cores other processes kept busy
+        fits = [count for count in self.counts if count <= max(1.0, self._cores - others) + 0.5]
+        wanted = max(fits) if fits else self.counts[0]
+        if wanted != self.threads:
+            log.info("other processes keep %.1f cores busy: computing on %d thread(s)", others, wanted)
+            torch.set_num_threads(wanted)
+            self.threads = wanted
+        return wanted
