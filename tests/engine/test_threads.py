@@ -4,6 +4,8 @@ count (what it isolates: the arithmetic, not the machine's load); the check runs
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -38,21 +40,35 @@ class _Machine:
 def test_threads_follow_the_cores_others_leave_free(monkeypatch, restore_threads):
     machine = _Machine(monkeypatch)
     torch.set_num_threads(4)
-    sizer = threads.ThreadSizer([1, 2, 4], read_busy=lambda: machine.busy)
+    sizer = threads.ThreadSizer([1, 2, 4], read_busy=lambda: machine.busy, sample=False)
+
+    def window(seconds: float, own_cores: float, other_cores: float) -> int:
+        machine.run(seconds, own_cores, other_cores)
+        sizer.sample()
+        return sizer.adjust()
+
     assert sizer.threads == 4
-    machine.run(1.0, own_cores=4.0, other_cores=0.0)
-    assert sizer.adjust() == 4 and torch.get_num_threads() == 4
-    machine.run(1.0, own_cores=2.7, other_cores=1.3)  # one busy process beside our four threads
-    assert sizer.adjust() == 2 and torch.get_num_threads() == 2  # 2.7 cores free: the largest count that fits
-    machine.run(1.0, own_cores=2.0, other_cores=2.0)
-    assert sizer.adjust() == 2
-    machine.run(1.0, own_cores=1.0, other_cores=3.9)
-    assert sizer.adjust() == 1  # never fewer than one
+    assert window(1.0, own_cores=4.0, other_cores=0.0) == 4 and torch.get_num_threads() == 4
+    # One busy process beside our four threads: 2.7 cores free, the largest checked count that fits.
+    assert window(1.0, own_cores=2.7, other_cores=1.3) == 2 and torch.get_num_threads() == 2
+    assert window(1.0, own_cores=2.0, other_cores=2.0) == 2
+    assert window(1.0, own_cores=1.0, other_cores=3.9) == 1  # never fewer than one
     soon = threads.LOOK_EVERY_S / 2
-    machine.run(soon, own_cores=1.0, other_cores=0.0)
-    assert sizer.adjust() == 1  # too soon to look again
-    machine.run(1.0 - soon, own_cores=1.0, other_cores=0.0)
-    assert sizer.adjust() == 4 and torch.get_num_threads() == 4
+    assert window(soon, own_cores=1.0, other_cores=0.0) == 1  # a window too short: not closed yet
+    assert window(1.0 - soon, own_cores=1.0, other_cores=0.0) == 4 and torch.get_num_threads() == 4
+    # A busy spell long ago does not size a request that starts now: only the last window counts.
+    machine.run(10.0, own_cores=0.0, other_cores=4.0)
+    sizer.sample()
+    assert window(threads.LOOK_EVERY_S, own_cores=0.0, other_cores=0.0) == 4
+
+
+def test_the_sampling_thread_stops_on_close():
+    before = set(threading.enumerate())
+    sizer = threads.ThreadSizer([1, 2])
+    (sampler,) = [thread for thread in set(threading.enumerate()) - before if thread.name == "kvcellar-thread-sizer"]
+    sizer.close()
+    sampler.join(timeout=5)
+    assert not sampler.is_alive()
 
 
 def test_without_proc_stat_the_threads_stay(monkeypatch, restore_threads):

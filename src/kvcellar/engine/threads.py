@@ -10,14 +10,15 @@ Why only where checked: exact mode promises bit-identical output, so a pass must
 thread count runs it. The engine checks that when it loads (`check_thread_invariance` in
 engine/invariance.py) and sizes only among the thread counts that passed.
 
-Operations: `ThreadSizer(counts, read_busy)`, `.adjust()` (cheap; looks at most every
-`LOOK_EVERY_S`), `cpu_busy_seconds()` (the machine's busy CPU seconds, None off Linux).
+Operations: `ThreadSizer(counts, read_busy)`, `.adjust()` (cheap: reads the last window's
+count), `.close()`, `cpu_busy_seconds()` (the machine's busy CPU seconds, None off Linux).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -46,33 +47,53 @@ def cpu_busy_seconds() -> float | None:
 
 
 class ThreadSizer:
-    """Chooses the thread count, among `counts` (checked alike), for the cores other processes leave free."""
+    """Chooses the thread count, among `counts` (checked alike), for the cores other processes leave free.
 
-    def __init__(self, counts: Sequence[int], read_busy: Callable[[], float | None] = cpu_busy_seconds) -> None:
+    A sampling thread looks every `LOOK_EVERY_S` and keeps the last window's count of cores that other
+    processes kept busy, so a request that starts after a busy spell (a peer server's benchmark turn,
+    say) is sized by the last fraction of a second, not by the whole pause since the last request.
+    """
+
+    def __init__(self, counts: Sequence[int], read_busy: Callable[[], float | None] = cpu_busy_seconds,
+                 sample: bool = True) -> None:  # fmt: skip
         self.counts = sorted(counts)
         self._read_busy = read_busy
         self._cores = max(self.counts)
         self.threads = self._cores
+        self.others = 0.0  # cores other processes kept busy in the last window
         self._last = self._look()
+        self._stopped = threading.Event()
+        if sample and self._last is not None:
+            threading.Thread(target=self._sample_forever, name="kvcellar-thread-sizer", daemon=True).start()
 
     def _look(self) -> tuple[float, float, float] | None:
         busy = self._read_busy()
         return None if busy is None else (time.monotonic(), busy, time.process_time())
 
-    def adjust(self) -> int:
-        """Look again if the last look is old enough, set torch's threads to fit; returns the count."""
+    def sample(self) -> None:
+        """Close the current window if it is old enough: `others` becomes its count of busy cores."""
         if self._last is None or time.monotonic() - self._last[0] < LOOK_EVERY_S:
-            return self.threads
+            return
         now = self._look()
         if now is None:
-            return self.threads
+            return
         wall, busy, own = (now[index] - self._last[index] for index in range(3))
         self._last = now
-        others = max(0.0, busy - own) / wall  # cores other processes kept busy
-        fits = [count for count in self.counts if count <= max(1.0, self._cores - others) + 0.5]
+        self.others = max(0.0, busy - own) / wall
+
+    def _sample_forever(self) -> None:
+        while not self._stopped.wait(LOOK_EVERY_S):
+            self.sample()
+
+    def close(self) -> None:
+        self._stopped.set()
+
+    def adjust(self) -> int:
+        """Set torch's threads (on the calling thread: the model's) to fit the last window; returns the count."""
+        fits = [count for count in self.counts if count <= max(1.0, self._cores - self.others) + 0.5]
         wanted = max(fits) if fits else self.counts[0]
         if wanted != self.threads:
-            log.info("other processes keep %.1f cores busy: computing on %d thread(s)", others, wanted)
+            log.info("other processes keep %.1f cores busy: computing on %d thread(s)", self.others, wanted)
             torch.set_num_threads(wanted)
             self.threads = wanted
         return wanted

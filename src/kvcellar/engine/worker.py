@@ -139,6 +139,8 @@ class ModelWorker:
         while True:
             job = self._jobs.get()
             if job is _STOP:
+                if self.runner.threads is not None:
+                    self.runner.threads.close()
                 return
             queue_s = time.perf_counter() - job.queued_at
             if job.is_cancelled():  # the caller left while it waited: never touch the model for it
