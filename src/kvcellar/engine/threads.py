@@ -3,11 +3,12 @@
 Why: a forward pass splits its work evenly over its OpenMP threads and waits for the slowest. With
 another busy process on one of the cores, the thread that shares that core holds every pass back, and
 the request takes far longer than on the free cores alone (docs/benchmarks.md, "Under contention").
-So between passes the engine counts the cores other processes kept busy since the last look
-(/proc/stat, minus this process's own CPU time) and runs on the cores left, never fewer than one.
+So a sampling thread counts, over each short window, the cores other processes kept busy (/proc/stat,
+minus this process's own CPU time), and before each pass the model's thread runs on the cores left,
+never fewer than one.
 
 Why only where checked: exact mode promises bit-identical output, so a pass must round alike whatever
-thread count runs it. The engine checks that when it loads (`check_thread_invariance` in
+thread count runs it. The engine checks that when it loads (`thread_counts_alike` in
 engine/invariance.py) and sizes only among the thread counts that passed.
 
 Operations: `ThreadSizer(counts, read_busy)`, `.adjust()` (cheap: reads the last window's

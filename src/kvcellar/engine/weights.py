@@ -109,15 +109,17 @@ class Bf16StoredLinear(nn.Linear):
         if rows >= FP32_WEIGHTS_FROM_ROWS:
             return functional.linear(x, self.weight.float(), self.bias)
         if rows == 1 and self.one_row is not None:
-            row = x.reshape(1, self.in_features).contiguous()
-            if self.siblings is not None:
-                output = self.siblings.product(self.one_row, self, x, row)
-            else:
-                output = self.one_row(row, self.weight)
+            output = self._one_row_product(x, x.reshape(1, self.in_features).contiguous())
             output = output.view(*x.shape[:-1], self.out_features)
         else:
             output = functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         return output if self.bias is None else output + self.bias
+
+    def _one_row_product(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """The kernel's [1, out] fp32 product of `row` (x as one fp32 row), shared with siblings where joined."""
+        if self.siblings is not None:
+            return self.siblings.product(self.one_row, self, x, row)
+        return self.one_row(row, self.weight)
 
 
 class Bf16Linear(Bf16StoredLinear):
@@ -128,11 +130,7 @@ class Bf16Linear(Bf16StoredLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features or self.one_row is None:
             return functional.linear(x, self.weight, self.bias)
-        row = x.reshape(1, self.in_features).float()
-        if self.siblings is not None:
-            output = self.siblings.product(self.one_row, self, x, row)
-        else:
-            output = self.one_row(row, self.weight)
+        output = self._one_row_product(x, x.reshape(1, self.in_features).float())
         if self.bias is not None:
             output = output + self.bias.float()
         return output.to(x.dtype).view(*x.shape[:-1], self.out_features)
