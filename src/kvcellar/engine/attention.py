@@ -13,10 +13,11 @@ cached prefix, the mask function returns torch's `causal_lower_right` bias
 instead of a tensor, and the attention function hands it to SDPA, which runs
 the flash kernel with bottom-right causality (on CPU, where SDPA would
 materialize that mask, it runs two unmasked flash passes instead once 1K keys are cached:
-`_split_causal_cpu`). A decode step on CPU (one query row, no mask, fp32)
-runs `_decode_cpu`: two batched products per K/V head group, which read the
-K/V at close to the memory bandwidth (fp32 or bf16; SDPA's CPU kernel for one
-bf16 row reads them several times slower). Every other case (sliding windows,
+`_split_causal_cpu`). A decode step on CPU (one query row, no mask, fp32 or
+bf16) runs `_decode_cpu`: the built kernel of engine/kernels where the loader
+has it, else two batched products per K/V head group; both read each key and
+value once (SDPA's CPU kernel for one bf16 row reads them several times
+slower). Every other case (sliding windows,
 padding, other dtypes) goes through transformers' own code unchanged. Cold
 and cached prefills take the same path, so exact mode stays bit-identical;
 decode steps after a restore and after a cold prefill take the same path too.
@@ -40,6 +41,8 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+from kvcellar.engine.kernels import OneRowAttention
 
 NAME = "kvcellar_sdpa"
 
@@ -110,18 +113,33 @@ def _query_pieces_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
+# The built decode-attention kernel (engine/kernels), set by the loader where it builds; None: torch's products.
+_one_row_kernel: OneRowAttention | None = None
+
+
+def use_one_row_kernel(kernel: OneRowAttention | None) -> None:
+    """Run CPU decode steps' attention through `kernel` (None: through torch's batched products). Process-wide."""
+    global _one_row_kernel
+    _one_row_kernel = kernel
+
+
 def _decode_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """One query row per head against all keys: two batched matrix products over each K/V head's group.
+    """One query row per head against all keys, each K/V head's group of query heads together.
 
     query [B, H, 1, D], key/value [B, H_kv, kv, D] -> [B, H, 1, D]. A decode step is bound by reading
-    the K/V; grouping the query heads of each K/V head makes the products stream every key and value
-    once, where SDPA's CPU kernel for one query row reads them at a fraction of the memory bandwidth.
+    the K/V. The built kernel reads every key and value once, widened to fp32, with an fp32 softmax.
+    Without it, two batched products per group stream every key and value once too, where SDPA's CPU
+    kernel for one query row reads them at a fraction of the memory bandwidth.
     """
     batch, heads, _, dim = query.shape
+    scale = dim**-0.5 if scale is None else scale
+    if _one_row_kernel is not None and key.stride(-1) == 1 and value.stride(-1) == 1:
+        rows = (query.float() * scale).reshape(batch, heads, dim).contiguous()
+        return _one_row_kernel(rows, key, value, key.shape[2]).to(query.dtype).view(batch, heads, 1, dim)
     grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)  # [B, H_kv, G, D]
     scores = torch.matmul(key, grouped.transpose(-1, -2))  # [B, H_kv, kv, G]
     # bf16: scores rounded to bf16, softmax in fp32, as transformers' eager attention does.
-    probs = torch.softmax(scores.mul_(dim**-0.5 if scale is None else scale), dim=2, dtype=torch.float32)
+    probs = torch.softmax(scores.mul_(scale), dim=2, dtype=torch.float32)
     return torch.matmul(probs.to(value.dtype).transpose(-1, -2), value).reshape(batch, heads, 1, dim)
 
 

@@ -1,0 +1,274 @@
+// One query row per head against a K/V cache on a CPU: a decode step's attention (see __init__.py).
+//
+// query [B, H, D] fp32, already scaled; key/value [B, H_kv, >= num_keys, D] fp32 or bf16, the last dim
+// contiguous (a growing cache's buffers, read up to num_keys); returns [B, H, D] fp32.
+//
+// Each task owns a chunk of KEYS_PER_TASK keys of one K/V head and all the query heads of its group: it
+// reads each key and value row once (the group's heads reuse it from L1) and keeps a local softmax
+// (max, sum, weighted values). The chunks are merged in a fixed order. Chunk bounds and merge order
+// depend on num_keys alone, never on the thread count, so the result is the same at any number of
+// threads (exact mode relies on that: engine/invariance.py).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t KEYS_PER_TASK = 256;
+// A task's score row per query head: its keys' scores, then the row's max and sum.
+constexpr int64_t SCORE_ROW = KEYS_PER_TASK + 2;
+
+inline float widen(float x) { return x; }
+
+inline float widen(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Each query head's score row becomes exp(score - max), followed by that max and the sum.
+inline void softmax_rows(int64_t groups, int64_t count, float* scores) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float* row = scores + g * SCORE_ROW;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < count; ++j) top = std::max(top, row[j]);
+    float total = 0.f;
+    for (int64_t j = 0; j < count; ++j) {
+      row[j] = std::exp(row[j] - top);
+      total += row[j];
+    }
+    row[KEYS_PER_TASK] = top;
+    row[KEYS_PER_TASK + 1] = total;
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr bool VECTORIZED = true;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is exact: the 16 bits move to the top half
+  __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+inline __m512 exp16(__m512 x) {  // e^x for x <= 0, within 2 ulp: 2^n * e^r, |r| <= ln2/2, degree-6 polynomial
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// softmax_rows with 16 keys at a time (the tail masked).
+inline void softmax_rows16(int64_t groups, int64_t count, float* scores) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float* row = scores + g * SCORE_ROW;
+    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < count; j += 16) {
+      const __mmask16 live = count - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - j)) - 1);
+      top = _mm512_mask_max_ps(top, live, top, _mm512_maskz_loadu_ps(live, row + j));
+    }
+    const float row_max = _mm512_reduce_max_ps(top);
+    const __m512 shift = _mm512_set1_ps(row_max);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < count; j += 16) {
+      const __mmask16 live = count - j >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - j)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + j), shift));
+      _mm512_mask_storeu_ps(row + j, live, e);
+      total = _mm512_mask_add_ps(total, live, total, e);
+    }
+    row[KEYS_PER_TASK] = row_max;
+    row[KEYS_PER_TASK + 1] = _mm512_reduce_add_ps(total);
+  }
+}
+
+// Rows this far ahead are prefetched: each task streams its chunk's rows once, from memory.
+constexpr int64_t PREFETCH_ROWS = 4;
+
+template <typename KV>
+inline void prefetch_row(const KV* row, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
+}
+
+// AVX-512, a head size of PIECES x 16: each key and value row is widened once into registers and used by
+// every query head of the group.
+template <int PIECES, typename KV>
+void attend_rows(const float* queries, int64_t groups, const KV* keys, const KV* values, int64_t key_stride,
+                 int64_t value_stride, int64_t count, float* scores, float* acc) {
+  constexpr int64_t dim = 16 * PIECES;
+  for (int64_t j = 0; j < count; ++j) {
+    const KV* key = keys + j * key_stride;
+    if (j + PREFETCH_ROWS < count) prefetch_row(key + PREFETCH_ROWS * key_stride, dim * sizeof(KV));
+    __m512 row[PIECES];
+    for (int p = 0; p < PIECES; ++p) row[p] = load16(key + 16 * p);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* query = queries + g * dim;
+      __m512 even = _mm512_mul_ps(row[0], _mm512_loadu_ps(query));
+      __m512 odd = _mm512_mul_ps(row[1], _mm512_loadu_ps(query + 16));
+      for (int p = 2; p < PIECES; p += 2) {
+        even = _mm512_fmadd_ps(row[p], _mm512_loadu_ps(query + 16 * p), even);
+        odd = _mm512_fmadd_ps(row[p + 1], _mm512_loadu_ps(query + 16 * p + 16), odd);
+      }
+      scores[g * SCORE_ROW + j] = _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
+    }
+  }
+  softmax_rows16(groups, count, scores);
+  for (int64_t i = 0; i < groups * dim; i += 16) _mm512_storeu_ps(acc + i, _mm512_setzero_ps());
+  for (int64_t j = 0; j < count; ++j) {
+    const KV* value = values + j * value_stride;
+    if (j + PREFETCH_ROWS < count) prefetch_row(value + PREFETCH_ROWS * value_stride, dim * sizeof(KV));
+    __m512 row[PIECES];
+    for (int p = 0; p < PIECES; ++p) row[p] = load16(value + 16 * p);
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 weight = _mm512_set1_ps(scores[g * SCORE_ROW + j]);
+      float* out = acc + g * dim;
+      for (int p = 0; p < PIECES; ++p)
+        _mm512_storeu_ps(out + 16 * p, _mm512_fmadd_ps(weight, row[p], _mm512_loadu_ps(out + 16 * p)));
+    }
+  }
+}
+
+template <typename KV>
+bool attend_rows(const float* queries, int64_t groups, int64_t dim, const KV* keys, const KV* values,
+                 int64_t key_stride, int64_t value_stride, int64_t count, float* scores, float* acc) {
+  switch (dim) {
+    case 64: attend_rows<4>(queries, groups, keys, values, key_stride, value_stride, count, scores, acc); return true;
+    case 128: attend_rows<8>(queries, groups, keys, values, key_stride, value_stride, count, scores, acc); return true;
+    case 256: attend_rows<16>(queries, groups, keys, values, key_stride, value_stride, count, scores, acc); return true;
+    default: return false;  // other head sizes: the plain loops
+  }
+}
+#else
+constexpr bool VECTORIZED = false;
+
+template <typename KV>
+bool attend_rows(const float*, int64_t, int64_t, const KV*, const KV*, int64_t, int64_t, int64_t, float*, float*) {
+  return false;
+}
+#endif
+
+// The plain loops: any CPU, any head size (the engine uses the kernel only where VECTORIZED).
+template <typename KV>
+void attend_chunk(const float* queries, int64_t groups, int64_t dim, const KV* keys, const KV* values,
+                  int64_t key_stride, int64_t value_stride, int64_t count, float* scores, float* acc) {
+  if (attend_rows(queries, groups, dim, keys, values, key_stride, value_stride, count, scores, acc)) return;
+  for (int64_t j = 0; j < count; ++j) {
+    const KV* key = keys + j * key_stride;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* query = queries + g * dim;
+      float dot = 0.f;
+      for (int64_t d = 0; d < dim; ++d) dot += query[d] * widen(key[d]);
+      scores[g * SCORE_ROW + j] = dot;
+    }
+  }
+  softmax_rows(groups, count, scores);
+  std::fill(acc, acc + groups * dim, 0.f);
+  for (int64_t j = 0; j < count; ++j) {
+    const KV* value = values + j * value_stride;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float weight = scores[g * SCORE_ROW + j];
+      float* out = acc + g * dim;
+      for (int64_t d = 0; d < dim; ++d) out[d] += weight * widen(value[d]);
+    }
+  }
+}
+
+template <typename KV>
+void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_keys, at::Tensor& out) {
+  const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(2), kv_heads = key.size(1);
+  const int64_t groups = heads / kv_heads;
+  const int64_t chunks = (num_keys + KEYS_PER_TASK - 1) / KEYS_PER_TASK;
+  const int64_t tasks = batch * kv_heads * chunks;
+  std::vector<float> maxima(tasks * groups), sums(tasks * groups), partial(tasks * groups * dim);
+  const float* q = query.data_ptr<float>();
+  const KV* k = key.data_ptr<KV>();
+  const KV* v = value.data_ptr<KV>();
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(groups * SCORE_ROW);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t chunk = task % chunks, head = (task / chunks) % kv_heads, b = task / (chunks * kv_heads);
+      const int64_t first = chunk * KEYS_PER_TASK, count = std::min(KEYS_PER_TASK, num_keys - first);
+      const int64_t k_offset = b * key.stride(0) + head * key.stride(1) + first * key.stride(2);
+      const int64_t v_offset = b * value.stride(0) + head * value.stride(1) + first * value.stride(2);
+      attend_chunk(q + b * query.stride(0) + head * groups * dim, groups, dim, k + k_offset, v + v_offset,
+                   key.stride(2), value.stride(2), count, scores.data(), &partial[task * groups * dim]);
+      for (int64_t g = 0; g < groups; ++g) {
+        maxima[task * groups + g] = scores[g * SCORE_ROW + KEYS_PER_TASK];
+        sums[task * groups + g] = scores[g * SCORE_ROW + KEYS_PER_TASK + 1];
+      }
+    }
+  });
+  float* o = out.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t head = 0; head < kv_heads; ++head) {
+      const int64_t base = (b * kv_heads + head) * chunks;
+      for (int64_t g = 0; g < groups; ++g) {
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < chunks; ++c) top = std::max(top, maxima[(base + c) * groups + g]);
+        float total = 0.f;
+        float* row = o + (b * heads + head * groups + g) * dim;
+        std::fill(row, row + dim, 0.f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float scale = std::exp(maxima[(base + c) * groups + g] - top);
+          total += scale * sums[(base + c) * groups + g];
+          const float* part = &partial[((base + c) * groups + g) * dim];
+          for (int64_t d = 0; d < dim; ++d) row[d] += scale * part[d];
+        }
+        for (int64_t d = 0; d < dim; ++d) row[d] /= total;
+      }
+    }
+  }
+}
+
+at::Tensor one_row_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_keys) {
+  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 4 && value.dim() == 4, "query [B, H, D], key/value [B, H_kv, N, D]");
+  TORCH_CHECK(query.scalar_type() == at::kFloat && query.is_contiguous(), "query: contiguous fp32");
+  TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value of one dtype");
+  TORCH_CHECK(key.sizes() == value.sizes(), "key and value of one shape");
+  TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1 && key.size(3) == query.size(2),
+              "key/value rows contiguous, of the query's size");
+  TORCH_CHECK(key.size(0) == query.size(0) && query.size(1) % key.size(1) == 0, "batch and head groups");
+  TORCH_CHECK(num_keys >= 1 && num_keys <= key.size(2), "num_keys within the buffers");
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  if (key.scalar_type() == at::kBFloat16) {
+    run<c10::BFloat16>(query, key, value, num_keys, out);
+  } else {
+    TORCH_CHECK(key.scalar_type() == at::kFloat, "key/value: fp32 or bf16");
+    run<float>(query, key, value, num_keys, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+bool vectorized() { return VECTORIZED; }
+
+TORCH_LIBRARY(kvcellar_cpu, m) {
+  m.def("one_row_attention(Tensor query, Tensor key, Tensor value, int num_keys) -> Tensor");
+  m.def("vectorized() -> bool", &vectorized);
+}
+
+TORCH_LIBRARY_IMPL(kvcellar_cpu, CPU, m) { m.impl("one_row_attention", &one_row_attention); }
