@@ -13,11 +13,21 @@ from kvcellar.engine import attention, kernels
 
 
 @pytest.fixture(scope="module")
-def op(tmp_path_factory: pytest.TempPathFactory):
-    """The kernel op, built once for the module (the build is cached per process after)."""
-    built = kernels._build(tmp_path_factory.mktemp("kernels"))
-    assert built is torch.ops.kvcellar_cpu.one_row_attention
-    return built
+def ops(tmp_path_factory: pytest.TempPathFactory):
+    """The kernels' op namespace, built once for the module (the build is cached per process after)."""
+    return kernels._build(tmp_path_factory.mktemp("kernels"))
+
+
+@pytest.fixture(scope="module")
+def op(ops):
+    return ops.one_row_attention
+
+
+@pytest.fixture(scope="module")
+def causal(ops):
+    if not ops.has_bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16: the causal kernel is not built for it (torch's flash runs)")
+    return ops.causal_attention
 
 
 def _reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -74,22 +84,22 @@ def test_decode_steps_run_the_kernel_and_torchs_path_agrees(op, monkeypatch) -> 
     key, value = torch.randn(1, 2, 400, 64, generator=generator).bfloat16(), torch.randn(1, 2, 400, 64).bfloat16()
     with_kernel = attention._decode_cpu(query, key[:, :, :300], value[:, :, :300], None)
     assert calls == [300] and with_kernel.dtype == torch.bfloat16 and with_kernel.shape == (1, 8, 1, 64)
-    attention.use_one_row_kernel(None)  # monkeypatch restores the kernel after
+    monkeypatch.setattr(attention, "_one_row_kernel", None)
     without = attention._decode_cpu(query, key[:, :, :300], value[:, :, :300], None)
     torch.testing.assert_close(with_kernel.float(), without.float(), rtol=0.02, atol=0.02)  # bf16 products in torch's
 
 
-def test_a_failed_build_warns_once_and_leaves_torchs_path(tmp_path: Path, monkeypatch, caplog) -> None:
+def test_a_failed_build_warns_once_and_leaves_torchs_paths(tmp_path: Path, monkeypatch, caplog) -> None:
     def broken(kernel_dir: Path):
         raise OSError("no C++ compiler found")
 
     monkeypatch.setattr(kernels, "_build", broken)
     monkeypatch.setattr(kernels, "_loaded", {})
     with caplog.at_level(logging.WARNING, logger="kvcellar.engine.kernels"):
-        assert kernels.load_one_row_attention(tmp_path) is None
-        assert kernels.load_one_row_attention(tmp_path) is None
+        assert kernels.load_cpu_kernels(tmp_path) == kernels.CpuKernels(None, None)
+        assert kernels.load_cpu_kernels(tmp_path) == kernels.CpuKernels(None, None)
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "torch's attention" in warnings[0]
+    assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "torch's kernels" in warnings[0]
 
 
 def test_an_engine_on_a_cpu_runs_its_decode_steps_through_the_kernel(tiny_model_dirs, monkeypatch) -> None:
@@ -107,3 +117,60 @@ def test_an_engine_on_a_cpu_runs_its_decode_steps_through_the_kernel(tiny_model_
         assert len(result.token_ids) == 3 and calls[:2] == [41, 41]  # every layer of the first step sees 41 keys
     finally:
         engine.close()
+
+
+def _causal_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 SDPA, queries the last M of N positions -> [B, M, H, D]."""
+    rows, keys = query.shape[2], key.shape[2]
+    mask = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), attn_mask=mask, enable_gqa=True, scale=scale)  # fmt: skip
+    return expected.transpose(1, 2)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(16, 8, 128), (4, 4, 64), (8, 2, 256), (6, 2, 64)])
+@pytest.mark.parametrize(("rows", "keys"), [(1, 1), (5, 5), (37, 100), (300, 300), (64, 1030)])
+def test_the_causal_kernel_equals_sdpa(causal, heads: int, kv_heads: int, dim: int, rows: int, keys: int) -> None:
+    """bf16 dot products and bf16 probabilities: equal to fp32 SDPA within bf16 rounding."""
+    generator = torch.Generator().manual_seed(rows * keys + dim)
+    cached = torch.randn(1, kv_heads, keys + 9, dim, generator=generator).bfloat16()  # a buffer longer than the keys
+    key, value = cached[:, :, :keys], torch.randn(1, kv_heads, keys, dim, generator=generator).bfloat16()
+    query = torch.randn(1, rows, heads, dim, generator=generator).bfloat16().transpose(1, 2)  # strided, as projected
+    output = causal(query, key, value, 0.1)
+    assert output.shape == (1, rows, heads, dim) and output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), _causal_reference(query, key, value, 0.1), rtol=0.02, atol=0.02)
+
+
+def test_the_causal_kernel_computes_each_row_alike_in_any_pass_and_at_any_thread_count(causal) -> None:
+    generator = torch.Generator().manual_seed(9)
+    query = torch.randn(1, 8, 700, 64, generator=generator).bfloat16()
+    key, value = torch.randn(1, 4, 700, 64, generator=generator).bfloat16(), torch.randn(1, 4, 700, 64).bfloat16()
+    whole = causal(query, key, value, 0.125)
+    for start, end in ((0, 1), (256, 512), (301, 333), (699, 700)):  # a later pass: its rows over the prefix before it
+        assert torch.equal(causal(query[:, :, start:end], key[:, :, :end], value[:, :, :end], 0.125), whole[:, start:end])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(causal(query, key, value, 0.125), whole)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_prefill_passes_run_the_causal_kernel_only_where_it_applies(causal, monkeypatch) -> None:
+    from torch.nn.attention.bias import causal_lower_right
+
+    calls = []
+    monkeypatch.setattr(attention, "_causal_kernel", lambda *args: calls.append(args[0].shape[2]) or causal(*args))
+    module = torch.nn.Module()
+    module.config, module.num_key_value_groups = None, 2
+    query = torch.randn(1, 4, 10, 64).bfloat16()
+    key, value = torch.randn(1, 2, 30, 64).bfloat16(), torch.randn(1, 2, 30, 64).bfloat16()
+    output, _ = attention._attention(module, query, key, value, causal_lower_right(10, 30), scaling=None)
+    assert calls == [10] and output.shape == (1, 10, 4, 64)
+    torch.testing.assert_close(output.float(), _causal_reference(query, key, value, 64**-0.5), rtol=0.02, atol=0.02)
+    attention._attention(module, query, key[:, :, :10], value[:, :, :10], None, scaling=None)  # a whole first pass
+    assert calls == [10, 10]
+    attention._attention(module, query.float(), key.float(), value.float(), causal_lower_right(10, 30), scaling=None)
+    padding = torch.ones(1, 1, 10, 30, dtype=torch.bool)
+    attention._attention(module, query, key, value, padding, scaling=None)  # a tensor mask: transformers' sdpa
+    assert calls == [10, 10]  # fp32 and masked calls went to torch

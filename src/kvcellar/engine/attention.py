@@ -17,8 +17,11 @@ materialize that mask, it runs two unmasked flash passes instead once 1K keys ar
 bf16) runs `_decode_cpu`: the built kernel of engine/kernels where the loader
 has it, else two batched products per K/V head group; both read each key and
 value once (SDPA's CPU kernel for one bf16 row reads them several times
-slower). Every other case (sliding windows,
-padding, other dtypes) goes through transformers' own code unchanged. Cold
+slower). A bf16 CPU prefill pass of plain causal attention runs the built
+causal kernel where the CPU has bf16 dot products (about twice torch's flash
+rate; row-invariant, so query pieces below are not needed with it). Every
+other case (sliding windows, padding, other dtypes) goes through
+transformers' own code unchanged. Cold
 and cached prefills take the same path, so exact mode stays bit-identical;
 decode steps after a restore and after a cold prefill take the same path too.
 
@@ -42,7 +45,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from kvcellar.engine.kernels import OneRowAttention
+from kvcellar.engine.kernels import CausalAttention, CpuKernels, OneRowAttention
 
 NAME = "kvcellar_sdpa"
 
@@ -113,14 +116,28 @@ def _query_pieces_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
-# The built decode-attention kernel (engine/kernels), set by the loader where it builds; None: torch's products.
+# The built CPU kernels (engine/kernels), set by the loader where they build; None: torch's kernels.
 _one_row_kernel: OneRowAttention | None = None
+_causal_kernel: CausalAttention | None = None
 
 
-def use_one_row_kernel(kernel: OneRowAttention | None) -> None:
-    """Run CPU decode steps' attention through `kernel` (None: through torch's batched products). Process-wide."""
-    global _one_row_kernel
-    _one_row_kernel = kernel
+def use_cpu_kernels(kernels: CpuKernels) -> None:
+    """Run CPU attention through the built `kernels` where they apply (CpuKernels(): torch's). Process-wide."""
+    global _one_row_kernel, _causal_kernel
+    _one_row_kernel, _causal_kernel = kernels.one_row_attention, kernels.causal_attention
+
+
+def _causal_kernel_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object,
+                        dropout: float, kwargs: dict) -> bool:  # fmt: skip
+    """Whether `_causal_kernel` computes this call: a bf16 CPU pass of plain causal attention (bottom right)."""
+    if _causal_kernel is None or query.device.type != "cpu" or dropout != 0.0 or _extra_terms(kwargs):
+        return False
+    if not (query.dtype == key.dtype == value.dtype == torch.bfloat16) or query.shape[-1] % 32 != 0:
+        return False
+    rows, keys = query.shape[2], key.shape[2]
+    if attention_mask is None:  # transformers leaves the mask out for a full square pass (is_causal)
+        return rows == keys
+    return isinstance(attention_mask, CausalBias) and attention_mask.seq_len_q == rows and attention_mask.seq_len_kv == keys
 
 
 def _decode_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -149,6 +166,9 @@ def use_query_pieces(model: torch.nn.Module, piece: int | None) -> None:
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    if query.shape[2] > 1 and _causal_kernel_fits(query, key, value, attention_mask, dropout, kwargs):
+        # Row-invariant by construction (engine/kernels): query pieces would compute the same bits.
+        return _causal_kernel(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling), None
     piece = getattr(module.config, "kvcellar_query_piece", None)
     plain_causal = attention_mask is None or isinstance(attention_mask, CausalBias)
     if piece and plain_causal and query.shape[2] > 1 and query.device.type == "cpu" and dropout == 0.0:

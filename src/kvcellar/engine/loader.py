@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kvcellar.engine import attention
-from kvcellar.engine.kernels import load_one_row_attention
+from kvcellar.engine.kernels import load_cpu_kernels
 from kvcellar.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -290,12 +290,12 @@ def load_model(
 def _store_weights(model: torch.nn.Module, dtype: str, device: torch.device, torch_dtype: torch.dtype) -> torch.dtype | None:
     """bf16 storage for fp32 weights (engine/weights.py): asked for, or `auto` on a CPU that computes in fp32.
     A bf16 model on a CPU gets the same one-row kernel for its decode steps (`use_one_row_kernel`).
-    On a CPU, decode steps' attention runs the built kernel of engine/kernels where it can be had."""
+    On a CPU, attention runs the built kernels of engine/kernels where they can be had."""
     from kvcellar.engine.weights import store_weights_in_bf16, use_one_row_kernel
     from kvcellar.models.demo import kvcellar_home
 
     if device.type == "cpu":
-        attention.use_one_row_kernel(load_one_row_attention(kvcellar_home() / "kernels"))
+        attention.use_cpu_kernels(load_cpu_kernels(kvcellar_home() / "kernels"))
     if device.type == "cpu" and torch_dtype == torch.bfloat16:
         log.info("%d linear layers run one-row passes through the built kernel",
                  use_one_row_kernel(model, kvcellar_home() / "kernels"))  # fmt: skip

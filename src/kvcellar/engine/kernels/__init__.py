@@ -1,19 +1,24 @@
 """CPU kernels of our own, built from C++ source on the machine that runs them.
 
-`one_row_attention.cpp`: a decode step's attention (one query row per head
-against the cache's K/V, fp32 or bf16): every key and value row is read once,
-widened to fp32 in registers and used by all the query heads of its group,
-with the softmax in fp32 (AVX-512). torch's own paths read a bf16 cache at a
-fraction of the memory bandwidth (docs/benchmarks.md).
+- `one_row_attention.cpp`: a decode step's attention (one query row per head
+  against the cache's K/V, fp32 or bf16): every key and value row is read
+  once, widened to fp32 in registers and used by all the query heads of its
+  group, with the softmax in fp32 (AVX-512). torch's own paths read a bf16
+  cache at a fraction of the memory bandwidth (docs/benchmarks.md).
+- `causal_attention.cpp`: a bf16 prefill pass's causal attention (the pass's
+  queries against the cached prefix and themselves) with the CPU's bf16 dot
+  product (AVX512-BF16), about twice the rate of torch's CPU flash kernel. It
+  is row-invariant by construction (the file says why), so exact mode runs it
+  on whole passes.
 
 Built with torch's extension builder (`torch.utils.cpp_extension`, which
 needs a C++ compiler and ninja) and `-march=native`, once per source, torch
 version and CPU into `kernel_dir` (the loader passes `$KVCELLAR_HOME/kernels`),
-then loaded from there. Where it cannot be built, or the CPU has no AVX-512
-(the vector path; its plain loops are no faster than torch), one warning and
-the engine keeps torch's path (`load_one_row_attention` returns None).
+then loaded from there. Where it cannot be built, one warning and the engine
+keeps torch's paths; a kernel whose instructions the CPU lacks (AVX-512 for the
+first, AVX512-BF16 for the second) is left out the same way, without a warning.
 
-Operations: `load_one_row_attention(kernel_dir) -> OneRowAttention | None`.
+Operations: `load_cpu_kernels(kernel_dir) -> CpuKernels`.
 """
 
 from __future__ import annotations
@@ -21,58 +26,80 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("one_row_attention.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "one_row_attention.cpp", HERE / "causal_attention.cpp")
+HEADERS = (HERE / "vector_math.h",)
 # -fopenmp: at::parallel_for is compiled into the kernel, and without OpenMP it runs on one thread. The library
 # links libgomp.so.1 by name, so in a torch process it shares torch's OpenMP runtime and its thread count.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 
 # (query [B, H, D] fp32 pre-scaled, key, value [B, H_kv, >= n, D] fp32/bf16, n) -> [B, H, D] fp32
 OneRowAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (query [B, H, M, D], key, value [B, H_kv, N, D], scale), all bf16 -> [B, M, H, D] bf16
+CausalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
-_loaded: dict[Path, OneRowAttention | None] = {}  # one build and load per process and folder
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """The kernels this machine runs; None where one cannot be built or the CPU lacks its instructions."""
+
+    one_row_attention: OneRowAttention | None = None
+    causal_attention: CausalAttention | None = None
 
 
-def load_one_row_attention(kernel_dir: Path) -> OneRowAttention | None:
-    """The built decode-attention op, or None (with one warning) where it cannot be had or is not faster."""
+_loaded: dict[Path, CpuKernels] = {}  # one build and load per process and folder
+
+
+def load_cpu_kernels(kernel_dir: Path) -> CpuKernels:
+    """The built kernels this CPU can run (see the module doc); CpuKernels() with one warning if the build fails."""
     if kernel_dir not in _loaded:
-        _loaded[kernel_dir] = _build_and_check(kernel_dir)
+        _loaded[kernel_dir] = _build_and_pick(kernel_dir)
     return _loaded[kernel_dir]
 
 
-def _build_and_check(kernel_dir: Path) -> OneRowAttention | None:
+def _build_and_pick(kernel_dir: Path) -> CpuKernels:
     try:
-        op = _build(kernel_dir)
-    except Exception as exc:  # a missing compiler or ninja, a failed build: all mean torch's path
-        log.warning("building the CPU decode-attention kernel failed, decode steps use torch's attention "
+        ops = _build(kernel_dir)
+    except Exception as exc:  # a missing compiler or ninja, a failed build: all mean torch's paths
+        log.warning("building the CPU attention kernels failed, attention runs on torch's kernels "
                     "(slower): %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)  # fmt: skip
-        return None
-    if not torch.ops.kvcellar_cpu.vectorized():
-        log.info("this CPU has no AVX-512: decode steps use torch's attention")
-        return None
-    return op
+        return CpuKernels()
+    kernels = CpuKernels(
+        one_row_attention=ops.one_row_attention if ops.vectorized() else None,
+        causal_attention=ops.causal_attention if ops.has_bf16_dot() else None,
+    )
+    log.info("CPU attention kernels: decode steps %s, bf16 prefill %s",
+             "built" if kernels.one_row_attention else "torch's (no AVX-512)",
+             "built" if kernels.causal_attention else "torch's (no AVX512-BF16)")  # fmt: skip
+    return kernels
 
 
-def _build(kernel_dir: Path) -> OneRowAttention:
+def _build(kernel_dir: Path) -> object:
+    """The `torch.ops.kvcellar_cpu` namespace, the library built (or found built) in `kernel_dir` and loaded."""
     if not hasattr(torch.ops.kvcellar_cpu, "one_row_attention"):  # registered by an earlier load in this process
         from torch.utils import cpp_extension
 
         folder = kernel_dir / f"cpu-attention-{_build_key()}"
         folder.mkdir(parents=True, exist_ok=True)
-        log.info("loading the CPU decode-attention kernel from %s (built there first if it is not)", folder)
-        cpp_extension.load("kvcellar_cpu_kernels", sources=[str(SOURCE)], extra_cflags=list(FLAGS),
-                           extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False)  # fmt: skip
-    return torch.ops.kvcellar_cpu.one_row_attention
+        log.info("loading the CPU attention kernels from %s (built there first if they are not)", folder)
+        cpp_extension.load("kvcellar_cpu_kernels", sources=[str(source) for source in SOURCES],
+                           extra_cflags=list(FLAGS), extra_include_paths=[str(HERE)], extra_ldflags=["-fopenmp"],
+                           build_directory=str(folder), is_python_module=False)  # fmt: skip
+    return torch.ops.kvcellar_cpu
 
 
 def _build_key() -> str:
-    """What the built library depends on: the source, the flags, torch's version and (-march=native) the CPU."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    """What the built library depends on: the sources, the flags, torch's version and (-march=native) the CPU."""
+    digest = hashlib.sha256()
+    for source in SOURCES + HEADERS:
+        digest.update(source.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_flags().encode())

@@ -13,9 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vector_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -26,18 +24,15 @@
 
 namespace {
 
+using kvcellar::widen;
+#if defined(__AVX512F__)
+using kvcellar::exp16;
+using kvcellar::load16;
+#endif
+
 constexpr int64_t KEYS_PER_TASK = 256;
 // A task's score row per query head: its keys' scores, then the row's max and sum.
 constexpr int64_t SCORE_ROW = KEYS_PER_TASK + 2;
-
-inline float widen(float x) { return x; }
-
-inline float widen(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
 
 // Each query head's score row becomes exp(score - max), followed by that max and the sum.
 inline void softmax_rows(int64_t groups, int64_t count, float* scores) {
@@ -57,28 +52,6 @@ inline void softmax_rows(int64_t groups, int64_t count, float* scores) {
 
 #if defined(__AVX512F__)
 constexpr bool VECTORIZED = true;
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is exact: the 16 bits move to the top half
-  __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-inline __m512 exp16(__m512 x) {  // e^x for x <= 0, within 2 ulp: 2^n * e^r, |r| <= ln2/2, degree-6 polynomial
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
 
 // softmax_rows with 16 keys at a time (the tail masked).
 inline void softmax_rows16(int64_t groups, int64_t count, float* scores) {
