@@ -159,3 +159,19 @@ def test_side_by_side_table_writes_tiny_ratios_as_how_many_times_less():
     assert "| cold | 1.000 s" in table and "| 0.50x |" in table
     assert "| 2000x less |" in table  # 0.004 / 8: not "0.00x"
     assert "| 1.00x |" in table and table.count("\n") == 6
+
+
+def test_side_by_side_waits_for_idle_cores_before_a_turn_and_gives_up_after_its_limit() -> None:
+    """A peer's threads spin on after its requests; the next turn starts once a window shows idle cores."""
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    readings = iter([100.0, 100.25, 100.5, 100.52])  # busy CPU seconds: one core busy for two windows, then idle
+    waited = side_by_side.settle(lambda: next(readings), lambda: now[0], sleep)
+    assert waited == 3 * side_by_side.SETTLE_WINDOW_S
+    busy = iter(100.0 + 0.25 * step for step in range(100))  # never idle: the wait stops at its limit
+    now[0] = 0.0
+    assert side_by_side.settle(lambda: next(busy), lambda: now[0], sleep) == side_by_side.SETTLE_MAX_S
+    assert side_by_side.settle(lambda: None, lambda: now[0], sleep) == 0.0  # no /proc/stat: no wait

@@ -17,6 +17,12 @@ prompt P of `length` ids, the same ids for every target:
 | shared 3/4 | P's first 3/4, then as many new ids, 1 token | time to first token |
 | decode | P + 64 again, `decode_tokens` tokens | tokens/s from the first to the last token |
 
+Before each target's turn the suite waits (up to `SETTLE_MAX_S`) until the
+machine's cores are idle: a peer's threads keep spinning on a core for about a
+second after its last request (vLLM CPU's OpenMP), and kvcellar, which sizes
+its threads to the cores other processes leave free, would start the next
+turn on one thread. The waits are recorded.
+
 A warm-up request (other ids) goes to each target first. The seed defaults
 to the clock, so a second run against the same servers is cold again; it is
 recorded. The load average is sampled around every round: compare runs only
@@ -37,8 +43,11 @@ from urllib.parse import urlsplit
 from kvcellar.bench.config import DEFAULT_MAX_TOKEN_ID
 from kvcellar.bench.progress import log
 from kvcellar.bench.scenarios import make_ids
+from kvcellar.engine.threads import cpu_busy_seconds
 
 EXTENSION_TOKENS, REPEAT_TOKENS, WARM_UP_TOKENS = 64, 16, 256
+# Idle: fewer busy cores than this over one window of SETTLE_WINDOW_S; waited for at most SETTLE_MAX_S.
+SETTLE_BUSY_CORES, SETTLE_WINDOW_S, SETTLE_MAX_S = 0.25, 0.25, 5.0
 ROWS = ("cold", "exact repeat", "extension", "shared 3/4", "decode")
 
 
@@ -133,16 +142,33 @@ def run_round(
     out: dict[str, dict] = {}
     for index in order:
         server = servers[index]
+        settled = settle()
         raw = {"cold": server.complete(prompt, 1), "exact repeat": server.complete(prompt, REPEAT_TOKENS),
                "extension": server.complete(prompt + extension, 1), "shared 3/4": server.complete(branch, 1),
                "decode": server.complete(prompt + extension, decode_tokens)}  # fmt: skip
         decode = raw["decode"]
         rate = (decode["tokens"] - 1) / max(decode["last_s"] - decode["ttft_s"], 1e-9)
-        out[server.name] = {**{row: raw[row]["ttft_s"] for row in ROWS if row != "decode"}, "decode": rate, "raw": raw}
+        out[server.name] = {**{row: raw[row]["ttft_s"] for row in ROWS if row != "decode"}, "decode": rate, "raw": raw,
+                            "settle_s": settled}  # fmt: skip
         log(f"  {server.name}: cold {raw['cold']['ttft_s']:.3f} s, repeat {raw['exact repeat']['ttft_s']:.3f} s, "
             f"+{len(extension)} {raw['extension']['ttft_s']:.3f} s, 3/4 shared {raw['shared 3/4']['ttft_s']:.3f} s, "
             f"decode {rate:.1f} tok/s")
     return out
+
+
+def settle(busy_seconds=cpu_busy_seconds, clock=time.monotonic, sleep=time.sleep) -> float:
+    """Wait until the cores are idle over one window (see the module doc); returns the seconds waited."""
+    started = clock()
+    before = busy_seconds()
+    if before is None:  # no /proc/stat: nothing to wait for
+        return 0.0
+    while clock() - started < SETTLE_MAX_S:
+        sleep(SETTLE_WINDOW_S)
+        after = busy_seconds()
+        if (after - before) / SETTLE_WINDOW_S < SETTLE_BUSY_CORES:
+            break
+        before = after
+    return clock() - started
 
 
 def _cell(values: list[float], unit: str) -> str:
