@@ -85,6 +85,14 @@ inline void prefetch_row(const KV* row, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T0);
 }
 
+// Row j of `rows` (row stride `stride`, `count` rows) widened into registers; a later row is prefetched.
+template <int PIECES, typename KV>
+inline void widen_row(const KV* rows, int64_t stride, int64_t j, int64_t count, __m512 out[PIECES]) {
+  const KV* row = rows + j * stride;
+  if (j + PREFETCH_ROWS < count) prefetch_row(row + PREFETCH_ROWS * stride, 16 * PIECES * sizeof(KV));
+  for (int p = 0; p < PIECES; ++p) out[p] = load16(row + 16 * p);
+}
+
 // AVX-512, a head size of PIECES x 16: each key and value row is widened once into registers and used by
 // every query head of the group.
 template <int PIECES, typename KV>
@@ -92,10 +100,8 @@ void attend_rows(const float* queries, int64_t groups, const KV* keys, const KV*
                  int64_t value_stride, int64_t count, float* scores, float* acc) {
   constexpr int64_t dim = 16 * PIECES;
   for (int64_t j = 0; j < count; ++j) {
-    const KV* key = keys + j * key_stride;
-    if (j + PREFETCH_ROWS < count) prefetch_row(key + PREFETCH_ROWS * key_stride, dim * sizeof(KV));
     __m512 row[PIECES];
-    for (int p = 0; p < PIECES; ++p) row[p] = load16(key + 16 * p);
+    widen_row<PIECES>(keys, key_stride, j, count, row);
     for (int64_t g = 0; g < groups; ++g) {
       const float* query = queries + g * dim;
       __m512 even = _mm512_mul_ps(row[0], _mm512_loadu_ps(query));
@@ -110,10 +116,8 @@ void attend_rows(const float* queries, int64_t groups, const KV* keys, const KV*
   softmax_rows16(groups, count, scores);
   for (int64_t i = 0; i < groups * dim; i += 16) _mm512_storeu_ps(acc + i, _mm512_setzero_ps());
   for (int64_t j = 0; j < count; ++j) {
-    const KV* value = values + j * value_stride;
-    if (j + PREFETCH_ROWS < count) prefetch_row(value + PREFETCH_ROWS * value_stride, dim * sizeof(KV));
     __m512 row[PIECES];
-    for (int p = 0; p < PIECES; ++p) row[p] = load16(value + 16 * p);
+    widen_row<PIECES>(values, value_stride, j, count, row);
     for (int64_t g = 0; g < groups; ++g) {
       const __m512 weight = _mm512_set1_ps(scores[g * SCORE_ROW + j]);
       float* out = acc + g * dim;
