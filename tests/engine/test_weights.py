@@ -166,6 +166,39 @@ def test_a_bf16_models_one_row_passes_run_the_kernel(tmp_path, tiny_model_dirs) 
     loaded = load_model(tiny_model_dirs["qwen3"], "cpu", "bfloat16")
     assert {type(module).__name__ for name, module in loaded.model.named_modules() if name.endswith("proj")} == {"Bf16Linear"}
     assert loaded.model.model.layers[0].self_attn.k_proj.siblings is not None
+    assert loaded.model.model.layers[0].mlp.up_proj.packed is not None  # a tiny model fits any machine's budget
+
+
+def test_prepacked_weights_multiply_several_rows_bit_for_bit_as_linear(tmp_path, monkeypatch) -> None:
+    from kvcellar.engine import prepacked
+
+    torch.manual_seed(3)
+    layer = nn.Linear(96, 160).to(torch.bfloat16)
+    plain = nn.Linear(96, 160).to(torch.bfloat16)
+    plain.load_state_dict(layer.state_dict())
+    weights.use_one_row_kernel(nn.Sequential(layer), tmp_path)
+    assert layer.packed is not None
+    calls = []
+    product = prepacked.packed_product
+    monkeypatch.setattr(weights, "packed_product", lambda *args: calls.append(args[0].shape) or product(*args))
+    with torch.inference_mode():
+        for rows in (2, 7, 16, 64, 257):
+            x = torch.randn(1, rows, 96).to(torch.bfloat16)
+            assert torch.equal(layer(x), plain(x))
+        one_row = layer(torch.randn(1, 1, 96).to(torch.bfloat16))  # one row: the one-row kernel, not the packed copy
+    assert len(calls) == 5 and one_row.shape == (1, 1, 160)
+
+
+def test_weights_stay_unpacked_where_a_packed_copy_would_not_fit(tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    from kvcellar.engine import prepacked
+
+    monkeypatch.setattr(prepacked, "_machine_memory", lambda: 4 * 96 * 160 * 2)  # the copy is a quarter and more
+    layer = nn.Linear(96, 160, bias=False).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="kvcellar.engine.prepacked"):
+        weights.use_one_row_kernel(nn.Sequential(layer, nn.Linear(96, 96, bias=False).to(torch.bfloat16)), tmp_path)
+    assert layer.packed is None and "stay unpacked" in caplog.text
 
 
 def _bf16_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:

@@ -60,6 +60,7 @@ from torch import nn
 from torch.nn import functional
 
 from kvcellar.config import FP32_WEIGHTS_FROM_ROWS
+from kvcellar.engine.prepacked import packed_product, prepack_linears
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,12 @@ class Bf16Linear(Bf16StoredLinear):
     is exact, fp32 sums of the bf16 weight, the output rounded to bf16 once, as a bf16 linear rounds it),
     at about twice the weight-read rate of torch's bf16 product for one row; more rows a plain bf16 linear."""
 
+    packed: torch.Tensor | None = None  # set: the weight prepacked for passes of several rows (engine/prepacked.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features or self.one_row is None:
+            if self.packed is not None and x.numel() != self.in_features:
+                return packed_product(x, self.packed, self.bias)
             return functional.linear(x, self.weight, self.bias)
         output = self._one_row_product(x, x.reshape(1, self.in_features).float())
         if self.bias is not None:
@@ -137,11 +142,13 @@ class Bf16Linear(Bf16StoredLinear):
 
 
 def use_one_row_kernel(model: nn.Module, kernel_dir: Path) -> int:
-    """Give a bf16 model's plain linear layers (on a CPU) the one-row kernel (`Bf16Linear`); returns how many."""
+    """Give a bf16 model's plain linear layers (on a CPU) the one-row kernel (`Bf16Linear`), and a prepacked
+    weight for passes of several rows where it fits (engine/prepacked.py); returns how many."""
     linears = [module for module in model.modules() if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16]
     for module in linears:
         module.__class__ = Bf16Linear
     _attach_kernel(model, linears, kernel_dir)
+    prepack_linears(model)
     return len(linears)
 
 
