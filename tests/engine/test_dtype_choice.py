@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +54,21 @@ def test_a_folders_parameters_come_from_its_weight_bytes(tmp_path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 4000)
     assert loader._folder_parameters(tmp_path, "bfloat16") == 2000
     assert loader._folder_parameters(tmp_path, "float32") == 1000
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+def test_cpu_weights_live_in_the_process_memory_not_in_the_checkpoint_file(tiny_model_dirs) -> None:
+    """Clean file pages may be dropped by the kernel at any time; the weights must not come back from disk."""
+    import gc
+
+    from kvcellar.engine.loader import load_model
+
+    folder = Path(tiny_model_dirs["gemma3"]).resolve()  # tied embeddings: the tie must survive the copy
+    loaded = load_model(folder, "cpu", "auto")
+    gc.collect()
+    with open("/proc/self/maps") as maps:
+        mapped = [line.split()[-1] for line in maps if str(folder) in line]
+    assert mapped == []
+    model = loaded.model
+    if model.config.get_text_config().tie_word_embeddings:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

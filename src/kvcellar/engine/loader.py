@@ -215,6 +215,22 @@ def _load_weights(folder: Path, torch_dtype: torch.dtype, torch_device: torch.de
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
 
 
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy the weights out of the checkpoint's file mapping into memory of the process's own.
+
+    transformers leaves CPU weights as views of the safetensors file, mapped privately: clean file
+    pages, which the kernel may drop whenever it wants the memory (memory pressure, or proactive
+    reclaim such as DAMON's, which pages out what sat idle for seconds). The next request then reads
+    the weights back from the page cache or the disk: a 2K prompt after an idle spell took 10 s
+    instead of 7 (docs/benchmarks.md). Anonymous memory stays resident. One copy at load; the file
+    mapping goes once no tensor views it.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and tensor.numel():
+                tensor.data = tensor.data.clone()
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in _TORCH_DTYPES.items() if value == dtype)
 
@@ -276,6 +292,8 @@ def load_model(
     except Exception as exc:
         raise ModelLoadError(f"cannot load the model in {str(folder)!r}: {exc}") from exc
     model.to(torch_device).eval()
+    if torch_device.type == "cpu":
+        _own_memory(model)
     weight_dtype = _store_weights(model, dtype, torch_device, torch_dtype)
     text_config = model.config.get_text_config(decoder=True)
     context_length = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 2048
