@@ -221,9 +221,9 @@ def _own_memory(model: torch.nn.Module) -> None:
     transformers leaves CPU weights as views of the safetensors file, mapped privately: clean file
     pages, which the kernel may drop whenever it wants the memory (memory pressure, or proactive
     reclaim such as DAMON's, which pages out what sat idle for seconds). The next request then reads
-    the weights back from the page cache or the disk: a 2K prompt after an idle spell took 10 s
-    instead of 7 (docs/benchmarks.md). Anonymous memory stays resident. One copy at load; the file
-    mapping goes once no tensor views it.
+    the weights back from the page cache or the disk, and an idle server answers its next prompt
+    slower (docs/benchmarks.md). Anonymous memory stays resident. One copy at load; the file mapping
+    goes once no tensor views it.
     """
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:

@@ -3,9 +3,7 @@
 torch's bf16 `linear` on a CPU hands the weight to oneDNN at every call, and
 oneDNN first reorders it into its blocked layout. For a pass of a few rows (a
 64-token turn, a prompt tail, a short chat message) that reorder costs about
-as much as the product itself: on the 2-core Zen 4 machine, 16 rows ran at
-about 200 GFLOPS against 390 with the weight packed once, 64 rows at 335
-against 420, a 1024-row pass 387 against 409 (docs/benchmarks.md). So each
+as much as the product itself (docs/benchmarks.md has the rates). So each
 `Bf16Linear` keeps a packed copy (`torch.ops.mkldnn._reorder_linear_weight`)
 for passes of two rows or more; the product is the same oneDNN kernel, and the
 load checks on every weight shape that it is bit for bit `linear`'s at several
