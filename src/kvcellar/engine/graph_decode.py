@@ -69,6 +69,8 @@ class GraphDecoder:
         buffers = tuple(pointer for layer in layers for pointer in layer.buffer_pointers())
         if buffers != self._buffers:
             self._graphs.clear()
+            # A pool whose graphs are all gone is released; capturing into its handle again trips the allocator.
+            self._pool = torch.cuda.graph_pool_handle()
             self._buffers = buffers
         self._ids.fill_(token)
         self._position.fill_(position)

@@ -104,8 +104,9 @@ class KvBufferPool:
         self.num_allocated += 1
         rounded = rounded_capacity(capacity)
         batch, heads, _, head_dim = shape
-        if device.type != "cpu":
-            return torch.empty((batch, heads, rounded, head_dim), dtype=dtype, device=device)
+        if device.type != "cpu":  # zeros: a decode graph reads past the length (masked), and never-written
+            # memory may hold NaN bit patterns, which a mask does not cancel (NaN * 0 is NaN)
+            return torch.zeros((batch, heads, rounded, head_dim), dtype=dtype, device=device)
         return _fresh_pages((batch, heads, rounded, head_dim), dtype)
 
     def resident_blocks(self, keys: Sequence[bytes], capacity: int) -> int:
