@@ -165,7 +165,29 @@ def use_query_pieces(model: torch.nn.Module, piece: int | None) -> None:
     model.config.kvcellar_query_piece = piece
 
 
+# Set while a CUDA decode graph is captured (engine/graph_decode.py): [1, 1, 1, keys] bool, True for the keys
+# the step sees; the cache layers return `keys` keys, the ones past the step's position stale.
+_graph_mask: torch.Tensor | None = None
+
+
+def use_graph_mask(mask: torch.Tensor | None) -> None:
+    """Mask every one-row attention call with `mask` (None: stop); for the capture of a decode graph only."""
+    global _graph_mask
+    _graph_mask = mask
+
+
+def _graph_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """A captured decode step's attention: each K/V head's group of query rows against its keys, under the
+    graph's mask, so SDPA needs no grouped-head support (its masked kernels have none). -> [B, 1, H, D]."""
+    batch, heads, _, dim = query.shape
+    rows = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    output = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=_graph_mask, scale=scale)
+    return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous()
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    if _graph_mask is not None and query.shape[2] == 1:
+        return _graph_decode(query, key, value, scaling), None
     if query.shape[2] > 1 and _causal_kernel_fits(query, key, value, attention_mask, dropout, kwargs):
         # Row-invariant by construction (engine/kernels): query pieces would compute the same bits.
         return _causal_kernel(query, key, value, query.shape[-1] ** -0.5 if scaling is None else scaling), None

@@ -4,6 +4,7 @@ Operations: `RequestRunner.run(request, emit, is_cancelled) -> GenerationResult`
 On CPU the runner keeps the K/V buffers of the request that ended last for the
 next one (`kv.buffer_pool`): a fresh buffer of an 8K request faults in ~230k
 pages while a restore or prefill writes it. It then trims the freed heap (`heap.py`).
+On CUDA it keeps them too, for the decode graphs that read them (`graph_decode.py`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kvcellar.engine.graph_decode import GraphDecoder
 from kvcellar.engine.heap import trim_heap
 from kvcellar.engine.loader import LoadedModel
 from kvcellar.engine.prefill import cache_argument, prefill
@@ -39,8 +41,10 @@ class RequestRunner:
         self.steps_tail = steps_tail  # the fixed schedule's block steps after the last chunk (exact mode only)
         self.threads = threads  # set: CPU threads follow the cores other processes leave free (engine/threads.py)
         self._eos_ids = loaded.eos_token_ids
-        # CUDA's caching allocator already reuses freed blocks (and could lend them to other tensors).
-        self.kv_buffers = KvBufferPool() if loaded.device.type == "cpu" else None
+        # CUDA: decode steps replay graphs, which read fixed K/V buffers (engine/graph_decode.py), so there too
+        # one request's buffers are kept for the next. MPS: the allocator's reuse is enough.
+        self.graphs = GraphDecoder(loaded.model, loaded.device) if loaded.device.type == "cuda" else None
+        self.kv_buffers = KvBufferPool() if loaded.device.type in ("cpu", "cuda") else None
 
     @torch.inference_mode()
     def time_prefill(self) -> None:
@@ -131,7 +135,8 @@ class RequestRunner:
         if self.kv_buffers is None:
             return
         self.kv_buffers.give_back(cache, list(block_keys))
-        trim_heap()
+        if self.loaded.device.type == "cpu":
+            trim_heap()
 
     def prefill_prompt(
         self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False, timings: Timings | None = None
@@ -231,14 +236,10 @@ class RequestRunner:
                 generated_capture = self.prefix_cache.decode_capture(sequence, request.prompt.block_keys, cache,
                                                                      request.cache_salt)  # fmt: skip
             self._fit_threads()
-            output = self.loaded.model(
-                input_ids=torch.tensor([[token]], device=self.loaded.device), **cache_argument(self.loaded.model, cache),
-                use_cache=True,
-            )
+            logits = self._decode_step(token, cache)
             sequence.append(token)
             if generated_capture is not None:
                 generated_capture.token_fed(sequence)
-            logits = output.logits[0, -1]
         if not stops.stopped:  # release text held back for a possible stop string or a split character
             rest = stops.push(detokenizer.flush()).text
             rest += "" if stops.stopped else stops.flush()
@@ -250,6 +251,17 @@ class RequestRunner:
         if generated_capture is not None:
             generated_capture.finish(sequence)
         return finish
+
+
+    def _decode_step(self, token: int, cache: object) -> torch.Tensor:
+        """Feed `token`, return the next-token logits: a CUDA graph's replay where one covers the step, else eager."""
+        if self.graphs is not None:
+            logits = self.graphs.step(token, cache)
+            if logits is not None:
+                return logits
+        output = self.loaded.model(input_ids=torch.tensor([[token]], device=self.loaded.device),
+                                   **cache_argument(self.loaded.model, cache), use_cache=True)  # fmt: skip
+        return output.logits[0, -1]
 
 
 class _PromptState:

@@ -54,11 +54,19 @@ from collections.abc import Sequence
 
 import torch
 
-# New allocations reserve capacity rounded up to this many tokens, so a follow-up turn that adds a
-# few tokens (P + 64 after P) still fits the buffers of P. The pages of the extra room are never
-# written unless a request reaches them, so they are not resident (each buffer is its own anonymous
-# mapping, `_fresh_pages`): it costs address space, not RSS.
+# New allocations reserve capacity rounded up (`rounded_capacity`) to a multiple of ROUND_TOKENS, or of an
+# eighth of the capacity's power of two above 8K, so a follow-up turn that adds a few tokens (P + 64
+# after P) still fits the buffers of P. On CPU the pages of the extra room are never written unless a
+# request reaches them, so they are not resident (each buffer is its own anonymous mapping,
+# `_fresh_pages`): it costs address space, not RSS. On CUDA the same steps are the key counts of the
+# decode graphs (engine/graph_decode.py): a buffer rounded this way holds every step's bucket.
 ROUND_TOKENS = 1024
+
+
+def rounded_capacity(tokens: int) -> int:
+    """`tokens` rounded up to the step of its size (see ROUND_TOKENS): less than a quarter more above 8K tokens."""
+    step = max(ROUND_TOKENS, 1 << max((max(tokens, 1) - 1).bit_length() - 3, 0))
+    return -(-max(tokens, 1) // step) * step
 
 
 class PoolMisuseError(Exception):
@@ -94,10 +102,11 @@ class KvBufferPool:
         # Pooled buffers too small for this request never fit its other layers either: free them first.
         self._free = {s: b for s, b in self._free.items() if b.shape[2] >= capacity}
         self.num_allocated += 1
-        rounded = -(-capacity // ROUND_TOKENS) * ROUND_TOKENS
+        rounded = rounded_capacity(capacity)
         batch, heads, _, head_dim = shape
-        if device.type != "cpu":
-            return torch.empty((batch, heads, rounded, head_dim), dtype=dtype, device=device)
+        if device.type != "cpu":  # zeros: a decode graph reads past the length (masked), and never-written
+            # memory may hold NaN bit patterns, which a mask does not cancel (NaN * 0 is NaN)
+            return torch.zeros((batch, heads, rounded, head_dim), dtype=dtype, device=device)
         return _fresh_pages((batch, heads, rounded, head_dim), dtype)
 
     def resident_blocks(self, keys: Sequence[bytes], capacity: int) -> int:

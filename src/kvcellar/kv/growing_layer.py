@@ -30,6 +30,10 @@ class GrowingLayer(DynamicLayer):
         self.length = 0
         self._buffers = buffers
         self.index = index  # the layer's place in its cache: which pooled buffers are its own
+        # Set while a decode step is captured into a CUDA graph (engine/graph_decode.py): the step's position
+        # as a device tensor, and how many keys its attention reads (the rest of them masked).
+        self.graph_position: torch.Tensor | None = None
+        self.graph_keys = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -65,6 +69,10 @@ class GrowingLayer(DynamicLayer):
         return buffers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph_position is not None:  # written at a device-side position; `advance` moves the host's count
+            self._key_buffer.index_copy_(2, self.graph_position, key_states)
+            self._value_buffer.index_copy_(2, self.graph_position, value_states)
+            return self._key_buffer[:, :, : self.graph_keys], self._value_buffer[:, :, : self.graph_keys]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
@@ -75,6 +83,21 @@ class GrowingLayer(DynamicLayer):
         self.length = end
         self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
         return self.keys, self.values
+
+    def advance(self, num_tokens: int) -> None:
+        """Count `num_tokens` more tokens as written (a replayed decode graph wrote them in place)."""
+        self.length += num_tokens
+        self.keys, self.values = self._key_buffer[:, :, : self.length], self._value_buffer[:, :, : self.length]
+
+    def buffer_tokens(self) -> int:
+        """How many tokens the K/V buffers hold room for (0 before the first write)."""
+        if not self.is_initialized:
+            return 0
+        return min(self._key_buffer.shape[-2], self._value_buffer.shape[-2])
+
+    def buffer_pointers(self) -> tuple[int, int]:
+        """The K and V buffers' addresses: a captured CUDA graph reads and writes exactly these."""
+        return self._key_buffer.data_ptr(), self._value_buffer.data_ptr()
 
     def _grow(self, capacity: int) -> None:
         for name in ("_key_buffer", "_value_buffer"):
