@@ -140,6 +140,12 @@ def _causal_kernel_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return isinstance(attention_mask, CausalBias) and attention_mask.seq_len_q == rows and attention_mask.seq_len_kv == keys
 
 
+def _grouped_rows(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """A one-row query [B, H, 1, D] as [B, H_kv, G, D]: the G query heads that read each K/V head, as rows."""
+    batch, heads, _, dim = query.shape
+    return query.reshape(batch, kv_heads, heads // kv_heads, dim)
+
+
 def _decode_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
     """One query row per head against all keys, each K/V head's group of query heads together.
 
@@ -153,7 +159,7 @@ def _decode_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     if _one_row_kernel is not None and key.stride(-1) == 1 and value.stride(-1) == 1:
         rows = (query.float() * scale).reshape(batch, heads, dim).contiguous()
         return _one_row_kernel(rows, key, value, key.shape[2]).to(query.dtype).view(batch, heads, 1, dim)
-    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)  # [B, H_kv, G, D]
+    grouped = _grouped_rows(query, key.shape[1])
     scores = torch.matmul(key, grouped.transpose(-1, -2))  # [B, H_kv, kv, G]
     # bf16: scores rounded to bf16, softmax in fp32, as transformers' eager attention does.
     probs = torch.softmax(scores.mul_(scale), dim=2, dtype=torch.float32)
@@ -180,7 +186,7 @@ def _graph_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     """A captured decode step's attention: each K/V head's group of query rows against its keys, under the
     graph's mask, so SDPA needs no grouped-head support (its masked kernels have none). -> [B, 1, H, D]."""
     batch, heads, _, dim = query.shape
-    rows = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    rows = _grouped_rows(query, key.shape[1])
     output = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=_graph_mask, scale=scale)
     return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous()
 

@@ -293,7 +293,10 @@ def load_model(
         raise ModelLoadError(f"cannot load the model in {str(folder)!r}: {exc}") from exc
     model.to(torch_device).eval()
     if torch_device.type == "cpu":
+        from kvcellar.models.demo import kvcellar_home
+
         _own_memory(model)
+        attention.use_cpu_kernels(load_cpu_kernels(kvcellar_home() / "kernels"))
     weight_dtype = _store_weights(model, dtype, torch_device, torch_dtype)
     text_config = model.config.get_text_config(decoder=True)
     context_length = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 2048
@@ -307,13 +310,10 @@ def load_model(
 
 def _store_weights(model: torch.nn.Module, dtype: str, device: torch.device, torch_dtype: torch.dtype) -> torch.dtype | None:
     """bf16 storage for fp32 weights (engine/weights.py): asked for, or `auto` on a CPU that computes in fp32.
-    A bf16 model on a CPU gets the same one-row kernel for its decode steps (`use_one_row_kernel`).
-    On a CPU, attention runs the built kernels of engine/kernels where they can be had."""
+    A bf16 model on a CPU gets the same one-row kernel for its decode steps (`use_one_row_kernel`)."""
     from kvcellar.engine.weights import store_weights_in_bf16, use_one_row_kernel
     from kvcellar.models.demo import kvcellar_home
 
-    if device.type == "cpu":
-        attention.use_cpu_kernels(load_cpu_kernels(kvcellar_home() / "kernels"))
     if device.type == "cpu" and torch_dtype == torch.bfloat16:
         log.info("%d linear layers run one-row passes through the built kernel",
                  use_one_row_kernel(model, kvcellar_home() / "kernels"))  # fmt: skip

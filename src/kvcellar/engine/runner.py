@@ -252,7 +252,6 @@ class RequestRunner:
             generated_capture.finish(sequence)
         return finish
 
-
     def _decode_step(self, token: int, cache: object) -> torch.Tensor:
         """Feed `token`, return the next-token logits: a CUDA graph's replay where one covers the step, else eager."""
         if self.graphs is not None:

@@ -131,9 +131,10 @@ class Bf16Linear(Bf16StoredLinear):
     packed: torch.Tensor | None = None  # set: the weight prepacked for passes of several rows (engine/prepacked.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features or self.one_row is None:
-            if self.packed is not None and x.numel() != self.in_features:
-                return packed_product(x, self.packed, self.bias)
+        one_row = x.numel() == self.in_features
+        if not one_row and self.packed is not None:
+            return packed_product(x, self.packed, self.bias)
+        if not one_row or self.one_row is None:
             return functional.linear(x, self.weight, self.bias)
         output = self._one_row_product(x, x.reshape(1, self.in_features).float())
         if self.bias is not None:

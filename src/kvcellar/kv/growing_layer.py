@@ -80,12 +80,11 @@ class GrowingLayer(DynamicLayer):
             self._grow(max(end, 2 * self._key_buffer.shape[-2]))
         self._key_buffer[:, :, self.length : end] = key_states
         self._value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        self.advance(key_states.shape[-2])
         return self.keys, self.values
 
     def advance(self, num_tokens: int) -> None:
-        """Count `num_tokens` more tokens as written (a replayed decode graph wrote them in place)."""
+        """Count `num_tokens` more tokens as written in place (by `update`, or by a replayed decode graph)."""
         self.length += num_tokens
         self.keys, self.values = self._key_buffer[:, :, : self.length], self._value_buffer[:, :, : self.length]
 
