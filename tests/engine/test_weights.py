@@ -97,13 +97,28 @@ def _stored_linear(kernel_dir) -> Bf16StoredLinear:
 
 def test_each_pass_length_takes_its_path(tmp_path) -> None:
     layer = _stored_linear(tmp_path)
-    assert layer.one_row is not None
-    assert [file.name for file in tmp_path.iterdir()] == [f"one-row-product-torch{torch.__version__}.pt2"]
-    assert _stored_linear(tmp_path).one_row is not None  # loaded from the package the first one built
+    assert layer.one_row is not None and layer.few_rows == FP32_WEIGHTS_FROM_ROWS - 1  # the built kernels
     weight, bias = layer.weight.float(), layer.bias
     with torch.inference_mode():
         long = torch.randn(2, FP32_WEIGHTS_FROM_ROWS // 2, 64)  # 16 rows in all: fp32, bit for bit
         assert torch.equal(layer(long), nn.functional.linear(long, weight, bias))
+        short = torch.randn(1, 5, 64)  # a decode batch: fp32 sums of the bf16 weights, each row as alone
+        assert torch.allclose(layer(short), nn.functional.linear(short, weight, bias), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(layer(short), _bf16_linear(short, layer))
+        alone = torch.cat([layer(short[:, i : i + 1]) for i in range(5)], dim=1)
+        assert torch.equal(layer(short), alone)
+
+
+def test_without_the_built_kernels_one_row_takes_the_compiled_kernel(tmp_path, monkeypatch) -> None:
+    from kvcellar.engine.kernels import CpuKernels
+
+    monkeypatch.setattr(weights, "load_cpu_kernels", lambda kernel_dir: CpuKernels())  # isolates the fallback
+    layer = _stored_linear(tmp_path)
+    assert layer.one_row is not None and layer.few_rows == 1
+    assert [file.name for file in tmp_path.iterdir()] == [f"one-row-product-torch{torch.__version__}.pt2"]
+    assert _stored_linear(tmp_path).one_row is not None  # loaded from the package the first one built
+    weight, bias = layer.weight.float(), layer.bias
+    with torch.inference_mode():
         row = torch.randn(1, 1, 64)  # one row: the compiled kernel, fp32 sums of the bf16 weights
         assert torch.allclose(layer(row), nn.functional.linear(row, weight, bias), rtol=1e-5, atol=1e-5)
         assert not torch.equal(layer(row), _bf16_linear(row, layer))
@@ -157,12 +172,13 @@ def test_a_bf16_models_one_row_passes_run_the_kernel(tmp_path, tiny_model_dirs) 
     assert weights.use_one_row_kernel(nn.Sequential(layer), tmp_path) == 1
     assert isinstance(layer, weights.Bf16Linear) and layer.one_row is not None
     with torch.inference_mode():
-        long = torch.randn(1, 5, 64).to(torch.bfloat16)  # more than one row: torch's bf16 linear, bit for bit
+        long = torch.randn(1, FP32_WEIGHTS_FROM_ROWS, 64).to(torch.bfloat16)  # a prefill: torch's bf16 product
         assert torch.equal(layer(long), plain(long))
-        row = torch.randn(1, 1, 64).to(torch.bfloat16)  # one row: fp32 sums, rounded to bf16 once
-        expected = (nn.functional.linear(row.float(), layer.weight.float()) + layer.bias.float()).to(torch.bfloat16)
-        assert layer(row).dtype == torch.bfloat16
-        assert torch.allclose(layer(row).float(), expected.float(), rtol=2**-7, atol=1e-3)
+        rows = torch.randn(1, 5, 64).to(torch.bfloat16)  # a decode batch: fp32 sums, rounded to bf16 once
+        expected = (nn.functional.linear(rows.float(), layer.weight.float()) + layer.bias.float()).to(torch.bfloat16)
+        assert layer(rows).dtype == torch.bfloat16
+        assert torch.allclose(layer(rows).float(), expected.float(), rtol=2**-7, atol=1e-3)
+        assert torch.equal(layer(rows), torch.cat([layer(rows[:, i : i + 1]) for i in range(5)], dim=1))
     loaded = load_model(tiny_model_dirs["qwen3"], "cpu", "bfloat16")
     assert {type(module).__name__ for name, module in loaded.model.named_modules() if name.endswith("proj")} == {"Bf16Linear"}
     assert loaded.model.model.layers[0].self_attn.k_proj.siblings is not None
@@ -182,11 +198,11 @@ def test_prepacked_weights_multiply_several_rows_bit_for_bit_as_linear(tmp_path,
     product = prepacked.packed_product
     monkeypatch.setattr(weights, "packed_product", lambda *args: calls.append(args[0].shape) or product(*args))
     with torch.inference_mode():
-        for rows in (2, 7, 16, 64, 257):
+        for rows in (16, 64, 257):
             x = torch.randn(1, rows, 96).to(torch.bfloat16)
             assert torch.equal(layer(x), plain(x))
-        one_row = layer(torch.randn(1, 1, 96).to(torch.bfloat16))  # one row: the one-row kernel, not the packed copy
-    assert len(calls) == 5 and one_row.shape == (1, 1, 160)
+        few = layer(torch.randn(1, 7, 96).to(torch.bfloat16))  # a decode batch: the few-rows kernel, not the packed copy
+    assert len(calls) == 3 and few.shape == (1, 7, 160)
 
 
 def test_weights_stay_unpacked_where_a_packed_copy_would_not_fit(tmp_path, monkeypatch, caplog) -> None:
@@ -210,6 +226,9 @@ def test_a_failed_build_falls_back_to_bf16_linears_with_one_warning(monkeypatch,
     def broken(kernel_dir):
         raise RuntimeError("InductorError: CppCompileError: no C++ compiler found\nlong build log")
 
+    from kvcellar.engine.kernels import CpuKernels
+
+    monkeypatch.setattr(weights, "load_cpu_kernels", lambda kernel_dir: CpuKernels())  # nor the built kernels
     monkeypatch.setattr(weights, "_load_or_build", broken)
     with caplog.at_level(logging.WARNING, logger="kvcellar.engine.weights"):
         layer = _stored_linear(tmp_path)

@@ -60,6 +60,7 @@ from torch import nn
 from torch.nn import functional
 
 from kvcellar.config import FP32_WEIGHTS_FROM_ROWS
+from kvcellar.engine.kernels import load_cpu_kernels
 from kvcellar.engine.prepacked import packed_product, prepack_linears
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,11 @@ class _SiblingRows:
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
 
-    def product(self, kernel: OneRowProduct, member: Bf16StoredLinear, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    def product(self, kernel: OneRowProduct, member: Bf16StoredLinear, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if member.sibling_rows[0] == 0:
-            self._input, self._output = x, kernel(row, self.weight)
+            self._input, self._output = x, kernel(rows, self.weight)
         elif x is not self._input:
-            return kernel(row, member.weight)
+            return kernel(rows, member.weight)
         start, end = member.sibling_rows
         return self._output[:, start:end]
 
@@ -102,6 +103,7 @@ class Bf16StoredLinear(nn.Linear):
     """An `nn.Linear` whose weight is stored in bf16 and whose inputs and outputs are fp32 (see the module doc)."""
 
     one_row: OneRowProduct | None = None  # the built kernel, shared by every layer; None: bf16 linear
+    few_rows = 1  # the most rows one call of `one_row` takes (the kernel of engine/kernels: a decode batch)
     siblings: _SiblingRows | None = None  # set: the weight is rows `sibling_rows` of the group's tensor
     sibling_rows: tuple[int, int] = (0, 0)
 
@@ -109,37 +111,41 @@ class Bf16StoredLinear(nn.Linear):
         rows = x.numel() // self.in_features
         if rows >= FP32_WEIGHTS_FROM_ROWS:
             return functional.linear(x, self.weight.float(), self.bias)
-        if rows == 1 and self.one_row is not None:
-            output = self._one_row_product(x, x.reshape(1, self.in_features).contiguous())
+        if rows <= self.few_rows and self.one_row is not None:
+            output = self._product(x, x.reshape(rows, self.in_features).contiguous())
             output = output.view(*x.shape[:-1], self.out_features)
         else:
             output = functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         return output if self.bias is None else output + self.bias
 
-    def _one_row_product(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        """The kernel's [1, out] fp32 product of `row` (x as one fp32 row), shared with siblings where joined."""
+    def _product(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The kernel's [R, out] fp32 product of `rows` (x as R rows), shared with siblings where joined."""
         if self.siblings is not None:
-            return self.siblings.product(self.one_row, self, x, row)
-        return self.one_row(row, self.weight)
+            return self.siblings.product(self.one_row, self, x, rows)
+        return self.one_row(rows, self.weight)
 
 
 class Bf16Linear(Bf16StoredLinear):
-    """A bf16 model's linear layer on a CPU: one row runs the built kernel (the row widened to fp32, which
-    is exact, fp32 sums of the bf16 weight, the output rounded to bf16 once, as a bf16 linear rounds it),
-    at about twice the weight-read rate of torch's bf16 product for one row; more rows a plain bf16 linear."""
+    """A bf16 model's linear layer on a CPU. A few rows (decode steps, alone or batched) run a built kernel:
+    with the kernels of engine/kernels the bf16 rows as they are, through the CPU's bf16 dot product, each row
+    the same bits in any batch; else (the AOTInductor one-row kernel) one row widened to fp32, which is exact.
+    Sums are fp32 and the output is rounded to bf16 once, as a bf16 linear rounds it. More rows: the packed
+    weight (engine/prepacked.py) or a plain bf16 linear."""
 
     packed: torch.Tensor | None = None  # set: the weight prepacked for passes of several rows (engine/prepacked.py)
+    fp32_rows = True  # whether `one_row` takes fp32 rows (the AOTInductor kernel) rather than bf16 ones
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        one_row = x.numel() == self.in_features
-        if not one_row and self.packed is not None:
+        rows = x.numel() // self.in_features
+        if self.one_row is not None and rows <= self.few_rows:
+            flat = x.reshape(rows, self.in_features)
+            output = self._product(x, flat.float() if self.fp32_rows else flat.contiguous())
+            if self.bias is not None:
+                output = output + self.bias.float()
+            return output.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self.packed is not None:
             return packed_product(x, self.packed, self.bias)
-        if not one_row or self.one_row is None:
-            return functional.linear(x, self.weight, self.bias)
-        output = self._one_row_product(x, x.reshape(1, self.in_features).float())
-        if self.bias is not None:
-            output = output + self.bias.float()
-        return output.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return functional.linear(x, self.weight, self.bias)
 
 
 def use_one_row_kernel(model: nn.Module, kernel_dir: Path) -> int:
@@ -207,13 +213,37 @@ def store_weights_in_bf16(model: nn.Module, kernel_dir: Path | None) -> StoredWe
 
 
 def _attach_kernel(model: nn.Module, linears: list[Bf16StoredLinear], kernel_dir: Path) -> None:
-    """Join `linears`' siblings, then give them all the one-row kernel (None where it cannot be had)."""
+    """Join `linears`' siblings, then give them all a few-rows kernel: the built one of engine/kernels (any
+    row count below FP32_WEIGHTS_FROM_ROWS, the same bits per row in any batch), else the AOTInductor one-row
+    kernel, else none (eager linears)."""
     if not linears:
         return
     groups = _join_siblings(model)
-    kernel = _one_row_kernel([module.weight for module in linears] + [group.weight for group in groups], kernel_dir)
+    weights = [module.weight for module in linears] + [group.weight for group in groups]
+    bf16_rows = isinstance(linears[0], Bf16Linear)
+    built = load_cpu_kernels(kernel_dir)
+    product = built.bf16_rows_product if bf16_rows else built.rows_product
+    if product is not None and _checked(product, weights, torch.bfloat16 if bf16_rows else torch.float32):
+        for module in linears:
+            module.one_row, module.few_rows, module.fp32_rows = product, FP32_WEIGHTS_FROM_ROWS - 1, False
+        return
+    kernel = _one_row_kernel(weights, kernel_dir)
     for module in linears:
         module.one_row = kernel
+
+
+def _checked(product: OneRowProduct, weights: list[torch.Tensor], row_dtype: torch.dtype) -> bool:
+    """Whether `product` matches torch's on every weight shape (within rounding); one warning where not."""
+    with torch.inference_mode():
+        for weight in {weight.shape: weight for weight in weights}.values():
+            rows = torch.ones(3, weight.shape[1], dtype=row_dtype, device=weight.device)
+            expected = weight.float().sum(-1).expand(3, -1)
+            tolerance = 1e-4 * float(expected.abs().max())
+            if not torch.allclose(product(rows, weight), expected, rtol=1e-4, atol=tolerance):
+                log.warning("the built few-rows kernel differs from torch's product on a %s weight: not used",
+                            tuple(weight.shape))  # fmt: skip
+                return False
+    return True
 
 
 def _join_siblings(model: nn.Module) -> list[_SiblingRows]:

@@ -10,6 +10,11 @@
   product (AVX512-BF16), about twice the rate of torch's CPU flash kernel. It
   is row-invariant by construction (the file says why), so exact mode runs it
   on whole passes.
+- `rows_product.cpp`: a linear layer's product for a few rows (decode
+  steps) against bf16 weights, each output summed in an order that depends
+  on nothing but the input size, so a row comes out the same bits alone or
+  in a batch of any size (what lets exact mode batch decode steps). bf16
+  rows use the CPU's bf16 dot product, fp32 rows FMAs of the widened weight.
 
 Built with torch's extension builder (`torch.utils.cpp_extension`, which
 needs a C++ compiler and ninja) and `-march=native`, once per source, torch
@@ -34,7 +39,7 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "one_row_attention.cpp", HERE / "causal_attention.cpp")
+SOURCES = (HERE / "one_row_attention.cpp", HERE / "causal_attention.cpp", HERE / "rows_product.cpp")
 HEADERS = (HERE / "vector_math.h",)
 # -fopenmp: at::parallel_for is compiled into the kernel, and without OpenMP it runs on one thread. The library
 # links libgomp.so.1 by name, so in a torch process it shares torch's OpenMP runtime and its thread count.
@@ -44,6 +49,8 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 OneRowAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 # (query [B, H, M, D], key, value [B, H_kv, N, D], scale), all bf16 -> [B, M, H, D] bf16
 CausalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (x [R, in] bf16 or fp32, weight [out, in] bf16) -> [R, out] fp32
+RowsProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class CpuKernels:
 
     one_row_attention: OneRowAttention | None = None
     causal_attention: CausalAttention | None = None
+    rows_product: RowsProduct | None = None  # fp32 rows with AVX-512
+    bf16_rows_product: RowsProduct | None = None  # bf16 rows, with AVX512-BF16 too
 
 
 _loaded: dict[Path, CpuKernels] = {}  # one build and load per process and folder
@@ -68,12 +77,14 @@ def _build_and_pick(kernel_dir: Path) -> CpuKernels:
     try:
         ops = _build(kernel_dir)
     except Exception as exc:  # a missing compiler or ninja, a failed build: all mean torch's paths
-        log.warning("building the CPU attention kernels failed, attention runs on torch's kernels "
+        log.warning("building the CPU kernels failed, attention and decode products run on torch's kernels "
                     "(slower): %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)  # fmt: skip
         return CpuKernels()
     kernels = CpuKernels(
         one_row_attention=ops.one_row_attention if ops.vectorized() else None,
         causal_attention=ops.causal_attention if ops.has_bf16_dot() else None,
+        rows_product=ops.rows_product if ops.vectorized() else None,
+        bf16_rows_product=ops.rows_product if ops.vectorized() and ops.has_bf16_dot() else None,
     )
     log.info("CPU attention kernels: decode steps %s, bf16 prefill %s",
              "built" if kernels.one_row_attention else "torch's (no AVX-512)",
