@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 
 from kvcellar.config import (DEFAULT_BLOCK_SIZE, DEFAULT_EXACT, LOG_LEVELS, ONE_BLOCK_PASS_BLOCK_SIZE, PREFILL_CHUNK_SIZE,
-                             PREFILL_SCHEDULES, CacheConfig, EngineConfig, ServerSettings, parse_size, size_text)  # fmt: skip
+                             PREFILL_SCHEDULES, RUNNING_KV_MEMORY_FRACTION, CacheConfig, EngineConfig, ServerSettings, parse_size, size_text)  # fmt: skip
 from kvcellar.errors import KvcellarError
 
 
@@ -93,6 +93,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help=f"cache block, in tokens (default: {DEFAULT_BLOCK_SIZE['cpu']}; on CUDA "
                             f"{ONE_BLOCK_PASS_BLOCK_SIZE['cuda']} with --exact or for models with sliding-window or "
                             "recurrent layers)")
+    group.add_argument("--kv-budget", default=_env("kv_budget", None),
+                       help="K/V memory that running requests hold together, e.g. 4G; a request waits for room, and "
+                            "the newest is preempted when decode steps outgrow it (default: "
+                            f"{RUNNING_KV_MEMORY_FRACTION:.0%} of the memory free after loading)")
     chunk = _env("prefill_chunk_size", None)
     group.add_argument("--prefill-chunk-size", type=int, default=int(chunk) if chunk else None,
                        help="the longest prefill forward pass, in tokens, a multiple of the block size (default: "
@@ -159,7 +163,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     threads = int(args.threads) if args.threads is not None else None
     return EngineConfig(model, device=args.device, dtype=args.dtype, block_size=args.block_size, num_threads=threads,
                         cache=cache, prefill_chunk_size=args.prefill_chunk_size,
-                        prefill_schedule=args.prefill_schedule)  # fmt: skip
+                        prefill_schedule=args.prefill_schedule,
+                        kv_budget_bytes=parse_size(args.kv_budget) if args.kv_budget is not None else None)  # fmt: skip
 
 
 def _server_settings(args: argparse.Namespace) -> ServerSettings:

@@ -93,6 +93,9 @@ PREFILL_CHUNK_SIZE = {"cpu": 1024, "cuda": 32768}
 # ROW_INVARIANT_MIN_ROWS rows (checked at load, engine/invariance.py); "auto", row-invariant where it applies
 # (CPU, exact mode, only full-attention layers) and the check holds, else fixed.
 PREFILL_SCHEDULES = ("auto", "fixed", "row-invariant")
+# The K/V that running requests may hold together (engine/scheduler.py), when `kv_budget_bytes` is not
+# given: this share of the memory available when the model has loaded (RAM on a CPU, free memory on a GPU).
+RUNNING_KV_MEMORY_FRACTION = 0.4
 # Fewer rows than this take other matrix kernels on the CPUs measured (docs/configuration.md).
 ROW_INVARIANT_MIN_ROWS = 16
 # With weights stored in bf16 (DTYPES), a pass of at least this many rows multiplies them upcast to fp32
@@ -201,7 +204,10 @@ class EngineConfig:
     of it) is the prefill's longest forward pass (engine/prefill.py). None:
     `PREFILL_CHUNK_SIZE` of the device without an exact-mode cache for
     models whose layers are all full attention, else one block (on a CPU the
-    row-invariant schedule's own). `prefill_schedule`: one of
+    row-invariant schedule's own); it is also what one scheduler step
+    prefills between decode steps. `kv_budget_bytes`: the K/V that running
+    requests hold together (engine/scheduler.py); None:
+    `RUNNING_KV_MEMORY_FRACTION` of the memory free after loading. `prefill_schedule`: one of
     `PREFILL_SCHEDULES` (see there). `Engine.config` holds the values the
     engine resolved (`resolved`, then the schedule's: a concrete block size,
     exact mode, chunk and schedule); device and dtype stay as asked.
@@ -216,6 +222,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     prefill_chunk_size: int | None = None
     prefill_schedule: str = "auto"
+    kv_budget_bytes: int | None = None  # running requests' K/V together; None: RUNNING_KV_MEMORY_FRACTION
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -233,6 +240,8 @@ class EngineConfig:
             raise ValueError(f"prefill_schedule must be one of {', '.join(PREFILL_SCHEDULES)} (got {self.prefill_schedule!r})")
         if self.num_threads is not None and (not is_int(self.num_threads) or self.num_threads < 1):
             raise ValueError(f"num_threads must be >= 1 (got {self.num_threads!r})")
+        if self.kv_budget_bytes is not None and (not is_int(self.kv_budget_bytes) or self.kv_budget_bytes < 1):
+            raise ValueError(f"kv_budget_bytes (--kv-budget) must be a size > 0 (got {self.kv_budget_bytes!r})")
 
     def resolved(self, device_type: str, only_full_attention: bool = True) -> EngineConfig:
         """This config with the defaults of `device_type` filled in (checked again): the cache's exact

@@ -140,14 +140,14 @@ def test_eos_ends_generation(engines):
     engine = engines["qwen3"]
     free_run = engine.generate(PROMPT, max_tokens=6)
     runner = engine._worker.runner
-    saved = runner._eos_ids
+    saved = runner.eos_ids
     eos = free_run.token_ids[2]
-    runner._eos_ids = frozenset({eos})  # pretend the third token is the model's eos
+    runner.eos_ids = frozenset({eos})  # pretend the third token is the model's eos
     try:
         stopped = engine.generate(PROMPT, max_tokens=6)
         ignored = engine.generate(PROMPT, max_tokens=6, ignore_eos=True)
     finally:
-        runner._eos_ids = saved
+        runner.eos_ids = saved
     assert stopped.token_ids == free_run.token_ids[: free_run.token_ids.index(eos) + 1] and stopped.finish_reason == "stop"
     assert ignored.token_ids == free_run.token_ids
 

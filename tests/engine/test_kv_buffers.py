@@ -128,13 +128,24 @@ def test_resident_kv_is_not_shared_across_cache_salts(engines):
     assert other.num_cached_tokens == 0 and other.timings.num_resident_tokens == 0
 
 
-def test_a_cancelled_prefill_leaves_no_resident_kv(engines):
+def test_a_cancelled_prefill_leaves_no_resident_kv(engines, monkeypatch):
+    from kvcellar.engine import scheduler
+
     warm, _ = engines
     engine = warm["qwen3"]
     runner = engine._worker.runner
-    prompt = _ids(18, 4 * BLOCK)
-    with torch.inference_mode():
-        runner.run(GenerationRequest(engine.prepare(prompt_ids=prompt)), emit=lambda event: None, is_cancelled=lambda: True)
+    streams = []
+    run_chunk = scheduler.run_chunk
+
+    def cancelling(*args):  # the request is cancelled during its first pass: the scheduler stops it after
+        streams[0].cancel()
+        return run_chunk(*args)
+
+    monkeypatch.setattr(scheduler, "run_chunk", cancelling)
+    length = engine.config.prefill_chunk_size + 2 * BLOCK  # two passes at least
+    streams.append(engine.stream(prompt_ids=_ids(18, length), max_tokens=2))
+    result = [event.result for event in streams[0] if event.result is not None][0]
+    assert result.finish_reason == "cancelled" and 0 < result.timings.num_prefill_tokens < length
     assert runner.kv_buffers._resident == ()
 
 

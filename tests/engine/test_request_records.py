@@ -28,23 +28,28 @@ def _messages(user: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
-def test_a_prefill_cancelled_between_chunks_reports_the_tokens_it_computed(engine):
+def test_a_prefill_cancelled_between_chunks_reports_the_tokens_it_computed(engine, monkeypatch):
+    from kvcellar.engine import scheduler
+
     ids = [(i * 37) % 400 + 20 for i in range(100)]  # 100 tokens: chunks end at 16, 32, ..., 96, 100
-    calls = 0
+    streams, calls = [], []
+    run_chunk = scheduler.run_chunk
 
-    def cancelled_after_three_chunks() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls > 3  # prefill asks before each chunk: three chunks run, the fourth does not
+    def cancelled_in_the_third_chunk(*args):  # one pass per step: the scheduler sees the cancel before the fourth
+        calls.append(args[3:])
+        if len(calls) == 3:
+            streams[0].cancel()
+        return run_chunk(*args)
 
-    events: list[StreamEvent] = []
-    request = GenerationRequest(engine.prepare(prompt_ids=ids))
-    result = engine._worker.runner.run(request, events.append, cancelled_after_three_chunks, 0.25)
+    monkeypatch.setattr(scheduler, "run_chunk", cancelled_in_the_third_chunk)
+    streams.append(engine.stream(prompt_ids=ids, max_tokens=4))
+    events: list[StreamEvent] = list(streams[0])
+    result = events[-1].result
+    assert calls == [(0, BLOCK), (BLOCK, 2 * BLOCK), (2 * BLOCK, 3 * BLOCK)]
     assert result.finish_reason == "cancelled" and result.token_ids == ()
     assert result.num_cached_tokens == 0
     assert result.timings.num_prefill_tokens == 3 * BLOCK
-    assert result.timings.queue_s == 0.25
-    assert events[-1].result is result
+    assert result.timings.queue_s >= 0 and len(events) == 1
 
 
 def test_a_request_cancelled_while_queued_computed_nothing(engine):

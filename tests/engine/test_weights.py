@@ -201,8 +201,12 @@ def test_prepacked_weights_multiply_several_rows_bit_for_bit_as_linear(tmp_path,
         for rows in (16, 64, 257):
             x = torch.randn(1, rows, 96).to(torch.bfloat16)
             assert torch.equal(layer(x), plain(x))
-        few = layer(torch.randn(1, 7, 96).to(torch.bfloat16))  # a decode batch: the few-rows kernel, not the packed copy
-    assert len(calls) == 3 and few.shape == (1, 7, 160)
+        one = torch.randn(1, 1, 96).to(torch.bfloat16)  # one row (exact mode): padded to two, the same bits as in a batch
+        batch = torch.cat([one, torch.randn(1, 6, 96).to(torch.bfloat16)], dim=1)
+        assert torch.equal(layer(one), layer(batch)[:, :1])
+        layer.pad_one_row = False  # without exact mode: one row takes the one-row kernel
+        calls.clear()
+        assert layer(one).shape == (1, 1, 160) and not calls
 
 
 def test_weights_stay_unpacked_where_a_packed_copy_would_not_fit(tmp_path, monkeypatch, caplog) -> None:

@@ -38,6 +38,8 @@ differently sized tiles.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias, causal_lower_right
@@ -191,7 +193,24 @@ def _graph_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
     return output.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous()
 
 
+@dataclass(frozen=True)
+class RaggedKv:
+    """The keys (or values) of a batched decode step's rows (engine/batch_decode.py): one [1, H_kv, n_i, D]
+    view per row, each of its own request's length."""
+
+    rows: tuple[torch.Tensor, ...]
+
+
+def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwargs) -> torch.Tensor:
+    """Each row of a batched decode step exactly as a one-request step computes it (no mask: a row sees its keys)."""
+    outputs = [_attention(module, query[row : row + 1], keys, values, None, dropout, scaling, **kwargs)[0]
+               for row, (keys, values) in enumerate(zip(key.rows, value.rows, strict=True))]  # fmt: skip
+    return torch.cat(outputs)
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    if isinstance(key, RaggedKv):
+        return _ragged(module, query, key, value, dropout, scaling, kwargs), None
     if _graph_mask is not None and query.shape[2] == 1:
         return _graph_decode(query, key, value, scaling), None
     if query.shape[2] > 1 and _causal_kernel_fits(query, key, value, attention_mask, dropout, kwargs):

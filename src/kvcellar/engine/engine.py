@@ -31,7 +31,11 @@ from kvcellar.engine.threads import ThreadSizer, cpu_busy_seconds
 from kvcellar.engine.prepared import PreparedPrompt, PromptLimits
 from kvcellar.engine.prompt import encode_chat, encode_text
 from kvcellar.engine.request import GenerationRequest, GenerationResult, PromptSegments
+from kvcellar.engine.batch_decode import batches_decode, rows_compute_alike
+from kvcellar.engine.memory import DecodeBatchStats, kv_budget_tokens
 from kvcellar.engine.runner import RequestRunner
+from kvcellar.engine.scheduler import Load, SchedulePolicy, Scheduler
+from kvcellar.engine.weights import pad_one_row_passes
 from kvcellar.engine.sampling import SamplingParams
 from kvcellar.engine.worker import GenerationStream, ModelWorker
 from kvcellar.kv import inspect_layout
@@ -54,8 +58,8 @@ class Engine:
         # tears down (else the process may abort), and queued disk writes are flushed.
         self._finalizer = weakref.finalize(self, _shut_down, self._worker, self.cache_registry, self.config.cache.drain_timeout_s)
 
-    def _set_up(self, config: EngineConfig) -> RequestRunner:
-        """Load the model, choose its prefill schedule, build its cache; the runner of its requests."""
+    def _set_up(self, config: EngineConfig) -> Scheduler:
+        """Load the model, choose its prefill schedule, build its cache; the scheduler of its requests."""
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.loaded: LoadedModel = load_model(config.model, config.device, config.dtype)
@@ -66,12 +70,24 @@ class Engine:
         self.prefix_cache, self.cache_registry = build_prefix_cache(
             self.loaded.model.config, layout, self.loaded.device, self.loaded.precision, self.loaded.fingerprint, config
         )
+        vocab = self.loaded.model.get_input_embeddings().num_embeddings
+        budget = kv_budget_tokens(self.loaded, config.kv_budget_bytes)
         # The one rule for what prompt runs (the server checks through it too): the embedding's rows are the vocabulary.
-        self.limits = PromptLimits(self.loaded.context_length, self.loaded.model.get_input_embeddings().num_embeddings)
+        self.limits = PromptLimits(self.loaded.context_length, vocab, budget)
         min_rows = ROW_INVARIANT_MIN_ROWS if schedule == "row-invariant" else None
+        exact = config.cache.exact
+        pad_one_row_passes(self.loaded.model, exact)  # before the checks below: they test the passes requests run
         # An engine with no cache steps like an exact one of the same `exact` setting: it is the reference.
-        return RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows, steps_tail=config.cache.exact,
-                             threads=self._thread_sizer(config))  # fmt: skip
+        runner = RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows, steps_tail=exact,
+                               threads=self._thread_sizer(config))  # fmt: skip
+        batch_rows = batches_decode(layout)
+        if batch_rows and exact:  # exact mode batches only where a row computes alike in any batch
+            batch_rows = self.loaded.device.type == "cpu" and rows_compute_alike(self.loaded.model, vocab)
+            if not batch_rows and layout.only_full_attention:
+                log.info("exact mode decodes each request in a pass of its own: batched rows compute differently here")
+        self.decode_batches = DecodeBatchStats()
+        policy = SchedulePolicy(batch_rows, budget, chunk, on_step=self.decode_batches.observe)
+        return Scheduler(runner, policy)
 
     def _thread_sizer(self, config: EngineConfig) -> ThreadSizer | None:
         """CPU threads sized to the free cores (engine/threads.py), among the counts that compute alike;
@@ -224,7 +240,12 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting: queued, or admitted but not running (memory) or preempted."""
         return self._worker.queue_depth
+
+    def load_report(self) -> Load:
+        """Running and waiting requests, and the K/V they hold against the budget (any thread)."""
+        return self._worker.scheduler.load()
 
     def close(self, *, drain_timeout_s: float | None = None) -> DrainReport | None:
         """Finish queued work, then drain the cache's pending disk writes and release its directory.

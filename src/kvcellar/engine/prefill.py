@@ -140,6 +140,27 @@ def invariant_chunk_ends(start: int, end: int, chunk_size: int, min_rows: int) -
     return ends
 
 
+def prefill_ends(
+    start: int, num_tokens: int, block_size: int, extra_cuts: Iterable[int] = (), chunk_size: int | None = None,
+    min_rows: int | None = None, steps_tail: bool = True,
+) -> list[int]:
+    """The end of each forward pass of a prefill of [start, num_tokens): with `min_rows`, the row-invariant
+    schedule (`invariant_chunk_ends`; no extra cuts), else the fixed one (`chunk_ends`, with `steps_tail`)."""
+    if min_rows is not None:
+        return invariant_chunk_ends(start, num_tokens, chunk_size or block_size, min_rows)
+    return chunk_ends(start, num_tokens, block_size, extra_cuts, chunk_size, steps_tail)
+
+
+def run_chunk(model: torch.nn.Module, cache: object, token_ids: torch.Tensor, start: int, end: int) -> torch.Tensor | None:
+    """One pass over tokens [start, end) of `token_ids` (1-D, the whole prompt); the next-token logits
+    ([vocab]) when the pass ends the prompt, else None (the LM head skipped)."""
+    last = end == token_ids.shape[0]
+    keep = 1 if last else _NO_LOGITS.to(token_ids.device)
+    output = model(input_ids=token_ids[start:end].unsqueeze(0), **cache_argument(model, cache), use_cache=True,
+                   logits_to_keep=keep)
+    return output.logits[0, -1] if last else None
+
+
 @torch.inference_mode()
 def prefill(
     model: torch.nn.Module,
@@ -156,25 +177,15 @@ def prefill(
 ) -> torch.Tensor | None:
     """Run tokens [start, len) through `model` into `cache`; return the next-token logits ([vocab]).
 
-    `token_ids` is a 1-D tensor on the model's device holding the whole prompt. With `min_rows`, the
-    row-invariant schedule (`invariant_chunk_ends`; no extra cuts), else the fixed one (`chunk_ends`, with
-    `steps_tail`).
-    Returns None when cancelled between chunks. Chunks before the last skip the LM head.
+    `token_ids` is a 1-D tensor on the model's device holding the whole prompt; the passes end at
+    `prefill_ends`. Returns None when cancelled between chunks. Chunks before the last skip the LM head.
     """
     logits = None
     position = start
-    num_tokens = token_ids.shape[0]
-    if min_rows is not None:
-        ends = invariant_chunk_ends(start, num_tokens, chunk_size or block_size, min_rows)
-    else:
-        ends = chunk_ends(start, num_tokens, block_size, extra_cuts, chunk_size, steps_tail)
-    for end in ends:
+    for end in prefill_ends(start, token_ids.shape[0], block_size, extra_cuts, chunk_size, min_rows, steps_tail):
         if is_cancelled():
             return None
-        keep = 1 if end == num_tokens else _NO_LOGITS.to(token_ids.device)
-        output = model(input_ids=token_ids[position:end].unsqueeze(0), **cache_argument(model, cache), use_cache=True,
-                       logits_to_keep=keep)
-        logits = output.logits[0, -1] if end == num_tokens else None
+        logits = run_chunk(model, cache, token_ids, position, end)
         if on_chunk_end is not None:
             on_chunk_end(position, end, logits)
         position = end

@@ -36,10 +36,12 @@ class PreparedPrompt:
 
 @dataclass(frozen=True)
 class PromptLimits:
-    """What the model can run: prompts shorter than `context_length`, ids below `vocab_size` (embedding rows)."""
+    """What the model can run: prompts shorter than `context_length`, ids below `vocab_size` (embedding rows),
+    and a prompt whose K/V, with room for one token more, fits the running requests' `kv_budget_tokens`."""
 
     context_length: int
     vocab_size: int
+    kv_budget_tokens: int | None = None
 
     def check_prompt(self, ids: Sequence[object]) -> None:
         """Refuse an empty prompt, an id the embedding has no row for, and a prompt that leaves no room to answer."""
@@ -56,6 +58,11 @@ class PromptLimits:
             raise InvalidRequestError(f"the prompt has {num_prompt} tokens but the model's context is {context} tokens: "
                                       "shorten the prompt and leave room for the answer",
                                       code="context_length_exceeded", field="prompt")  # fmt: skip
+        budget = self.kv_budget_tokens
+        if budget is not None and num_prompt + 1 > budget:
+            raise InvalidRequestError(f"the prompt has {num_prompt} tokens but the server's K/V budget for running "
+                                      f"requests holds {budget} tokens: shorten the prompt, or start the server with a "
+                                      "larger --kv-budget", code="kv_budget_exceeded", field="prompt")  # fmt: skip
 
     def check_max_tokens(self, num_prompt: int, max_tokens: object) -> None:
         """Refuse an integer `max_tokens` outside 1..(context - prompt); None: the caller picks one that fits."""

@@ -1,6 +1,8 @@
-"""One request, start to finish, on the worker thread: restore, prefill, decode, store.
+"""What the scheduler (engine/scheduler.py) does to one request on the worker thread: look up, restore,
+prefill, decode steps, and keeping the finished request's buffers.
 
-Operations: `RequestRunner.run(request, emit, is_cancelled) -> GenerationResult`.
+Operations: `RequestRunner.lookup`, `.prefill_prompt` (restore and prefill a whole prompt at once: tests and
+measurements), `.decode_step`, `.keep_buffers`, `.time_prefill`, `.fit_threads`, `.synchronize`.
 On CPU the runner keeps the K/V buffers of the request that ended last for the
 next one (`kv.buffer_pool`): a fresh buffer of an 8K request faults in ~230k
 pages while a restore or prefill writes it. It then trims the freed heap (`heap.py`).
@@ -19,11 +21,8 @@ from kvcellar.engine.heap import trim_heap
 from kvcellar.engine.loader import LoadedModel
 from kvcellar.engine.prefill import cache_argument, prefill
 from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache, PendingRestore, Restored
-from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
-from kvcellar.engine.sampling import Sampler
-from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
+from kvcellar.engine.request import GenerationRequest, Timings
 from kvcellar.engine.threads import ThreadSizer
-from kvcellar.errors import InvalidRequestError
 from kvcellar.kv.buffer_pool import KvBufferPool
 from kvcellar.kv.growing_layer import new_cache
 
@@ -40,7 +39,7 @@ class RequestRunner:
         self.min_rows = min_rows  # set: the row-invariant schedule (engine/prefill.py), else the fixed one
         self.steps_tail = steps_tail  # the fixed schedule's block steps after the last chunk (exact mode only)
         self.threads = threads  # set: CPU threads follow the cores other processes leave free (engine/threads.py)
-        self._eos_ids = loaded.eos_token_ids
+        self.eos_ids = loaded.eos_token_ids
         # CUDA: decode steps replay graphs, which read fixed K/V buffers (engine/graph_decode.py), so there too
         # one request's buffers are kept for the next. MPS: the allocator's reuse is enough.
         self.graphs = GraphDecoder(loaded.model, loaded.device) if loaded.device.type == "cuda" else None
@@ -72,58 +71,6 @@ class RequestRunner:
             if self.loaded.device.type == "cuda":
                 torch.cuda.synchronize(self.loaded.device)
         self.prefix_cache.record_prefill(length, time.perf_counter() - started)
-
-    @torch.inference_mode()
-    def run(
-        self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool],
-        queue_s: float = 0.0,
-    ) -> GenerationResult:
-        """`queue_s`: how long the request waited for the worker (reported in its timings)."""
-        self._fit_threads()
-        # The cache's background helpers (pinned-memory allocation on a GPU) wait for the end of the request;
-        # the result is emitted after, so a caller that acts on it finds the request over.
-        with self.prefix_cache.serving():
-            result = self._run(request, emit, is_cancelled, Timings(queue_s=queue_s))
-        emit(StreamEvent(result=result))
-        return result
-
-    def _run(
-        self, request: GenerationRequest, emit: Callable[[StreamEvent], None], is_cancelled: Callable[[], bool],
-        timings: Timings,
-    ) -> GenerationResult:
-        started = time.perf_counter()
-        pending = self._lookup(request, timings)
-        # A whole-prompt hit with its logits needs no forward before the first token: it is sampled and
-        # streamed first, and the K/V are copied only when the second token needs a forward.
-        prompt_state = _PromptState(lambda: self._restore_and_prefill(pending, request, is_cancelled, timings))
-        logits = pending.logits if pending.logits is not None else prompt_state.logits()
-        generated: list[int] = []
-        text_parts: list[str] = []
-        finish = "cancelled"
-        try:
-            if logits is not None:
-                finish = self._decode(request, prompt_state, logits, generated, text_parts, emit, is_cancelled,
-                                      timings, started)  # fmt: skip
-        finally:
-            pending.release()  # held entries not restored (answered from the stored logits alone) are let go
-        restored = prompt_state.restored
-        timings.total_s = time.perf_counter() - started
-        result = GenerationResult(
-            text="".join(text_parts),
-            token_ids=tuple(generated),
-            finish_reason=finish,
-            num_prompt_tokens=len(request.prompt_ids),
-            num_cached_tokens=restored.num_tokens if restored is not None else pending.num_tokens,
-            cached_tokens_by_tier=restored.tokens_by_tier if restored is not None else pending.tokens_by_tier,
-            timings=timings,
-        )
-        # Only after a normal end: nothing reads this cache's K/V any more (an exception's traceback
-        # could still hold views of it, so a failed request's buffers are simply freed).
-        # A prefill cancelled part-way left only some of the prompt's blocks: vouch for none.
-        if restored is not None:
-            complete = prompt_state.logits() is not None
-            self.keep_buffers(restored.cache, request.prompt.block_keys if complete else ())
-        return result
 
     def keep_buffers(self, cache: object, block_keys: Sequence[bytes]) -> None:
         """CPU: keep a finished request's K/V buffers for the next one, with the K/V of the blocks `block_keys`.
@@ -178,7 +125,7 @@ class RequestRunner:
                     reached = end
                     if capture is not None:
                         capture(start, end, chunk_logits)
-                    self._fit_threads()
+                    self.fit_threads()
 
                 cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
                 logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts,
@@ -190,69 +137,20 @@ class RequestRunner:
         self.prefix_cache.record_prefill(timings.num_prefill_tokens, timings.prefill_s)
         return restored, logits
 
-    def _fit_threads(self) -> None:
+    def lookup(self, request: GenerationRequest, timings: Timings) -> PendingRestore:
+        """The cache's longest match for the prompt, its entries held until restored or released."""
+        return self._lookup(request, timings)
+
+    def fit_threads(self) -> None:
         if self.threads is not None:
             self.threads.adjust()
 
-    def _decode(self, request, prompt_state, logits, generated, text_parts, emit, is_cancelled, timings, started) -> str:
-        """Sample until eos, a stop string, max_tokens or the context end; returns the finish reason.
+    def synchronize(self) -> None:
+        """CUDA: wait for the queued kernels, so a pass's time is its true time (free: the next sample waits anyway)."""
+        if self.loaded.device.type == "cuda":
+            torch.cuda.synchronize(self.loaded.device)
 
-        Every sampled token is emitted (its text may be empty while a character or a stop string is
-        held back), so a client sees each token, the first one included, when it is made.
-        """
-        params = request.params
-        sampler = Sampler(params)
-        detokenizer = IncrementalDetokenizer(self.loaded.tokenizer, request.prompt_ids)
-        stops = StopStringMatcher(params.stop)
-        sequence = list(request.prompt_ids)
-        cache = generated_capture = None
-        budget = min(params.max_tokens, self.loaded.context_length - len(sequence))
-        decode_started = time.perf_counter()
-        finish = "length"
-        while True:
-            token = sampler.sample(logits)
-            if not generated:
-                timings.ttft_s = time.perf_counter() - started
-                decode_started = time.perf_counter()
-            generated.append(token)
-            if token in self._eos_ids and not params.ignore_eos:
-                finish = "stop"
-                break
-            match = stops.push(detokenizer.push(token))
-            if match.text:
-                text_parts.append(match.text)
-            emit(StreamEvent(text=match.text, token_id=token))
-            if match.stopped:
-                finish = "stop"
-                break
-            if len(generated) >= budget or is_cancelled():
-                finish = "length" if len(generated) >= budget else "cancelled"
-                break
-            if cache is None:  # the first forward: the prompt's K/V must be in place (a deferred restore runs now)
-                if prompt_state.logits() is None:
-                    finish = "cancelled"
-                    break
-                cache = prompt_state.restored.cache
-                generated_capture = self.prefix_cache.decode_capture(sequence, request.prompt.block_keys, cache,
-                                                                     request.cache_salt)  # fmt: skip
-            self._fit_threads()
-            logits = self._decode_step(token, cache)
-            sequence.append(token)
-            if generated_capture is not None:
-                generated_capture.token_fed(sequence)
-        if not stops.stopped:  # release text held back for a possible stop string or a split character
-            rest = stops.push(detokenizer.flush()).text
-            rest += "" if stops.stopped else stops.flush()
-            if rest:
-                text_parts.append(rest)
-                emit(StreamEvent(text=rest))
-        timings.num_decode_tokens = max(len(generated) - 1, 0)  # tokens produced after the first one
-        timings.decode_s = time.perf_counter() - decode_started
-        if generated_capture is not None:
-            generated_capture.finish(sequence)
-        return finish
-
-    def _decode_step(self, token: int, cache: object) -> torch.Tensor:
+    def decode_step(self, token: int, cache: object) -> torch.Tensor:
         """Feed `token`, return the next-token logits: a CUDA graph's replay where one covers the step, else eager."""
         if self.graphs is not None:
             logits = self.graphs.step(token, cache)
@@ -261,18 +159,3 @@ class RequestRunner:
         output = self.loaded.model(input_ids=torch.tensor([[token]], device=self.loaded.device),
                                    **cache_argument(self.loaded.model, cache), use_cache=True)  # fmt: skip
         return output.logits[0, -1]
-
-
-class _PromptState:
-    """The prompt's cache and logits, made by `make` on first use (restore + prefill), at most once."""
-
-    def __init__(self, make: Callable[[], tuple[Restored, torch.Tensor | None]]) -> None:
-        self._make = make
-        self.restored: Restored | None = None
-        self._logits: torch.Tensor | None = None
-
-    def logits(self) -> torch.Tensor | None:
-        """The next-token logits after the prompt (None: the prefill was cancelled part-way)."""
-        if self.restored is None:
-            self.restored, self._logits = self._make()
-        return self._logits

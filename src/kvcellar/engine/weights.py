@@ -126,26 +126,40 @@ class Bf16StoredLinear(nn.Linear):
 
 
 class Bf16Linear(Bf16StoredLinear):
-    """A bf16 model's linear layer on a CPU. A few rows (decode steps, alone or batched) run a built kernel:
-    with the kernels of engine/kernels the bf16 rows as they are, through the CPU's bf16 dot product, each row
-    the same bits in any batch; else (the AOTInductor one-row kernel) one row widened to fp32, which is exact.
-    Sums are fp32 and the output is rounded to bf16 once, as a bf16 linear rounds it. More rows: the packed
-    weight (engine/prepacked.py) or a plain bf16 linear."""
+    """A bf16 model's linear layer on a CPU. With a packed weight (engine/prepacked.py) a pass of two rows or
+    more multiplies it; in exact mode one row too, padded to two (`pad_one_row`): oneDNN computes a row the
+    same bits at any row count from two on (the load checks it, engine/batch_decode.py), so a decode step's
+    row is the same alone or batched, and eight rows cost little more than one. One row padded costs more
+    than the built kernel's one row, so without exact mode a lone row takes the kernel. Without a packed
+    weight, a few rows (decode steps) run the built kernel (engine/kernels:
+    the same bits per row in any batch; or the AOTInductor one-row kernel, the row widened to fp32); sums
+    are fp32 and the output is rounded to bf16 once, as a bf16 linear rounds it. More rows: a bf16 linear."""
 
-    packed: torch.Tensor | None = None  # set: the weight prepacked for passes of several rows (engine/prepacked.py)
+    packed: torch.Tensor | None = None  # set: the weight prepacked for oneDNN (engine/prepacked.py)
     fp32_rows = True  # whether `one_row` takes fp32 rows (the AOTInductor kernel) rather than bf16 ones
+    pad_one_row = True  # one row through the packed weight (batch-invariant decode steps); the engine's choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        if self.packed is not None and (rows != 1 or self.pad_one_row or self.one_row is None):
+            if rows != 1:
+                return packed_product(x, self.packed, self.bias)
+            flat = x.reshape(1, self.in_features)
+            return packed_product(flat.expand(2, -1), self.packed, self.bias)[:1].view(*x.shape[:-1], self.out_features)
         if self.one_row is not None and rows <= self.few_rows:
             flat = x.reshape(rows, self.in_features)
             output = self._product(x, flat.float() if self.fp32_rows else flat.contiguous())
             if self.bias is not None:
                 output = output + self.bias.float()
             return output.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        if self.packed is not None:
-            return packed_product(x, self.packed, self.bias)
         return functional.linear(x, self.weight, self.bias)
+
+
+def pad_one_row_passes(model: nn.Module, pad: bool) -> None:
+    """Whether `model`'s packed bf16 linears run one row padded to two (see `Bf16Linear`)."""
+    for module in model.modules():
+        if isinstance(module, Bf16Linear):
+            module.pad_one_row = pad
 
 
 def use_one_row_kernel(model: nn.Module, kernel_dir: Path) -> int:

@@ -1,7 +1,7 @@
-"""The model's own thread: requests queue here and run one at a time.
+"""The model's own thread: requests queue here, and its scheduler runs them together (engine/scheduler.py).
 
 Operations: `ModelWorker.submit(request) -> Job`, `Job` (iterate its events;
-`cancel()` stops it between chunks or tokens), `ModelWorker.close()`.
+`cancel()` stops it at the next scheduler step), `ModelWorker.close()` (after the queued requests).
 Invariant: only the worker thread touches the model and the live caches, so
 no forward pass ever runs concurrently with another. It also loads the model
 and runs every load-time computation (the row-invariance check, compiling
@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
-from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
-from kvcellar.engine.runner import RequestRunner
+from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent
+from kvcellar.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -62,11 +62,6 @@ class Job:
         raise RuntimeError("the stream ended without a result")
 
 
-def cancelled_result(request: GenerationRequest, queue_s: float = 0.0) -> GenerationResult:
-    """The result of a request cancelled before it ran: nothing restored, computed or generated."""
-    return GenerationResult("", (), "cancelled", len(request.prompt_ids), 0, {}, Timings(queue_s=queue_s))
-
-
 class GenerationStream:
     """The events of one request. Iterate it; `cancel()` may be called from any thread, at any time.
 
@@ -94,36 +89,38 @@ class GenerationStream:
 
 
 class ModelWorker:
-    """Starts the model's thread, which runs `set_up` (load the model, build its runner) and then the
+    """Starts the model's thread, which runs `set_up` (load the model, build its scheduler) and then the
     requests; the constructor returns once `set_up` did, or raises what it raised."""
 
-    def __init__(self, set_up: Callable[[], RequestRunner]) -> None:
+    def __init__(self, set_up: Callable[[], Scheduler]) -> None:
         self._jobs: queue.Queue[Job | object] = queue.Queue()
         self._ids = itertools.count(1)
-        ready: Future[RequestRunner] = Future()
+        ready: Future[Scheduler] = Future()
         # Handed over through an attribute the thread clears: `set_up` may hold its engine, which must stay
         # collectable (its finalizer closes this worker).
-        self._set_up: Callable[[], RequestRunner] | None = set_up
+        self._set_up: Callable[[], Scheduler] | None = set_up
         self._thread = threading.Thread(target=self._start, args=(ready,), name="kvcellar-model", daemon=True)
         self._thread.start()
-        self.runner = ready.result()
+        self.scheduler = ready.result()
+        self.runner = self.scheduler.runner
 
-    def _start(self, ready: Future[RequestRunner]) -> None:
+    def _start(self, ready: Future[Scheduler]) -> None:
         set_up, self._set_up = self._set_up, None
         try:
-            runner = set_up()
+            scheduler = set_up()
         except BaseException as exc:  # the caller's constructor raises it
             ready.set_exception(exc)
             return
         finally:
             del set_up
-        self.runner = runner
-        ready.set_result(runner)
+        self.scheduler = scheduler
+        ready.set_result(scheduler)
         self._loop()
 
     @property
     def queue_depth(self) -> int:
-        return self._jobs.qsize()
+        """Requests not running: queued here, or waiting in the scheduler (for memory, or preempted)."""
+        return self._jobs.qsize() + self.scheduler.load().waiting
 
     def submit(self, request: GenerationRequest) -> Job:
         # The prompt was checked when it was prepared (Engine.prepare), in the caller's thread.
@@ -132,25 +129,14 @@ class ModelWorker:
         return job
 
     def _loop(self) -> None:
+        runner = self.scheduler.runner
         try:
-            self.runner.time_prefill()  # on this thread: torch compute elsewhere would start a second thread pool
+            runner.time_prefill()  # on this thread: torch compute elsewhere would start a second thread pool
         except Exception:  # a failed measurement only leaves the cost model unprimed
             log.exception("the start-up prefill measurement failed; the cost model learns from requests instead")
-        while True:
-            job = self._jobs.get()
-            if job is _STOP:
-                if self.runner.threads is not None:
-                    self.runner.threads.close()
-                return
-            queue_s = time.perf_counter() - job.queued_at
-            if job.is_cancelled():  # the caller left while it waited: never touch the model for it
-                job.put(StreamEvent(result=cancelled_result(job.request, queue_s)))
-                continue
-            try:
-                self.runner.run(job.request, job.put, job.is_cancelled, queue_s)
-            except Exception as exc:  # the error belongs to the caller; the worker keeps serving
-                log.exception("request %d failed", job.job_id)
-                job.put(exc)
+        self.scheduler.run(self._jobs, _STOP)
+        if runner.threads is not None:
+            runner.threads.close()
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._jobs.put(_STOP)

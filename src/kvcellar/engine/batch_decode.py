@@ -1,0 +1,118 @@
+"""One forward pass that decodes a token for each of several requests, each on its own K/V cache.
+
+Operations: `batches_decode(model, layout) -> bool`, `decode_rows(model, tokens, caches) -> logits [B, vocab]`,
+`RaggedKv` (engine/attention.py).
+
+Why per-request caches and not one paged pool: a request's cache is the
+`GrowingLayer` buffers that the prefix cache restores into and captures from
+(kv/adapter.py), and a decode step is bound by reading the weights, which one
+pass of B rows reads once for all of them. So the pass runs the model's own
+layers on a [B, 1] batch with each row's position, and `_BatchLayers.update`
+appends each row's new K/V to its own request's layer and hands attention a
+`RaggedKv`: the rows' K/V views, of different lengths. The attention function
+(engine/attention.py) then runs each row exactly as a one-request step runs it
+(same kernel, same arguments), so a row's attention is the same bits alone or
+in a batch; the linear layers' few-rows kernel (engine/kernels) is
+batch-invariant too. Whether the whole step is, the engine checks at load
+(`rows_compute_alike`), and exact mode batches only where it is.
+
+Only models whose every layer is full attention in a `GrowingLayer` batch this
+way; sliding-window and recurrent layers keep per-request state of other
+shapes, so those models run one forward per request in a step
+(docs/configuration.md gives the cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import torch
+
+from kvcellar.engine.attention import RaggedKv
+from kvcellar.engine.prefill import cache_argument
+from kvcellar.kv.growing_layer import GrowingLayer, new_cache
+from kvcellar.kv.layout import ModelLayout
+
+
+class _BatchLayers:
+    """What the model's layers see as the cache: `update` writes each row's K/V into its own request's layer."""
+
+    def __init__(self, caches: Sequence[object]) -> None:
+        self._caches = caches
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = [], []
+        for row, cache in enumerate(self._caches):
+            k, v = cache.layers[layer_idx].update(key_states[row : row + 1], value_states[row : row + 1])
+            keys.append(k)
+            values.append(v)
+        return RaggedKv(tuple(keys)), RaggedKv(tuple(values))
+
+    # For models that build their mask from the cache (one that takes no mask mapping): a one-key mask,
+    # which attention then ignores for the rows' own keys (engine/attention.py).
+    is_compileable = False
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def batches_decode(layout: ModelLayout) -> bool:
+    """Whether this model's decode steps can share a pass (every layer full attention in a `GrowingLayer`)."""
+    return layout.only_full_attention
+
+
+def _positions(caches: Sequence[object], device: torch.device) -> torch.Tensor:
+    return torch.tensor([[cache.layers[0].length] for cache in caches], dtype=torch.long, device=device)
+
+
+@torch.inference_mode()
+def decode_rows(model: torch.nn.Module, tokens: Sequence[int], caches: Sequence[object]) -> torch.Tensor:
+    """Feed token i to cache i (every cache of a `batches_decode` model), return next-token logits [B, vocab]."""
+    device = model.device
+    input_ids = torch.tensor([[token] for token in tokens], dtype=torch.long, device=device)
+    if len(caches) == 1:  # one request: the very pass a request alone runs
+        return model(input_ids=input_ids, **cache_argument(model, caches[0]), use_cache=True).logits[:, -1]
+    # No mask: each row's attention sees all of its own keys, which is exactly its causal mask.
+    masks = {kind: None for kind in set(model.config.layer_types)} if hasattr(model.config, "layer_types") else None
+    output = model(input_ids=input_ids, position_ids=_positions(caches, device), attention_mask=masks,
+                   **cache_argument(model, _BatchLayers(caches)), use_cache=True)  # fmt: skip
+    return output.logits[:, -1]
+
+
+CHECK_ROWS = 3  # the batch of the load-time check: rows of different lengths
+
+
+@torch.inference_mode()
+def rows_compute_alike(model: torch.nn.Module, vocab: int) -> bool:
+    """Whether a decode pass of several rows computes each row's logits and K/V bit for bit as that row alone.
+
+    Prefills three short prompts of different lengths, then compares one batched step against the three
+    steps alone. It tests this machine's kernels at this model's shapes (all layers: cheap at a few rows).
+    """
+    generator = torch.Generator().manual_seed(20261207)
+    prompts = [torch.randint(0, vocab, (length,), generator=generator).to(model.device) for length in (5, 9, 17)]
+    steps = torch.randint(0, vocab, (CHECK_ROWS,), generator=generator).tolist()
+
+    def prefilled() -> list[object]:
+        caches = []
+        for prompt in prompts:
+            cache = new_cache(model.config, prompt.shape[0] + 2, None)
+            model(input_ids=prompt.unsqueeze(0), **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+            caches.append(cache)
+        return caches
+
+    alone_caches, batch_caches = prefilled(), prefilled()
+    alone = torch.cat([decode_rows(model, [token], [cache]) for token, cache in zip(steps, alone_caches)])
+    batched = decode_rows(model, steps, batch_caches)
+    if not torch.equal(alone, batched):
+        return False
+    for first, second in zip(alone_caches, batch_caches):
+        for a, b in zip(first.layers, second.layers):
+            if isinstance(a, GrowingLayer) and not (torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)):
+                return False
+    return True

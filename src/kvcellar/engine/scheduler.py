@@ -1,0 +1,340 @@
+"""Continuous batching on the model's thread: every running request advances at every step.
+
+Operations: `Scheduler(runner, policy).run(jobs)` (until the worker's stop marker and no work is
+left), `.load()` (running / waiting counts and K/V in use, read from any thread).
+
+A step: (1) drop cancelled requests; (2) one decode pass feeding a token to
+every decoding request together (engine/batch_decode.py; one pass per request
+where the model cannot batch, or in exact mode where batched rows would not
+compute alike); (3) prefill passes of waiting prompts, first come first
+served, until `step_prefill_tokens` are spent, so a long prompt advances a
+pass at a time between decode steps instead of stalling them; (4) sample
+every request that has new logits. The passes are the prompt's own schedule
+(engine/prefill.py), so exact mode holds as for a request alone.
+
+One prompt prefills at a time, and a request looks the cache up only when its
+prefill begins: requests that share a prefix and arrive together (one system
+prompt, many users) find the blocks the first one just captured instead of
+computing them again.
+
+Memory: K/V held by admitted requests never exceeds `kv_budget_tokens`. A
+prompt is admitted when its tokens and one more fit; when a decode step does
+not fit, the newest running request is preempted: its K/V is dropped, and on
+its return it restores its prompt (mostly a cache hit) and feeds its own
+generated tokens again, unsampled, then goes on exactly where it stopped
+(engine/sequence.py). A request that alone outgrows the budget ends with
+finish reason "length"; one whose prompt cannot fit is refused before it
+queues (Engine.prepare).
+
+Why our own scheduler rather than transformers' `generate_batch` / continuous
+batching manager or a port of vLLM's: those own their paged K/V pool and
+their scheduling loop, while here the K/V of a request is the buffers the
+prefix cache restores into and captures from, at the prefill schedule that
+makes exact mode hold; the loop is small once that is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvcellar.engine.batch_decode import decode_rows
+from kvcellar.engine.prefill import prefill_ends, run_chunk
+from kvcellar.engine.request import StreamEvent
+from kvcellar.engine.runner import RequestRunner
+from kvcellar.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulePolicy:
+    batch_rows: bool  # decode requests in one pass (else one pass each, still every step)
+    kv_budget_tokens: int  # K/V tokens all admitted requests may hold together
+    step_prefill_tokens: int  # prompt tokens prefilled per step, at least one pass
+    on_step: Callable[[int], None] | None = None  # told each decode pass's batch size (metrics)
+
+
+@dataclass
+class PromptPass:
+    """The rest of a prompt's prefill: the passes still to run, one per call of `Scheduler._run_pass`."""
+
+    ids: torch.Tensor
+    ends: list[int]
+    position: int
+    capture: Callable | None
+    first: int = 0  # where the prefill began (after the restored prefix)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Load:
+    running: int
+    waiting: int
+    kv_tokens: int
+    kv_budget_tokens: int
+
+
+@dataclass
+class _Counts:
+    running: int = 0
+    waiting: int = 0
+    kv_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, runner: RequestRunner, policy: SchedulePolicy) -> None:
+        self.runner = runner
+        self.policy = policy
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._prefilling: Sequence | None = None
+        self._order = itertools.count()
+        self._counts = _Counts()
+        self._lock = threading.Lock()
+
+    def load(self) -> Load:
+        with self._lock:
+            counts = self._counts
+            return Load(counts.running, counts.waiting, counts.kv_tokens, self.policy.kv_budget_tokens)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, jobs: queue.Queue, stop: object) -> None:
+        """Take jobs from `jobs` and step until `stop` arrives and every job before it is finished."""
+        stopping = False
+        with contextlib.ExitStack() as serving:
+            while True:
+                active = bool(self._running or self._waiting)
+                if not active:
+                    serving.close()  # the cache's background helpers run while the model is idle
+                    if stopping:
+                        return
+                stopping |= self._collect(jobs, block=not active)
+                if (self._running or self._waiting) and not active:
+                    serving.enter_context(self.runner.prefix_cache.serving())
+                with torch.inference_mode():
+                    self._step()
+                self._publish_counts()
+
+    def _collect(self, jobs: queue.Queue, block: bool) -> bool:
+        """Move queued jobs to the waiting line (waiting for one if `block`); True when `stop` came."""
+        from kvcellar.engine.worker import Job
+
+        stopped = False
+        while True:
+            try:
+                item = jobs.get(block=block and not stopped and not self._waiting)
+            except queue.Empty:
+                return stopped
+            if not isinstance(item, Job):
+                stopped = True
+                continue
+            sequence = Sequence(item, next(self._order), self.runner.eos_ids, self.runner.loaded.tokenizer,
+                                self.runner.loaded.context_length)  # fmt: skip
+            self._waiting.append(sequence)
+            block = False
+
+    def _step(self) -> None:
+        self.runner.fit_threads()
+        for sequence in [*self._waiting, *self._running]:
+            if sequence.job.is_cancelled():
+                sequence.end("cancelled")
+                self._retire(sequence)
+        self._decode_pass()
+        self._prefill_passes()
+        for sequence in list(self._running):
+            if sequence.logits is not None:
+                sequence.sample()
+                if sequence.finish is not None:
+                    self._retire(sequence)
+
+    # -- decode ----------------------------------------------------------------------------------
+    def _decode_pass(self) -> None:
+        rows = [s for s in self._running if s.next_token is not None and s.prompt is None and s.finish is None]
+        for sequence in rows:
+            if sequence.restored is None:  # answered from stored logits: the K/V are restored only now
+                self._start_prompt(sequence)
+        rows = self._fit_memory(rows)
+        if not rows:
+            return
+        for sequence in rows:
+            if sequence.capture is None and sequence.captures and len(sequence.generated) == 1:
+                sequence.capture = self.runner.prefix_cache.decode_capture(
+                    sequence.tokens, sequence.request.prompt.block_keys, sequence.restored.cache, sequence.request.cache_salt)
+        feeds = [sequence.feed_token() for sequence in rows]
+        tokens = [token for token, _ in feeds]
+        try:
+            if self.policy.batch_rows and len(rows) > 1:
+                logits = list(decode_rows(self.runner.loaded.model, tokens, [s.restored.cache for s in rows]))
+            else:
+                logits = [self.runner.decode_step(token, s.restored.cache) for token, s in zip(tokens, rows)]
+        except Exception as exc:  # the pass is lost for every row in it; the worker keeps serving
+            log.exception("a decode pass of %d requests failed", len(rows))
+            for sequence in rows:
+                self._fail(sequence, exc)
+            return
+        if self.policy.on_step is not None:
+            self.policy.on_step(len(rows))
+        for sequence, (token, wanted), row_logits in zip(rows, feeds, logits):
+            sequence.fed(token, row_logits if wanted else None)
+
+    def _fit_memory(self, rows: list[Sequence]) -> list[Sequence]:
+        """Preempt the newest requests until every row's next token fits the budget; the rows left."""
+        budget = self.policy.kv_budget_tokens
+        while rows and self._kv_tokens() + len(rows) > budget:
+            victim = max(self._running, key=lambda s: s.order)
+            if len(self._running) == 1:  # alone and still too long: the budget is its limit
+                victim.end("length")
+                self._retire(victim)
+                return []
+            self._preempt(victim)
+            rows = [s for s in rows if s is not victim]
+        return rows
+
+    def _preempt(self, sequence: Sequence) -> None:
+        log.info("request %d preempted (K/V budget of %d tokens): it resumes when memory frees up",
+                 sequence.job.job_id, self.policy.kv_budget_tokens)  # fmt: skip
+        if self._prefilling is sequence:
+            self._prefilling = None
+        if sequence.pending is not None:
+            sequence.pending.release()
+        self._running.remove(sequence)
+        sequence.preempt()
+        self._waiting.appendleft(sequence)
+
+    def _kv_tokens(self) -> int:
+        return sum(sequence.kv_tokens for sequence in self._running)
+
+    # -- prefill ---------------------------------------------------------------------------------
+    def _prefill_passes(self) -> None:
+        spent = 0
+        while spent < self.policy.step_prefill_tokens:
+            sequence = self._prefilling or self._admit_next()
+            if sequence is None:
+                return
+            if sequence.prompt is None:  # admitted with nothing to prefill (a whole hit)
+                continue
+            spent += self._run_pass(sequence)
+
+    def _admit_next(self) -> Sequence | None:
+        """The first waiting request, admitted (looked up, restored) if its prompt fits the K/V budget."""
+        if not self._waiting:
+            return None
+        sequence = self._waiting[0]
+        if self._running and self._kv_tokens() + len(sequence.tokens) + 1 > self.policy.kv_budget_tokens:
+            return None  # it waits for memory
+        self._waiting.popleft()
+        self._running.append(sequence)
+        now = time.perf_counter()
+        if sequence.started is None:
+            sequence.started = now
+            sequence.timings.queue_s = now - sequence.job.queued_at
+        sequence.pending = self.runner.lookup(sequence.request, sequence.timings)
+        if sequence.pending.logits is not None and not sequence.generated:
+            sequence.logits = sequence.pending.logits  # the first token needs no forward: K/V restored later
+            return sequence
+        self._start_prompt(sequence)
+        return sequence
+
+    def _start_prompt(self, sequence: Sequence) -> None:
+        """Restore the held prefix into the request's cache and plan the passes of the rest."""
+        request, runner = sequence.request, self.runner
+        pending, sequence.pending = sequence.pending, None
+        capacity = min(len(request.prompt_ids) + request.params.max_tokens, runner.loaded.context_length)
+        with runner.prefix_cache.computing():
+            restored = pending.build(capacity, runner.kv_buffers)
+        sequence.restored = restored
+        if sequence.hit is None:
+            sequence.hit = (restored.num_tokens, dict(restored.tokens_by_tier))
+        sequence.timings.restore_s += restored.restore_s
+        sequence.timings.num_resident_tokens = restored.num_resident_tokens
+        if restored.logits is not None:
+            if not sequence.generated:
+                sequence.logits = restored.logits
+            return
+        prompt = list(request.prompt_ids)
+        ids = torch.tensor(prompt, dtype=torch.long, device=runner.loaded.device)
+        capture = runner.prefix_cache.capture_prompt_hook(prompt, request.prompt.block_keys, request.segments,
+                                                          restored.cache, request.cache_salt)  # fmt: skip
+        cuts = runner.prefix_cache.checkpoint_positions(prompt, request.segments)
+        ends = prefill_ends(restored.num_tokens, len(prompt), runner.block_size, cuts, runner.chunk_size,
+                            runner.min_rows, runner.steps_tail)  # fmt: skip
+        sequence.prompt = PromptPass(ids, ends, restored.num_tokens, capture, first=restored.num_tokens)
+        self._prefilling = sequence
+
+    def _run_pass(self, sequence: Sequence) -> int:
+        """Run the next pass of `sequence`'s prompt; returns its token count."""
+        prompt, runner = sequence.prompt, self.runner
+        start, end = prompt.position, prompt.ends.pop(0)
+        began = time.perf_counter()
+        try:
+            with runner.prefix_cache.computing():
+                logits = run_chunk(runner.loaded.model, sequence.restored.cache, prompt.ids, start, end)
+                if prompt.capture is not None:
+                    prompt.capture(start, end, logits)
+            runner.synchronize()
+        except Exception as exc:
+            log.exception("request %d failed in its prefill", sequence.job.job_id)
+            self._fail(sequence, exc)
+            return end - start
+        prompt.seconds += time.perf_counter() - began
+        prompt.position = end
+        if not prompt.ends:  # the prompt is in place
+            timings = sequence.timings
+            timings.prefill_s += prompt.seconds
+            timings.num_prefill_tokens += end - prompt.first
+            runner.prefix_cache.record_prefill(end - prompt.first, prompt.seconds)
+            sequence.prompt = None
+            self._prefilling = None
+            if not sequence.generated:
+                sequence.logits = logits
+        return end - start
+
+    # -- endings ---------------------------------------------------------------------------------
+    def _retire(self, sequence: Sequence) -> None:
+        """Free what `sequence` holds, then hand its result to its caller (who then finds it over)."""
+        if sequence in self._running:
+            self._running.remove(sequence)
+        elif sequence in self._waiting:
+            self._waiting.remove(sequence)
+        if self._prefilling is sequence:
+            self._prefilling = None
+        if sequence.pending is not None:
+            sequence.pending.release()  # held entries not restored (answered from the stored logits alone)
+        if sequence.started is None:  # cancelled while it waited: it never reached the model
+            sequence.timings.queue_s = time.perf_counter() - sequence.job.queued_at
+        if sequence.prompt is not None:  # cancelled part-way through its prefill: what it computed counts
+            computed = sequence.prompt.position - sequence.prompt.first
+            sequence.timings.prefill_s += sequence.prompt.seconds
+            sequence.timings.num_prefill_tokens += computed
+            self.runner.prefix_cache.record_prefill(computed, sequence.prompt.seconds)
+        result = sequence.result()
+        if sequence.restored is not None:
+            complete = sequence.prompt is None  # a prefill cancelled part-way vouches for none of its blocks
+            self.runner.keep_buffers(sequence.restored.cache, sequence.request.prompt.block_keys if complete else ())
+            sequence.restored = None
+        self._publish_counts()
+        sequence.job.put(StreamEvent(result=result))
+
+    def _fail(self, sequence: Sequence, exc: Exception) -> None:
+        if sequence in self._running:
+            self._running.remove(sequence)
+        if self._prefilling is sequence:
+            self._prefilling = None
+        if sequence.pending is not None:
+            sequence.pending.release()
+        sequence.restored = None  # a failed request's buffers are simply freed
+        sequence.job.put(exc)
+
+    def _publish_counts(self) -> None:
+        with self._lock:
+            self._counts = _Counts(len(self._running), len(self._waiting), self._kv_tokens())
