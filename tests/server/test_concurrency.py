@@ -9,7 +9,7 @@ import requests
 
 from .support import long_text
 
-NUM_CLIENTS = 16
+NUM_CLIENTS = 32
 
 
 def _stream_text(client, model: str, messages: list[dict]) -> tuple[str, str]:
@@ -21,7 +21,7 @@ def _stream_text(client, model: str, messages: list[dict]) -> tuple[str, str]:
     return "".join(parts), finish
 
 
-def test_sixteen_concurrent_streams_equal_sequential_greedy_runs(server, unique):
+def test_thirty_two_concurrent_streams_equal_sequential_greedy_runs(server, unique):
     client = server.client()
     conversations = [[{"role": "user", "content": long_text(f"client {i} {unique}", 6 + i)}] for i in range(NUM_CLIENTS)]
     sequential = []

@@ -78,10 +78,11 @@ class PromptPass:
 
 @dataclass(frozen=True)
 class Load:
-    running: int
-    waiting: int
-    kv_tokens: int
+    running: int  # admitted requests (prefilling or decoding)
+    waiting: int  # not admitted yet: for their turn, for memory, or preempted
+    kv_tokens: int  # K/V tokens the running requests hold
     kv_budget_tokens: int
+    preemptions: int  # since the engine started
 
 
 @dataclass
@@ -101,11 +102,12 @@ class Scheduler:
         self._order = itertools.count()
         self._counts = _Counts()
         self._lock = threading.Lock()
+        self._preemptions = 0
 
     def load(self) -> Load:
         with self._lock:
             counts = self._counts
-            return Load(counts.running, counts.waiting, counts.kv_tokens, self.policy.kv_budget_tokens)
+            return Load(counts.running, counts.waiting, counts.kv_tokens, self.policy.kv_budget_tokens, self._preemptions)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, jobs: queue.Queue, stop: object) -> None:
@@ -172,8 +174,9 @@ class Scheduler:
                     sequence.tokens, sequence.request.prompt.block_keys, sequence.restored.cache, sequence.request.cache_salt)
         feeds = [sequence.feed_token() for sequence in rows]
         tokens = [token for token, _ in feeds]
+        batched = self.policy.batch_rows and len(rows) > 1
         try:
-            if self.policy.batch_rows and len(rows) > 1:
+            if batched:
                 logits = list(decode_rows(self.runner.loaded.model, tokens, [s.restored.cache for s in rows]))
             else:
                 logits = [self.runner.decode_step(token, s.restored.cache) for token, s in zip(tokens, rows)]
@@ -182,8 +185,9 @@ class Scheduler:
             for sequence in rows:
                 self._fail(sequence, exc)
             return
-        if self.policy.on_step is not None:
-            self.policy.on_step(len(rows))
+        if self.policy.on_step is not None:  # requests per forward pass
+            for size in [len(rows)] if batched else [1] * len(rows):
+                self.policy.on_step(size)
         for sequence, (token, wanted), row_logits in zip(rows, feeds, logits):
             sequence.fed(token, row_logits if wanted else None)
 
@@ -210,6 +214,8 @@ class Scheduler:
         self._running.remove(sequence)
         sequence.preempt()
         self._waiting.appendleft(sequence)
+        with self._lock:
+            self._preemptions += 1
 
     def _kv_tokens(self) -> int:
         return sum(sequence.kv_tokens for sequence in self._running)

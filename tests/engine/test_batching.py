@@ -1,0 +1,146 @@
+"""Continuous batching (engine/scheduler.py): requests run together and each gets exactly its answer alone;
+a shared prefix sent at once is prefilled once; cancellation frees K/V; admission keeps to the K/V budget;
+a preempted request resumes to the same output."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcellar import CacheConfig, Engine
+from kvcellar.engine import scheduler as scheduler_module
+from kvcellar.engine.memory import kv_bytes_per_token
+from kvcellar.errors import InvalidRequestError
+
+ARCHS = ("qwen3", "gemma3", "qwen3_5")
+BLOCK = 16
+
+
+def _ids(seed: int, length: int) -> list[int]:
+    return [(seed * 131 + i * 37) % 480 + 10 for i in range(length)]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dirs):
+    loaded = {arch: Engine.load(str(tiny_model_dirs[arch]), block_size=BLOCK, cache=CacheConfig(exact=True)) for arch in ARCHS}
+    yield loaded
+    for engine in loaded.values():
+        engine.close()
+
+
+def _together(engine: Engine, prompts: list[list[int]], **sampling) -> list:
+    """Queue every prompt before reading any answer: the scheduler runs them side by side."""
+    streams = [engine.stream(prompt_ids=prompt, **sampling) for prompt in prompts]
+    return [[event.result for event in stream if event.result is not None][0] for stream in streams]
+
+
+def _alone(engine: Engine, prompts: list[list[int]], **sampling) -> list[tuple[int, ...]]:
+    answers = []
+    for prompt in prompts:
+        engine.clear_cache()
+        answers.append(engine.generate(prompt_ids=prompt, **sampling).token_ids)
+    return answers
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_answers_at_concurrency_1_4_and_8_are_bit_identical_to_each_request_alone(engines, arch):
+    engine = engines[arch]
+    # Distinct prompts of different lengths, half of them sharing a two-block prefix (restored in the batch).
+    prompts = [_ids(i, 2 * BLOCK) + _ids(100 + i, 3 + 5 * i) if i % 2 else _ids(200 + i, 9 + 7 * i) for i in range(8)]
+    sampling = {"max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    alone = _alone(engine, prompts, **sampling)
+    before = engine.decode_batches.snapshot()
+    for size in (1, 4, 8):
+        engine.clear_cache()
+        results = []
+        for start in range(0, len(prompts), size):
+            results += _together(engine, prompts[start : start + size], **sampling)
+        assert [result.token_ids for result in results] == alone, f"concurrency {size}"
+        assert all(result.finish_reason == "length" for result in results)
+    # The full-attention model decoded the requests in shared passes; the others one pass per request.
+    buckets, count, total = engine.decode_batches.snapshot()
+    batched_rows = total - before[2]
+    passes = count - before[1]
+    assert engine._worker.scheduler.policy.batch_rows == (arch == "qwen3")
+    assert (batched_rows > passes) == (arch == "qwen3")
+
+
+def test_requests_sharing_a_prefix_sent_at_once_prefill_it_once(engines):
+    engine = engines["qwen3"]
+    engine.clear_cache()
+    shared = _ids(7, 4 * BLOCK)
+    prompts = [shared + _ids(300 + i, 16 + i) for i in range(8)]  # tails of a whole pass (exact mode)
+    results = _together(engine, prompts, max_tokens=3, temperature=0)
+    assert results[0].num_cached_tokens == 0
+    assert [result.num_cached_tokens >= 4 * BLOCK for result in results[1:]] == [True] * 7
+    assert all(result.timings.num_prefill_tokens <= len(prompt) - 4 * BLOCK for result, prompt in zip(results[1:], prompts[1:]))
+
+
+def _cancel_during_first_pass(monkeypatch, streams: list) -> None:
+    run_chunk = scheduler_module.run_chunk
+
+    def cancelling(*args):
+        streams[0].cancel()
+        return run_chunk(*args)
+
+    monkeypatch.setattr(scheduler_module, "run_chunk", cancelling)
+
+
+def test_cancelling_mid_decode_and_mid_prefill_frees_the_kv(engines, monkeypatch):
+    engine = engines["qwen3"]
+    decoding = engine.stream(prompt_ids=_ids(11, 3 * BLOCK), max_tokens=400, ignore_eos=True)
+    for _ in range(3):
+        next(decoding)
+    held = engine.load_report().kv_tokens
+    assert held >= 3 * BLOCK + 2 and engine.load_report().running == 1
+    decoding.cancel()
+    result = [event.result for event in decoding if event.result is not None][0]
+    assert result.finish_reason == "cancelled" and len(result.token_ids) < 400
+    assert (engine.load_report().kv_tokens, engine.load_report().running) == (0, 0)
+
+    streams: list = []
+    _cancel_during_first_pass(monkeypatch, streams)
+    length = engine.config.prefill_chunk_size + 2 * BLOCK  # two passes at least: the cancel lands between them
+    streams.append(engine.stream(prompt_ids=_ids(12, length), max_tokens=4))
+    result = [event.result for event in streams[0] if event.result is not None][0]
+    assert result.finish_reason == "cancelled" and 0 < result.timings.num_prefill_tokens < length
+    assert (engine.load_report().kv_tokens, engine.load_report().running) == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def tight(tiny_model_dirs):
+    """An engine whose K/V budget holds 160 tokens: four 40-token prompts fit, their answers do not."""
+    probe = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=BLOCK, cache=CacheConfig(exact=True), kv_budget_bytes=1 << 30)
+    per_token = kv_bytes_per_token(probe.loaded)
+    probe.close()
+    engine = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=BLOCK, cache=CacheConfig(exact=True),
+                         kv_budget_bytes=160 * per_token)  # fmt: skip
+    yield engine
+    engine.close()
+
+
+def test_admission_keeps_to_the_budget_and_preempted_requests_resume_to_the_same_answer(engines, tight, monkeypatch):
+    scheduler = tight._worker.scheduler
+    assert scheduler.policy.kv_budget_tokens == 160
+    prompts = [_ids(400 + i, 40) for i in range(6)]
+    sampling = {"max_tokens": 40, "ignore_eos": True, "temperature": 0}
+    alone = _alone(engines["qwen3"], prompts, **sampling)
+    held: list[int] = []
+    step = scheduler._step
+
+    def checked_step():
+        step()
+        held.append(scheduler._kv_tokens())
+
+    monkeypatch.setattr(scheduler, "_step", checked_step)
+    tight.clear_cache()
+    results = _together(tight, prompts, **sampling)
+    assert [result.token_ids for result in results] == alone
+    assert max(held) <= 160 and max(held) > 120  # full, never over
+    assert tight.load_report().preemptions > 0
+
+
+def test_a_prompt_larger_than_the_whole_budget_is_refused(tight):
+    with pytest.raises(InvalidRequestError, match="K/V budget") as error:
+        tight.prepare(prompt_ids=_ids(1, 160))
+    assert error.value.code == "kv_budget_exceeded"
+    assert tight.prepare(prompt_ids=_ids(1, 159)).ids
