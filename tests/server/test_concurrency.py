@@ -62,3 +62,35 @@ def test_a_client_that_disconnects_cancels_its_generation(server, unique):
     reply = server.client().completions.create(model=server.model, prompt="x", max_tokens=2)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert time.monotonic() - started < 1.5
+
+
+def _metric(text: str, name: str) -> float:
+    import re
+
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def test_health_and_metrics_show_the_requests_running_together(server, unique):
+    before = server.get("/metrics").text
+    body = {"model": server.model, "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+    with requests.Session() as first, requests.Session() as second:
+        responses = [session.post(server.base_url + "/v1/completions", json={**body, "prompt": long_text(f"{unique} {i}", 4)},
+                                  stream=True, timeout=30) for i, session in enumerate((first, second))]  # fmt: skip
+        streams = [(line for line in response.iter_lines(decode_unicode=True) if line) for response in responses]
+        for stream in streams:  # both are decoding now
+            for _ in range(3):
+                next(stream)
+        health = server.get("/health").json()
+        metrics = server.get("/metrics").text
+        for response in responses:
+            response.close()
+    assert health["running"] == 2 and health["kv_tokens"] > 0 and health["kv_budget_tokens"] >= health["kv_tokens"]
+    # The two decoded in shared passes: passes of two requests were counted while both streamed.
+    two = 'kvcellar_decode_batch_size_bucket{le="2.0"}'
+    one = 'kvcellar_decode_batch_size_bucket{le="1.0"}'
+    assert _metric(metrics, two) - _metric(metrics, one) > _metric(before, two) - _metric(before, one)
+    assert _metric(metrics, "kvcellar_running_requests") == 2
+    assert _metric(metrics, "kvcellar_kv_budget_tokens") == health["kv_budget_tokens"]
+    assert _metric(metrics, "kvcellar_preemptions_total") == 0

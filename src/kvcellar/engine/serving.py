@@ -3,8 +3,8 @@
 Operations (the protocol's members): `stream` (queue a request, iterate its
 events; `.cancel()` stops it), `encode` (prompt or messages -> ids and
 segments), `probe`, `cache_stats`, `clear_cache`, `set_cache_budget`,
-`close`; read-only `config`, `model_name`, `tokenizer`, `context_length`,
-`tier_names`, `queue_depth`.
+`close`, `load_report` (running / waiting requests and their K/V); read-only `config`, `model_name`,
+`tokenizer`, `context_length`, `tier_names`, `queue_depth`, `decode_batches` (the batch-size histogram).
 
 The server (`kvcellar.server`) and `ChatSession` (`kvcellar.session`) are
 typed against this protocol, never against `Engine`: they sit above the
@@ -24,6 +24,8 @@ from kvcellar.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from kvcellar.cache.registry import DrainReport
+    from kvcellar.engine.memory import DecodeBatchStats
+    from kvcellar.engine.scheduler import Load
     from kvcellar.cache.report import CacheReport, ProbeResult
 
 
@@ -42,6 +44,7 @@ class EventStream(Protocol):
 @runtime_checkable
 class ServingEngine(Protocol):
     config: EngineConfig  # as the engine resolved it (a concrete block size and prefill chunk)
+    decode_batches: DecodeBatchStats  # how many requests each decode pass fed
 
     @property
     def model_name(self) -> str: ...
@@ -101,5 +104,7 @@ class ServingEngine(Protocol):
     def clear_cache(self, tier: str | None = None) -> None: ...
 
     def set_cache_budget(self, tier: str, num_bytes: int) -> None: ...
+
+    def load_report(self) -> Load: ...
 
     def close(self, *, drain_timeout_s: float | None = None) -> DrainReport | None: ...

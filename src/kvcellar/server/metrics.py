@@ -1,6 +1,7 @@
 """Prometheus metrics, in a registry owned by one app (two apps in one process never clash).
 
-Operations: `ServerMetrics(snapshot)` (`snapshot()`: the global `ServerStats`): `observe(record)` after each request,
+Operations: `ServerMetrics(snapshot, batches)` (`snapshot()`: the global `ServerStats`; `batches()`: the
+engine's decode batch-size histogram): `observe(record)` after each request,
 `count_rejected(status)`, `render()` -> (body, content type) for GET
 /metrics; `CountRejections` (ASGI middleware: every answer with a status of
 400 or more, auth failures, validation errors and 500s included, goes to
@@ -9,7 +10,8 @@ Operations: `ServerMetrics(snapshot)` (`snapshot()`: the global `ServerStats`): 
 Request metrics are counted as requests finish; the time histograms run
 from the request's arrival at the server (queue, TTFT as a client sees it,
 whole request), plus the engine's own TTFT (queueing left out). Cache metrics (hit / miss /
-saved tokens, evictions, bytes, budget and entries per tier, queue depth)
+saved tokens, evictions, bytes, budget and entries per tier) and the scheduler's (running and
+waiting requests, their K/V against the budget, preemptions, decode batch sizes)
 are read from the global `ServerStats` snapshot at scrape time by a
 collector, so they can never drift from the engine's own counters or from
 what GET /v1/cache/stats shows.
@@ -20,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,8 +49,9 @@ _TIER_GAUGES: tuple[tuple[str, str, Callable[[TierReport], int]], ...] = (
 class _CacheCollector:
     """Reads the server's global stats snapshot on every scrape."""
 
-    def __init__(self, snapshot: Callable[[], ServerStats]) -> None:
+    def __init__(self, snapshot: Callable[[], ServerStats], batches: Callable[[], tuple]) -> None:
         self._snapshot = snapshot
+        self._batches = batches
 
     def collect(self):
         stats = self._snapshot()
@@ -67,15 +70,29 @@ class _CacheCollector:
             for tier, report in cache.tiers.items():
                 family.add_metric([tier], value(report))
             yield family
-        queue = GaugeMetricFamily("kvcellar_queue_depth", "requests waiting for the model")
-        queue.add_metric([], stats.queue_depth)
-        yield queue
+        for name, doc, value in (
+            ("kvcellar_queue_depth", "requests waiting for the model (queued, waiting for K/V memory, or preempted)",
+             stats.queue_depth),
+            ("kvcellar_running_requests", "requests the model is running (prefilling or decoding)", stats.running),
+            ("kvcellar_running_kv_tokens", "K/V tokens the running requests hold", stats.kv_tokens),
+            ("kvcellar_kv_budget_tokens", "K/V tokens the running requests may hold together", stats.kv_budget_tokens),
+        ):  # fmt: skip
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
+        preemptions = CounterMetricFamily("kvcellar_preemptions", "running requests preempted for K/V memory")
+        preemptions.add_metric([], stats.preemptions)
+        yield preemptions
+        buckets, _, total = self._batches()
+        batch = HistogramMetricFamily("kvcellar_decode_batch_size", "requests fed by each decode forward pass")
+        batch.add_metric([], [(str(bound) if bound != float("inf") else "+Inf", count) for bound, count in buckets], total)
+        yield batch
 
 
 class ServerMetrics:
-    def __init__(self, snapshot: Callable[[], ServerStats]) -> None:
+    def __init__(self, snapshot: Callable[[], ServerStats], batches: Callable[[], tuple]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_CacheCollector(snapshot))
+        self.registry.register(_CacheCollector(snapshot, batches))
         labels = ["endpoint", "finish_reason"]
         self._requests = Counter("kvcellar_requests", "finished generation requests", labels, registry=self.registry)
         self._prompt = Counter("kvcellar_prompt_tokens", "prompt tokens of finished requests", ["endpoint"],

@@ -62,7 +62,9 @@ async def retrieve_model(model_id: str, request: Request, tenant: Tenant = Depen
 async def health(request: Request, tenant: Tenant = Depends(current_tenant)) -> dict:
     engine = request.app.state.engine
     config = engine.config
-    return {"status": "ok", "model": engine.model_name, "queue_depth": engine.queue_depth,
+    load = engine.load_report()
+    return {"status": "ok", "model": engine.model_name, "queue_depth": engine.queue_depth, "running": load.running,
+            "kv_tokens": load.kv_tokens, "kv_budget_tokens": load.kv_budget_tokens,
             "device": str(engine.loaded.device), "dtype": engine.loaded.precision, "block_size": config.block_size, "prefill_chunk_size": config.prefill_chunk_size,
             "prefill_schedule": config.prefill_schedule}  # fmt: skip
 

@@ -22,6 +22,10 @@ class ServerStats:
     num_completion_tokens: int
     is_tenant: bool  # the scope: one tenant's namespace, or everything ("global")
     queue_depth: int  # requests waiting for the model (all tenants': the queue is shared)
+    running: int  # requests the model is running (prefilling or decoding), all tenants'
+    kv_tokens: int  # K/V tokens the running requests hold
+    kv_budget_tokens: int  # what they may hold together (--kv-budget)
+    preemptions: int  # running requests preempted for memory since the start
     model: str
 
     def rate_counters(self) -> dict[str, float]:
@@ -36,7 +40,9 @@ class ServerStats:
 
     def as_json(self, windows: dict[str, dict[str, float]], history: list[dict[str, float]] | None = None) -> dict:
         report = {**self.cache.as_json(), "requests": self.num_requests, "completion_tokens": self.num_completion_tokens,
-                  "scope": "tenant" if self.is_tenant else "global", "queue_depth": self.queue_depth, "model": self.model,
+                  "scope": "tenant" if self.is_tenant else "global", "queue_depth": self.queue_depth, "running": self.running,
+                  "kv_tokens": self.kv_tokens, "kv_budget_tokens": self.kv_budget_tokens, "preemptions": self.preemptions,
+                  "model": self.model,
                   "windows": windows}  # fmt: skip
         if history is not None:
             report["history"] = history

@@ -68,7 +68,7 @@ def build_record(
 class Telemetry:
     def __init__(self, engine: ServingEngine, settings: ServerSettings) -> None:
         self._engine = engine
-        self.metrics = ServerMetrics(self.snapshot)
+        self.metrics = ServerMetrics(self.snapshot, engine.decode_batches.snapshot)
         self.recent = RecentRequests(settings.num_recent_requests)
         self.rates = RateWindows(settings.rate_interval_s)
         self._tenant_rates = {salt: RateWindows(settings.rate_interval_s, counters=TENANT_RATE_COUNTERS)
@@ -116,8 +116,11 @@ class Telemetry:
                 requests, completion = self._num_requests[tenant.bound_salt], self._num_completion_tokens[tenant.bound_salt]
             else:
                 requests, completion = sum(self._num_requests.values()), sum(self._num_completion_tokens.values())
+        load = self._engine.load_report()
         return ServerStats(cache=cache, num_requests=requests, num_completion_tokens=completion, is_tenant=own,
-                           queue_depth=self._engine.queue_depth, model=self._engine.model_name)  # fmt: skip
+                           queue_depth=self._engine.queue_depth, running=load.running, kv_tokens=load.kv_tokens,
+                           kv_budget_tokens=load.kv_budget_tokens, preemptions=load.preemptions,
+                           model=self._engine.model_name)  # fmt: skip
 
     def _windows_of(self, tenant: Tenant | None) -> RateWindows:
         return self.rates if tenant is None or tenant.is_admin else self._tenant_rates[tenant.bound_salt]

@@ -64,6 +64,7 @@ function addPoint(stats, now) {
 function renderCards(stats) {
   $("model").textContent = `model ${stats.model}` + (stats.scope === "tenant" ? " (your tenant's figures)" : "");
   $("queue-depth").textContent = stats.queue_depth;
+  $("running").textContent = stats.running;
   $("hit-rate").textContent = pct(stats.hit_rate);
   $("saved-tokens").textContent = int(stats.saved_tokens);
   $("requests").textContent = int(stats.requests);
