@@ -35,6 +35,7 @@ import http.client
 import json
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,8 @@ class Server:
             conn.close()
 
     def complete(self, ids: list[int], max_tokens: int) -> dict:
-        """Stream one completion: first- and last-token times (s from the request), tokens, the server's cache figure."""
+        """Stream one completion: first- and last-token times (s from the request), every token chunk's time,
+        tokens, the server's cache figure."""
         body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
         conn = http.client.HTTPConnection(self.netloc, timeout=3600)
@@ -132,7 +134,30 @@ class Server:
             raise RuntimeError(f"{self.name}: the stream carried no token")
         tokens = usage.get("completion_tokens") or len(stamps)
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-        return {"ttft_s": stamps[0], "last_s": stamps[-1], "tokens": tokens, "cached_tokens": cached}
+        return {"ttft_s": stamps[0], "last_s": stamps[-1], "tokens": tokens, "cached_tokens": cached, "stamps": stamps}
+
+
+def stream_until(server: Server, ids: list[int], max_tokens: int, started: threading.Barrier, stop: threading.Event) -> None:
+    """Stream a long completion: join `started` after its second token, hang up once `stop` is set."""
+    body = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    conn = http.client.HTTPConnection(server.netloc, timeout=3600)
+    chunks = 0
+    try:
+        conn.request("POST", server.base + "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"{server.name}: POST /v1/completions answered {response.status}: {response.read()[:300]!r}")
+        for raw in response:
+            if raw.startswith(b"data:"):
+                chunks += 1
+                if chunks == 2:
+                    started.wait()
+                if stop.is_set():
+                    break
+    finally:
+        if chunks < 2:  # never decoding: release the waiter rather than hang it
+            started.abort()
+        conn.close()
 
 
 def run_round(
@@ -148,6 +173,8 @@ def run_round(
                "decode": server.complete(prompt + extension, decode_tokens)}  # fmt: skip
         decode = raw["decode"]
         rate = (decode["tokens"] - 1) / max(decode["last_s"] - decode["ttft_s"], 1e-9)
+        for figures in raw.values():
+            figures.pop("stamps")
         out[server.name] = {**{row: raw[row]["ttft_s"] for row in ROWS if row != "decode"}, "decode": rate, "raw": raw,
                             "settle_s": settled}  # fmt: skip
         log(f"  {server.name}: cold {raw['cold']['ttft_s']:.3f} s, repeat {raw['exact repeat']['ttft_s']:.3f} s, "
