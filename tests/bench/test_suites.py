@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from kvcellar.bench.suites import SUITES, chunking, disk_tier, gguf_dtypes, prefix_cache, side_by_side
+from kvcellar.bench.suites import SUITES, chunking, concurrent, disk_tier, gguf_dtypes, prefix_cache, side_by_side
 from kvcellar.bench.suites.fresh_process import run_in_fresh_process
 from kvcellar.cli import build_parser, main
 
 DOCS_BENCH = Path(__file__).resolve().parents[2] / "docs" / "bench"
 MODULES = {"prefix-cache": prefix_cache, "disk-tier": disk_tier, "chunking": chunking, "gguf-dtypes": gguf_dtypes,
-           "side-by-side": side_by_side}  # fmt: skip
+           "side-by-side": side_by_side, "concurrent": concurrent}  # fmt: skip
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_every_suite_is_a_subcommand_of_bench():
     assert set(MODULES) == set(SUITES)
     for name in SUITES:
         args = build_parser().parse_args(["bench", name] + (["--target", "a=http://h:1", "--target", "b=http://h:2"]
-                                                            if name == "side-by-side" else []))  # fmt: skip
+                                                            if name in ("side-by-side", "concurrent") else []))  # fmt: skip
         assert args.suite == name and args.suite_run is MODULES[name].run
 
 
@@ -175,3 +175,28 @@ def test_side_by_side_waits_for_idle_cores_before_a_turn_and_gives_up_after_its_
     now[0] = 0.0
     assert side_by_side.settle(lambda: next(busy), lambda: now[0], sleep) == side_by_side.SETTLE_MAX_S
     assert side_by_side.settle(lambda: None, lambda: now[0], sleep) == 0.0  # no /proc/stat: no wait
+
+
+def test_concurrent_suite_runs_clients_together_against_a_server(tiny_server, tmp_path):
+    out = tmp_path / "concurrent.json"
+    config = concurrent.ConcurrentConfig(targets=(("kvcellar", tiny_server),), clients=(1, 3), system_tokens=64,
+                                         question_tokens=20, decode_tokens=6, turns=2, probe_under=2, probe_tokens=40,
+                                         max_token_id=400, seed=5, out=str(out))  # fmt: skip
+    result = concurrent.run(config)
+    assert json.loads(out.read_text())["runs"] == result["runs"]
+    one, three = result["runs"]["kvcellar"]
+    assert (one["clients"], three["clients"]) == (1, 3)
+    # One prefill of the shared system prompt: the second and third clients' first turns found its blocks.
+    assert three["first_turn_cached_tokens"][0] == 0 and three["first_turn_cached_tokens"][1:] == [64, 64]
+    assert 0 < one["hit_rate"] < three["hit_rate"] < 1  # second turns resend the conversation: cached too
+    assert three["ttft_p99_s"] >= three["ttft_p50_s"] > 0 and three["decode_tok_s"] > 0
+    probe = result["probes"]["kvcellar"]
+    assert probe["streams"] == 2 and probe["ratio"] == probe["under_s"] / probe["alone_s"]
+    assert "| kvcellar | 3 |" in result["table"]
+
+
+def test_concurrent_suite_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="--clients"):
+        concurrent.ConcurrentConfig(targets=(("a", "http://127.0.0.1:1"),), clients=(0,))
+    with pytest.raises(ValueError, match="--decode-tokens"):
+        concurrent.ConcurrentConfig(targets=(("a", "http://127.0.0.1:1"),), decode_tokens=1)
