@@ -201,12 +201,10 @@ def test_prepacked_weights_multiply_several_rows_bit_for_bit_as_linear(tmp_path,
         for rows in (16, 64, 257):
             x = torch.randn(1, rows, 96).to(torch.bfloat16)
             assert torch.equal(layer(x), plain(x))
-        one = torch.randn(1, 1, 96).to(torch.bfloat16)  # one row (exact mode): padded to two, the same bits as in a batch
+        one = torch.randn(1, 1, 96).to(torch.bfloat16)  # decode rows: the few-rows kernel, the same bits in any batch
         batch = torch.cat([one, torch.randn(1, 6, 96).to(torch.bfloat16)], dim=1)
-        assert torch.equal(layer(one), layer(batch)[:, :1])
-        layer.pad_one_row = False  # without exact mode: one row takes the one-row kernel
         calls.clear()
-        assert layer(one).shape == (1, 1, 160) and not calls
+        assert torch.equal(layer(one), layer(batch)[:, :1]) and not calls
 
 
 def test_weights_stay_unpacked_where_a_packed_copy_would_not_fit(tmp_path, monkeypatch, caplog) -> None:
@@ -214,7 +212,7 @@ def test_weights_stay_unpacked_where_a_packed_copy_would_not_fit(tmp_path, monke
 
     from kvcellar.engine import prepacked
 
-    monkeypatch.setattr(prepacked, "_machine_memory", lambda: 4 * 96 * 160 * 2)  # the copy is a quarter and more
+    monkeypatch.setattr(prepacked, "machine_memory", lambda: 4 * 96 * 160 * 2)  # the copy is a quarter and more
     layer = nn.Linear(96, 160, bias=False).to(torch.bfloat16)
     with caplog.at_level(logging.INFO, logger="kvcellar.engine.prepacked"):
         weights.use_one_row_kernel(nn.Sequential(layer, nn.Linear(96, 96, bias=False).to(torch.bfloat16)), tmp_path)

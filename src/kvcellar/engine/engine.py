@@ -35,7 +35,6 @@ from kvcellar.engine.batch_decode import batches_decode, rows_compute_alike
 from kvcellar.engine.memory import DecodeBatchStats, kv_budget_tokens
 from kvcellar.engine.runner import RequestRunner
 from kvcellar.engine.scheduler import Load, SchedulePolicy, Scheduler
-from kvcellar.engine.weights import pad_one_row_passes
 from kvcellar.engine.sampling import SamplingParams
 from kvcellar.engine.worker import GenerationStream, ModelWorker
 from kvcellar.kv import inspect_layout
@@ -76,7 +75,6 @@ class Engine:
         self.limits = PromptLimits(self.loaded.context_length, vocab, budget)
         min_rows = ROW_INVARIANT_MIN_ROWS if schedule == "row-invariant" else None
         exact = config.cache.exact
-        pad_one_row_passes(self.loaded.model, exact)  # before the checks below: they test the passes requests run
         # An engine with no cache steps like an exact one of the same `exact` setting: it is the reference.
         runner = RequestRunner(self.loaded, self.prefix_cache, config.block_size, chunk, min_rows, steps_tail=exact,
                                threads=self._thread_sizer(config))  # fmt: skip

@@ -40,7 +40,7 @@ def prepack_linears(model: nn.Module) -> int:
     if not linears or not _available():
         return 0
     extra = sum(module.weight.numel() * module.weight.element_size() for module in linears)
-    budget = PREPACK_MAX_RAM_FRACTION * _machine_memory()
+    budget = PREPACK_MAX_RAM_FRACTION * machine_memory()
     if extra > budget:
         log.info("linear weights stay unpacked: a packed copy (%.1f GB) would exceed %.0f%% of this machine's memory",
                  extra / 1e9, 100 * PREPACK_MAX_RAM_FRACTION)  # fmt: skip
@@ -86,7 +86,8 @@ def _available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _machine_memory() -> int:
+def machine_memory() -> int:
+    """The machine's physical memory in bytes (0 where it cannot be read)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows): assume it does not fit

@@ -60,8 +60,8 @@ from torch import nn
 from torch.nn import functional
 
 from kvcellar.config import FP32_WEIGHTS_FROM_ROWS
-from kvcellar.engine.kernels import load_cpu_kernels
-from kvcellar.engine.prepacked import packed_product, prepack_linears
+from kvcellar.engine.kernels import CpuKernels, load_cpu_kernels
+from kvcellar.engine.prepacked import PREPACK_MAX_RAM_FRACTION, machine_memory, packed_product, prepack_linears
 
 log = logging.getLogger(__name__)
 
@@ -126,40 +126,48 @@ class Bf16StoredLinear(nn.Linear):
 
 
 class Bf16Linear(Bf16StoredLinear):
-    """A bf16 model's linear layer on a CPU. With a packed weight (engine/prepacked.py) a pass of two rows or
-    more multiplies it; in exact mode one row too, padded to two (`pad_one_row`): oneDNN computes a row the
-    same bits at any row count from two on (the load checks it, engine/batch_decode.py), so a decode step's
-    row is the same alone or batched, and eight rows cost little more than one. One row padded costs more
-    than the built kernel's one row, so without exact mode a lone row takes the kernel. Without a packed
-    weight, a few rows (decode steps) run the built kernel (engine/kernels:
-    the same bits per row in any batch; or the AOTInductor one-row kernel, the row widened to fp32); sums
-    are fp32 and the output is rounded to bf16 once, as a bf16 linear rounds it. More rows: a bf16 linear."""
+    """A bf16 model's linear layer on a CPU. A few rows (decode steps, alone or batched) run a built kernel:
+    with the kernels of engine/kernels the bf16 rows as they are, through the CPU's bf16 dot product, on a
+    copy of the weight packed for it, each row the same bits in any batch (so exact mode batches decode
+    steps); else the AOTInductor one-row kernel, one row widened to fp32, which is exact. Sums are fp32 and
+    the output is rounded to bf16 once, as a bf16 linear rounds it. More rows (prefill passes): the weight
+    prepacked for oneDNN (engine/prepacked.py), else a plain bf16 linear."""
 
     packed: torch.Tensor | None = None  # set: the weight prepacked for oneDNN (engine/prepacked.py)
     fp32_rows = True  # whether `one_row` takes fp32 rows (the AOTInductor kernel) rather than bf16 ones
-    pad_one_row = True  # one row through the packed weight (batch-invariant decode steps); the engine's choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.packed is not None and (rows != 1 or self.pad_one_row or self.one_row is None):
-            if rows != 1:
-                return packed_product(x, self.packed, self.bias)
-            flat = x.reshape(1, self.in_features)
-            return packed_product(flat.expand(2, -1), self.packed, self.bias)[:1].view(*x.shape[:-1], self.out_features)
-        if self.one_row is not None and rows <= self.few_rows:
+        if self.one_row is not None and 0 < rows <= self.few_rows:
             flat = x.reshape(rows, self.in_features)
             output = self._product(x, flat.float() if self.fp32_rows else flat.contiguous())
             if self.bias is not None:
                 output = output + self.bias.float()
             return output.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self.packed is not None:
+            return packed_product(x, self.packed, self.bias)
         return functional.linear(x, self.weight, self.bias)
 
 
-def pad_one_row_passes(model: nn.Module, pad: bool) -> None:
-    """Whether `model`'s packed bf16 linears run one row padded to two (see `Bf16Linear`)."""
-    for module in model.modules():
-        if isinstance(module, Bf16Linear):
-            module.pad_one_row = pad
+class _PackedRows:
+    """The built few-rows kernel on weights packed for it (one copy each, made at load: the joined sibling
+    weights and the linears that have no siblings); a weight with no packed copy takes the unpacked kernel."""
+
+    def __init__(self, kernels: CpuKernels, weights: list[torch.Tensor]) -> None:
+        self._product, self._plain = kernels.packed_rows_product, kernels.bf16_rows_product
+        self._packs = {_identity(w): (kernels.pack_rows_weight(w), w.shape[0]) for w in weights if w.shape[1] % 2 == 0}
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(packed.numel() * packed.element_size() for packed, _ in self._packs.values())
+
+    def __call__(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        found = self._packs.get(_identity(weight))
+        return self._plain(rows, weight) if found is None else self._product(rows, *found)
+
+
+def _identity(weight: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    return weight.data_ptr(), tuple(weight.shape)
 
 
 def use_one_row_kernel(model: nn.Module, kernel_dir: Path) -> int:
@@ -228,8 +236,8 @@ def store_weights_in_bf16(model: nn.Module, kernel_dir: Path | None) -> StoredWe
 
 def _attach_kernel(model: nn.Module, linears: list[Bf16StoredLinear], kernel_dir: Path) -> None:
     """Join `linears`' siblings, then give them all a few-rows kernel: the built one of engine/kernels (any
-    row count below FP32_WEIGHTS_FROM_ROWS, the same bits per row in any batch), else the AOTInductor one-row
-    kernel, else none (eager linears)."""
+    row count below FP32_WEIGHTS_FROM_ROWS, the same bits per row in any batch; for bf16 rows on packed
+    copies of the weights where they fit), else the AOTInductor one-row kernel, else none (eager linears)."""
     if not linears:
         return
     groups = _join_siblings(model)
@@ -238,12 +246,26 @@ def _attach_kernel(model: nn.Module, linears: list[Bf16StoredLinear], kernel_dir
     built = load_cpu_kernels(kernel_dir)
     product = built.bf16_rows_product if bf16_rows else built.rows_product
     if product is not None and _checked(product, weights, torch.bfloat16 if bf16_rows else torch.float32):
+        if bf16_rows and built.packed_rows_product is not None and _fits_a_copy(weights):
+            targets = [group.weight for group in groups] + [module.weight for module in linears if module.siblings is None]
+            product = _PackedRows(built, targets)
+            log.info("decode products read a packed copy of the linear weights (%.2f GB)", product.num_bytes / 1e9)
         for module in linears:
             module.one_row, module.few_rows, module.fp32_rows = product, FP32_WEIGHTS_FROM_ROWS - 1, False
         return
     kernel = _one_row_kernel(weights, kernel_dir)
     for module in linears:
         module.one_row = kernel
+
+
+def _fits_a_copy(weights: list[torch.Tensor]) -> bool:
+    """Whether one more copy of `weights` fits the share of memory that packed copies may take (prepacked.py)."""
+    extra = sum(weight.numel() * weight.element_size() for weight in {id(w): w for w in weights}.values())
+    if extra > PREPACK_MAX_RAM_FRACTION * machine_memory():
+        log.info("decode products read the plain weights: a packed copy (%.1f GB) would exceed %.0f%% of memory",
+                 extra / 1e9, 100 * PREPACK_MAX_RAM_FRACTION)  # fmt: skip
+        return False
+    return True
 
 
 def _checked(product: OneRowProduct, weights: list[torch.Tensor], row_dtype: torch.dtype) -> bool:

@@ -14,7 +14,10 @@
   steps) against bf16 weights, each output summed in an order that depends
   on nothing but the input size, so a row comes out the same bits alone or
   in a batch of any size (what lets exact mode batch decode steps). bf16
-  rows use the CPU's bf16 dot product, fp32 rows FMAs of the widened weight.
+  rows use the CPU's bf16 dot product, on a copy of the weight packed for it
+  (16 outputs' pairs of inputs side by side, so a broadcast pair of the row
+  meets 16 outputs per instruction) where there is one; fp32 rows FMAs of the
+  widened weight.
 
 Built with torch's extension builder (`torch.utils.cpp_extension`, which
 needs a C++ compiler and ninja) and `-march=native`, once per source, torch
@@ -51,6 +54,10 @@ OneRowAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torc
 CausalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 # (x [R, in] bf16 or fp32, weight [out, in] bf16) -> [R, out] fp32
 RowsProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# weight [out, in] bf16 (in even) -> its copy packed for `PackedRowsProduct`
+PackRowsWeight = Callable[[torch.Tensor], torch.Tensor]
+# (x [R, in] bf16, packed weight, out) -> [R, out] fp32
+PackedRowsProduct = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class CpuKernels:
     causal_attention: CausalAttention | None = None
     rows_product: RowsProduct | None = None  # fp32 rows with AVX-512
     bf16_rows_product: RowsProduct | None = None  # bf16 rows, with AVX512-BF16 too
+    pack_rows_weight: PackRowsWeight | None = None  # with AVX512-BF16
+    packed_rows_product: PackedRowsProduct | None = None
 
 
 _loaded: dict[Path, CpuKernels] = {}  # one build and load per process and folder
@@ -85,6 +94,8 @@ def _build_and_pick(kernel_dir: Path) -> CpuKernels:
         causal_attention=ops.causal_attention if ops.has_bf16_dot() else None,
         rows_product=ops.rows_product if ops.vectorized() else None,
         bf16_rows_product=ops.rows_product if ops.vectorized() and ops.has_bf16_dot() else None,
+        pack_rows_weight=ops.pack_rows_weight if ops.vectorized() and ops.has_bf16_dot() else None,
+        packed_rows_product=ops.packed_rows_product if ops.vectorized() and ops.has_bf16_dot() else None,
     )
     log.info("CPU attention kernels: decode steps %s, bf16 prefill %s",
              "built" if kernels.one_row_attention else "torch's (no AVX-512)",
