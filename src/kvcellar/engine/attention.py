@@ -47,7 +47,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from kvcellar.engine.kernels import CausalAttention, CpuKernels, OneRowAttention
+from kvcellar.engine.kernels import CausalAttention, CpuKernels, OneRowAttention, RaggedOneRowAttention
 
 NAME = "kvcellar_sdpa"
 
@@ -120,13 +120,25 @@ def _query_pieces_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 # The built CPU kernels (engine/kernels), set by the loader where they build; None: torch's kernels.
 _one_row_kernel: OneRowAttention | None = None
+_ragged_kernel: RaggedOneRowAttention | None = None
 _causal_kernel: CausalAttention | None = None
 
 
 def use_cpu_kernels(kernels: CpuKernels) -> None:
     """Run CPU attention through the built `kernels` where they apply (CpuKernels(): torch's). Process-wide."""
-    global _one_row_kernel, _causal_kernel
-    _one_row_kernel, _causal_kernel = kernels.one_row_attention, kernels.causal_attention
+    global _one_row_kernel, _ragged_kernel, _causal_kernel
+    _one_row_kernel, _ragged_kernel = kernels.one_row_attention, kernels.ragged_one_row_attention
+    _causal_kernel = kernels.causal_attention
+
+
+def _ragged_kernel_fits(query: torch.Tensor, key: RaggedKv, value: RaggedKv, dropout: float, kwargs: dict) -> bool:
+    """Whether every row would take the built one-row kernel alone (`_attention`'s one-row CPU case)."""
+    if _ragged_kernel is None or query.device.type != "cpu" or dropout != 0.0 or _extra_terms(kwargs):
+        return False
+    if _graph_mask is not None or query.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return all(k.dtype == key.rows[0].dtype and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape[0] == 1
+               for k, v in zip(key.rows, value.rows))  # fmt: skip
 
 
 def _causal_kernel_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object,
@@ -202,7 +214,15 @@ class RaggedKv:
 
 
 def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwargs) -> torch.Tensor:
-    """Each row of a batched decode step exactly as a one-request step computes it (no mask: a row sees its keys)."""
+    """Each row of a batched decode step exactly as a one-request step computes it (no mask: a row sees its keys):
+    on a CPU with the built kernels one call for every row, else the one-request path row by row."""
+    if _ragged_kernel_fits(query, key, value, dropout, kwargs):
+        batch, heads, _, dim = query.shape
+        scale = dim**-0.5 if scaling is None else scaling
+        rows = (query.float() * scale).reshape(batch, heads, dim).contiguous()
+        lengths = [keys.shape[2] for keys in key.rows]
+        output = _ragged_kernel(rows, list(key.rows), list(value.rows), lengths)
+        return output.to(query.dtype).view(batch, heads, 1, dim).transpose(1, 2).contiguous()
     outputs = [_attention(module, query[row : row + 1], keys, values, None, dropout, scaling, **kwargs)[0]
                for row, (keys, values) in enumerate(zip(key.rows, value.rows, strict=True))]  # fmt: skip
     return torch.cat(outputs)

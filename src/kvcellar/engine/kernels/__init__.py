@@ -50,6 +50,9 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 
 # (query [B, H, D] fp32 pre-scaled, key, value [B, H_kv, >= n, D] fp32/bf16, n) -> [B, H, D] fp32
 OneRowAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (query [B, H, D] as above, keys, values: B tensors [1, H_kv, >= n_b, D], [n_b]) -> [B, H, D] fp32; row b the
+# same bits as OneRowAttention on row b alone
+RaggedOneRowAttention = Callable[[torch.Tensor, list, list, list], torch.Tensor]
 # (query [B, H, M, D], key, value [B, H_kv, N, D], scale), all bf16 -> [B, M, H, D] bf16
 CausalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 # (x [R, in] bf16 or fp32, weight [out, in] bf16) -> [R, out] fp32
@@ -65,6 +68,7 @@ class CpuKernels:
     """The kernels this machine runs; None where one cannot be built or the CPU lacks its instructions."""
 
     one_row_attention: OneRowAttention | None = None
+    ragged_one_row_attention: RaggedOneRowAttention | None = None  # with one_row_attention
     causal_attention: CausalAttention | None = None
     rows_product: RowsProduct | None = None  # fp32 rows with AVX-512
     bf16_rows_product: RowsProduct | None = None  # bf16 rows, with AVX512-BF16 too
@@ -91,6 +95,7 @@ def _build_and_pick(kernel_dir: Path) -> CpuKernels:
         return CpuKernels()
     kernels = CpuKernels(
         one_row_attention=ops.one_row_attention if ops.vectorized() else None,
+        ragged_one_row_attention=ops.ragged_one_row_attention if ops.vectorized() else None,
         causal_attention=ops.causal_attention if ops.has_bf16_dot() else None,
         rows_product=ops.rows_product if ops.vectorized() else None,
         bf16_rows_product=ops.rows_product if ops.vectorized() and ops.has_bf16_dot() else None,

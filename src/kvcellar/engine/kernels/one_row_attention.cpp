@@ -172,25 +172,41 @@ void attend_chunk(const float* queries, int64_t groups, int64_t dim, const KV* k
   }
 }
 
+// One row's keys and values: `num_keys` rows of each K/V head, `stride` apart, heads `head_stride` apart.
 template <typename KV>
-void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_keys, at::Tensor& out) {
-  const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(2), kv_heads = key.size(1);
+struct Source {
+  const KV* keys;
+  const KV* values;
+  int64_t key_head_stride, key_stride, value_head_stride, value_stride, num_keys;
+};
+
+// query [B, H, D] (row b attends to sources[b]) -> out. Tasks are (row, K/V head, chunk of KEYS_PER_TASK keys);
+// each row's chunks are merged in order, so a row's result depends on its own query and keys alone.
+template <typename KV>
+void run(const at::Tensor& query, const std::vector<Source<KV>>& sources, int64_t kv_heads, at::Tensor& out) {
+  const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(2);
   const int64_t groups = heads / kv_heads;
-  const int64_t chunks = (num_keys + KEYS_PER_TASK - 1) / KEYS_PER_TASK;
-  const int64_t tasks = batch * kv_heads * chunks;
+  std::vector<int64_t> chunks(batch), first_task(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    chunks[b] = (sources[b].num_keys + KEYS_PER_TASK - 1) / KEYS_PER_TASK;
+    first_task[b + 1] = first_task[b] + kv_heads * chunks[b];
+  }
+  const int64_t tasks = first_task[batch];
   std::vector<float> maxima(tasks * groups), sums(tasks * groups), partial(tasks * groups * dim);
   const float* q = query.data_ptr<float>();
-  const KV* k = key.data_ptr<KV>();
-  const KV* v = value.data_ptr<KV>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * SCORE_ROW);
+    int64_t b = std::upper_bound(first_task.begin(), first_task.end(), begin) - first_task.begin() - 1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t chunk = task % chunks, head = (task / chunks) % kv_heads, b = task / (chunks * kv_heads);
-      const int64_t first = chunk * KEYS_PER_TASK, count = std::min(KEYS_PER_TASK, num_keys - first);
-      const int64_t k_offset = b * key.stride(0) + head * key.stride(1) + first * key.stride(2);
-      const int64_t v_offset = b * value.stride(0) + head * value.stride(1) + first * value.stride(2);
-      attend_chunk(q + b * query.stride(0) + head * groups * dim, groups, dim, k + k_offset, v + v_offset,
-                   key.stride(2), value.stride(2), count, scores.data(), &partial[task * groups * dim]);
+      while (task >= first_task[b + 1]) ++b;
+      const Source<KV>& source = sources[b];
+      const int64_t local = task - first_task[b];
+      const int64_t chunk = local % chunks[b], head = local / chunks[b];
+      const int64_t first = chunk * KEYS_PER_TASK, count = std::min(KEYS_PER_TASK, source.num_keys - first);
+      attend_chunk(q + b * query.stride(0) + head * groups * dim, groups, dim,
+                   source.keys + head * source.key_head_stride + first * source.key_stride,
+                   source.values + head * source.value_head_stride + first * source.value_stride,
+                   source.key_stride, source.value_stride, count, scores.data(), &partial[task * groups * dim]);
       for (int64_t g = 0; g < groups; ++g) {
         maxima[task * groups + g] = scores[g * SCORE_ROW + KEYS_PER_TASK];
         sums[task * groups + g] = scores[g * SCORE_ROW + KEYS_PER_TASK + 1];
@@ -200,14 +216,14 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
   float* o = out.data_ptr<float>();
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t head = 0; head < kv_heads; ++head) {
-      const int64_t base = (b * kv_heads + head) * chunks;
+      const int64_t base = first_task[b] + head * chunks[b];
       for (int64_t g = 0; g < groups; ++g) {
         float top = -std::numeric_limits<float>::infinity();
-        for (int64_t c = 0; c < chunks; ++c) top = std::max(top, maxima[(base + c) * groups + g]);
+        for (int64_t c = 0; c < chunks[b]; ++c) top = std::max(top, maxima[(base + c) * groups + g]);
         float total = 0.f;
         float* row = o + (b * heads + head * groups + g) * dim;
         std::fill(row, row + dim, 0.f);
-        for (int64_t c = 0; c < chunks; ++c) {
+        for (int64_t c = 0; c < chunks[b]; ++c) {
           const float scale = std::exp(maxima[(base + c) * groups + g] - top);
           total += scale * sums[(base + c) * groups + g];
           const float* part = &partial[((base + c) * groups + g) * dim];
@@ -219,22 +235,68 @@ void run(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value
   }
 }
 
-at::Tensor one_row_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_keys) {
-  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu() && value.device().is_cpu(), "CPU tensors only");
-  TORCH_CHECK(query.dim() == 3 && key.dim() == 4 && value.dim() == 4, "query [B, H, D], key/value [B, H_kv, N, D]");
-  TORCH_CHECK(query.scalar_type() == at::kFloat && query.is_contiguous(), "query: contiguous fp32");
+template <typename KV>
+Source<KV> source_of(const at::Tensor& key, const at::Tensor& value, int64_t b, int64_t num_keys) {
+  return {key.data_ptr<KV>() + b * key.stride(0), value.data_ptr<KV>() + b * value.stride(0), key.stride(1),
+          key.stride(2), value.stride(1), value.stride(2), num_keys};
+}
+
+void check_kv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_keys) {
+  TORCH_CHECK(key.device().is_cpu() && value.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(key.dim() == 4 && value.dim() == 4, "key/value [B, H_kv, N, D]");
   TORCH_CHECK(key.scalar_type() == value.scalar_type(), "key and value of one dtype");
+  TORCH_CHECK(key.scalar_type() == at::kBFloat16 || key.scalar_type() == at::kFloat, "key/value: fp32 or bf16");
   TORCH_CHECK(key.sizes() == value.sizes(), "key and value of one shape");
   TORCH_CHECK(key.stride(3) == 1 && value.stride(3) == 1 && key.size(3) == query.size(2),
               "key/value rows contiguous, of the query's size");
-  TORCH_CHECK(key.size(0) == query.size(0) && query.size(1) % key.size(1) == 0, "batch and head groups");
+  TORCH_CHECK(query.size(1) % key.size(1) == 0, "query heads in groups of the K/V heads");
   TORCH_CHECK(num_keys >= 1 && num_keys <= key.size(2), "num_keys within the buffers");
+}
+
+void check_query(const at::Tensor& query) {
+  TORCH_CHECK(query.device().is_cpu() && query.dim() == 3, "query [B, H, D] on the CPU");
+  TORCH_CHECK(query.scalar_type() == at::kFloat && query.is_contiguous(), "query: contiguous fp32");
+}
+
+at::Tensor one_row_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_keys) {
+  check_query(query);
+  check_kv(query, key, value, num_keys);
+  TORCH_CHECK(key.size(0) == query.size(0), "one K/V batch row per query row");
   at::Tensor out = at::empty(query.sizes(), query.options());
   if (key.scalar_type() == at::kBFloat16) {
-    run<c10::BFloat16>(query, key, value, num_keys, out);
+    std::vector<Source<c10::BFloat16>> sources;
+    for (int64_t b = 0; b < query.size(0); ++b) sources.push_back(source_of<c10::BFloat16>(key, value, b, num_keys));
+    run(query, sources, key.size(1), out);
   } else {
-    TORCH_CHECK(key.scalar_type() == at::kFloat, "key/value: fp32 or bf16");
-    run<float>(query, key, value, num_keys, out);
+    std::vector<Source<float>> sources;
+    for (int64_t b = 0; b < query.size(0); ++b) sources.push_back(source_of<float>(key, value, b, num_keys));
+    run(query, sources, key.size(1), out);
+  }
+  return out;
+}
+
+// A batched decode step's rows, each against its own request's K/V (keys[b], values[b]: [1, H_kv, >= n_b, D]).
+// Row b computes exactly what one_row_attention computes for it alone.
+at::Tensor ragged_one_row_attention(const at::Tensor& query, at::TensorList keys, at::TensorList values,
+                                    at::IntArrayRef num_keys) {
+  check_query(query);
+  const int64_t batch = query.size(0);
+  TORCH_CHECK(static_cast<int64_t>(keys.size()) == batch && static_cast<int64_t>(values.size()) == batch &&
+                  static_cast<int64_t>(num_keys.size()) == batch, "one key, value and count per query row");
+  for (int64_t b = 0; b < batch; ++b) {
+    check_kv(query, keys[b], values[b], num_keys[b]);
+    TORCH_CHECK(keys[b].size(0) == 1 && keys[b].size(1) == keys[0].size(1), "each row: [1, H_kv, N, D], one H_kv");
+    TORCH_CHECK(keys[b].scalar_type() == keys[0].scalar_type(), "every row's K/V of one dtype");
+  }
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  if (keys[0].scalar_type() == at::kBFloat16) {
+    std::vector<Source<c10::BFloat16>> sources;
+    for (int64_t b = 0; b < batch; ++b) sources.push_back(source_of<c10::BFloat16>(keys[b], values[b], 0, num_keys[b]));
+    run(query, sources, keys[0].size(1), out);
+  } else {
+    std::vector<Source<float>> sources;
+    for (int64_t b = 0; b < batch; ++b) sources.push_back(source_of<float>(keys[b], values[b], 0, num_keys[b]));
+    run(query, sources, keys[0].size(1), out);
   }
   return out;
 }
@@ -245,7 +307,11 @@ bool vectorized() { return VECTORIZED; }
 
 TORCH_LIBRARY(kvcellar_cpu, m) {
   m.def("one_row_attention(Tensor query, Tensor key, Tensor value, int num_keys) -> Tensor");
+  m.def("ragged_one_row_attention(Tensor query, Tensor[] keys, Tensor[] values, int[] num_keys) -> Tensor");
   m.def("vectorized() -> bool", &vectorized);
 }
 
-TORCH_LIBRARY_IMPL(kvcellar_cpu, CPU, m) { m.impl("one_row_attention", &one_row_attention); }
+TORCH_LIBRARY_IMPL(kvcellar_cpu, CPU, m) {
+  m.impl("one_row_attention", &one_row_attention);
+  m.impl("ragged_one_row_attention", &ragged_one_row_attention);
+}
