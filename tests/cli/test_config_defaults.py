@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvcellar import cli
-from kvcellar.config import (DEFAULT_BLOCK_SIZE, DEFAULT_EXACT, ONE_BLOCK_PASS_BLOCK_SIZE, PREFILL_CHUNK_SIZE, CacheConfig,
+from kvcellar.config import (DEFAULT_BLOCK_SIZE, DEFAULT_EXACT, ONE_BLOCK_PASS_BLOCK_SIZE, PREFILL_CHUNK_SIZE, RUNNING_KV_MEMORY_FRACTION,
+                             CacheConfig,
                              EngineConfig, ServerSettings, size_text)  # fmt: skip
 from kvcellar.models.demo import kvcellar_home
 
@@ -95,6 +96,7 @@ DESCRIBED = {
     "--cache-dir": "`$KVCELLAR_HOME/kv-cache`",
     "--prefill-chunk-size": f"one block; {PREFILL_CHUNK_SIZE['cpu']} on CPU and {PREFILL_CHUNK_SIZE['cuda']} on CUDA",
     "--api-key": "none",
+    "--kv-budget": f"{RUNNING_KV_MEMORY_FRACTION:.0%} of the memory free after loading",
 }
 
 

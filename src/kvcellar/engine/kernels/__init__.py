@@ -102,9 +102,10 @@ def _build_and_pick(kernel_dir: Path) -> CpuKernels:
         pack_rows_weight=ops.pack_rows_weight if ops.vectorized() and ops.has_bf16_dot() else None,
         packed_rows_product=ops.packed_rows_product if ops.vectorized() and ops.has_bf16_dot() else None,
     )
-    log.info("CPU attention kernels: decode steps %s, bf16 prefill %s",
+    log.info("CPU kernels: decode attention %s, bf16 prefill attention %s, bf16 decode products %s",
              "built" if kernels.one_row_attention else "torch's (no AVX-512)",
-             "built" if kernels.causal_attention else "torch's (no AVX512-BF16)")  # fmt: skip
+             "built" if kernels.causal_attention else "torch's (no AVX512-BF16)",
+             "built" if kernels.packed_rows_product else "torch's (no AVX512-BF16)")  # fmt: skip
     return kernels
 
 
@@ -115,7 +116,7 @@ def _build(kernel_dir: Path) -> object:
 
         folder = kernel_dir / f"cpu-attention-{_build_key()}"
         folder.mkdir(parents=True, exist_ok=True)
-        log.info("loading the CPU attention kernels from %s (built there first if they are not)", folder)
+        log.info("loading the CPU kernels from %s (built there first if they are not)", folder)
         cpp_extension.load("kvcellar_cpu_kernels", sources=[str(source) for source in SOURCES],
                            extra_cflags=list(FLAGS), extra_include_paths=[str(HERE)], extra_ldflags=["-fopenmp"],
                            build_directory=str(folder), is_python_module=False)  # fmt: skip
