@@ -7,6 +7,7 @@ process fight the test's own client threads.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -93,6 +94,13 @@ class ServerProcess:
 def long_text(tag: str, num_words: int = 40) -> str:
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
     return f"{tag} " + " ".join(words[i % len(words)] for i in range(num_words))
+
+
+def metric(text: str, name: str) -> float:
+    """One unlabelled series' value in a Prometheus text page."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
 
 
 def port_is_free(port: int) -> bool:

@@ -6,6 +6,7 @@ import re
 import time
 
 from .support import long_text
+from .support import metric as _metric
 
 
 def _chat(server, messages, **kwargs):
@@ -91,12 +92,6 @@ def test_stats_have_cumulative_counters_and_windows(server, unique):
     health = server.get("/health").json()
     assert health["block_size"] > 0 and health["prefill_chunk_size"] % health["block_size"] == 0
     assert health["prefill_schedule"] in ("fixed", "row-invariant")
-
-
-def _metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def test_prometheus_metrics(server, unique):

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 
 from .support import long_text
+from .support import metric as _metric
 
 NUM_CLIENTS = 32
 
@@ -62,14 +63,6 @@ def test_a_client_that_disconnects_cancels_its_generation(server, unique):
     reply = server.client().completions.create(model=server.model, prompt="x", max_tokens=2)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert time.monotonic() - started < 1.5
-
-
-def _metric(text: str, name: str) -> float:
-    import re
-
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def test_health_and_metrics_show_the_requests_running_together(server, unique):

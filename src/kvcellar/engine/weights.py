@@ -135,6 +135,9 @@ class Bf16Linear(Bf16StoredLinear):
 
     packed: torch.Tensor | None = None  # set: the weight prepacked for oneDNN (engine/prepacked.py)
     fp32_rows = True  # whether `one_row` takes fp32 rows (the AOTInductor kernel) rather than bf16 ones
+    # The LM head keeps the kernel's fp32 sums: logits rounded to bf16 (steps of 0.125 near 20) tie where the
+    # model's own values do not, and greedy decoding would then pick by token id.
+    fp32_output = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -143,7 +146,8 @@ class Bf16Linear(Bf16StoredLinear):
             output = self._product(x, flat.float() if self.fp32_rows else flat.contiguous())
             if self.bias is not None:
                 output = output + self.bias.float()
-            return output.to(x.dtype).view(*x.shape[:-1], self.out_features)
+            output = output if self.fp32_output else output.to(x.dtype)
+            return output.view(*x.shape[:-1], self.out_features)
         if self.packed is not None:
             return packed_product(x, self.packed, self.bias)
         return functional.linear(x, self.weight, self.bias)
@@ -176,6 +180,9 @@ def use_one_row_kernel(model: nn.Module, kernel_dir: Path) -> int:
     linears = [module for module in model.modules() if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16]
     for module in linears:
         module.__class__ = Bf16Linear
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, Bf16Linear):
+        head.fp32_output = True
     _attach_kernel(model, linears, kernel_dir)
     prepack_linears(model)
     return len(linears)

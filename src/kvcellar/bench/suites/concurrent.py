@@ -29,19 +29,17 @@ delay a new request. The machine's cores are let settle before each run
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from kvcellar.bench.config import DEFAULT_MAX_TOKEN_ID
 from kvcellar.bench.progress import log
 from kvcellar.bench.scenarios import make_ids
-from kvcellar.bench.suites.side_by_side import WARM_UP_TOKENS, Server, settle, stream_until
+from kvcellar.bench.suites.side_by_side import Server, connect, settle, stream_until, write_result
 
 PROBE_BACKGROUND_TOKENS = 1024  # the background streams' answers: long enough to outlast the probe
 
@@ -181,12 +179,7 @@ def table_text(names: list[str], runs: dict[str, list[dict]], probes: dict[str, 
 def run(config: ConcurrentConfig) -> dict:
     from kvcellar.bench.hardware import hardware
 
-    servers = [Server(name, url) for name, url in config.targets]
-    seed = config.seed if config.seed is not None else int(time.time())
-    models = {s.name: s.model() for s in servers}
-    log(f"models: {models}; seed {seed}")
-    for server in servers:  # warm-up: first-request costs stay out of the figures
-        server.complete(make_ids(WARM_UP_TOKENS, f"{seed}:warm-up", config.max_token_id), 8)
+    servers, seed, models = connect(config.targets, config.seed, config.max_token_id)
     runs: dict[str, list[dict]] = {s.name: [] for s in servers}
     loads = []
     for step, count in enumerate(config.clients):
@@ -212,8 +205,5 @@ def run(config: ConcurrentConfig) -> dict:
               "config": {k: getattr(config, k) for k in ("clients", "system_tokens", "question_tokens", "decode_tokens",
                                                          "turns", "probe_under", "probe_tokens")},
               "load_average": loads, "table": text, "runs": runs, "probes": probes}  # fmt: skip
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    log(f"wrote {out}")
+    write_result(result, config.out)
     return result

@@ -223,15 +223,29 @@ def table_text(names: list[str], rounds: list[dict], length: int) -> str:
     return "\n".join(lines)
 
 
+def connect(targets: tuple[tuple[str, str], ...], seed: int | None, max_token_id: int) -> tuple[list[Server], int, dict]:
+    """The targets' servers, warmed up (first-request costs, allocator and threads, stay out of the figures);
+    the seed (None: the clock) and each server's model id, both logged."""
+    servers = [Server(name, url) for name, url in targets]
+    seed = seed if seed is not None else int(time.time())
+    models = {s.name: s.model() for s in servers}
+    log(f"models: {models}; seed {seed}")
+    for server in servers:
+        server.complete(make_ids(WARM_UP_TOKENS, f"{seed}:warm-up", max_token_id), 8)
+    return servers, seed, models
+
+
+def write_result(result: dict, out: str) -> None:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    log(f"wrote {path}")
+
+
 def run(config: SideBySideConfig) -> dict:
     from kvcellar.bench.hardware import hardware
 
-    servers = [Server(name, url) for name, url in config.targets]
-    seed = config.seed if config.seed is not None else int(time.time())
-    models = {s.name: s.model() for s in servers}
-    log(f"models: {models}; seed {seed}")
-    for server in servers:  # warm-up: first-request costs (allocator, threads) stay out of the figures
-        server.complete(make_ids(WARM_UP_TOKENS, f"{seed}:warm-up", config.max_token_id), 8)
+    servers, seed, models = connect(config.targets, config.seed, config.max_token_id)
     rounds, loads = [], []
     for index in range(config.rounds):
         prompt = make_ids(config.length, f"{seed}:prompt-{index}", config.max_token_id)
@@ -248,8 +262,5 @@ def run(config: SideBySideConfig) -> dict:
     print(text)
     result = {"hardware": hardware("cpu"), "command": config.command, "models": models, "seed": seed,
               "length": config.length, "load_average": loads, "table": text, "rounds": rounds}  # fmt: skip
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    log(f"wrote {out}")
+    write_result(result, config.out)
     return result
