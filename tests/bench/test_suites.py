@@ -187,7 +187,7 @@ def test_concurrent_suite_runs_clients_together_against_a_server(tiny_server, tm
     one, three = result["runs"]["kvcellar"]
     assert (one["clients"], three["clients"]) == (1, 3)
     # One prefill of the shared system prompt: the second and third clients' first turns found its blocks.
-    assert three["first_turn_cached_tokens"][0] == 0 and three["first_turn_cached_tokens"][1:] == [64, 64]
+    assert sorted(three["first_turn_cached_tokens"]) == [0, 64, 64]
     assert 0 < one["hit_rate"] < three["hit_rate"] < 1  # second turns resend the conversation: cached too
     assert three["ttft_p99_s"] >= three["ttft_p50_s"] > 0 and three["decode_tok_s"] > 0
     probe = result["probes"]["kvcellar"]

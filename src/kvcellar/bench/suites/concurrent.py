@@ -17,8 +17,9 @@ new question again after each answer (multi-turn chat). Every answer has
   time (what the streams decode together); aggregate tok/s: every token over
   the run's wall time (prefills included);
 - hit rate: cached prompt tokens (the server's `usage.prompt_tokens_details.cached_tokens`)
-  over prompt tokens, and each first turn's cached tokens, in start order: with
-  one prefill of S, every request but the first reports S's full blocks.
+  over prompt tokens, and each first turn's cached tokens, in the order their
+  first tokens came: with one prefill of S, every request but one reports S's
+  full blocks.
 
 Then, with `probe_under` > 0, the interference probe: a fresh `probe_tokens`
 prompt (1 token) alone, then the same length again (new ids) while
