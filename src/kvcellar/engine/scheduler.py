@@ -8,8 +8,9 @@ every decoding request together (engine/batch_decode.py; one pass per request
 where the model cannot batch, or in exact mode where batched rows would not
 compute alike); (3) prefill passes of waiting prompts, first come first
 served, until `step_prefill_tokens` are spent, so a long prompt advances a
-pass at a time between decode steps instead of stalling them; (4) sample
-every request that has new logits. The passes are the prompt's own schedule
+pass at a time between decode steps instead of stalling them (a prompt's
+first token is sampled as soon as its last pass ends); (4) sample every
+request that has new logits. The passes are the prompt's own schedule
 (engine/prefill.py), so exact mode holds as for a request alone.
 
 One prompt prefills at a time, and a request looks the cache up only when its
@@ -155,9 +156,12 @@ class Scheduler:
         self._prefill_passes()
         for sequence in list(self._running):
             if sequence.logits is not None:
-                sequence.sample()
-                if sequence.finish is not None:
-                    self._retire(sequence)
+                self._sample(sequence)
+
+    def _sample(self, sequence: Sequence) -> None:
+        sequence.sample()
+        if sequence.finish is not None:
+            self._retire(sequence)
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode_pass(self) -> None:
@@ -301,8 +305,9 @@ class Scheduler:
             runner.prefix_cache.record_prefill(end - prompt.first, prompt.seconds)
             sequence.prompt = None
             self._prefilling = None
-            if not sequence.generated:
+            if not sequence.generated:  # its first token goes out now, not after the step's other prefills
                 sequence.logits = logits
+                self._sample(sequence)
         return end - start
 
     # -- endings ---------------------------------------------------------------------------------
