@@ -93,6 +93,25 @@ inline void widen_row(const KV* rows, int64_t stride, int64_t j, int64_t count, 
   for (int p = 0; p < PIECES; ++p) out[p] = load16(row + 16 * p);
 }
 
+// acc[g] = sum over the chunk's rows j of scores[g][j] * value row j, for GROUPS query heads, the sums kept
+// in registers (GROUPS x PIECES of them) and stored once.
+template <int PIECES, int GROUPS, typename KV>
+void weigh_values(const KV* values, int64_t value_stride, int64_t count, const float* scores, float* acc) {
+  __m512 sums[GROUPS][PIECES];
+  for (int g = 0; g < GROUPS; ++g)
+    for (int p = 0; p < PIECES; ++p) sums[g][p] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; ++j) {
+    __m512 row[PIECES];
+    widen_row<PIECES>(values, value_stride, j, count, row);
+    for (int g = 0; g < GROUPS; ++g) {
+      const __m512 weight = _mm512_set1_ps(scores[g * SCORE_ROW + j]);
+      for (int p = 0; p < PIECES; ++p) sums[g][p] = _mm512_fmadd_ps(weight, row[p], sums[g][p]);
+    }
+  }
+  for (int g = 0; g < GROUPS; ++g)
+    for (int p = 0; p < PIECES; ++p) _mm512_storeu_ps(acc + (g * PIECES + p) * 16, sums[g][p]);
+}
+
 // AVX-512, a head size of PIECES x 16: each key and value row is widened once into registers and used by
 // every query head of the group.
 template <int PIECES, typename KV>
@@ -114,6 +133,11 @@ void attend_rows(const float* queries, int64_t groups, const KV* keys, const KV*
     }
   }
   softmax_rows16(groups, count, scores);
+  // The weighted values summed in registers where they fit (the same FMAs, in the same order).
+  if (groups == 1) return weigh_values<PIECES, 1>(values, value_stride, count, scores, acc);
+  if constexpr (PIECES <= 8) {
+    if (groups == 2) return weigh_values<PIECES, 2>(values, value_stride, count, scores, acc);
+  }
   for (int64_t i = 0; i < groups * dim; i += 16) _mm512_storeu_ps(acc + i, _mm512_setzero_ps());
   for (int64_t j = 0; j < count; ++j) {
     __m512 row[PIECES];
