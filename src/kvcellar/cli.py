@@ -364,19 +364,14 @@ def _add_bench_suites(bench: argparse.ArgumentParser) -> None:
 
     p, d = suite(side_by_side, side_by_side.SideBySideConfig,
                  "kvcellar and peer servers (scripts/peers/) on the same token-id prompts over HTTP")
-    p.add_argument("--target", dest="targets", action="append", type=side_by_side.parse_target, required=True,
-                   metavar="NAME=URL", help="a server (repeat, at least two; the first is the one compared)")
+    _http_suite_options(p, d, "a server (repeat, at least two; the first is the one compared)")
     p.add_argument("--length", type=int, help=f"prompt tokens (default {d('length')})")
     p.add_argument("--rounds", type=int, help=f"rounds, alternating which server goes first (default {d('rounds')})")
     p.add_argument("--decode-tokens", type=int, help=f"tokens of the decode row (default {d('decode_tokens')})")
-    p.add_argument("--max-token-id", type=int, help=f"prompt ids are drawn from [100, this) (default {d('max_token_id')})")
-    p.add_argument("--seed", type=int, help="prompt seed (default: the clock, recorded)")
-    p.add_argument("--out", help=f"JSON file (default {d('out')})")
 
     p, d = suite(concurrent, concurrent.ConcurrentConfig,
                  "many clients at once (shared system prompt, own questions, optional turns) against servers over HTTP")
-    p.add_argument("--target", dest="targets", action="append", type=side_by_side.parse_target, required=True,
-                   metavar="NAME=URL", help="a server (repeat to compare; each gets the same workload)")
+    _http_suite_options(p, d, "a server (repeat to compare; each gets the same workload)")
     p.add_argument("--clients", type=_token_counts, help=f"client counts to run (default {d('clients')})")
     p.add_argument("--system-tokens", type=int, help=f"shared system prompt tokens (default {d('system_tokens')})")
     p.add_argument("--question-tokens", type=int, help=f"each question's tokens (default {d('question_tokens')})")
@@ -385,6 +380,14 @@ def _add_bench_suites(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-under", type=int, help=f"streams decoding during the TTFT probe, 0: no probe "
                                                    f"(default {d('probe_under')})")  # fmt: skip
     p.add_argument("--probe-tokens", type=int, help=f"the probe prompt's tokens (default {d('probe_tokens')})")
+
+
+def _http_suite_options(p: argparse.ArgumentParser, d: Callable[[str], str], target_help: str) -> None:
+    """The options of the suites that drive servers over HTTP: targets, prompt ids, seed, output."""
+    from kvcellar.bench.suites.side_by_side import parse_target
+
+    p.add_argument("--target", dest="targets", action="append", type=parse_target, required=True, metavar="NAME=URL",
+                   help=target_help)
     p.add_argument("--max-token-id", type=int, help=f"prompt ids are drawn from [100, this) (default {d('max_token_id')})")
     p.add_argument("--seed", type=int, help="prompt seed (default: the clock, recorded)")
     p.add_argument("--out", help=f"JSON file (default {d('out')})")
