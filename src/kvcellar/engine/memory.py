@@ -9,7 +9,6 @@ for models whose sliding-window or recurrent layers hold less).
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from kvcellar.config import RUNNING_KV_MEMORY_FRACTION, size_text
 from kvcellar.engine.loader import LoadedModel
+from kvcellar.engine.prepacked import machine_memory
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def kv_bytes_per_token(loaded: LoadedModel) -> int:
+    """Every layer's keys and values of one token, in the model's dtype."""
     config = loaded.model.config.get_text_config(decoder=True)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -40,10 +41,7 @@ def _available_bytes(device: torch.device) -> int:
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+    return machine_memory() // 2 or 8 << 30  # no /proc/meminfo: half the machine, else a guess
 
 
 def kv_budget_tokens(loaded: LoadedModel, budget_bytes: int | None) -> int:

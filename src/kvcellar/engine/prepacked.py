@@ -39,11 +39,7 @@ def prepack_linears(model: nn.Module) -> int:
     linears = [module for module in model.modules() if isinstance(module, Bf16Linear)]
     if not linears or not _available():
         return 0
-    extra = sum(module.weight.numel() * module.weight.element_size() for module in linears)
-    budget = PREPACK_MAX_RAM_FRACTION * machine_memory()
-    if extra > budget:
-        log.info("linear weights stay unpacked: a packed copy (%.1f GB) would exceed %.0f%% of this machine's memory",
-                 extra / 1e9, 100 * PREPACK_MAX_RAM_FRACTION)  # fmt: skip
+    if not copy_fits(sum(module.weight.numel() * module.weight.element_size() for module in linears), "oneDNN's packed copy"):
         return 0
     packed = {}
     for module in linears:
@@ -58,6 +54,16 @@ def prepack_linears(model: nn.Module) -> int:
             module.packed = None
         return 0
     return len(linears)
+
+
+def copy_fits(extra: int, what: str) -> bool:
+    """Whether a copy of `extra` bytes of weights fits `PREPACK_MAX_RAM_FRACTION` of the machine's memory; one
+    log line says so where it does not."""
+    if extra > PREPACK_MAX_RAM_FRACTION * machine_memory():
+        log.info("linear weights stay unpacked: %s (%.1f GB) would exceed %.0f%% of this machine's memory",
+                 what, extra / 1e9, 100 * PREPACK_MAX_RAM_FRACTION)  # fmt: skip
+        return False
+    return True
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:

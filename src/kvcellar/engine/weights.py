@@ -61,7 +61,7 @@ from torch.nn import functional
 
 from kvcellar.config import FP32_WEIGHTS_FROM_ROWS
 from kvcellar.engine.kernels import CpuKernels, load_cpu_kernels
-from kvcellar.engine.prepacked import PREPACK_MAX_RAM_FRACTION, machine_memory, packed_product, prepack_linears
+from kvcellar.engine.prepacked import copy_fits, packed_product, prepack_linears
 
 log = logging.getLogger(__name__)
 
@@ -249,14 +249,8 @@ def _attach_kernel(model: nn.Module, linears: list[Bf16StoredLinear], kernel_dir
         return
     groups = _join_siblings(model)
     weights = [module.weight for module in linears] + [group.weight for group in groups]
-    bf16_rows = isinstance(linears[0], Bf16Linear)
-    built = load_cpu_kernels(kernel_dir)
-    product = built.bf16_rows_product if bf16_rows else built.rows_product
-    if product is not None and _checked(product, weights, torch.bfloat16 if bf16_rows else torch.float32):
-        if bf16_rows and built.packed_rows_product is not None and _fits_a_copy(weights):
-            targets = [group.weight for group in groups] + [module.weight for module in linears if module.siblings is None]
-            product = _PackedRows(built, targets)
-            log.info("decode products read a packed copy of the linear weights (%.2f GB)", product.num_bytes / 1e9)
+    product = _built_product(linears, groups, weights, kernel_dir)
+    if product is not None:
         for module in linears:
             module.one_row, module.few_rows, module.fp32_rows = product, FP32_WEIGHTS_FROM_ROWS - 1, False
         return
@@ -265,28 +259,43 @@ def _attach_kernel(model: nn.Module, linears: list[Bf16StoredLinear], kernel_dir
         module.one_row = kernel
 
 
-def _fits_a_copy(weights: list[torch.Tensor]) -> bool:
-    """Whether one more copy of `weights` fits the share of memory that packed copies may take (prepacked.py)."""
-    extra = sum(weight.numel() * weight.element_size() for weight in {id(w): w for w in weights}.values())
-    if extra > PREPACK_MAX_RAM_FRACTION * machine_memory():
-        log.info("decode products read the plain weights: a packed copy (%.1f GB) would exceed %.0f%% of memory",
-                 extra / 1e9, 100 * PREPACK_MAX_RAM_FRACTION)  # fmt: skip
-        return False
-    return True
+def _built_product(linears: list[Bf16StoredLinear], groups: list[_SiblingRows], weights: list[torch.Tensor],
+                   kernel_dir: Path) -> OneRowProduct | None:  # fmt: skip
+    """engine/kernels' few-rows product for these layers, checked on every weight shape (bf16 rows: on a packed
+    copy of the weights where it fits); None where it is not built or does not match torch's."""
+    bf16_rows = isinstance(linears[0], Bf16Linear)
+    built = load_cpu_kernels(kernel_dir)
+    product = built.bf16_rows_product if bf16_rows else built.rows_product
+    if product is None:
+        return None
+    mismatch = _mismatched_shape(product, weights, 3, torch.bfloat16 if bf16_rows else torch.float32)
+    if mismatch is not None:
+        log.warning("the built few-rows kernel differs from torch's product on a %s weight: not used", mismatch)
+        return None
+    if bf16_rows and built.packed_rows_product is not None and copy_fits(_distinct_bytes(weights),
+                                                                         "decode products' packed copy"):  # fmt: skip
+        targets = [group.weight for group in groups] + [module.weight for module in linears if module.siblings is None]
+        product = _PackedRows(built, targets)
+        log.info("decode products read a packed copy of the linear weights (%.2f GB)", product.num_bytes / 1e9)
+    return product
 
 
-def _checked(product: OneRowProduct, weights: list[torch.Tensor], row_dtype: torch.dtype) -> bool:
-    """Whether `product` matches torch's on every weight shape (within rounding); one warning where not."""
+def _distinct_bytes(weights: list[torch.Tensor]) -> int:
+    return sum(weight.numel() * weight.element_size() for weight in {id(w): w for w in weights}.values())
+
+
+def _mismatched_shape(product: OneRowProduct, weights: list[torch.Tensor], rows: int,
+                      row_dtype: torch.dtype) -> tuple[int, ...] | None:  # fmt: skip
+    """The first weight shape on which `product` of `rows` rows of ones differs from torch's sums beyond
+    rounding (they add in another order); None where it matches on every shape."""
     with torch.inference_mode():
         for weight in {weight.shape: weight for weight in weights}.values():
-            rows = torch.ones(3, weight.shape[1], dtype=row_dtype, device=weight.device)
-            expected = weight.float().sum(-1).expand(3, -1)
+            ones = torch.ones(rows, weight.shape[1], dtype=row_dtype, device=weight.device)
+            expected = weight.float().sum(-1).expand(rows, -1)
             tolerance = 1e-4 * float(expected.abs().max())
-            if not torch.allclose(product(rows, weight), expected, rtol=1e-4, atol=tolerance):
-                log.warning("the built few-rows kernel differs from torch's product on a %s weight: not used",
-                            tuple(weight.shape))  # fmt: skip
-                return False
-    return True
+            if not torch.allclose(product(ones, weight), expected, rtol=1e-4, atol=tolerance):
+                return tuple(weight.shape)
+    return None
 
 
 def _join_siblings(model: nn.Module) -> list[_SiblingRows]:
@@ -329,13 +338,9 @@ def _one_row_kernel(weights: list[torch.Tensor], kernel_dir: Path) -> OneRowProd
         return None
     try:
         kernel = _load_or_build(kernel_dir)
-        with torch.inference_mode():
-            for weight in {weight.shape: weight for weight in weights}.values():
-                row = torch.ones(1, weight.shape[1], device=weight.device)
-                expected = weight.float().sum(-1).unsqueeze(0)  # the same sums, in another order
-                tolerance = 1e-4 * float(expected.abs().max())
-                if not torch.allclose(kernel(row, weight), expected, rtol=1e-4, atol=tolerance):
-                    raise RuntimeError(f"the one-row kernel differs from torch's product on a {tuple(weight.shape)} weight")
+        mismatch = _mismatched_shape(kernel, weights, 1, torch.float32)
+        if mismatch is not None:
+            raise RuntimeError(f"the one-row kernel differs from torch's product on a {mismatch} weight")
     except Exception as exc:  # export and inductor raise many types (no compiler, a failed build); all mean: run eager
         log.warning("building the one-row kernel for bf16-stored weights failed, decode steps run eager "
                     "bf16 linears instead (slower): %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -92,18 +92,18 @@ def run_phase(spec: dict) -> dict:
 
     from kvcellar import CacheConfig, Engine
     from kvcellar.engine.heap import trim_heap
+    from kvcellar.engine.memory import kv_bytes_per_token
 
     name, length = spec["phase"], spec["length"]
     torch.set_num_threads(THREADS)
     cache = CacheConfig(enabled=name != "cold", exact=name == "exact", device_cache_bytes=DEVICE_CACHE_BYTES)
     engine = Engine.load(spec["model"], block_size=spec["block_size"], num_threads=THREADS, cache=cache)
-    m, cfg = engine.loaded.model, engine.loaded.model.config
+    m = engine.loaded.model
     _page_in_weights(m)  # before "RSS after load" is taken
     hi = min(8000, m.get_input_embeddings().num_embeddings)
     prompt, news = make_ids(length, length, hi), [make_ids(NEW_TOKENS, 1000 + i, hi) for i in range(REPEATS)]
     extra = [make_ids(length, 11 * length + i, hi) for i in range(REPEATS - 1)]
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * engine.loaded.dtype.itemsize
+    kv_per_token = kv_bytes_per_token(engine.loaded)
     out = {"phase": name, "length": length, "kv_bytes_per_token": kv_per_token, "rss_load_mib": memory_report()["rss_mib"],
            "prefill_chunk_size": engine.config.prefill_chunk_size}  # fmt: skip
     # The pool hands the same K/V buffers to request after request, and a page a longer request wrote
