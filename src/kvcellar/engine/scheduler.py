@@ -40,7 +40,6 @@ import contextlib
 import itertools
 import logging
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -86,13 +85,6 @@ class Load:
     preemptions: int  # since the engine started
 
 
-@dataclass
-class _Counts:
-    running: int = 0
-    waiting: int = 0
-    kv_tokens: int = 0
-
-
 class Scheduler:
     def __init__(self, runner: RequestRunner, policy: SchedulePolicy) -> None:
         self.runner = runner
@@ -101,14 +93,12 @@ class Scheduler:
         self._running: list[Sequence] = []
         self._prefilling: Sequence | None = None
         self._order = itertools.count()
-        self._counts = _Counts()
-        self._lock = threading.Lock()
         self._preemptions = 0
+        # Published by the model's thread after every change, read by any: replacing a reference is atomic.
+        self._load = Load(0, 0, 0, policy.kv_budget_tokens, 0)
 
     def load(self) -> Load:
-        with self._lock:
-            counts = self._counts
-            return Load(counts.running, counts.waiting, counts.kv_tokens, self.policy.kv_budget_tokens, self._preemptions)
+        return self._load
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, jobs: queue.Queue, stop: object) -> None:
@@ -165,7 +155,7 @@ class Scheduler:
 
     # -- decode ----------------------------------------------------------------------------------
     def _decode_pass(self) -> None:
-        rows = [s for s in self._running if s.next_token is not None and s.prompt is None and s.finish is None]
+        rows = [s for s in self._running if s.next_token is not None and s.prompt is None]
         for sequence in rows:
             if sequence.restored is None:  # answered from stored logits: the K/V are restored only now
                 self._start_prompt(sequence)
@@ -211,15 +201,10 @@ class Scheduler:
     def _preempt(self, sequence: Sequence) -> None:
         log.info("request %d preempted (K/V budget of %d tokens): it resumes when memory frees up",
                  sequence.job.job_id, self.policy.kv_budget_tokens)  # fmt: skip
-        if self._prefilling is sequence:
-            self._prefilling = None
-        if sequence.pending is not None:
-            sequence.pending.release()
-        self._running.remove(sequence)
+        self._detach(sequence)
         sequence.preempt()
         self._waiting.appendleft(sequence)
-        with self._lock:
-            self._preemptions += 1
+        self._preemptions += 1
 
     def _kv_tokens(self) -> int:
         return sum(sequence.kv_tokens for sequence in self._running)
@@ -299,10 +284,7 @@ class Scheduler:
         prompt.seconds += time.perf_counter() - began
         prompt.position = end
         if not prompt.ends:  # the prompt is in place
-            timings = sequence.timings
-            timings.prefill_s += prompt.seconds
-            timings.num_prefill_tokens += end - prompt.first
-            runner.prefix_cache.record_prefill(end - prompt.first, prompt.seconds)
+            self._count_prefill(sequence)
             sequence.prompt = None
             self._prefilling = None
             if not sequence.generated:  # its first token goes out now, not after the step's other prefills
@@ -310,9 +292,18 @@ class Scheduler:
                 self._sample(sequence)
         return end - start
 
+    def _count_prefill(self, sequence: Sequence) -> None:
+        """Add the tokens and seconds of `sequence`'s prefill so far to its timings and the cost model."""
+        prompt = sequence.prompt
+        computed = prompt.position - prompt.first
+        sequence.timings.prefill_s += prompt.seconds
+        sequence.timings.num_prefill_tokens += computed
+        self.runner.prefix_cache.record_prefill(computed, prompt.seconds)
+
     # -- endings ---------------------------------------------------------------------------------
-    def _retire(self, sequence: Sequence) -> None:
-        """Free what `sequence` holds, then hand its result to its caller (who then finds it over)."""
+    def _detach(self, sequence: Sequence) -> None:
+        """Take `sequence` out of the lines and let go of the cache entries its lookup held (those not
+        restored: answered from the stored logits alone, or preempted before the restore)."""
         if sequence in self._running:
             self._running.remove(sequence)
         elif sequence in self._waiting:
@@ -320,14 +311,15 @@ class Scheduler:
         if self._prefilling is sequence:
             self._prefilling = None
         if sequence.pending is not None:
-            sequence.pending.release()  # held entries not restored (answered from the stored logits alone)
+            sequence.pending.release()
+
+    def _retire(self, sequence: Sequence) -> None:
+        """Free what `sequence` holds, then hand its result to its caller (who then finds it over)."""
+        self._detach(sequence)
         if sequence.started is None:  # cancelled while it waited: it never reached the model
             sequence.timings.queue_s = time.perf_counter() - sequence.job.queued_at
         if sequence.prompt is not None:  # cancelled part-way through its prefill: what it computed counts
-            computed = sequence.prompt.position - sequence.prompt.first
-            sequence.timings.prefill_s += sequence.prompt.seconds
-            sequence.timings.num_prefill_tokens += computed
-            self.runner.prefix_cache.record_prefill(computed, sequence.prompt.seconds)
+            self._count_prefill(sequence)
         result = sequence.result()
         if sequence.restored is not None:
             complete = sequence.prompt is None  # a prefill cancelled part-way vouches for none of its blocks
@@ -337,15 +329,10 @@ class Scheduler:
         sequence.job.put(StreamEvent(result=result))
 
     def _fail(self, sequence: Sequence, exc: Exception) -> None:
-        if sequence in self._running:
-            self._running.remove(sequence)
-        if self._prefilling is sequence:
-            self._prefilling = None
-        if sequence.pending is not None:
-            sequence.pending.release()
+        self._detach(sequence)
         sequence.restored = None  # a failed request's buffers are simply freed
         sequence.job.put(exc)
 
     def _publish_counts(self) -> None:
-        with self._lock:
-            self._counts = _Counts(len(self._running), len(self._waiting), self._kv_tokens())
+        self._load = Load(len(self._running), len(self._waiting), self._kv_tokens(), self.policy.kv_budget_tokens,
+                          self._preemptions)  # fmt: skip

@@ -107,7 +107,7 @@ class Sequence:
 
     def end(self, finish: str) -> None:
         self.finish = finish
-        if finish != "cancelled" and not self._stops.stopped:  # release text held back for a stop string
+        if not self._stops.stopped:  # release text held back for a stop string or a split character
             rest = self._stops.push(self._detokenizer.flush()).text
             rest += "" if self._stops.stopped else self._stops.flush()
             if rest:
