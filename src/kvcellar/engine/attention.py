@@ -131,14 +131,30 @@ def use_cpu_kernels(kernels: CpuKernels) -> None:
     _causal_kernel = kernels.causal_attention
 
 
+def _one_row_cpu(query: torch.Tensor, attention_mask: object, dropout: float, kwargs: dict) -> bool:
+    """Whether a call is a CPU decode step's plain one-row attention (`_decode_cpu`)."""
+    return (query.shape[2] == 1 and attention_mask is None and query.dtype in (torch.float32, torch.bfloat16)
+            and query.device.type == "cpu" and dropout == 0.0 and not _extra_terms(kwargs))  # fmt: skip
+
+
+def _kernel_reads(key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the built one-row kernels read these K/V (rows contiguous)."""
+    return key.stride(-1) == 1 and value.stride(-1) == 1
+
+
 def _ragged_kernel_fits(query: torch.Tensor, key: RaggedKv, value: RaggedKv, dropout: float, kwargs: dict) -> bool:
     """Whether every row would take the built one-row kernel alone (`_attention`'s one-row CPU case)."""
-    if _ragged_kernel is None or query.device.type != "cpu" or dropout != 0.0 or _extra_terms(kwargs):
+    if _ragged_kernel is None or _graph_mask is not None or not _one_row_cpu(query, None, dropout, kwargs):
         return False
-    if _graph_mask is not None or query.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    return all(k.dtype == key.rows[0].dtype and k.stride(-1) == 1 and v.stride(-1) == 1 and k.shape[0] == 1
-               for k, v in zip(key.rows, value.rows))  # fmt: skip
+    return all(k.dtype == key.rows[0].dtype and k.shape[0] == 1 and _kernel_reads(k, v) for k, v in zip(key.rows, value.rows))
+
+
+def _kernel_rows(query: torch.Tensor, scale: float, attend) -> torch.Tensor:
+    """A built one-row kernel's call on a [B, H, 1, D] query: `attend` takes the rows pre-scaled in fp32 as
+    [B, H, D] and returns [B, H, D] fp32; -> [B, H, 1, D] in the query's dtype."""
+    batch, heads, _, dim = query.shape
+    rows = (query.float() * scale).reshape(batch, heads, dim).contiguous()
+    return attend(rows).to(query.dtype).view(batch, heads, 1, dim)
 
 
 def _causal_kernel_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object,
@@ -170,9 +186,8 @@ def _decode_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     """
     batch, heads, _, dim = query.shape
     scale = dim**-0.5 if scale is None else scale
-    if _one_row_kernel is not None and key.stride(-1) == 1 and value.stride(-1) == 1:
-        rows = (query.float() * scale).reshape(batch, heads, dim).contiguous()
-        return _one_row_kernel(rows, key, value, key.shape[2]).to(query.dtype).view(batch, heads, 1, dim)
+    if _one_row_kernel is not None and _kernel_reads(key, value):
+        return _kernel_rows(query, scale, lambda rows: _one_row_kernel(rows, key, value, key.shape[2]))
     grouped = _grouped_rows(query, key.shape[1])
     scores = torch.matmul(key, grouped.transpose(-1, -2))  # [B, H_kv, kv, G]
     # bf16: scores rounded to bf16, softmax in fp32, as transformers' eager attention does.
@@ -217,12 +232,10 @@ def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwa
     """Each row of a batched decode step exactly as a one-request step computes it (no mask: a row sees its keys):
     on a CPU with the built kernels one call for every row, else the one-request path row by row."""
     if _ragged_kernel_fits(query, key, value, dropout, kwargs):
-        batch, heads, _, dim = query.shape
-        scale = dim**-0.5 if scaling is None else scaling
-        rows = (query.float() * scale).reshape(batch, heads, dim).contiguous()
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         lengths = [keys.shape[2] for keys in key.rows]
-        output = _ragged_kernel(rows, list(key.rows), list(value.rows), lengths)
-        return output.to(query.dtype).view(batch, heads, 1, dim).transpose(1, 2).contiguous()
+        output = _kernel_rows(query, scale, lambda rows: _ragged_kernel(rows, list(key.rows), list(value.rows), lengths))
+        return output.transpose(1, 2).contiguous()
     outputs = [_attention(module, query[row : row + 1], keys, values, None, dropout, scaling, **kwargs)[0]
                for row, (keys, values) in enumerate(zip(key.rows, value.rows, strict=True))]  # fmt: skip
     return torch.cat(outputs)
@@ -240,8 +253,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     plain_causal = attention_mask is None or isinstance(attention_mask, CausalBias)
     if piece and plain_causal and query.shape[2] > 1 and query.device.type == "cpu" and dropout == 0.0:
         return _query_pieces_cpu(query, key, value, scaling, piece).transpose(1, 2).contiguous(), None
-    one_row = query.shape[2] == 1 and attention_mask is None and query.dtype in (torch.float32, torch.bfloat16)
-    if one_row and query.device.type == "cpu" and dropout == 0.0 and not _extra_terms(kwargs):
+    if _one_row_cpu(query, attention_mask, dropout, kwargs):
         return _decode_cpu(query, key, value, scaling).transpose(1, 2).contiguous(), None
     if not isinstance(attention_mask, CausalBias):
         if query.device.type == "cuda" and query.shape[2] < CUDNN_FROM_ROWS:

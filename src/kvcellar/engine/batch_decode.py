@@ -25,6 +25,7 @@ shapes, so those models run one forward per request in a step
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 
 from kvcellar.engine.attention import RaggedKv
