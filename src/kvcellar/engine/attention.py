@@ -146,7 +146,8 @@ def _ragged_kernel_fits(query: torch.Tensor, key: RaggedKv, value: RaggedKv, dro
     """Whether every row would take the built one-row kernel alone (`_attention`'s one-row CPU case)."""
     if _ragged_kernel is None or _graph_mask is not None or not _one_row_cpu(query, None, dropout, kwargs):
         return False
-    return all(k.dtype == key.rows[0].dtype and k.shape[0] == 1 and _kernel_reads(k, v) for k, v in zip(key.rows, value.rows))
+    return all(k.dtype == key.rows[0].dtype and k.shape[0] == 1 and _kernel_reads(k, v)
+               for k, v in zip(key.rows, value.rows))  # fmt: skip
 
 
 def _kernel_rows(query: torch.Tensor, scale: float, attend) -> torch.Tensor:
@@ -234,7 +235,8 @@ def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwa
     if _ragged_kernel_fits(query, key, value, dropout, kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         lengths = [keys.shape[2] for keys in key.rows]
-        output = _kernel_rows(query, scale, lambda rows: _ragged_kernel(rows, list(key.rows), list(value.rows), lengths))
+        output = _kernel_rows(query, scale,
+                              lambda rows: _ragged_kernel(rows, list(key.rows), list(value.rows), lengths))  # fmt: skip
         return output.transpose(1, 2).contiguous()
     outputs = [_attention(module, query[row : row + 1], keys, values, None, dropout, scaling, **kwargs)[0]
                for row, (keys, values) in enumerate(zip(key.rows, value.rows, strict=True))]  # fmt: skip
