@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 
 from kvcellar import CacheConfig, Engine
-from kvcellar.engine import scheduler as scheduler_module
 from kvcellar.engine.memory import kv_bytes_per_token
 from kvcellar.errors import InvalidRequestError
+
+from .support import cancel_during_pass
 
 ARCHS = ("qwen3", "gemma3", "qwen3_5")
 BLOCK = 16
@@ -75,16 +76,6 @@ def test_requests_sharing_a_prefix_sent_at_once_prefill_it_once(engines):
     assert all(result.timings.num_prefill_tokens <= len(prompt) - 4 * BLOCK for result, prompt in zip(results[1:], prompts[1:]))
 
 
-def _cancel_during_first_pass(monkeypatch, streams: list) -> None:
-    run_chunk = scheduler_module.run_chunk
-
-    def cancelling(*args):
-        streams[0].cancel()
-        return run_chunk(*args)
-
-    monkeypatch.setattr(scheduler_module, "run_chunk", cancelling)
-
-
 def test_cancelling_mid_decode_and_mid_prefill_frees_the_kv(engines, monkeypatch):
     engine = engines["qwen3"]
     decoding = engine.stream(prompt_ids=_ids(11, 3 * BLOCK), max_tokens=400, ignore_eos=True)
@@ -98,7 +89,7 @@ def test_cancelling_mid_decode_and_mid_prefill_frees_the_kv(engines, monkeypatch
     assert (engine.load_report().kv_tokens, engine.load_report().running) == (0, 0)
 
     streams: list = []
-    _cancel_during_first_pass(monkeypatch, streams)
+    cancel_during_pass(monkeypatch, streams)
     length = engine.config.prefill_chunk_size + 2 * BLOCK  # two passes at least: the cancel lands between them
     streams.append(engine.stream(prompt_ids=_ids(12, length), max_tokens=4))
     result = [event.result for event in streams[0] if event.result is not None][0]

@@ -10,6 +10,8 @@ from kvcellar import CacheConfig, Engine
 from kvcellar.engine.request import GenerationRequest
 from kvcellar.kv.buffer_pool import PoolMisuseError
 
+from .support import cancel_during_pass
+
 ARCHS = ("qwen3", "gemma3", "qwen3_5")
 BLOCK = 16
 
@@ -129,19 +131,11 @@ def test_resident_kv_is_not_shared_across_cache_salts(engines):
 
 
 def test_a_cancelled_prefill_leaves_no_resident_kv(engines, monkeypatch):
-    from kvcellar.engine import scheduler
-
     warm, _ = engines
     engine = warm["qwen3"]
     runner = engine._worker.runner
-    streams = []
-    run_chunk = scheduler.run_chunk
-
-    def cancelling(*args):  # the request is cancelled during its first pass: the scheduler stops it after
-        streams[0].cancel()
-        return run_chunk(*args)
-
-    monkeypatch.setattr(scheduler, "run_chunk", cancelling)
+    streams: list = []
+    cancel_during_pass(monkeypatch, streams)  # the scheduler stops the request after its first pass
     length = engine.config.prefill_chunk_size + 2 * BLOCK  # two passes at least
     streams.append(engine.stream(prompt_ids=_ids(18, length), max_tokens=2))
     result = [event.result for event in streams[0] if event.result is not None][0]

@@ -8,7 +8,9 @@ import math
 import pytest
 
 from kvcellar import CacheConfig, Engine
-from kvcellar.engine.request import GenerationRequest, StreamEvent
+from kvcellar.engine.request import StreamEvent
+
+from .support import cancel_during_pass
 
 BLOCK = 16
 SYSTEM = "You are a careful assistant. " * 12
@@ -29,19 +31,9 @@ def _messages(user: str) -> list[dict]:
 
 
 def test_a_prefill_cancelled_between_chunks_reports_the_tokens_it_computed(engine, monkeypatch):
-    from kvcellar.engine import scheduler
-
     ids = [(i * 37) % 400 + 20 for i in range(100)]  # 100 tokens: chunks end at 16, 32, ..., 96, 100
-    streams, calls = [], []
-    run_chunk = scheduler.run_chunk
-
-    def cancelled_in_the_third_chunk(*args):  # one pass per step: the scheduler sees the cancel before the fourth
-        calls.append(args[3:])
-        if len(calls) == 3:
-            streams[0].cancel()
-        return run_chunk(*args)
-
-    monkeypatch.setattr(scheduler, "run_chunk", cancelled_in_the_third_chunk)
+    streams: list = []
+    calls = cancel_during_pass(monkeypatch, streams, 3)  # one pass per step: seen before the fourth
     streams.append(engine.stream(prompt_ids=ids, max_tokens=4))
     events: list[StreamEvent] = list(streams[0])
     result = events[-1].result

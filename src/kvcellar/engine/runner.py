@@ -1,8 +1,9 @@
 """What the scheduler (engine/scheduler.py) does to one request on the worker thread: look up, restore,
 prefill, decode steps, and keeping the finished request's buffers.
 
-Operations: `RequestRunner.lookup`, `.prefill_prompt` (restore and prefill a whole prompt at once: tests and
-measurements), `.decode_step`, `.keep_buffers`, `.time_prefill`, `.fit_threads`, `.synchronize`.
+Operations: `RequestRunner.lookup`, `.start_prompt` (restore, plan the passes: a `PromptPass`), `.run_pass`,
+`.count_prefill`, `.prefill_prompt` (all of them for a whole prompt at once: tests and measurements),
+`.decode_step`, `.keep_buffers`, `.time_prefill`, `.fit_threads`, `.synchronize`.
 On CPU the runner keeps the K/V buffers of the request that ended last for the
 next one (`kv.buffer_pool`): a fresh buffer of an 8K request faults in ~230k
 pages while a restore or prefill writes it. It then trims the freed heap (`heap.py`).
@@ -13,18 +14,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from kvcellar.engine.graph_decode import GraphDecoder
 from kvcellar.engine.heap import trim_heap
 from kvcellar.engine.loader import LoadedModel
-from kvcellar.engine.prefill import cache_argument, prefill
+from kvcellar.engine.prefill import cache_argument, prefill, prefill_ends, run_chunk
 from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache, PendingRestore, Restored
 from kvcellar.engine.request import GenerationRequest, Timings
 from kvcellar.engine.threads import ThreadSizer
 from kvcellar.kv.buffer_pool import KvBufferPool
 from kvcellar.kv.growing_layer import new_cache
+
+
+@dataclass
+class PromptPass:
+    """The rest of a prompt's prefill: the passes still to run (their ends), one per `RequestRunner.run_pass`."""
+
+    ids: torch.Tensor
+    ends: list[int]
+    position: int
+    capture: Callable | None
+    first: int = 0  # where the prefill began (after the restored prefix)
+    seconds: float = 0.0
 
 
 class RequestRunner:
@@ -88,9 +102,20 @@ class RequestRunner:
     def prefill_prompt(
         self, request: GenerationRequest, is_cancelled: Callable[[], bool] = lambda: False, timings: Timings | None = None
     ) -> tuple[Restored, torch.Tensor | None]:
-        """Restore the longest cached prefix, prefill the rest; returns the cache state and next-token logits."""
+        """Restore the longest cached prefix, prefill the rest, all at once; returns the cache state and the
+        next-token logits (None when cancelled part-way). The scheduler runs the same steps a pass at a time."""
         timings = timings if timings is not None else Timings()
-        return self._restore_and_prefill(self._lookup(request, timings), request, is_cancelled, timings)
+        restored, prompt = self.start_prompt(self._lookup(request, timings), request, timings)
+        logits = restored.logits
+        while prompt is not None and prompt.ends:
+            if is_cancelled():
+                logits = None
+                break
+            logits = self.run_pass(prompt, restored.cache)
+            self.fit_threads()
+        if prompt is not None:
+            self.count_prefill(prompt, timings)
+        return restored, logits
 
     def _lookup(self, request: GenerationRequest, timings: Timings) -> PendingRestore:
         with self.prefix_cache.computing():
@@ -98,44 +123,48 @@ class RequestRunner:
         timings.lookup_s = pending.lookup_s
         return pending
 
-    def _restore_and_prefill(
-        self, pending: PendingRestore, request: GenerationRequest, is_cancelled: Callable[[], bool], timings: Timings
-    ) -> tuple[Restored, torch.Tensor | None]:
-        """Copy the held entries into the request's cache, then prefill the rest of the prompt.
-
-        Returns the cache and the prompt's next-token logits (None when cancelled part-way).
-        """
+    def start_prompt(
+        self, pending: PendingRestore, request: GenerationRequest, timings: Timings
+    ) -> tuple[Restored, PromptPass | None]:
+        """Copy the held entries into the request's cache; the passes that prefill the rest (None: the whole
+        prompt was restored, with its logits)."""
         prompt = list(request.prompt_ids)
         capacity = min(len(prompt) + request.params.max_tokens, self.loaded.context_length)
         # Background disk writes step aside until the first token: restore and prefill are what TTFT is made of.
         with self.prefix_cache.computing():
             restored = pending.build(capacity, self.kv_buffers)
-            timings.restore_s = restored.restore_s
-            timings.num_resident_tokens = restored.num_resident_tokens
-            started = time.perf_counter()
-            logits = restored.logits
-            reached = restored.num_tokens  # the prompt position the cache stands at (a cancel stops short)
-            if logits is None:
-                ids = torch.tensor(prompt, dtype=torch.long, device=self.loaded.device)
-                capture = self.prefix_cache.capture_prompt_hook(prompt, request.prompt.block_keys, request.segments,
-                                                                restored.cache, request.cache_salt)  # fmt: skip
+        timings.restore_s += restored.restore_s
+        timings.num_resident_tokens = restored.num_resident_tokens
+        if restored.logits is not None:
+            return restored, None
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.loaded.device)
+        capture = self.prefix_cache.capture_prompt_hook(prompt, request.prompt.block_keys, request.segments,
+                                                        restored.cache, request.cache_salt)  # fmt: skip
+        cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
+        ends = prefill_ends(restored.num_tokens, len(prompt), self.block_size, cuts, self.chunk_size, self.min_rows,
+                            self.steps_tail)  # fmt: skip
+        return restored, PromptPass(ids, ends, restored.num_tokens, capture, first=restored.num_tokens)
 
-                def on_chunk_end(start: int, end: int, chunk_logits: torch.Tensor | None) -> None:
-                    nonlocal reached
-                    reached = end
-                    if capture is not None:
-                        capture(start, end, chunk_logits)
-                    self.fit_threads()
+    def run_pass(self, prompt: PromptPass, cache: object) -> torch.Tensor | None:
+        """Run the next pass of `prompt` into `cache` and capture its blocks; the next-token logits when it
+        ends the prompt, else None."""
+        start, end = prompt.position, prompt.ends.pop(0)
+        began = time.perf_counter()
+        with self.prefix_cache.computing():
+            logits = run_chunk(self.loaded.model, cache, prompt.ids, start, end)
+            if prompt.capture is not None:
+                prompt.capture(start, end, logits)
+        self.synchronize()
+        prompt.seconds += time.perf_counter() - began
+        prompt.position = end
+        return logits
 
-                cuts = self.prefix_cache.checkpoint_positions(prompt, request.segments)
-                logits = prefill(self.loaded.model, restored.cache, ids, restored.num_tokens, self.block_size, cuts,
-                                 on_chunk_end, is_cancelled, self.chunk_size, self.min_rows, self.steps_tail)  # fmt: skip
-        if self.loaded.device.type == "cuda":  # kernels run behind the CPU: wait, so prefill_s is the true time
-            torch.cuda.synchronize(self.loaded.device)  # (free: sampling the first token waits for them anyway)
-        timings.prefill_s = time.perf_counter() - started
-        timings.num_prefill_tokens = reached - restored.num_tokens
-        self.prefix_cache.record_prefill(timings.num_prefill_tokens, timings.prefill_s)
-        return restored, logits
+    def count_prefill(self, prompt: PromptPass, timings: Timings) -> None:
+        """Add the tokens and seconds of `prompt`'s prefill so far to `timings` and to the cost model."""
+        computed = prompt.position - prompt.first
+        timings.prefill_s += prompt.seconds
+        timings.num_prefill_tokens += computed
+        self.prefix_cache.record_prefill(computed, prompt.seconds)
 
     def lookup(self, request: GenerationRequest, timings: Timings) -> PendingRestore:
         """The cache's longest match for the prompt, its entries held until restored or released."""

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import torch
 
 from kvcellar.engine.batch_decode import decode_rows
-from kvcellar.engine.prefill import prefill_ends, run_chunk
 from kvcellar.engine.request import StreamEvent
 from kvcellar.engine.runner import RequestRunner
 from kvcellar.engine.sequence import Sequence
@@ -62,18 +61,6 @@ class SchedulePolicy:
     kv_budget_tokens: int  # K/V tokens all admitted requests may hold together
     step_prefill_tokens: int  # prompt tokens prefilled per step, at least one pass
     on_step: Callable[[int], None] | None = None  # told each decode pass's batch size (metrics)
-
-
-@dataclass
-class PromptPass:
-    """The rest of a prompt's prefill: the passes still to run, one per call of `Scheduler._run_pass`."""
-
-    ids: torch.Tensor
-    ends: list[int]
-    position: int
-    capture: Callable | None
-    first: int = 0  # where the prefill began (after the restored prefix)
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -242,63 +229,33 @@ class Scheduler:
 
     def _start_prompt(self, sequence: Sequence) -> None:
         """Restore the held prefix into the request's cache and plan the passes of the rest."""
-        request, runner = sequence.request, self.runner
         pending, sequence.pending = sequence.pending, None
-        capacity = min(len(request.prompt_ids) + request.params.max_tokens, runner.loaded.context_length)
-        with runner.prefix_cache.computing():
-            restored = pending.build(capacity, runner.kv_buffers)
-        sequence.restored = restored
+        sequence.restored, sequence.prompt = self.runner.start_prompt(pending, sequence.request, sequence.timings)
         if sequence.hit is None:
-            sequence.hit = (restored.num_tokens, dict(restored.tokens_by_tier))
-        sequence.timings.restore_s += restored.restore_s
-        sequence.timings.num_resident_tokens = restored.num_resident_tokens
-        if restored.logits is not None:
-            if not sequence.generated:
-                sequence.logits = restored.logits
-            return
-        prompt = list(request.prompt_ids)
-        ids = torch.tensor(prompt, dtype=torch.long, device=runner.loaded.device)
-        capture = runner.prefix_cache.capture_prompt_hook(prompt, request.prompt.block_keys, request.segments,
-                                                          restored.cache, request.cache_salt)  # fmt: skip
-        cuts = runner.prefix_cache.checkpoint_positions(prompt, request.segments)
-        ends = prefill_ends(restored.num_tokens, len(prompt), runner.block_size, cuts, runner.chunk_size,
-                            runner.min_rows, runner.steps_tail)  # fmt: skip
-        sequence.prompt = PromptPass(ids, ends, restored.num_tokens, capture, first=restored.num_tokens)
-        self._prefilling = sequence
+            sequence.hit = (sequence.restored.num_tokens, dict(sequence.restored.tokens_by_tier))
+        if sequence.prompt is not None:
+            self._prefilling = sequence
+        elif not sequence.generated:
+            sequence.logits = sequence.restored.logits
 
     def _run_pass(self, sequence: Sequence) -> int:
         """Run the next pass of `sequence`'s prompt; returns its token count."""
-        prompt, runner = sequence.prompt, self.runner
-        start, end = prompt.position, prompt.ends.pop(0)
-        began = time.perf_counter()
+        prompt = sequence.prompt
+        start, end = prompt.position, prompt.ends[0]
         try:
-            with runner.prefix_cache.computing():
-                logits = run_chunk(runner.loaded.model, sequence.restored.cache, prompt.ids, start, end)
-                if prompt.capture is not None:
-                    prompt.capture(start, end, logits)
-            runner.synchronize()
+            logits = self.runner.run_pass(prompt, sequence.restored.cache)
         except Exception as exc:
             log.exception("request %d failed in its prefill", sequence.job.job_id)
             self._fail(sequence, exc)
             return end - start
-        prompt.seconds += time.perf_counter() - began
-        prompt.position = end
         if not prompt.ends:  # the prompt is in place
-            self._count_prefill(sequence)
+            self.runner.count_prefill(prompt, sequence.timings)
             sequence.prompt = None
             self._prefilling = None
             if not sequence.generated:  # its first token goes out now, not after the step's other prefills
                 sequence.logits = logits
                 self._sample(sequence)
         return end - start
-
-    def _count_prefill(self, sequence: Sequence) -> None:
-        """Add the tokens and seconds of `sequence`'s prefill so far to its timings and the cost model."""
-        prompt = sequence.prompt
-        computed = prompt.position - prompt.first
-        sequence.timings.prefill_s += prompt.seconds
-        sequence.timings.num_prefill_tokens += computed
-        self.runner.prefix_cache.record_prefill(computed, prompt.seconds)
 
     # -- endings ---------------------------------------------------------------------------------
     def _detach(self, sequence: Sequence) -> None:
@@ -319,7 +276,7 @@ class Scheduler:
         if sequence.started is None:  # cancelled while it waited: it never reached the model
             sequence.timings.queue_s = time.perf_counter() - sequence.job.queued_at
         if sequence.prompt is not None:  # cancelled part-way through its prefill: what it computed counts
-            self._count_prefill(sequence)
+            self.runner.count_prefill(sequence.prompt, sequence.timings)
         result = sequence.result()
         if sequence.restored is not None:
             complete = sequence.prompt is None  # a prefill cancelled part-way vouches for none of its blocks

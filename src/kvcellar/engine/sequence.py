@@ -37,7 +37,7 @@ class Sequence:
         self.started: float | None = None  # when it was first admitted (timings other than queue_s start here)
         self.pending = None  # the cache lookup's PendingRestore, held until the prompt is restored
         self.restored = None  # the prompt's Restored: its cache (None: not restored yet, or preempted)
-        self.prompt = None  # the PromptPass filling the cache (engine/scheduler.py)
+        self.prompt = None  # the PromptPass filling the cache (engine/runner.py)
         self.capture = None  # the cache's DecodeCapture of generated blocks
         self.captures = True  # whether generated blocks are captured (not after a preemption)
         self.logits: torch.Tensor | None = None  # next-token logits waiting to be sampled
