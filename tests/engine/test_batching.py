@@ -76,13 +76,14 @@ def test_requests_sharing_a_prefix_sent_at_once_prefill_it_once(engines):
     assert all(result.timings.num_prefill_tokens <= len(prompt) - 4 * BLOCK for result, prompt in zip(results[1:], prompts[1:]))
 
 
-def test_cancelling_mid_decode_and_mid_prefill_frees_the_kv(engines, monkeypatch):
+def test_cancelling_mid_decode_and_mid_prefill_frees_the_kv(engines, monkeypatch, wait_for):
     engine = engines["qwen3"]
     decoding = engine.stream(prompt_ids=_ids(11, 3 * BLOCK), max_tokens=400, ignore_eos=True)
-    for _ in range(3):
-        next(decoding)
-    held = engine.load_report().kv_tokens
-    assert held >= 3 * BLOCK + 2 and engine.load_report().running == 1
+    next(decoding)
+    # The load is published after each step: wait for one that shows decoded tokens' K/V held.
+    load = wait_for(lambda: (report := engine.load_report()).kv_tokens >= 3 * BLOCK + 2 and report,
+                    "K/V of decoded tokens", 60)  # fmt: skip
+    assert load.running == 1
     decoding.cancel()
     result = [event.result for event in decoding if event.result is not None][0]
     assert result.finish_reason == "cancelled" and len(result.token_ids) < 400
