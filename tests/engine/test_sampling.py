@@ -90,8 +90,8 @@ def test_boundary_values_are_accepted():
 def test_from_request_drops_none_and_rejects_unknown_names():
     params = SamplingParams.from_request(temperature=None, top_p=0.9, stop="x", seed=None)
     assert params == SamplingParams(top_p=0.9, stop=("x",))
-    with pytest.raises(InvalidRequestError, match="frequency_penalty"):
-        SamplingParams.from_request(frequency_penalty=0.5)
+    with pytest.raises(InvalidRequestError, match="best_of"):
+        SamplingParams.from_request(best_of=2)
 
 
 # --- filters ----------------------------------------------------------------

@@ -36,6 +36,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.admin_key = admin_key
         self.log_path = log_path
+        self.model_dir = model_dir
         self.model = model_dir.stem if model_dir.suffix == ".gguf" else model_dir.name  # a GGUF is served by its stem
         command = [sys.executable, "-m", "kvcellar.cli", "--log-level", "debug", "serve", "--model", str(model_dir),
                    "--host", "127.0.0.1", "--port", str(self.port), "--block-size", "16", "--threads", "1", *args]
@@ -79,6 +80,12 @@ class ServerProcess:
     def client(self, key: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url + "/v1", api_key=key or self.admin_key or "unused",
                              max_retries=0, timeout=60.0)  # fmt: skip
+
+    def tokenizer(self) -> object:
+        """The served model folder's tokenizer (to name token ids in requests)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir)
 
     def stop(self) -> None:
         if self.process.poll() is None:

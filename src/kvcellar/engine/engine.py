@@ -175,6 +175,7 @@ class Engine:
             self.limits.check_max_tokens(len(prepared.ids), max_tokens)
         params = replace(params, **sampling) if params is not None and sampling else params
         params = params or SamplingParams.from_request(**sampling)
+        self.limits.check_sampling_ids(params.token_ids())
         return GenerationStream(self._worker.submit(GenerationRequest(prepared, params)))
 
     def generate(self, prompt: str | None = None, **kwargs: object) -> GenerationResult:

@@ -64,6 +64,14 @@ class PromptLimits:
                                       f"requests holds {budget} tokens: shorten the prompt, or start the server with a "
                                       "larger --kv-budget", code="kv_budget_exceeded", field="prompt")  # fmt: skip
 
+    def check_sampling_ids(self, ids_by_field: dict[str, list[int]]) -> None:
+        """Refuse a token id of a sampling field (logit_bias, stop_token_ids) that the model has no score for."""
+        for name, ids in ids_by_field.items():
+            for token in ids:
+                if not 0 <= token < self.vocab_size:
+                    raise InvalidRequestError(f"token id {token} in {name} is outside the model's vocabulary "
+                                              f"(0..{self.vocab_size - 1})", code="invalid_token", field=name)  # fmt: skip
+
     def check_max_tokens(self, num_prompt: int, max_tokens: object) -> None:
         """Refuse an integer `max_tokens` outside 1..(context - prompt); None: the caller picks one that fits."""
         context = self.context_length

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvcellar.cache.segments import PromptSegments
+from kvcellar.engine.logits import TokenLogprob
 from kvcellar.engine.prepared import PreparedPrompt
 from kvcellar.engine.sampling import SamplingParams
 
@@ -84,6 +85,8 @@ class GenerationResult:
     num_cached_tokens: int
     cached_tokens_by_tier: dict[str, int]
     timings: Timings
+    # With `SamplingParams.logprobs` set: one entry per token of the answer (an ending eos or stop id has none).
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,3 +96,4 @@ class StreamEvent:
     text: str = ""
     token_id: int | None = None
     result: GenerationResult | None = None
+    logprob: TokenLogprob | None = None  # the token's, where the request asked for log-probabilities

@@ -6,7 +6,8 @@ Operations:
 - `Sampler(params).sample(logits) -> int`: pick the next token id.
 - `apply_temperature`, `apply_top_k`, `apply_top_p`, `apply_min_p`: the
   filters `Sampler` chains, in that order; each takes and returns 1-D logits
-  and masks dropped tokens with -inf.
+  and masks dropped tokens with -inf. Before them, the request's logit bias
+  and penalties (engine/logits.py) shift the scores, greedy requests too.
 
 Every filter keeps the most likely token, so sampling always has a candidate.
 """
@@ -14,18 +15,24 @@ Every filter keeps the most likely token, so sampling always has a candidate.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 from kvcellar.checks import is_int, is_number
+from kvcellar.engine.logits import ScoreShaper
 from kvcellar.errors import InvalidRequestError
 
 MAX_TEMPERATURE = 2.0
 MAX_STOP_STRINGS = 16
 # torch.Generator.manual_seed takes an unsigned 64-bit seed.
 MAX_SEED = 2**64 - 1
+MAX_PENALTY = 2.0  # presence / frequency penalties, as OpenAI bounds them
+MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 100.0  # as OpenAI: +-100 bans or forces a token
+MAX_TOP_LOGPROBS = 20
 # float32 cumulative sums drift by ~1e-7; a token whose preceding mass is
 # "exactly" top_p must not be kept or dropped by rounding noise.
 _TOP_P_TOLERANCE = 1e-6
@@ -49,11 +56,18 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) scores of prompt and generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its score), sorted by id
+    stop_token_ids: tuple[int, ...] = ()  # ending generation as the model's end-of-sequence ids do
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
 
     def __post_init__(self) -> None:
         self._normalize_stop()
         self._check_counts()
         self._check_probabilities()
+        self._check_shaping()
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError(
                 f"ignore_eos must be true or false (got {self.ignore_eos!r})"
@@ -115,9 +129,48 @@ class SamplingParams:
                 f"min_p must be in [0, 1], 0 switches it off (got {self.min_p!r})"
             )
 
+    def _check_shaping(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise InvalidRequestError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], 0 switches it off "
+                                          f"(got {value!r})")  # fmt: skip
+        value = self.repetition_penalty
+        if not is_number(value) or not 0.0 < value <= MAX_REPETITION_PENALTY:
+            raise InvalidRequestError(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], 1 switches it off "
+                                      f"(got {value!r})")  # fmt: skip
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        cleaned = {}
+        for token, shift in bias:
+            token = int(token) if isinstance(token, str) and token.isdigit() else token
+            if not is_int(token) or token < 0:
+                raise InvalidRequestError(f"logit_bias keys must be token ids (got {token!r})")
+            if not is_number(shift) or not -MAX_LOGIT_BIAS <= shift <= MAX_LOGIT_BIAS:
+                raise InvalidRequestError(f"logit_bias values must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}] "
+                                          f"(got {shift!r} for token {token})")  # fmt: skip
+            cleaned[token] = float(shift)
+        object.__setattr__(self, "logit_bias", tuple(sorted(cleaned.items())))
+        ids = tuple(self.stop_token_ids or ())
+        if not all(is_int(token) and token >= 0 for token in ids):
+            raise InvalidRequestError(f"stop_token_ids must be token ids (got {list(ids)!r})")
+        object.__setattr__(self, "stop_token_ids", ids)
+        top = self.logprobs
+        if top is not None and (not is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+            raise InvalidRequestError(f"logprobs (the alternatives per token; top_logprobs in chat) must be an "
+                                      f"integer in [0, {MAX_TOP_LOGPROBS}] (got {top!r})")  # fmt: skip
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def shapes_scores(self) -> bool:
+        """Whether bias or penalties change the scores before the pick."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def token_ids(self) -> dict[str, list[int]]:
+        """The token ids the parameters name, by field (the engine checks them against the vocabulary)."""
+        return {"logit_bias": [token for token, _ in self.logit_bias], "stop_token_ids": list(self.stop_token_ids)}
 
     @classmethod
     def from_request(cls, **request_fields: Any) -> SamplingParams:
@@ -189,8 +242,9 @@ class Sampler:
     Not thread-safe; one sampler belongs to one request.
     """
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
         self.params = params
+        self._shaper = ScoreShaper(params, prompt_ids) if params.shapes_scores else None
         self._generator = torch.Generator(device="cpu")
         if params.seed is None:
             self._generator.seed()  # fresh nondeterministic seed
@@ -204,6 +258,13 @@ class Sampler:
                 f"Sampler.sample needs 1-D next-token logits of shape [vocab_size] "
                 f"(got shape {tuple(logits.shape)}); select the last position first"
             )
+        if self._shaper is not None:
+            token = self._pick(self._shaper.shape(logits))
+            self._shaper.generated(token)
+            return token
+        return self._pick(logits)
+
+    def _pick(self, logits: torch.Tensor) -> int:
         if self.params.is_greedy:
             # torch.argmax returns the first maximal index, so ties are deterministic.
             return int(torch.argmax(logits).item())

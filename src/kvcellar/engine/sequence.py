@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvcellar.engine.logits import TokenLogprob, token_logprobs
 from kvcellar.engine.request import GenerationRequest, GenerationResult, StreamEvent, Timings
 from kvcellar.engine.sampling import Sampler
 from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
@@ -50,7 +51,9 @@ class Sequence:
         self.tokens = list(self.request.prompt_ids)  # prompt + generated tokens fed so far
         self.budget = min(params.max_tokens, context_length - len(self.tokens))
         self._eos_ids = eos_ids
-        self._sampler = Sampler(params)
+        self._sampler = Sampler(params, self.request.prompt_ids)
+        self._stop_ids = frozenset(params.stop_token_ids)
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self._detokenizer = IncrementalDetokenizer(tokenizer, self.request.prompt_ids)
         self._stops = StopStringMatcher(params.stop)
         self._decode_started = 0.0
@@ -71,12 +74,17 @@ class Sequence:
             self.timings.ttft_s = time.perf_counter() - self.started
             self._decode_started = time.perf_counter()
         self.generated.append(token)
-        if token in self._eos_ids and not self.request.params.ignore_eos:
+        params = self.request.params
+        if (token in self._eos_ids and not params.ignore_eos) or token in self._stop_ids:
             return self.end("stop")
+        entry = None
+        if self.logprobs is not None:
+            entry = token_logprobs(logits, token, params.logprobs)
+            self.logprobs.append(entry)
         match = self._stops.push(self._detokenizer.push(token))
         if match.text:
             self.text_parts.append(match.text)
-        self.job.put(StreamEvent(text=match.text, token_id=token))
+        self.job.put(StreamEvent(text=match.text, token_id=token, logprob=entry))
         if match.stopped:
             return self.end("stop")
         if len(self.generated) >= self.budget:
@@ -135,4 +143,5 @@ class Sequence:
             num_cached_tokens=hit[0],
             cached_tokens_by_tier=hit[1],
             timings=timings,
+            logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
         )

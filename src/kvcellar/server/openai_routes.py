@@ -20,7 +20,8 @@ from kvcellar.server.auth import Tenant, current_tenant
 from kvcellar.server.bridge import collect_result
 from kvcellar.server.errors import error_body
 from kvcellar.server.prepare import check_model, prepare_generation
-from kvcellar.server.responses import chunk_body, completion_body, finish_reason, sse, usage_chunk
+from kvcellar.server.logprobs import TokenText
+from kvcellar.server.responses import chunk_body, completion_body, finish_reason, render_logprobs, sse, usage_chunk
 from kvcellar.server.schemas import ChatCompletionRequest, CompletionRequest
 from kvcellar.server.telemetry import new_request_id
 
@@ -80,18 +81,26 @@ async def _generate(kind: str, body: ChatCompletionRequest | CompletionRequest, 
                                       arrived=arrived)  # fmt: skip
     events = state.bridge.events(prepared, on_end)
     header = (kind, request_id, int(created_s), state.engine.model_name)
+    token_text = _token_text(state.engine.tokenizer)
     if body.stream:
-        chunks = _stream_chunks(header, events, body.include_usage)
+        chunks = _stream_chunks(header, events, body.include_usage, token_text)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     result = await collect_result(events, request)
     if result is None:  # the client is gone; this answer reaches nobody
         return JSONResponse(error_body(499, "the client closed the request"), status_code=499)
-    return completion_body(*header, result)
+    return completion_body(*header, result, token_text)
 
 
-async def _stream_chunks(header: tuple, events: AsyncIterator[StreamEvent], include_usage: bool) -> AsyncIterator[str]:
+def _token_text(tokenizer: object) -> TokenText:
+    """A token decoded alone, as log-probabilities name it."""
+    return lambda token: tokenizer.decode([token])
+
+
+async def _stream_chunks(header: tuple, events: AsyncIterator[StreamEvent], include_usage: bool,
+                         token_text: TokenText) -> AsyncIterator[str]:  # fmt: skip
     kind = header[0]
     result: GenerationResult | None = None
+    offset = 0  # where the next token's text starts in the answer (completions' text_offset)
     try:
         if kind == "chat":
             yield sse(chunk_body(*header, "", first=True))
@@ -100,7 +109,11 @@ async def _stream_chunks(header: tuple, events: AsyncIterator[StreamEvent], incl
                 if event.result is not None:
                     result = event.result
                 elif event.text or event.token_id is not None:  # one chunk per token, as OpenAI's and vLLM's
-                    yield sse(chunk_body(*header, event.text))  # (empty while a character is incomplete)
+                    logprobs = None  # (text empty while a character is incomplete)
+                    if event.logprob is not None:
+                        logprobs = render_logprobs(kind, [event.logprob], token_text, offset)
+                        offset += len(token_text(event.logprob.token_id))
+                    yield sse(chunk_body(*header, event.text, logprobs=logprobs))
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
             yield sse(error_body(500, f"generation failed ({type(exc).__name__}: {exc})"))
             return

@@ -10,8 +10,11 @@ top-level `timings` object.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from kvcellar.engine import GenerationResult
+from kvcellar.engine.logits import TokenLogprob
+from kvcellar.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 
 _OBJECTS = {"chat": ("chat.completion", "chat.completion.chunk"), "text": ("text_completion", "text_completion")}
 
@@ -38,8 +41,12 @@ def _header(kind: str, request_id: str, created: int, model: str, chunk: bool) -
     return {"id": request_id, "object": _OBJECTS[kind][chunk], "created": created, "model": model}
 
 
-def completion_body(kind: str, request_id: str, created: int, model: str, result: GenerationResult) -> dict:
+def completion_body(kind: str, request_id: str, created: int, model: str, result: GenerationResult,
+                    token_text: TokenText | None = None) -> dict:  # fmt: skip
+    """A whole answer; `token_text` (id -> text) renders log-probabilities where the result has them."""
     choice: dict = {"index": 0, "finish_reason": finish_reason(result), "logprobs": None}
+    if result.logprobs is not None and token_text is not None:
+        choice["logprobs"] = render_logprobs(kind, result.logprobs, token_text)
     if kind == "chat":
         choice["message"] = {"role": "assistant", "content": result.text}
     else:
@@ -48,10 +55,16 @@ def completion_body(kind: str, request_id: str, created: int, model: str, result
             "timings": result.timings.as_dict()}  # fmt: skip
 
 
+def render_logprobs(kind: str, entries: Sequence[TokenLogprob], token_text: TokenText, offset: int = 0) -> dict:
+    if kind == "chat":
+        return chat_logprobs(entries, token_text)
+    return completion_logprobs(entries, token_text, offset)
+
+
 def chunk_body(kind: str, request_id: str, created: int, model: str, text: str | None, finish: str | None = None,
-               first: bool = False) -> dict:  # fmt: skip
+               first: bool = False, logprobs: dict | None = None) -> dict:  # fmt: skip
     """One stream chunk: new text, or (text None) the closing chunk with its finish_reason."""
-    choice: dict = {"index": 0, "finish_reason": finish, "logprobs": None}
+    choice: dict = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
     if kind == "chat":
         delta: dict = {"role": "assistant"} if first else {}
         if text is not None:

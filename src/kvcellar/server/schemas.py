@@ -74,26 +74,30 @@ class SamplingFields(BaseModel):
     ignore_eos: bool | None = Field(None, description="extension: keep generating past end-of-sequence")
     cache_salt: Text | None = Field(None, max_length=256, description="cache namespace of this request (as in vLLM)")
     n: int | None = Field(None, description="only 1 is supported")
-    presence_penalty: float | None = Field(None, description="only 0 is supported")
-    frequency_penalty: float | None = Field(None, description="only 0 is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported")
+    presence_penalty: float | None = Field(None, description="[-2, 2]: subtracted once from each token generated before")
+    frequency_penalty: float | None = Field(None, description="[-2, 2]: subtracted per time a token was generated")
+    repetition_penalty: float | None = Field(None, description="extension (as vLLM): > 1 discourages prompt and "
+                                                                "generated tokens, 1 = off")  # fmt: skip
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> [-100, 100] added to its score")
+    stop_token_ids: list[int] | None = Field(None, description="extension (as vLLM): token ids that end the answer")
     user: Text | None = None
 
     def sampling(self) -> dict:
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed,
-                "stop": self.stop, "ignore_eos": self.ignore_eos}  # fmt: skip
+                "stop": self.stop, "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+                "logit_bias": self.logit_bias, "stop_token_ids": self.stop_token_ids,
+                "logprobs": self.top_logprobs_wanted()}  # fmt: skip
+
+    def top_logprobs_wanted(self) -> int | None:
+        """How many alternatives each token's log-probability comes with; None: no log-probabilities."""
+        return None
 
     def unsupported_fields(self) -> list[str]:
         problems = []
         if self.n not in (None, 1):
             problems.append("n (only 1 choice per request)")
-        if self.presence_penalty not in (None, 0):
-            problems.append("presence_penalty (only 0)")
-        if self.frequency_penalty not in (None, 0):
-            problems.append("frequency_penalty (only 0)")
-        if self.logit_bias:
-            problems.append("logit_bias")
         return problems
 
     @property
@@ -104,7 +108,8 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, description="newer name of max_tokens")
-    logprobs: bool | None = Field(None, description="not supported")
+    logprobs: bool | None = Field(None, description="return each answer token's log-probability")
+    top_logprobs: int | None = Field(None, description="with logprobs: this many most likely alternatives, 0..20")
     tools: list[dict] | None = Field(None, description="not supported")
     tool_choice: Text | dict | None = Field(None, description="only 'none' or 'auto' (no tools are ever called)")
     parallel_tool_calls: bool | None = Field(None, description="only true (OpenAI's default; no tools are ever called)")
@@ -117,10 +122,13 @@ class ChatCompletionRequest(SamplingFields):
             fields["max_tokens"] = self.max_completion_tokens
         return fields
 
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported_fields(self) -> list[str]:
         problems = super().unsupported_fields()
-        if self.logprobs:
-            problems.append("logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            problems.append("top_logprobs (only with logprobs: true)")
         if self.tools:
             problems.append("tools")
         if self.tool_choice not in (None, "none", "auto"):
@@ -143,7 +151,10 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = Field(None, description="not supported")
     suffix: str | None = Field(None, description="not supported")
     best_of: int | None = Field(None, description="only 1 is supported")
-    logprobs: int | None = Field(None, description="not supported")
+    logprobs: int | None = Field(None, description="each token's log-probability with this many alternatives, 0..20")
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def unsupported_fields(self) -> list[str]:
         problems = super().unsupported_fields()
@@ -153,8 +164,6 @@ class CompletionRequest(SamplingFields):
             problems.append("suffix")
         if self.best_of not in (None, 1):
             problems.append("best_of (only 1)")
-        if self.logprobs is not None:
-            problems.append("logprobs")
         return problems
 
 
