@@ -3,6 +3,7 @@ exact score arithmetic on fake logits, then through a tiny model's engine."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -97,3 +98,19 @@ def test_a_banned_token_never_comes_and_a_stop_token_id_ends_the_answer(engine):
 def test_a_logit_bias_id_outside_the_vocabulary_is_refused_before_queueing(engine):
     with pytest.raises(InvalidRequestError, match="logit_bias"):
         engine.stream(prompt_ids=PROMPT, logit_bias={10**9: 1.0})
+
+
+def test_a_grammar_makes_a_random_weight_model_answer_in_the_schema(engine):
+    grammar = '''start: %json {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}},
+    "required": ["n", "ok"], "additionalProperties": false, "x-guidance": {"whitespace_flexible": false}}'''
+    result = engine.generate(prompt_ids=PROMPT, max_tokens=100, grammar=grammar, logprobs=0)
+    answer = json.loads(result.text)
+    assert set(answer) == {"n", "ok"} and isinstance(answer["n"], int) and isinstance(answer["ok"], bool)
+    assert result.finish_reason == "stop"
+    free = engine.generate(prompt_ids=PROMPT, max_tokens=8, ignore_eos=True)
+    assert not free.text.startswith("{")  # the model alone writes no JSON: the grammar did the work
+
+
+def test_a_grammar_the_engine_cannot_compile_is_refused_before_queueing(engine):
+    with pytest.raises(InvalidRequestError, match="grammar engine"):
+        engine.stream(prompt_ids=PROMPT, grammar='start: %json {"type": "no-such-type"}')

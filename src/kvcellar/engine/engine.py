@@ -24,6 +24,7 @@ from kvcellar.cache.report import CacheReport, ProbeResult, cache_report, namesp
 from kvcellar.cache.registry import CacheRegistry, DrainReport
 from kvcellar.cache.tier import check_known_tier
 from kvcellar.kv.wiring import build_prefix_cache
+from kvcellar.engine.constraint import Grammars
 from kvcellar.engine.loader import LoadedModel, load_model
 from kvcellar.engine.invariance import thread_counts_alike
 from kvcellar.engine.schedule import choose_schedule
@@ -85,7 +86,10 @@ class Engine:
                 log.info("exact mode decodes each request in a pass of its own: batched rows compute differently here")
         self.decode_batches = DecodeBatchStats()
         policy = SchedulePolicy(batch_rows, budget, chunk, on_step=self.decode_batches.observe)
-        return Scheduler(runner, policy)
+        head = self.loaded.model.get_output_embeddings()
+        num_scores = head.weight.shape[0] if head is not None else vocab  # the logits' size: what a grammar masks
+        self.grammars = Grammars(self.loaded.tokenizer, num_scores, self.loaded.eos_token_ids)
+        return Scheduler(runner, policy, self.grammars)
 
     def _thread_sizer(self, config: EngineConfig) -> ThreadSizer | None:
         """CPU threads sized to the free cores (engine/threads.py), among the counts that compute alike;
@@ -176,6 +180,8 @@ class Engine:
         params = replace(params, **sampling) if params is not None and sampling else params
         params = params or SamplingParams.from_request(**sampling)
         self.limits.check_sampling_ids(params.token_ids())
+        if params.grammar is not None:
+            self.grammars.check(params.grammar, "grammar")
         return GenerationStream(self._worker.submit(GenerationRequest(prepared, params)))
 
     def generate(self, prompt: str | None = None, **kwargs: object) -> GenerationResult:

@@ -17,13 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvcellar.checks import is_int, is_number
 from kvcellar.engine.logits import ScoreShaper
 from kvcellar.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from kvcellar.engine.constraint import TokenConstraint
 
 MAX_TEMPERATURE = 2.0
 MAX_STOP_STRINGS = 16
@@ -62,6 +65,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its score), sorted by id
     stop_token_ids: tuple[int, ...] = ()  # ending generation as the model's end-of-sequence ids do
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect) the answer must follow (engine/constraint.py)
 
     def __post_init__(self) -> None:
         self._normalize_stop()
@@ -242,9 +246,12 @@ class Sampler:
     Not thread-safe; one sampler belongs to one request.
     """
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = (),
+                 constraint: TokenConstraint | None = None) -> None:  # fmt: skip
+        """`constraint`: the grammar state of a request with `params.grammar` (engine/constraint.py)."""
         self.params = params
         self._shaper = ScoreShaper(params, prompt_ids) if params.shapes_scores else None
+        self.constraint = constraint
         self._generator = torch.Generator(device="cpu")
         if params.seed is None:
             self._generator.seed()  # fresh nondeterministic seed
@@ -258,11 +265,15 @@ class Sampler:
                 f"Sampler.sample needs 1-D next-token logits of shape [vocab_size] "
                 f"(got shape {tuple(logits.shape)}); select the last position first"
             )
+        scores = logits if self._shaper is None else self._shaper.shape(logits)
+        if self.constraint is not None:
+            scores = self.constraint.mask(scores)
+        token = self._pick(scores)
         if self._shaper is not None:
-            token = self._pick(self._shaper.shape(logits))
             self._shaper.generated(token)
-            return token
-        return self._pick(logits)
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        return token
 
     def _pick(self, logits: torch.Tensor) -> int:
         if self.params.is_greedy:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcellar.engine.batch_decode import decode_rows
+from kvcellar.engine.constraint import Grammars
 from kvcellar.engine.request import StreamEvent
 from kvcellar.engine.runner import RequestRunner
 from kvcellar.engine.sequence import Sequence
@@ -73,9 +74,11 @@ class Load:
 
 
 class Scheduler:
-    def __init__(self, runner: RequestRunner, policy: SchedulePolicy) -> None:
+    def __init__(self, runner: RequestRunner, policy: SchedulePolicy, grammars: Grammars | None = None) -> None:
+        """`grammars`: the constraints of requests with a grammar (engine/constraint.py); None: none allowed."""
         self.runner = runner
         self.policy = policy
+        self.grammars = grammars
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._prefilling: Sequence | None = None
@@ -118,8 +121,13 @@ class Scheduler:
             if not isinstance(item, Job):
                 stopped = True
                 continue
-            sequence = Sequence(item, next(self._order), self.runner.eos_ids, self.runner.loaded.tokenizer,
-                                self.runner.loaded.context_length)  # fmt: skip
+            try:
+                sequence = Sequence(item, next(self._order), self.runner.eos_ids, self.runner.loaded.tokenizer,
+                                    self.runner.loaded.context_length, self.grammars)  # fmt: skip
+            except Exception as exc:  # its grammar could not be set up: this request fails, the rest go on
+                log.exception("request %d could not start", item.job_id)
+                item.put(exc)
+                continue
             self._waiting.append(sequence)
             block = False
 

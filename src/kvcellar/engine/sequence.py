@@ -25,11 +25,14 @@ from kvcellar.engine.sampling import Sampler
 from kvcellar.engine.text_stream import IncrementalDetokenizer, StopStringMatcher
 
 if TYPE_CHECKING:
+    from kvcellar.engine.constraint import Grammars
     from kvcellar.engine.worker import Job
 
 
 class Sequence:
-    def __init__(self, job: Job, order: int, eos_ids: frozenset[int] | set[int], tokenizer: object, context_length: int) -> None:
+    def __init__(self, job: Job, order: int, eos_ids: frozenset[int] | set[int], tokenizer: object, context_length: int,
+                 grammars: Grammars | None = None) -> None:  # fmt: skip
+        """`grammars`: where a request with a grammar gets its constraint (engine/constraint.py)."""
         self.job = job
         self.order = order  # admission order: preemption takes the newest first
         self.request: GenerationRequest = job.request
@@ -51,7 +54,10 @@ class Sequence:
         self.tokens = list(self.request.prompt_ids)  # prompt + generated tokens fed so far
         self.budget = min(params.max_tokens, context_length - len(self.tokens))
         self._eos_ids = eos_ids
-        self._sampler = Sampler(params, self.request.prompt_ids)
+        constraint = grammars.matcher(params.grammar) if params.grammar is not None and grammars is not None else None
+        if params.grammar is not None and constraint is None:
+            raise ValueError("a request with a grammar needs the engine's grammars")
+        self._sampler = Sampler(params, self.request.prompt_ids, constraint)
         self._stop_ids = frozenset(params.stop_token_ids)
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self._detokenizer = IncrementalDetokenizer(tokenizer, self.request.prompt_ids)
@@ -85,7 +91,7 @@ class Sequence:
         if match.text:
             self.text_parts.append(match.text)
         self.job.put(StreamEvent(text=match.text, token_id=token, logprob=entry))
-        if match.stopped:
+        if match.stopped or (constraint := self._sampler.constraint) is not None and constraint.finished:
             return self.end("stop")
         if len(self.generated) >= self.budget:
             return self.end("length")
