@@ -8,6 +8,7 @@ import requests
 
 CHAT = "/v1/chat/completions"
 TEXT = "/v1/completions"
+TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 USER = [{"role": "user", "content": "hi"}]
 
 # (name, path, JSON body, expected status, expected param, expected code); None = not checked.
@@ -76,14 +77,25 @@ CASES = [
     ("prompt of 2 MB", TEXT, {"prompt": "word " * 400_000}, 400, "prompt", "context_length_exceeded"),
     ("chat of 2 MB", CHAT, {"messages": [{"role": "user", "content": "word " * 400_000}]}, 400, "messages",
      "context_length_exceeded"),
-    ("response_format json", CHAT, {"messages": USER, "response_format": {"type": "json_object"}}, 400,
-     "response_format", "unsupported_parameter"),
-    ("tool_choice required", CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice",
+    ("response_format of an unknown type", CHAT, {"messages": USER, "response_format": {"type": "yaml"}}, 400,
+     "response_format", "invalid_request"),
+    ("json_schema without a schema", CHAT, {"messages": USER, "response_format": {"type": "json_schema"}}, 400,
+     "response_format", "invalid_request"),
+    ("a schema the grammar engine refuses", CHAT, {"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}}, 400, "response_format",
+     "invalid_schema"),
+    ("tool_choice required without tools", CHAT, {"messages": USER, "tool_choice": "required"}, 400, "tool_choice",
+     "invalid_request"),
+    ("tool_choice names a missing tool", CHAT, {"messages": USER, "tools": [TOOL],
+                                                "tool_choice": {"type": "function", "function": {"name": "f"}}},
+     400, "tool_choice", "invalid_request"),
+    ("a tool without a name", CHAT, {"messages": USER, "tools": [{"type": "function", "function": {}}]}, 400, "tools",
+     "invalid_request"),
+    ("response_format with tools on auto", CHAT, {"messages": USER, "tools": [TOOL],
+                                                  "response_format": {"type": "json_object"}}, 400, "response_format",
      "unsupported_parameter"),
-    ("tool_choice a function", CHAT, {"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}},
-     400, "tool_choice", "unsupported_parameter"),
-    ("parallel_tool_calls false", CHAT, {"messages": USER, "parallel_tool_calls": False}, 400, "parallel_tool_calls",
-     "unsupported_parameter"),
+    ("tool_calls on a user message", CHAT, {"messages": [{"role": "user", "content": "hi", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, 400, "messages", "invalid_request"),
     ("reasoning_effort", CHAT, {"messages": USER, "reasoning_effort": "low"}, 400, "reasoning_effort",
      "unsupported_parameter"),
 ]

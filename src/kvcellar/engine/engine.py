@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kvcellar.chat.tools import Tool
 from kvcellar.config import ROW_INVARIANT_MIN_ROWS, EngineConfig
 from kvcellar.cache.report import CacheReport, ProbeResult, cache_report, namespace_report
 from kvcellar.cache.registry import CacheRegistry, DrainReport
@@ -118,11 +119,13 @@ class Engine:
     def context_length(self) -> int:
         return self.loaded.context_length
 
-    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None) -> tuple[list[int], PromptSegments]:
+    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
+               tools: Sequence[Tool] = ()) -> tuple[list[int], PromptSegments]:  # fmt: skip
+        """Token ids of a text or of chat messages (with `tools`, chat/tools.py, shown as the template can)."""
         if (prompt is None) == (messages is None):
             raise ValueError("pass exactly one of prompt= or messages=")
         if messages is not None:
-            return encode_chat(self.loaded.tokenizer, messages)
+            return encode_chat(self.loaded.tokenizer, messages, tools)
         return encode_text(self.loaded.tokenizer, prompt), PromptSegments()
 
     def prepare(

@@ -4,7 +4,8 @@ Operations (the protocol's members): `stream` (queue a request, iterate its
 events; `.cancel()` stops it), `encode` (prompt or messages -> ids and
 segments), `probe`, `cache_stats`, `clear_cache`, `set_cache_budget`,
 `close`, `load_report` (running / waiting requests and their K/V); read-only `config`, `model_name`,
-`tokenizer`, `context_length`, `tier_names`, `queue_depth`, `decode_batches` (the batch-size histogram).
+`tokenizer`, `context_length`, `tier_names`, `queue_depth`, `decode_batches` (the batch-size histogram),
+`grammars` (constrained decoding).
 
 The server (`kvcellar.server`) and `ChatSession` (`kvcellar.session`) are
 typed against this protocol, never against `Engine`: they sit above the
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from kvcellar.chat.tools import Tool
 from kvcellar.config import EngineConfig
 from kvcellar.engine.prepared import PreparedPrompt
 from kvcellar.engine.request import PromptSegments, StreamEvent
@@ -24,6 +26,7 @@ from kvcellar.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from kvcellar.cache.registry import DrainReport
+    from kvcellar.engine.constraint import Grammars
     from kvcellar.engine.memory import DecodeBatchStats
     from kvcellar.engine.scheduler import Load
     from kvcellar.cache.report import CacheReport, ProbeResult
@@ -45,6 +48,7 @@ class EventStream(Protocol):
 class ServingEngine(Protocol):
     config: EngineConfig  # as the engine resolved it (a concrete block size and prefill chunk)
     decode_batches: DecodeBatchStats  # how many requests each decode pass fed
+    grammars: Grammars  # compiles and checks the grammars of constrained requests
 
     @property
     def model_name(self) -> str: ...
@@ -61,7 +65,8 @@ class ServingEngine(Protocol):
     @property
     def queue_depth(self) -> int: ...
 
-    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None) -> tuple[list[int], PromptSegments]: ...
+    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
+               tools: Sequence[Tool] = ()) -> tuple[list[int], PromptSegments]: ...  # fmt: skip
 
     def prepare(
         self,

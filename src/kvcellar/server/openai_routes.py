@@ -15,6 +15,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from kvcellar.chat.tool_calls import ToolCallStream
+from kvcellar.chat.tools import ToolChoice
 from kvcellar.engine import GenerationResult, StreamEvent
 from kvcellar.server.auth import Tenant, current_tenant
 from kvcellar.server.bridge import collect_result
@@ -83,12 +85,29 @@ async def _generate(kind: str, body: ChatCompletionRequest | CompletionRequest, 
     header = (kind, request_id, int(created_s), state.engine.model_name)
     token_text = _token_text(state.engine.tokenizer)
     if body.stream:
-        chunks = _stream_chunks(header, events, body.include_usage, token_text)
+        chunks = _stream_chunks(header, events, body.include_usage, token_text, prepared.tool_choice)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     result = await collect_result(events, request)
     if result is None:  # the client is gone; this answer reaches nobody
         return JSONResponse(error_body(499, "the client closed the request"), status_code=499)
-    return completion_body(*header, result, token_text)
+    return completion_body(*header, result, token_text, prepared.tool_choice)
+
+
+def _tool_stream_chunks(header: tuple, pieces: list, logprobs: dict | None, calls: ToolCallStream,
+                        every_token: bool = True) -> list[str]:  # fmt: skip
+    """The chunks of one token's pieces (content text, whole tool calls); a token whose text is held back
+    (it may open a tool call) still gets its chunk, empty, to carry its log-probability."""
+    chunks = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            chunks.append(sse(chunk_body(*header, piece, logprobs=logprobs)))
+        else:
+            chunks.append(sse(chunk_body(*header, None, logprobs=logprobs,
+                                         tool_call=piece.as_openai(calls.calls.index(piece)))))  # fmt: skip
+        logprobs = None
+    if not chunks and every_token:
+        chunks.append(sse(chunk_body(*header, "", logprobs=logprobs)))
+    return chunks
 
 
 def _token_text(tokenizer: object) -> TokenText:
@@ -97,10 +116,11 @@ def _token_text(tokenizer: object) -> TokenText:
 
 
 async def _stream_chunks(header: tuple, events: AsyncIterator[StreamEvent], include_usage: bool,
-                         token_text: TokenText) -> AsyncIterator[str]:  # fmt: skip
+                         token_text: TokenText, tool_choice: ToolChoice) -> AsyncIterator[str]:  # fmt: skip
     kind = header[0]
     result: GenerationResult | None = None
     offset = 0  # where the next token's text starts in the answer (completions' text_offset)
+    calls = ToolCallStream(tool_choice.parallel) if tool_choice.parses_calls else None
     try:
         if kind == "chat":
             yield sse(chunk_body(*header, "", first=True))
@@ -113,14 +133,22 @@ async def _stream_chunks(header: tuple, events: AsyncIterator[StreamEvent], incl
                     if event.logprob is not None:
                         logprobs = render_logprobs(kind, [event.logprob], token_text, offset)
                         offset += len(token_text(event.logprob.token_id))
-                    yield sse(chunk_body(*header, event.text, logprobs=logprobs))
+                    if calls is None:
+                        yield sse(chunk_body(*header, event.text, logprobs=logprobs))
+                        continue
+                    for chunk in _tool_stream_chunks(header, calls.push(event.text), logprobs, calls):
+                        yield chunk
+            if calls is not None:
+                for chunk in _tool_stream_chunks(header, calls.flush(), None, calls, every_token=False):
+                    yield chunk
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error goes into the stream
             yield sse(error_body(500, f"generation failed ({type(exc).__name__}: {exc})"))
             return
         if result is None:
             yield sse(error_body(500, "generation ended without a result"))
             return
-        yield sse(chunk_body(*header, None, finish_reason(result)))
+        finish = "tool_calls" if calls is not None and calls.calls else finish_reason(result)
+        yield sse(chunk_body(*header, None, finish))
         if include_usage:
             yield sse(usage_chunk(*header, result))
         yield sse("[DONE]")

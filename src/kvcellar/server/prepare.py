@@ -17,6 +17,8 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from kvcellar.chat.grammar import response_format_grammar, tool_call_grammar
+from kvcellar.chat.tools import Tool, ToolChoice, parse_tool_choice, parse_tools
 from kvcellar.engine import PreparedPrompt, PromptSegments, SamplingParams
 from kvcellar.errors import InvalidRequestError
 from kvcellar.server.auth import Tenant
@@ -31,6 +33,7 @@ class Prepared:
     prompt: PreparedPrompt  # ids, segments, salt and block keys, computed once
     params: SamplingParams
     tenant: Tenant
+    tool_choice: ToolChoice = ToolChoice("none")  # whether the answer's tool calls are parsed out
 
     @property
     def prompt_ids(self) -> tuple[int, ...]:
@@ -110,10 +113,31 @@ def _check_text_size(engine: ServingEngine, messages: list[ChatMessage] | None, 
                            param=param, code="context_length_exceeded")  # fmt: skip
 
 
-def encode_chat(engine: ServingEngine, messages: list[ChatMessage]) -> tuple[list[int], PromptSegments]:
-    """Token ids of chat messages, and where their system prompt and last user message end."""
+def encode_chat(engine: ServingEngine, messages: list[ChatMessage], tools: tuple[Tool, ...] = ()) -> tuple[list[int], PromptSegments]:
+    """Token ids of chat messages (and the tools shown with them), and where their system prompt and last user
+    message end."""
     _check_text_size(engine, messages, None)
-    return engine.encode(messages=[message.as_engine_message() for message in messages])
+    return engine.encode(messages=[message.as_engine_message() for message in messages], tools=tools)
+
+
+def _tools_and_grammar(body: ChatCompletionRequest) -> tuple[tuple[Tool, ...], ToolChoice, str | None]:
+    """The request's tools, its tool_choice, and the grammar its answer must follow (None: free text)."""
+    try:
+        tools = parse_tools(body.tools or [])
+        choice = parse_tool_choice(body.tool_choice, tools, body.parallel_tool_calls)
+        grammar = response_format_grammar(body.response_format)
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), param=exc.field, code=exc.code) from None
+    if choice.forces_calls:
+        if grammar is not None:
+            raise APIError(400, "response_format cannot be combined with a tool_choice that forces tool calls: the "
+                                "answer is the calls", param="response_format", code="unsupported_parameter")  # fmt: skip
+        grammar = tool_call_grammar(tools, choice.name, choice.parallel)
+    elif grammar is not None and choice.mode == "auto":
+        raise APIError(400, 'response_format with tools needs tool_choice "none" (a JSON answer) or a forced call: '
+                            "an answer that may be either is not supported", param="response_format",
+                       code="unsupported_parameter")  # fmt: skip
+    return tools, choice, grammar
 
 
 def encode_input(engine: ServingEngine, *, messages: list[ChatMessage] | None = None, prompt: object = None) -> list[int]:
@@ -153,8 +177,10 @@ def prepare_generation(
                        param=unsupported[0].split(" ")[0], code="unsupported_parameter")  # fmt: skip
     fields = body.sampling()
     segments = PromptSegments()
+    choice = ToolChoice("none")
     if isinstance(body, ChatCompletionRequest):
-        (ids, segments), prompt_param = encode_chat(engine, body.messages), "messages"
+        tools, choice, fields["grammar"] = _tools_and_grammar(body)
+        (ids, segments), prompt_param = encode_chat(engine, body.messages, tools), "messages"
     else:
         ids, prompt_param = encode_input(engine, prompt=body.prompt), "prompt"
     salt = tenant.salt_for(body.cache_salt)
@@ -166,4 +192,9 @@ def prepare_generation(
     except InvalidRequestError as exc:  # its message starts with the field's name
         name = str(exc).split(" ", 1)[0]
         raise APIError(400, str(exc), param=name if name in fields else None, code="invalid_sampling") from None
-    return Prepared(prompt, params, tenant)
+    if params.grammar is not None:
+        try:
+            engine.grammars.check(params.grammar, "tools" if choice.forces_calls else "response_format")
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param=exc.field, code=exc.code) from None
+    return Prepared(prompt, params, tenant, choice)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from kvcellar.chat.tool_calls import split_tool_calls
+from kvcellar.chat.tools import ToolChoice
 from kvcellar.engine import GenerationResult
 from kvcellar.engine.logits import TokenLogprob
 from kvcellar.server.logprobs import TokenText, chat_logprobs, completion_logprobs
@@ -42,13 +44,20 @@ def _header(kind: str, request_id: str, created: int, model: str, chunk: bool) -
 
 
 def completion_body(kind: str, request_id: str, created: int, model: str, result: GenerationResult,
-                    token_text: TokenText | None = None) -> dict:  # fmt: skip
-    """A whole answer; `token_text` (id -> text) renders log-probabilities where the result has them."""
+                    token_text: TokenText | None = None, tool_choice: ToolChoice | None = None) -> dict:  # fmt: skip
+    """A whole answer; `token_text` (id -> text) renders log-probabilities where the result has them;
+    with a `tool_choice` that parses calls, tool calls come out of the text (chat/tool_calls.py)."""
     choice: dict = {"index": 0, "finish_reason": finish_reason(result), "logprobs": None}
     if result.logprobs is not None and token_text is not None:
         choice["logprobs"] = render_logprobs(kind, result.logprobs, token_text)
     if kind == "chat":
         choice["message"] = {"role": "assistant", "content": result.text}
+        if tool_choice is not None and tool_choice.parses_calls:
+            content, calls = split_tool_calls(result.text, tool_choice.parallel)
+            if calls:
+                choice["message"] = {"role": "assistant", "content": content or None,
+                                     "tool_calls": [call.as_openai() for call in calls]}  # fmt: skip
+                choice["finish_reason"] = "tool_calls"
     else:
         choice["text"] = result.text
     return {**_header(kind, request_id, created, model, False), "choices": [choice], "usage": usage(result),
@@ -62,13 +71,16 @@ def render_logprobs(kind: str, entries: Sequence[TokenLogprob], token_text: Toke
 
 
 def chunk_body(kind: str, request_id: str, created: int, model: str, text: str | None, finish: str | None = None,
-               first: bool = False, logprobs: dict | None = None) -> dict:  # fmt: skip
-    """One stream chunk: new text, or (text None) the closing chunk with its finish_reason."""
+               first: bool = False, logprobs: dict | None = None, tool_call: dict | None = None) -> dict:  # fmt: skip
+    """One stream chunk: new text, a whole tool call (`tool_call`, chat), or (text None) the closing chunk with
+    its finish_reason."""
     choice: dict = {"index": 0, "finish_reason": finish, "logprobs": logprobs}
     if kind == "chat":
         delta: dict = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
+        if tool_call is not None:
+            delta["tool_calls"] = [tool_call]
         choice["delta"] = delta
     else:
         choice["text"] = text or ""

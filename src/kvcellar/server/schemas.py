@@ -38,18 +38,40 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant turn, sent back in the conversation."""
+
+    model_config = _STRICT
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="an assistant turn's tool calls")
+    tool_call_id: Text | None = Field(None, description="a tool turn: the call it answers")
 
     def as_engine_message(self) -> dict:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         # OpenAI's newer "developer" role plays the system prompt's part.
-        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.role == "tool":
+            message.update({key: value for key, value in (("tool_call_id", self.tool_call_id), ("name", self.name)) if value})
+        return message
 
 
 class StreamOptions(BaseModel):
@@ -110,10 +132,14 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, description="newer name of max_tokens")
     logprobs: bool | None = Field(None, description="return each answer token's log-probability")
     top_logprobs: int | None = Field(None, description="with logprobs: this many most likely alternatives, 0..20")
-    tools: list[dict] | None = Field(None, description="not supported")
-    tool_choice: Text | dict | None = Field(None, description="only 'none' or 'auto' (no tools are ever called)")
-    parallel_tool_calls: bool | None = Field(None, description="only true (OpenAI's default; no tools are ever called)")
-    response_format: dict | None = Field(None, description='only {"type": "text"}')
+    tools: list[dict] | None = Field(None, description="function tools, shown to the model through its chat template")
+    tool_choice: Text | dict | None = Field(None, description="none, auto (the default with tools), required, or "
+                                                               "a named function; required and named are enforced "
+                                                               "by constrained decoding")  # fmt: skip
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call per answer")
+    response_format: dict | None = Field(None, description='{"type": "text"}, {"type": "json_object"} or '
+                                                           '{"type": "json_schema", "json_schema": {"schema": ...}}, '
+                                                           "enforced by constrained decoding")  # fmt: skip
     reasoning_effort: Text | None = Field(None, description="not supported")
 
     def sampling(self) -> dict:
@@ -129,14 +155,6 @@ class ChatCompletionRequest(SamplingFields):
         problems = super().unsupported_fields()
         if self.top_logprobs is not None and not self.logprobs:
             problems.append("top_logprobs (only with logprobs: true)")
-        if self.tools:
-            problems.append("tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            problems.append("tool_choice (only 'none' or 'auto')")
-        if self.parallel_tool_calls is False:
-            problems.append("parallel_tool_calls (only true)")
-        if self.response_format not in (None, {"type": "text"}):
-            problems.append("response_format (only {'type': 'text'})")
         if self.reasoning_effort is not None:
             problems.append("reasoning_effort")
         return problems
