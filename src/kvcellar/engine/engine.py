@@ -119,13 +119,14 @@ class Engine:
     def context_length(self) -> int:
         return self.loaded.context_length
 
-    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
-               tools: Sequence[Tool] = ()) -> tuple[list[int], PromptSegments]:  # fmt: skip
-        """Token ids of a text or of chat messages (with `tools`, chat/tools.py, shown as the template can)."""
+    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None, tools: Sequence[Tool] = (),
+               keep_through: int | None = None) -> tuple[list[int], PromptSegments]:  # fmt: skip
+        """Token ids of a text or of chat messages (with `tools`, chat/tools.py, shown as the template can;
+        `keep_through`: a message whose prefix is kept at user priority, engine/prompt.py)."""
         if (prompt is None) == (messages is None):
             raise ValueError("pass exactly one of prompt= or messages=")
         if messages is not None:
-            return encode_chat(self.loaded.tokenizer, messages, tools)
+            return encode_chat(self.loaded.tokenizer, messages, tools, keep_through)
         return encode_text(self.loaded.tokenizer, prompt), PromptSegments()
 
     def prepare(

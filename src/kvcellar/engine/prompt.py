@@ -55,27 +55,36 @@ def _render_ids(tokenizer: object, messages: list[dict], tools: Sequence[Tool], 
     return encode_text(tokenizer, text)
 
 
-def encode_chat(tokenizer: object, messages: Sequence[dict], tools: Sequence[Tool] = ()) -> tuple[list[int], PromptSegments]:
+def encode_chat(tokenizer: object, messages: Sequence[dict], tools: Sequence[Tool] = (),
+                keep_through: int | None = None) -> tuple[list[int], PromptSegments]:  # fmt: skip
     """Template + tokenize, and locate the end of the system prompt and of the last user message.
 
     A boundary is kept only if the ids of the prefix rendered alone are a
     prefix of the full ids (BPE may merge across a boundary; then we skip it).
+    `keep_through`: a message index the caller marked to keep (a cache breakpoint): the prompt up to its
+    end is kept at the priority of a user message at least.
     """
     if getattr(tokenizer, "chat_template", None) is None:
         raise InvalidRequestError("this model's tokenizer has no chat template: send a plain prompt instead")
     cleaned = validate_messages(messages)
     ids = _render_ids(tokenizer, cleaned, tools, add_generation_prompt=cleaned[-1]["role"] != "assistant")
-    return ids, PromptSegments(
-        system_end=_boundary(tokenizer, cleaned, tools, ids, "system"),
-        last_user_end=_boundary(tokenizer, cleaned, tools, ids, "user"),
-    )
+    last_user_end = _boundary(tokenizer, cleaned, tools, ids, "user")
+    if keep_through is not None and 0 <= keep_through < len(cleaned):
+        marked = _prefix_end(tokenizer, cleaned[: keep_through + 1], tools, ids)
+        last_user_end = max(last_user_end or 0, marked or 0) or None
+    return ids, PromptSegments(system_end=_boundary(tokenizer, cleaned, tools, ids, "system"), last_user_end=last_user_end)
 
 
 def _boundary(tokenizer: object, messages: list[dict], tools: Sequence[Tool], ids: list[int], role: str) -> int | None:
     last = max((i for i, m in enumerate(messages) if m["role"] == role), default=None)
     if last is None or (role == "system" and last != 0):
         return None
-    prefix = _render_ids(tokenizer, messages[: last + 1], tools, add_generation_prompt=False)
+    return _prefix_end(tokenizer, messages[: last + 1], tools, ids)
+
+
+def _prefix_end(tokenizer: object, messages: list[dict], tools: Sequence[Tool], ids: list[int]) -> int | None:
+    """Where `messages` rendered alone end inside `ids`, or None where they are not a prefix of them."""
+    prefix = _render_ids(tokenizer, messages, tools, add_generation_prompt=False)
     if len(prefix) >= len(ids) or ids[: len(prefix)] != prefix:
         return None
     return len(prefix)

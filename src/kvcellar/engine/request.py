@@ -87,6 +87,7 @@ class GenerationResult:
     timings: Timings
     # With `SamplingParams.logprobs` set: one entry per token of the answer (an ending eos or stop id has none).
     logprobs: tuple[TokenLogprob, ...] | None = None
+    stop_sequence: str | None = None  # the stop string that ended the answer, if one did
 
 
 @dataclass(frozen=True)

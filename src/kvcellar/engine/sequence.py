@@ -150,4 +150,5 @@ class Sequence:
             cached_tokens_by_tier=hit[1],
             timings=timings,
             logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
+            stop_sequence=self._stops.stop,
         )

@@ -65,8 +65,8 @@ class ServingEngine(Protocol):
     @property
     def queue_depth(self) -> int: ...
 
-    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None,
-               tools: Sequence[Tool] = ()) -> tuple[list[int], PromptSegments]: ...  # fmt: skip
+    def encode(self, prompt: str | None = None, messages: Sequence[dict] | None = None, tools: Sequence[Tool] = (),
+               keep_through: int | None = None) -> tuple[list[int], PromptSegments]: ...  # fmt: skip
 
     def prepare(
         self,

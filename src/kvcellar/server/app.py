@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 
 from kvcellar.config import ServerSettings
 from kvcellar.engine.serving import ServingEngine
-from kvcellar.server import cache_routes, openai_routes
+from kvcellar.server import anthropic_routes, cache_routes, openai_routes
 from kvcellar.server.bridge import EngineBridge
 from kvcellar.server.errors import install_error_handlers
 from kvcellar.server.metrics import CountRejections
@@ -76,6 +76,7 @@ def create_app(engine: ServingEngine, settings: ServerSettings | None = None) ->
     app.add_middleware(BodyLimitMiddleware, max_request_bytes=settings.max_request_bytes)
     app.add_middleware(CountRejections, metrics=app.state.telemetry.metrics)
     app.include_router(openai_routes.router)
+    app.include_router(anthropic_routes.router)
     app.include_router(cache_routes.router)
     install_openapi(app, settings)
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")

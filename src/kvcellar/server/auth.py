@@ -2,7 +2,7 @@
 
 Operations: `Tenant` (who sent a request, and in which cache namespace it
 runs), `current_tenant` (a FastAPI dependency: reads `Authorization: Bearer
-KEY`), `require_admin`, `metrics_reader` (GET /metrics).
+KEY`, or Anthropic's `x-api-key: KEY`), `require_admin`, `metrics_reader` (GET /metrics).
 
 With no keys configured every caller is an admin in the default namespace.
 With keys, every data endpoint needs one (401 otherwise); keys bound to a
@@ -61,9 +61,13 @@ async def current_tenant(request: Request, credentials: HTTPAuthorizationCredent
     settings: ServerSettings = request.app.state.settings
     if not settings.auth_required:
         return Tenant(None, settings.default_salt)
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise APIError(401, "this server needs an API key: send the header 'Authorization: Bearer KEY'", code="missing_api_key")
-    found, bound = _match_key(settings, credentials.credentials)
+    key = request.headers.get("x-api-key")  # Anthropic's clients send the key this way
+    if key is None and credentials is not None and credentials.scheme.lower() == "bearer":
+        key = credentials.credentials
+    if key is None:
+        raise APIError(401, "this server needs an API key: send the header 'Authorization: Bearer KEY' (or 'x-api-key: "
+                            "KEY')", code="missing_api_key")  # fmt: skip
+    found, bound = _match_key(settings, key)
     if not found:
         raise APIError(401, "the API key is not valid for this server", code="invalid_api_key")
     return Tenant(bound, settings.default_salt)

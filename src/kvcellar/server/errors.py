@@ -1,4 +1,5 @@
-"""Errors at the HTTP edge, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""Errors at the HTTP edge, in OpenAI's shape: {"error": {"message", "type", "param", "code"}}; on
+Anthropic's endpoints (/v1/messages...) in Anthropic's: {"type": "error", "error": {"type", "message"}}.
 
 Operations: `APIError` (raise it anywhere in a route), `error_body`,
 `install_error_handlers(app)`: maps APIError, the engine's
@@ -45,9 +46,23 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   request: Request | None = None) -> JSONResponse:  # fmt: skip
+    """The error in the shape of the endpoint's API (`request`'s path; None: OpenAI's)."""
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if request is not None and request.url.path.startswith(ANTHROPIC_PREFIX):
+        return JSONResponse(anthropic_error_body(status, message, param), status_code=status, headers=headers)
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+ANTHROPIC_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}  # fmt: skip
+
+
+def anthropic_error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = "api_error" if status >= 500 else _ANTHROPIC_TYPES.get(status, "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": f"{param}: {message}" if param else message}}
 
 
 # Fields whose type is a union: pydantic reports one error per branch, we say what is accepted.
@@ -92,16 +107,16 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, 
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.param, exc.code)
+    return error_response(exc.status, exc.message, exc.param, exc.code, request)
 
 
 async def _on_invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
-    return error_response(400, str(exc), exc.field, exc.code)
+    return error_response(400, str(exc), exc.field, exc.code, request)
 
 
 async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     message, param, code = _describe_validation(exc)
-    return error_response(400, message, param, code)
+    return error_response(400, message, param, code, request)
 
 
 def _unparsable_body(cause: BaseException | None) -> str:
@@ -115,17 +130,17 @@ def _unparsable_body(cause: BaseException | None) -> str:
 
 async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 400:  # raised only by FastAPI's body parsing (invalid UTF-8, nesting too deep)
-        return error_response(400, _unparsable_body(exc.__cause__), None, "invalid_json")
+        return error_response(400, _unparsable_body(exc.__cause__), None, "invalid_json", request)
     messages = {404: f"no such endpoint: {request.method} {request.url.path}",
                 405: f"method {request.method} is not allowed on {request.url.path}"}  # fmt: skip
     codes = {404: "unknown_endpoint", 405: "method_not_allowed"}
     return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), None,
-                          codes.get(exc.status_code, "http_error"))  # fmt: skip
+                          codes.get(exc.status_code, "http_error"), request)  # fmt: skip
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("internal error on %s %s", request.method, request.url.path)
-    return error_response(500, f"internal server error ({type(exc).__name__}); see the server log", None, None)
+    return error_response(500, f"internal server error ({type(exc).__name__}); see the server log", None, None, request)
 
 
 def install_error_handlers(app: FastAPI) -> None:

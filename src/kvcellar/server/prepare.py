@@ -113,14 +113,16 @@ def _check_text_size(engine: ServingEngine, messages: list[ChatMessage] | None, 
                            param=param, code="context_length_exceeded")  # fmt: skip
 
 
-def encode_chat(engine: ServingEngine, messages: list[ChatMessage], tools: tuple[Tool, ...] = ()) -> tuple[list[int], PromptSegments]:
+def encode_chat(engine: ServingEngine, messages: list[ChatMessage], tools: tuple[Tool, ...] = (),
+                keep_through: int | None = None) -> tuple[list[int], PromptSegments]:  # fmt: skip
     """Token ids of chat messages (and the tools shown with them), and where their system prompt and last user
-    message end."""
+    message end (or `keep_through`'s, a cache breakpoint's message, where later)."""
     _check_text_size(engine, messages, None)
-    return engine.encode(messages=[message.as_engine_message() for message in messages], tools=tools)
+    return engine.encode(messages=[message.as_engine_message() for message in messages], tools=tools,
+                         keep_through=keep_through)  # fmt: skip
 
 
-def _tools_and_grammar(body: ChatCompletionRequest) -> tuple[tuple[Tool, ...], ToolChoice, str | None]:
+def tools_and_grammar(body: ChatCompletionRequest) -> tuple[tuple[Tool, ...], ToolChoice, str | None]:
     """The request's tools, its tool_choice, and the grammar its answer must follow (None: free text)."""
     try:
         tools = parse_tools(body.tools or [])
@@ -168,8 +170,10 @@ def prepare_prompt(
 
 
 def prepare_generation(
-    engine: ServingEngine, body: ChatCompletionRequest | CompletionRequest, tenant: Tenant, settings: ServerSettings
+    engine: ServingEngine, body: ChatCompletionRequest | CompletionRequest, tenant: Tenant, settings: ServerSettings,
+    keep_through: int | None = None,
 ) -> Prepared:
+    """`keep_through`: a chat message marked as a cache breakpoint (Anthropic's cache_control)."""
     check_model(engine, body.model)
     unsupported = body.unsupported_fields()
     if unsupported:
@@ -179,8 +183,8 @@ def prepare_generation(
     segments = PromptSegments()
     choice = ToolChoice("none")
     if isinstance(body, ChatCompletionRequest):
-        tools, choice, fields["grammar"] = _tools_and_grammar(body)
-        (ids, segments), prompt_param = encode_chat(engine, body.messages, tools), "messages"
+        tools, choice, fields["grammar"] = tools_and_grammar(body)
+        (ids, segments), prompt_param = encode_chat(engine, body.messages, tools, keep_through), "messages"
     else:
         ids, prompt_param = encode_input(engine, prompt=body.prompt), "prompt"
     salt = tenant.salt_for(body.cache_salt)
