@@ -26,7 +26,7 @@ from kvcellar.chat.tool_calls import ToolCall, ToolCallStream, split_tool_calls
 from kvcellar.engine import GenerationResult, StreamEvent
 from kvcellar.server.anthropic_schemas import CountTokensRequest, MessagesRequest
 from kvcellar.server.auth import Tenant, current_tenant
-from kvcellar.server.bridge import collect_result
+from kvcellar.server.bridge import collect_results
 from kvcellar.server.errors import APIError, anthropic_error_body
 from kvcellar.server.prepare import Prepared, check_model, encode_chat, prepare_generation, tools_and_grammar
 from kvcellar.server.telemetry import new_request_id
@@ -75,9 +75,10 @@ async def messages(body: MessagesRequest, request: Request, tenant: Tenant = Dep
         return StreamingResponse(_stream(request_id, model, prepared, probed.num_cached_tokens, events,
                                          state.engine.config.cache.enabled),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
-    result = await collect_result(events, request)
-    if result is None:
+    results = await collect_results([events], request)
+    if results is None:
         return JSONResponse(anthropic_error_body(499, "the client closed the request"), status_code=499)
+    result = results[0]
     content, calls = (split_tool_calls(result.text, prepared.tool_choice.parallel) if prepared.tool_choice.parses_calls
                       else (result.text, []))  # fmt: skip
     blocks = ([{"type": "text", "text": content}] if content or not calls else []) + [_tool_use(call) for call in calls]

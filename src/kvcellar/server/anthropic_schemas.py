@@ -103,6 +103,12 @@ class CountTokensRequest(BaseModel):
     tools: list[ToolDefinition] | None = None
     tool_choice: ToolChoice | None = None
     thinking: dict | None = Field(None, description="not supported")
+    cache_control: CacheControl | None = Field(None, description="a breakpoint on the last message")
+    output_config: dict | None = Field(None, description='{"format": {"type": "json_schema", "schema": ...}}: '
+                                                         "the answer follows the schema (constrained decoding)")  # fmt: skip
+    speed: Any = Field(None, description="not supported")
+    user_profile_id: Any = Field(None, description="not supported")
+    workspace_id: Any = Field(None, description="not supported")
 
     def unsupported_fields(self) -> list[str]:
         problems = [f"messages[{i}] {block.type} blocks" for i, message in enumerate(self.messages)
@@ -111,6 +117,12 @@ class CountTokensRequest(BaseModel):
                      if tool.type not in (None, "custom")]  # fmt: skip
         if self.thinking is not None and self.thinking.get("type") != "disabled":
             problems.append("thinking (extended thinking)")
+        problems += [name for name in ("speed", "user_profile_id", "workspace_id") if getattr(self, name) is not None]
+        config = self.output_config or {}
+        if config.get("effort") is not None:
+            problems.append("output_config.effort")
+        if set(config) - {"effort", "format"}:
+            problems.append(f"output_config ({', '.join(sorted(set(config) - {'effort', 'format'}))})")
         return problems
 
     def _system_text(self) -> str | None:
@@ -174,29 +186,20 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = None
     top_k: int | None = None
     metadata: dict | None = Field(None, description="accepted: identifies the caller, does not change the answer")
-    cache_control: CacheControl | None = Field(None, description="a breakpoint on the last message")
-    output_config: dict | None = Field(None, description='{"format": {"type": "json_schema", "schema": ...}}: '
-                                                         "the answer follows the schema (constrained decoding)")  # fmt: skip
-    service_tier: Text | None = Field(None, description="not supported")
+    service_tier: Text | None = Field(None, description='only "auto" or "standard_only"')
     mcp_servers: list | None = Field(None, description="not supported")
     container: Any = Field(None, description="not supported")
     diagnostics: Any = Field(None, description="not supported")
     inference_geo: Any = Field(None, description="not supported")
-    speed: Any = Field(None, description="not supported")
-    user_profile_id: Any = Field(None, description="not supported")
-    workspace_id: Any = Field(None, description="not supported")
 
     def unsupported_fields(self) -> list[str]:
         problems = super().unsupported_fields()
-        problems += [name for name in ("service_tier", "mcp_servers", "container", "diagnostics", "inference_geo", "speed",
-                                       "user_profile_id", "workspace_id") if getattr(self, name) is not None]  # fmt: skip
+        problems += [name for name in ("mcp_servers", "container", "diagnostics", "inference_geo")
+                     if getattr(self, name) is not None]  # fmt: skip
+        if self.service_tier not in (None, "auto", "standard_only"):
+            problems.append('service_tier (only "auto" or "standard_only")')
         if self.temperature is not None and not 0 <= self.temperature <= 1:
             problems.append("temperature (0 to 1 on this API)")
-        config = self.output_config or {}
-        if config.get("effort") is not None:
-            problems.append("output_config.effort")
-        if set(config) - {"effort", "format"}:
-            problems.append(f"output_config ({', '.join(sorted(set(config) - {'effort', 'format'}))})")
         return problems
 
     def last_breakpoint(self) -> int | None:

@@ -2,7 +2,7 @@
 
 Operations: `EngineBridge.events(prepared, on_end)` (an async iterator of
 StreamEvents; `on_end(result, error)` is called once the engine is done with
-the request), `collect_result(events, request)` (a whole answer, given up
+the request), `collect_results(streams, request)` (whole answers, given up
 when the client disconnects).
 
 Threads: the engine runs every request on its own worker thread, FIFO, so
@@ -120,9 +120,15 @@ async def _last_result(events: AsyncIterator[StreamEvent]) -> GenerationResult |
     return None
 
 
-async def collect_result(events: AsyncIterator[StreamEvent], request: Request) -> GenerationResult | None:
-    """The final result, or None when the client disconnected first (the request is then cancelled)."""
-    consumer = asyncio.ensure_future(_last_result(events))
+async def _last_results(streams: list[AsyncIterator[StreamEvent]]) -> list[GenerationResult] | None:
+    results = await asyncio.gather(*(_last_result(events) for events in streams))
+    return None if any(result is None for result in results) else list(results)
+
+
+async def collect_results(streams: list[AsyncIterator[StreamEvent]], request: Request) -> list[GenerationResult] | None:
+    """The final result of each stream (a request's choices), or None when the client disconnected first
+    (the requests are then cancelled)."""
+    consumer = asyncio.ensure_future(_last_results(streams))
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -132,4 +138,7 @@ async def collect_result(events: AsyncIterator[StreamEvent], request: Request) -
             consumer.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         return await consumer
+    for events in streams:  # cancel every choice's request now, not when the generators are collected
+        with contextlib.suppress(Exception):
+            await events.aclose()
     return None

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 _STRICT = ConfigDict(strict=True, extra="ignore")
+MAX_CHOICES = 16
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -95,7 +96,8 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = Field(None, description="extension: keep generating past end-of-sequence")
     cache_salt: Text | None = Field(None, max_length=256, description="cache namespace of this request (as in vLLM)")
-    n: int | None = Field(None, description="only 1 is supported")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description=f"choices, 1..{MAX_CHOICES}; they share the "
+                                                                   "prompt's prefill")  # fmt: skip
     presence_penalty: float | None = Field(None, description="[-2, 2]: subtracted once from each token generated before")
     frequency_penalty: float | None = Field(None, description="[-2, 2]: subtracted per time a token was generated")
     repetition_penalty: float | None = Field(None, description="extension (as vLLM): > 1 discourages prompt and "
@@ -117,10 +119,7 @@ class SamplingFields(BaseModel):
         return None
 
     def unsupported_fields(self) -> list[str]:
-        problems = []
-        if self.n not in (None, 1):
-            problems.append("n (only 1 choice per request)")
-        return problems
+        return []
 
     @property
     def include_usage(self) -> bool:
@@ -141,6 +140,24 @@ class ChatCompletionRequest(SamplingFields):
                                                            '{"type": "json_schema", "json_schema": {"schema": ...}}, '
                                                            "enforced by constrained decoding")  # fmt: skip
     reasoning_effort: Text | None = Field(None, description="not supported")
+    # Accepted, with no effect on the answer: who asks, and hints for OpenAI's own prompt cache routing (this
+    # server's cache keeps every prefix it can without them).
+    metadata: dict[str, Text] | None = Field(None, description="accepted: labels, no effect on the answer")
+    safety_identifier: Text | None = Field(None, description="accepted: identifies the end user")
+    prompt_cache_key: Text | None = Field(None, description="accepted: this server caches every prefix without it")
+    prompt_cache_retention: Text | None = Field(None, description="accepted: the cache's own budgets decide retention")
+    service_tier: Text | None = Field(None, description='only "auto" or "default"')
+    store: bool | None = Field(None, description="only false: answers are not stored")
+    modalities: list[Text] | None = Field(None, description='only ["text"]')
+    # Not served: refused when set.
+    audio: dict | None = Field(None, description="not supported")
+    functions: list | None = Field(None, description="not supported (the older form of tools: send tools)")
+    function_call: Text | dict | None = Field(None, description="not supported (send tool_choice)")
+    prediction: dict | None = Field(None, description="not supported")
+    verbosity: Text | None = Field(None, description="not supported")
+    web_search_options: dict | None = Field(None, description="not supported")
+    moderation: object = Field(None, description="not supported")
+    prompt_cache_options: object = Field(None, description="not supported")
 
     def sampling(self) -> dict:
         fields = super().sampling()
@@ -157,6 +174,15 @@ class ChatCompletionRequest(SamplingFields):
             problems.append("top_logprobs (only with logprobs: true)")
         if self.reasoning_effort is not None:
             problems.append("reasoning_effort")
+        problems += [name for name in ("audio", "functions", "function_call", "prediction", "verbosity",
+                                       "web_search_options", "moderation", "prompt_cache_options")
+                     if getattr(self, name) is not None]  # fmt: skip
+        if self.service_tier not in (None, "auto", "default"):
+            problems.append('service_tier (only "auto" or "default")')
+        if self.store:
+            problems.append("store (answers are not stored)")
+        if self.modalities not in (None, ["text"]):
+            problems.append('modalities (only ["text"])')
         return problems
 
 
