@@ -61,6 +61,7 @@ class Grammars:
 
     def __init__(self, tokenizer: object, vocab_size: int, eos_ids: Iterable[int]) -> None:
         self._hf_tokenizer, self._vocab_size, self._eos_ids = tokenizer, vocab_size, sorted(eos_ids)
+        self.num_scores = vocab_size  # the logits' size, what a mask covers
         self._tokenizer = None  # made at the first grammar: most servers never need one
         self._compiled: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()  # requests are prepared on several threads

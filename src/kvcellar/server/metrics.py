@@ -100,6 +100,9 @@ class ServerMetrics:
         self._cached = Counter("kvcellar_request_cached_tokens", "prompt tokens served from the cache, by tier",
                                ["tier"], registry=self.registry)  # fmt: skip
         self._completion = Counter("kvcellar_completion_tokens", "generated tokens", ["endpoint"], registry=self.registry)
+        self._reuse_breaks = Counter("kvcellar_chat_reuse_breaks", "chat turns whose prompt parted from their previous "
+                                     "turn's tokens before its end (server/reuse_breaks.py)", ["endpoint"],
+                                     registry=self.registry)  # fmt: skip
         def histogram(name: str, doc: str) -> Histogram:
             return Histogram(name, doc, ["endpoint"], buckets=_TTFT_BUCKETS_S, registry=self.registry)
 
@@ -121,6 +124,8 @@ class ServerMetrics:
             self._ttft.labels(record.endpoint).observe(record.ttft_s)
             self._engine_ttft.labels(record.endpoint).observe(record.engine_ttft_s)
         self._latency.labels(record.endpoint).observe(record.total_s)
+        if record.reuse_break is not None:
+            self._reuse_breaks.labels(record.endpoint).inc()
 
     def count_rejected(self, status: int) -> None:
         self._rejected.labels(str(status)).inc()

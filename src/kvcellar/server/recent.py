@@ -34,7 +34,7 @@ class RequestRecord:
     """
 
     request_id: str
-    endpoint: str  # "chat.completions" | "completions"
+    endpoint: str  # "chat.completions" | "completions" | "messages"
     created_s: float  # unix time the request arrived
     tenant: str | None  # the key's bound salt, None for admins (and when no keys are set)
     stream: bool
@@ -48,6 +48,8 @@ class RequestRecord:
     engine_ttft_s: float | None
     total_s: float
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    # A chat turn that parted from its previous turn's tokens: ReuseBreak.as_json() (server/reuse_breaks.py)
+    reuse_break: dict | None = None
     seq: int = 0  # completion order, set by RecentRequests.add
     finished_s: float = 0.0  # unix time it was recorded, set by RecentRequests.add
 

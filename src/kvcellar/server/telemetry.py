@@ -16,6 +16,7 @@ windows of its own (one ring per tenant salt configured).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -30,10 +31,12 @@ from kvcellar.server.metrics import ServerMetrics
 from kvcellar.server.prepare import Prepared
 from kvcellar.server.rates import TENANT_RATE_COUNTERS, RateWindows
 from kvcellar.server.recent import RecentRequests, RequestRecord
+from kvcellar.server.reuse_breaks import TurnTracker
 from kvcellar.server.stats import ServerStats
 from kvcellar.config import ServerSettings
 
 log = logging.getLogger("kvcellar.server")
+CHAT_ENDPOINTS = ("chat.completions", "messages")  # whose turns the reuse-break tracker follows
 
 
 def new_request_id(prefix: str) -> str:
@@ -76,6 +79,10 @@ class Telemetry:
         self._lock = threading.Lock()
         self._num_requests: Counter[str | None] = Counter()  # by the key's bound salt (None: admins)
         self._num_completion_tokens: Counter[str | None] = Counter()
+        self.turns = TurnTracker()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._engine.tokenizer.decode(ids)
 
     def recorder(
         self, request_id: str, endpoint: str, prepared: Prepared, *, stream: bool, created_s: float, arrived: float
@@ -85,8 +92,13 @@ class Telemetry:
 
         def on_end(result: GenerationResult | None, error: BaseException | None) -> None:
             try:
-                self.finish(build_record(request_id, endpoint, prepared, stream=stream, created_s=created_s,
-                                         waited_s=waited_s, result=result, error=error))  # fmt: skip
+                record = build_record(request_id, endpoint, prepared, stream=stream, created_s=created_s,
+                                      waited_s=waited_s, result=result, error=error)  # fmt: skip
+                if endpoint in CHAT_ENDPOINTS and result is not None:
+                    found = self.turns.observe(prepared.cache_salt, prepared.prompt_ids, result.token_ids,
+                                               prepared.prompt.segments.system_end, self._decode)  # fmt: skip
+                    record = dataclasses.replace(record, reuse_break=found.as_json() if found else None)
+                self.finish(record)
             except Exception:  # noqa: BLE001 - on the pump thread: a bad record must not lose the next ones
                 log.exception("could not record request %s", request_id)
 

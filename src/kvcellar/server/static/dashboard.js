@@ -136,6 +136,10 @@ function renderRecent(recent) { // newest first, by completion order (r.seq)
     cell(row, ms(r.ttft_s), "ttft");
     cell(row, ms(r.engine_ttft_s), "engine-ttft");
     cell(row, r.finish_reason, "finish");
+    const rebuilt = cell(row, r.reuse_break ? `at token ${int(r.reuse_break.position)}` : "", "reuse-break");
+    if (r.reuse_break) { // where this chat turn parted from its previous turn: the rest was computed again
+      rebuilt.title = `previous turn: ${JSON.stringify(r.reuse_break.previous)}\nthis turn: ${JSON.stringify(r.reuse_break.now)}`;
+    }
   }
 }
 
