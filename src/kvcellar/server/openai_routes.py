@@ -90,12 +90,12 @@ async def _generate(kind: str, body: ChatCompletionRequest | CompletionRequest, 
     header = (kind, request_id, int(created_s), state.engine.model_name)
     token_text = _token_text(state.engine.tokenizer)
     if body.stream:
-        chunks = stream_chunks(header, streams, body.include_usage, token_text, prepared.tool_choice)
+        chunks = stream_chunks(header, streams, body.include_usage, token_text, prepared.tool_choice, prepared.reasoning)
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     results = await collect_results(streams, request)
     if results is None:  # the client is gone; this answer reaches nobody
         return JSONResponse(error_body(499, "the client closed the request"), status_code=499)
-    return completion_body(*header, results, token_text, prepared.tool_choice)
+    return completion_body(*header, results, token_text, prepared.tool_choice, prepared.reasoning)
 
 
 def _nth_choice(prepared: Prepared, index: int) -> Prepared:

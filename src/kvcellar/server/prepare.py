@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvcellar.chat.grammar import response_format_grammar, tool_call_grammar
+from kvcellar.chat.reasoning import ReasoningSplit, marks_reasoning, opens_in_reasoning
 from kvcellar.chat.tools import Tool, ToolChoice, parse_tool_choice, parse_tools
 from kvcellar.engine import PreparedPrompt, PromptSegments, SamplingParams
 from kvcellar.errors import InvalidRequestError
@@ -34,6 +35,7 @@ class Prepared:
     params: SamplingParams
     tenant: Tenant
     tool_choice: ToolChoice = ToolChoice("none")  # whether the answer's tool calls are parsed out
+    reasoning: ReasoningSplit | None = None  # set: the answer's reasoning comes back as reasoning_content
 
     @property
     def prompt_ids(self) -> tuple[int, ...]:
@@ -49,6 +51,8 @@ def check_model(engine: ServingEngine, model: str | None) -> None:
         raise APIError(404, f"the model {model!r} does not exist on this server; it serves {engine.model_name!r} "
                             "(see GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
 
+
+REASONING_TAIL_TOKENS = 8  # the prompt's last tokens, decoded: does the generation prompt open a reasoning block?
 
 # NFC, the normalizer most tokenizers apply first, composes at most 4 code points into one (Greek "ᾄ").
 _MAX_CODE_POINTS_COMPOSED = 4
@@ -201,4 +205,7 @@ def prepare_generation(
             engine.grammars.check(params.grammar, "tools" if choice.forces_calls else "response_format")
         except InvalidRequestError as exc:
             raise APIError(400, str(exc), param=exc.field, code=exc.code) from None
-    return Prepared(prompt, params, tenant, choice)
+    reasoning = None
+    if isinstance(body, ChatCompletionRequest) and marks_reasoning(getattr(engine.tokenizer, "chat_template", None)):
+        reasoning = ReasoningSplit(opens_in_reasoning(engine.tokenizer.decode(ids[-REASONING_TAIL_TOKENS:])))
+    return Prepared(prompt, params, tenant, choice, reasoning)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from kvcellar.chat.reasoning import ReasoningSplit
 from kvcellar.chat.tool_calls import split_tool_calls
 from kvcellar.chat.tools import ToolChoice
 from kvcellar.engine import GenerationResult
@@ -53,42 +54,49 @@ def render_logprobs(kind: str, entries: Sequence[TokenLogprob], token_text: Toke
 
 
 def _choice(kind: str, index: int, result: GenerationResult, token_text: TokenText | None,
-            tool_choice: ToolChoice | None) -> dict:  # fmt: skip
+            tool_choice: ToolChoice | None, reasoning: ReasoningSplit | None) -> dict:  # fmt: skip
     choice: dict = {"index": index, "finish_reason": finish_reason(result), "logprobs": None}
     if result.logprobs is not None and token_text is not None:
         choice["logprobs"] = render_logprobs(kind, result.logprobs, token_text)
     if kind != "chat":
         choice["text"] = result.text
         return choice
-    choice["message"] = {"role": "assistant", "content": result.text}
+    thought, text = reasoning.split(result.text) if reasoning is not None else (None, result.text)
+    message: dict = {"role": "assistant", "content": text}
+    if thought is not None:
+        message["reasoning_content"] = thought
     if tool_choice is not None and tool_choice.parses_calls:
-        content, calls = split_tool_calls(result.text, tool_choice.parallel)
+        content, calls = split_tool_calls(text, tool_choice.parallel)
         if calls:
-            choice["message"] = {"role": "assistant", "content": content or None,
-                                 "tool_calls": [call.as_openai() for call in calls]}  # fmt: skip
+            message.update(content=content or None, tool_calls=[call.as_openai() for call in calls])
             choice["finish_reason"] = "tool_calls"
+    choice["message"] = message
     return choice
 
 
 def completion_body(kind: str, request_id: str, created: int, model: str, results: Sequence[GenerationResult],
-                    token_text: TokenText | None = None, tool_choice: ToolChoice | None = None) -> dict:  # fmt: skip
+                    token_text: TokenText | None = None, tool_choice: ToolChoice | None = None,
+                    reasoning: ReasoningSplit | None = None) -> dict:  # fmt: skip
     """A whole answer, a choice per result; `token_text` (id -> text) renders log-probabilities where the results
-    have them; with a `tool_choice` that parses calls, tool calls come out of the text (chat/tool_calls.py)."""
-    choices = [_choice(kind, index, result, token_text, tool_choice) for index, result in enumerate(results)]
+    have them; with a `tool_choice` that parses calls, tool calls come out of the text (chat/tool_calls.py); with
+    `reasoning`, a leading reasoning block becomes `reasoning_content` (chat/reasoning.py)."""
+    choices = [_choice(kind, index, result, token_text, tool_choice, reasoning) for index, result in enumerate(results)]
     return {**_header(kind, request_id, created, model, False), "choices": choices, "usage": usage(results),
             "timings": results[0].timings.as_dict()}  # fmt: skip
 
 
 def chunk_body(kind: str, request_id: str, created: int, model: str, text: str | None, finish: str | None = None,
                first: bool = False, logprobs: dict | None = None, tool_call: dict | None = None,
-               index: int = 0) -> dict:  # fmt: skip
-    """One stream chunk of choice `index`: new text, a whole tool call (`tool_call`, chat), or (text None) the
-    closing chunk with its finish_reason."""
+               index: int = 0, reasoning: str | None = None) -> dict:  # fmt: skip
+    """One stream chunk of choice `index`: new text, new reasoning (chat), a whole tool call (`tool_call`, chat),
+    or (text None) the closing chunk with its finish_reason."""
     choice: dict = {"index": index, "finish_reason": finish, "logprobs": logprobs}
     if kind == "chat":
         delta: dict = {"role": "assistant"} if first else {}
         if text is not None:
             delta["content"] = text
+        if reasoning is not None:
+            delta["reasoning_content"] = reasoning
         if tool_call is not None:
             delta["tool_calls"] = [tool_call]
         choice["delta"] = delta
