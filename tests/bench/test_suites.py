@@ -190,9 +190,18 @@ def test_concurrent_suite_runs_clients_together_against_a_server(tiny_server, tm
     assert sorted(three["first_turn_cached_tokens"]) == [0, 64, 64]
     assert 0 < one["hit_rate"] < three["hit_rate"] < 1  # second turns resend the conversation: cached too
     assert three["ttft_p99_s"] >= three["ttft_p50_s"] > 0 and three["decode_tok_s"] > 0
+    assert three["all_decoding_tok_s"] is None  # two turns per client: no single window where all decode
     probe = result["probes"]["kvcellar"]
     assert probe["streams"] == 2 and probe["ratio"] == probe["under_s"] / probe["alone_s"]
     assert "| kvcellar | 3 |" in result["table"]
+
+
+def test_all_decoding_rate_counts_tokens_while_every_stream_decodes():
+    # Stream a decodes from 1.0 to 3.0 s, stream b from 2.0 to 4.0 s: both between 2.0 and 3.0 s.
+    a = {"began": 0.0, "ttft_s": 1.0, "last_s": 3.0, "stamps": [1.0, 1.5, 2.0, 2.5, 3.0]}
+    b = {"began": 1.0, "ttft_s": 1.0, "last_s": 3.0, "stamps": [1.0, 1.5, 2.0, 2.5, 3.0]}
+    assert concurrent._all_decoding_rate([a, b]) == 4 / 1.0  # a's 2.5 and 3.0, b's 2.5 and 3.0 (absolute)
+    assert concurrent._all_decoding_rate([a, {**b, "began": 5.0}]) is None  # never both at once
 
 
 def test_concurrent_suite_refuses_what_it_cannot_run():

@@ -14,8 +14,11 @@ new question again after each answer (multi-turn chat). Every answer has
 - TTFT p50 / p99 over every turn of every client (the client's clock);
 - inter-token latency p50 / p99: gaps between a stream's token chunks;
 - decode tok/s: the sum of each stream's tokens after its first over its decode
-  time (what the streams decode together); aggregate tok/s: every token over
-  the run's wall time (prefills included);
+  time (what the streams decode together; a stream that starts early counts the
+  later arrivals' prefills in its time); all decoding tok/s: every stream's
+  tokens while all of them decode (from the last first token to the first last
+  token), the batched decode rate alone; aggregate tok/s: every token over the
+  run's wall time (prefills included);
 - hit rate: cached prompt tokens (the server's `usage.prompt_tokens_details.cached_tokens`)
   over prompt tokens, and each first turn's cached tokens, in the order their
   first tokens came: with one prefill of S, every request but one reports S's
@@ -124,8 +127,20 @@ def run_clients(server: Server, count: int, seed: str, config: ConcurrentConfig)
     cached = sum(turn["cached_tokens"] or 0 for turn in turns)
     return {"clients": count, "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
             "itl_p50_s": _quantile(gaps, 0.5), "itl_p99_s": _quantile(gaps, 0.99), "decode_tok_s": decode,
+            "all_decoding_tok_s": _all_decoding_rate(turns) if config.turns == 1 else None,
             "aggregate_tok_s": sum(turn["tokens"] for turn in turns) / wall, "hit_rate": cached / prompt_tokens,
             "first_turn_cached_tokens": [turn["cached_tokens"] for turn in first_turns], "wall_s": wall}  # fmt: skip
+
+
+def _all_decoding_rate(turns: list[dict]) -> float | None:
+    """Tokens per second of every stream together while all of them decode: from the last stream's first token
+    to the first stream's last (None where the streams never all decode at once)."""
+    start = max(turn["began"] + turn["ttft_s"] for turn in turns)
+    end = min(turn["began"] + turn["last_s"] for turn in turns)
+    if end <= start:
+        return None
+    inside = sum(1 for turn in turns for stamp in turn["stamps"] if start < turn["began"] + stamp <= end)
+    return inside / (end - start)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -162,15 +177,17 @@ def run_probe(server: Server, seed: str, config: ConcurrentConfig) -> dict:
 
 
 def table_text(names: list[str], runs: dict[str, list[dict]], probes: dict[str, dict]) -> str:
-    lines = ["| target | clients | TTFT p50 | TTFT p99 | ITL p50 | decode tok/s | x one client | aggregate tok/s | hit rate |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| target | clients | TTFT p50 | TTFT p99 | ITL p50 | decode tok/s | x one client | all decoding tok/s | "
+             "aggregate tok/s | hit rate |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in names:
         one = next((r["decode_tok_s"] for r in runs[name] if r["clients"] == 1), None)
         for r in runs[name]:
             times = one and f"{r['decode_tok_s'] / one:.2f}x"
+            together = r.get("all_decoding_tok_s")
             lines.append(f"| {name} | {r['clients']} | {r['ttft_p50_s']:.3f} s | {r['ttft_p99_s']:.3f} s | "
                          f"{r['itl_p50_s'] * 1000:.0f} ms | {r['decode_tok_s']:.1f} | {times or '-'} | "
-                         f"{r['aggregate_tok_s']:.1f} | {r['hit_rate']:.0%} |")  # fmt: skip
+                         f"{'-' if together is None else f'{together:.1f}'} | {r['aggregate_tok_s']:.1f} | "
+                         f"{r['hit_rate']:.0%} |")  # fmt: skip
     for name, probe in probes.items():
         lines.append(f"\n{name}: a {probe.get('tokens', '')}-token prompt's TTFT {probe['alone_s']:.3f} s alone, "
                      f"{probe['under_s']:.3f} s while {probe['streams']} streams decode ({probe['ratio']:.2f}x)")
