@@ -7,7 +7,7 @@ with the grammar engine's words), `.matcher(grammar) -> TokenConstraint`; `Token
 The grammar engine is llguidance (the Rust library behind vLLM's, SGLang's and llama.cpp's guidance
 backends): a grammar is Lark text with `%json {schema}` for JSON Schema parts (chat/grammar.py writes
 them). Why llguidance rather than xgrammar: one small abi3 wheel with no torch or compiler pin, masks
-computed on the CPU in about 0.1 ms per token whatever the device, and JSON Schema and Lark in one
+computed on the CPU whatever the device (their cost: docs/benchmarks.md), and JSON Schema and Lark in one
 grammar (a tool call is fixed text around a schema). A grammar is compiled once and kept (`CACHED_GRAMMARS`
 most recent); each request runs a copy of the compiled matcher. When the grammar is complete it allows
 only the end-of-sequence tokens, or stops by itself (`finished`): the request then ends with "stop".
