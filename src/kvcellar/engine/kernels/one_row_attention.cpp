@@ -112,6 +112,44 @@ void weigh_values(const KV* values, int64_t value_stride, int64_t count, const f
     for (int p = 0; p < PIECES; ++p) _mm512_storeu_ps(acc + (g * PIECES + p) * 16, sums[g][p]);
 }
 
+// weigh_values for bf16 rows, widened without a lane shuffle: 32 values loaded as 16 pairs, the even ones
+// moved to the top half (a shift), the odd ones kept there (a mask). Its registers hold the dims in even / odd
+// order, put back in order once at the end; each dim's FMAs are the same, in the same order, so the sums are
+// the same bits as the template above computes.
+template <int PIECES, int GROUPS>
+void weigh_values(const c10::BFloat16* values, int64_t value_stride, int64_t count, const float* scores, float* acc) {
+  constexpr int PAIRS = PIECES / 2;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 even[GROUPS][PAIRS], odd[GROUPS][PAIRS];
+  for (int g = 0; g < GROUPS; ++g)
+    for (int q = 0; q < PAIRS; ++q) even[g][q] = odd[g][q] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; ++j) {
+    const c10::BFloat16* row = values + j * value_stride;
+    if (j + PREFETCH_ROWS < count) prefetch_row(row + PREFETCH_ROWS * value_stride, 32 * PAIRS * sizeof(c10::BFloat16));
+    __m512 lo[PAIRS], hi[PAIRS];
+    for (int q = 0; q < PAIRS; ++q) {
+      const __m512i pairs = _mm512_loadu_si512(row + 32 * q);
+      lo[q] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      hi[q] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high));
+    }
+    for (int g = 0; g < GROUPS; ++g) {
+      const __m512 weight = _mm512_set1_ps(scores[g * SCORE_ROW + j]);
+      for (int q = 0; q < PAIRS; ++q) {
+        even[g][q] = _mm512_fmadd_ps(weight, lo[q], even[g][q]);
+        odd[g][q] = _mm512_fmadd_ps(weight, hi[q], odd[g][q]);
+      }
+    }
+  }
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int g = 0; g < GROUPS; ++g)
+    for (int q = 0; q < PAIRS; ++q) {
+      float* out = acc + (g * PIECES + 2 * q) * 16;
+      _mm512_storeu_ps(out, _mm512_permutex2var_ps(even[g][q], first, odd[g][q]));
+      _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(even[g][q], second, odd[g][q]));
+    }
+}
+
 // AVX-512, a head size of PIECES x 16: each key and value row is widened once into registers and used by
 // every query head of the group.
 template <int PIECES, typename KV>
