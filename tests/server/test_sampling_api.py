@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from .support import long_text
 
 
@@ -64,3 +66,22 @@ def test_frequency_penalty_picks_the_top_of_the_penalized_scores(server):
             steered += token != max(alternatives, key=alternatives.get)
         counts[token] = counts.get(token, 0) + 1
     assert steered >= 1
+
+
+def test_served_logprobs_match_a_direct_forward(server):
+    """The first token's log-probabilities, through the client, against the model folder run directly here."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = [(i * 53) % 400 + 30 for i in range(24)]
+    reply = server.client().completions.create(model=server.model, prompt=ids, max_tokens=1, temperature=0, logprobs=5)
+    served = reply.choices[0].logprobs.top_logprobs[0]
+    model = AutoModelForCausalLM.from_pretrained(server.model_dir, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+    tokenizer = server.tokenizer()
+    nearby = {tokenizer.decode([token]): float(expected[token]) for token in torch.topk(expected, 20).indices.tolist()}
+    assert len(served) == 5
+    for text, logprob in served.items():  # each of the served five is among the model's best, at its value
+        assert logprob == pytest.approx(nearby[text], abs=0.05)  # within bf16 rounding of the two paths
+    assert max(served.values()) == pytest.approx(float(expected.max()), abs=0.05)
