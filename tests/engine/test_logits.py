@@ -114,3 +114,22 @@ def test_a_grammar_makes_a_random_weight_model_answer_in_the_schema(engine):
 def test_a_grammar_the_engine_cannot_compile_is_refused_before_queueing(engine):
     with pytest.raises(InvalidRequestError, match="grammar engine"):
         engine.stream(prompt_ids=PROMPT, grammar='start: %json {"type": "no-such-type"}')
+
+
+def test_the_library_shows_tools_and_a_grammar_forces_a_call(engine):
+    from kvcellar.chat.grammar import tool_call_grammar
+    from kvcellar.chat.tool_calls import split_tool_calls
+    from kvcellar.chat.tools import parse_tools
+
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "JST"]}}, "required": ["zone"],
+        "additionalProperties": False}}}]  # fmt: skip
+    messages = [{"role": "user", "content": "What time is it?"}]
+    shown = engine.prepare(messages=messages, tools=tools)
+    assert len(shown.ids) > len(engine.prepare(messages=messages).ids)  # the tools are in the prompt
+    result = engine.generate(messages=messages, tools=tools, max_tokens=40,
+                             grammar=tool_call_grammar(parse_tools(tools), None, parallel=False))  # fmt: skip
+    _, calls = split_tool_calls(result.text)
+    assert [(call.name, json.loads(call.arguments)["zone"] in ("UTC", "JST")) for call in calls] == [("get_time", True)]
+    with pytest.raises(ValueError, match="messages"):
+        engine.prepare("plain text", tools=tools)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kvcellar.chat.tools import Tool
+from kvcellar.chat.tools import Tool, parse_tools
 from kvcellar.config import ROW_INVARIANT_MIN_ROWS, EngineConfig
 from kvcellar.cache.report import CacheReport, ProbeResult, cache_report, namespace_report
 from kvcellar.cache.registry import CacheRegistry, DrainReport
@@ -138,19 +138,24 @@ class Engine:
         segments: PromptSegments | None = None,
         cache_salt: str = "",
         max_tokens: int | None = None,
+        tools: Sequence[dict] = (),
     ) -> PreparedPrompt:
         """Encode (unless `prompt_ids` are given), check against `limits`, and compute the prompt's block keys.
 
         `segments` go with `prompt_ids` (as `encode(messages=...)` returned them): where the system
         prompt and the last user message end, so their blocks are cached at their priority.
-        `max_tokens`, when given, must fit the context after the prompt. Raises InvalidRequestError.
+        `max_tokens`, when given, must fit the context after the prompt. `tools`: OpenAI function tools
+        shown with `messages` (chat/tools.py; `kvcellar.chat.tool_calls.split_tool_calls` reads calls out of
+        the answer, and `kvcellar.chat.grammar.tool_call_grammar` forces them). Raises InvalidRequestError.
         """
         if segments is not None and prompt_ids is None:
             raise ValueError("segments= goes with prompt_ids=; with prompt= or messages= the engine finds them itself")
+        if tools and messages is None:
+            raise ValueError("tools= goes with messages=: a chat template shows them")
         if prompt_ids is not None:
             ids, segments = list(prompt_ids), segments or PromptSegments()
         else:
-            ids, segments = self.encode(prompt, messages)
+            ids, segments = self.encode(prompt, messages, parse_tools(list(tools)))
         self.limits.check_prompt(ids)
         self.limits.check_max_tokens(len(ids), max_tokens)
         return PreparedPrompt(tuple(ids), segments, cache_salt, tuple(self.prefix_cache.block_keys(ids, cache_salt)))
@@ -166,11 +171,12 @@ class Engine:
         prepared: PreparedPrompt | None = None,
         params: SamplingParams | None = None,
         cache_salt: str = "",
+        tools: Sequence[dict] = (),
         **sampling: object,
     ) -> GenerationStream:
         """Queue a request; iterate the returned stream for its text, the last event carries `.result`.
 
-        The prompt comes as for `prepare` (text, messages, or ids with their segments), or as a
+        The prompt comes as for `prepare` (text, messages with their `tools`, or ids with their segments), or as a
         `prepared` one (its salt is the one it was prepared with). A `max_tokens` given (here or in
         `params`) must fit the context after the prompt; left out, generation stops at the context's end.
         `stream.cancel()` (from any thread) or dropping the stream cancels the request.
@@ -178,7 +184,7 @@ class Engine:
         max_tokens = sampling.get("max_tokens", params.max_tokens if params is not None else None)
         if prepared is None:
             prepared = self.prepare(prompt, messages=messages, prompt_ids=prompt_ids, segments=segments,
-                                    cache_salt=cache_salt, max_tokens=max_tokens)  # fmt: skip
+                                    cache_salt=cache_salt, max_tokens=max_tokens, tools=tools)  # fmt: skip
         else:
             self.limits.check_max_tokens(len(prepared.ids), max_tokens)
         params = replace(params, **sampling) if params is not None and sampling else params
