@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvcellar.chat.partial import partial_marker_length
+
 OPEN, CLOSE = "<think>", "</think>"
 
 
@@ -39,14 +41,6 @@ def marks_reasoning(template: str | None) -> bool:
 def opens_in_reasoning(prompt_text: str) -> bool:
     """Whether the generation prompt ends inside an opened reasoning block."""
     return prompt_text.rstrip().endswith(OPEN)
-
-
-def _held(text: str, tag: str) -> int:
-    """How many characters at the end of `text` could start `tag`."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
 
 
 class ReasoningStream:
@@ -78,7 +72,7 @@ class ReasoningStream:
                         pieces.append(("reasoning", self._held[:end]))
                     self._held, self._state = self._held[end + len(CLOSE) :], "after"
                     continue
-                keep = _held(self._held, CLOSE)
+                keep = partial_marker_length(self._held, (CLOSE,))
                 if len(self._held) > keep:
                     pieces.append(("reasoning", self._held[: len(self._held) - keep]))
                     self._held = self._held[len(self._held) - keep :]

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from kvcellar.chat.grammar import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from kvcellar.chat.partial import partial_marker_length
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class ToolCallStream:
                     pieces.append(self._held[:start])
                 self._held, self._in_block = self._held[start:], True
                 continue
-            keep = _partial_opening(self._held) if self.parallel or not self.calls else 0
+            keep = partial_marker_length(self._held, (TOOL_CALL_OPEN,)) if self.parallel or not self.calls else 0
             if len(self._held) > keep:
                 pieces.append(self._held[: len(self._held) - keep])
                 self._held = self._held[len(self._held) - keep :]
@@ -83,14 +84,6 @@ class ToolCallStream:
         """The end of the answer: held text (an unfinished block too) is content."""
         held, self._held, self._in_block = self._held, "", False
         return [held] if held else []
-
-
-def _partial_opening(text: str) -> int:
-    """How many characters at the end of `text` could be the start of a block opening."""
-    for size in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
-        if TOOL_CALL_OPEN.startswith(text[-size:]):
-            return size
-    return 0
 
 
 def split_tool_calls(text: str, parallel: bool = True) -> tuple[str, list[ToolCall]]:

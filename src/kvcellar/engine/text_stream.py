@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvcellar.chat.partial import partial_marker_length
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -140,7 +142,7 @@ class StopStringMatcher:
             self._held = ""
             self._stop = stop
             return StopMatch(buffer[:start], stop)
-        hold = self._partial_stop_length(buffer)
+        hold = partial_marker_length(buffer, self._stops)
         self._held = buffer[len(buffer) - hold :]
         return StopMatch(buffer[: len(buffer) - hold])
 
@@ -163,11 +165,3 @@ class StopStringMatcher:
                 best = candidate
         return None if best is None else (best[1], best[2])
 
-    def _partial_stop_length(self, buffer: str) -> int:
-        # Longest suffix of buffer that is a proper prefix of some stop string.
-        longest = max(len(s) for s in self._stops) - 1
-        for length in range(min(longest, len(buffer)), 0, -1):
-            suffix = buffer[len(buffer) - length :]
-            if any(s.startswith(suffix) for s in self._stops):
-                return length
-        return 0
