@@ -18,7 +18,6 @@ how to keep reuse with the supported templates.
 from __future__ import annotations
 
 import threading
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ class TurnTracker:
     """The token streams of the latest `num_conversations` chat requests (thread-safe)."""
 
     def __init__(self, num_conversations: int = 64) -> None:
-        self._streams: OrderedDict[int, tuple[str, array]] = OrderedDict()
+        self._streams: OrderedDict[int, tuple[str, np.ndarray]] = OrderedDict()  # int32 token ids
         self._capacity = num_conversations
         self._next = 0
         self._lock = threading.Lock()
@@ -58,22 +57,22 @@ class TurnTracker:
     def observe(self, salt: str, prompt_ids: Sequence[int], generated_ids: Sequence[int], system_end: int | None,
                 decode: Callable[[list[int]], str]) -> ReuseBreak | None:  # fmt: skip
         """Compare a finished chat request with the streams kept, then keep its own; the break, if it made one."""
-        prompt = np.asarray(prompt_ids, dtype=np.int64)
+        prompt = np.asarray(prompt_ids, dtype=np.int32)
         with self._lock:
             candidates = [(key, stream) for key, (owner, stream) in self._streams.items() if owner == salt]
         best_key, best, shared = None, None, 0
         for key, stream in candidates:
-            length = _common_prefix(np.frombuffer(stream, dtype=np.int32).astype(np.int64), prompt)
+            length = _common_prefix(stream, prompt)
             if length > shared:
                 best_key, best, shared = key, stream, length
         found = None
         if best is not None and shared > (system_end or 0) and shared < min(len(best), len(prompt)):
-            previous = list(best[shared : shared + EXCERPT_TOKENS])
+            previous = best[shared : shared + EXCERPT_TOKENS].tolist()
             found = ReuseBreak(shared, len(best), decode(previous), decode(list(prompt_ids[shared : shared + EXCERPT_TOKENS])))
         with self._lock:
             if best_key is not None and found is None:
                 self._streams.pop(best_key, None)  # the conversation moved on: this turn's stream replaces it
-            self._streams[self._next] = (salt, array("i", list(prompt_ids) + list(generated_ids)))
+            self._streams[self._next] = (salt, np.concatenate([prompt, np.asarray(generated_ids, dtype=np.int32)]))
             self._next += 1
             while len(self._streams) > self._capacity:
                 self._streams.popitem(last=False)
