@@ -45,7 +45,8 @@ def add_bench_suites(bench: argparse.ArgumentParser) -> None:
     """
     import dataclasses
 
-    from kvcellar.bench.suites import chunking, concurrent, disk_tier, gguf_dtypes, prefix_cache, side_by_side
+    from kvcellar.bench.suites import (chunking, concurrent, disk_tier, gguf_dtypes, prefix_cache, side_by_side,
+                                      structured)  # fmt: skip
 
     suites = bench.add_subparsers(dest="suite", metavar="SUITE", title="suites (options go after the suite's name; "
                                   "without a suite: the scenario bench, options above)")  # fmt: skip
@@ -115,11 +116,6 @@ def add_bench_suites(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-under", type=int, help=f"streams decoding during the TTFT probe, 0: no probe "
                                                    f"(default {d('probe_under')})")  # fmt: skip
     p.add_argument("--probe-tokens", type=int, help=f"the probe prompt's tokens (default {d('probe_tokens')})")
-    _structured_options(suite, model_help)
-
-
-def _structured_options(suite: Callable, model_help: str) -> None:
-    from kvcellar.bench.suites import structured
 
     p, d = suite(structured, structured.StructuredConfig,
                  "constrained decoding (JSON Schema, forced tool calls) against free decoding, per generated token")
