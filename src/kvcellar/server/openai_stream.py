@@ -49,7 +49,8 @@ class _Choice:
         logprobs = None
         if event.logprob is not None:
             logprobs = render_logprobs(self.header[0], [event.logprob], self.token_text, self.offset)
-            self.offset += len(self.token_text(event.logprob.token_id))
+            if "tokens" in logprobs:  # completions' shape: the next token's text starts after this one's
+                self.offset += len(logprobs["tokens"][0])
         if self.calls is None and self.thoughts is None:
             return [self._chunk(event.text, logprobs=logprobs)]
         return self._pieces(self._split(event.text), logprobs) or [self._chunk("", logprobs=logprobs)]
