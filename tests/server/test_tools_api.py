@@ -72,7 +72,8 @@ def test_json_schema_output_validates(server, unique):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
                                                "tags": {"type": "array", "items": {"type": "string", "maxLength": 6},
                                                         "maxItems": 3},
-                                               "score": {"type": "number", "minimum": 0, "maximum": 1}},
+                                               # an integer in a range: a number's digits could run past max_tokens
+                                               "score": {"type": "integer", "minimum": 0, "maximum": 100}},
               "required": ["name", "tags", "score"], "additionalProperties": False}  # fmt: skip
     reply = server.client().chat.completions.create(
         model=server.model, messages=[{"role": "user", "content": f"describe {unique}"}], temperature=0, max_tokens=120,
