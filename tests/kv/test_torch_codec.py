@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from kvcellar.cache import CacheEntry, Priority, hash_tail
 from kvcellar.kv.state import StatePayload
 from kvcellar.tiers.disk.tier import DiskTier
-from kvcellar.tiers.disk.format import ITEM_SIZES, parse_header
+from kvcellar.tiers.format import ITEM_SIZES, parse_header
 from kvcellar.kv.torch_codec import TorchCodec
 
 from tests.tiers.helpers import ROOT_A, entry_files

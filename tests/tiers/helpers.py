@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvcellar.cache import BlockHash, CacheEntry, NamespaceSpec, Priority, hash_block, hash_tail, namespace_digest
-from kvcellar.tiers.disk.codec import RawCodec
+from kvcellar.tiers.codec import RawCodec
 from kvcellar.tiers.disk.tier import DiskTier
 from kvcellar.tiers.disk.state import INDEX_SLACK_BYTES
 from kvcellar.tiers.disk.index import DiskIndex

@@ -60,7 +60,7 @@ def test_every_single_byte_flip_is_caught(stored):
     tier, entries = stored
     path = file_of(tier, entries[0])
     original = path.read_bytes()
-    from kvcellar.tiers.disk.codec import RawCodec
+    from kvcellar.tiers.codec import RawCodec
     from kvcellar.tiers.disk.entry_io import Expected, ReadFailure, read_entry
 
     e = entries[0]

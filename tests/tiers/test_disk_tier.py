@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 S, U, A = Priority.SYSTEM, Priority.USER, Priority.ASSISTANT
 CHILD = """
 import hashlib, json, sys
-from kvcellar.tiers.disk.codec import RawCodec
+from kvcellar.tiers.codec import RawCodec
 from kvcellar.tiers.disk.tier import DiskTier
 tier = DiskTier(sys.argv[1], 1 << 20, RawCodec())
 found = {}

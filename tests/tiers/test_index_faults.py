@@ -14,7 +14,7 @@ from kvcellar.cache import LayoutCapabilities, PrefixCache
 from kvcellar.tiers.memory import MemoryTier
 from kvcellar.tiers.disk.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
 from kvcellar.tiers.disk.files import CacheDirError, DirLock
-from kvcellar.tiers.disk.format import FormatError, encode_header, parse_header
+from kvcellar.tiers.format import FormatError, encode_header, parse_header
 from kvcellar.tiers.disk.index import DiskIndex
 
 from .helpers import B, ROOT_A, chain, check_consistent, entry_files, make_partial, open_tier, payload_for, store

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 from kvcellar.tiers.disk import files
-from kvcellar.tiers.disk.codec import RawCodec
-from kvcellar.tiers.disk.entry_io import Expected, plan_header, read_entry, write_entry
+from kvcellar.tiers.codec import RawCodec
+from kvcellar.tiers.blob import plan_header
+from kvcellar.tiers.disk.entry_io import Expected, read_entry, write_entry
 
 from .helpers import B, ROOT_A, make_block, payload_for
 

@@ -8,7 +8,7 @@ from kvcellar.cache.registry import CacheRegistry
 from kvcellar.cache.tier import (BackgroundHelper, BackgroundWriter, NamespaceUsage, PersistentTier, Tier,
                                  check_known_tier)  # fmt: skip
 from kvcellar.errors import UnknownTierError
-from kvcellar.tiers.disk.codec import RawCodec
+from kvcellar.tiers.codec import RawCodec
 from kvcellar.tiers.disk.tier import DiskTier
 from kvcellar.tiers.memory import MemoryTier
 

@@ -6,9 +6,10 @@ import threading
 import time
 
 from kvcellar.tiers.disk import files, queue as writer
-from kvcellar.tiers.disk.codec import RawCodec
-from kvcellar.tiers.disk.entry_io import plan_header, write_entry
-from kvcellar.tiers.disk.format import encode_header
+from kvcellar.tiers.codec import RawCodec
+from kvcellar.tiers.blob import plan_header
+from kvcellar.tiers.disk.entry_io import write_entry
+from kvcellar.tiers.format import encode_header
 from kvcellar.tiers.disk.queue import WriteQueue
 
 from .helpers import ROOT_A, check_consistent, file_of, make_block, open_tier, store

@@ -1,7 +1,8 @@
 """How entries move between ordered tiers (fastest first) on behalf of one `PrefixCache`.
 
 Operations: `TierSet.find`, `.children` (reads across tiers, the fastest
-holder wins); `.store` (into one tier, parent checked), `.store_tail`
+holder wins); `.is_networked`, `.ask_chain` (tiers across a network answer
+a whole chain in one round trip: `ChainLookup`); `.store` (into one tier, parent checked), `.store_tail`
 (first tier, count-limited), `.write_through` (copies of an insert into the
 write-through tiers), `.demote` (evicted entries go one tier down),
 `.promote` (entries hit in a slower tier are copied into the first tier).
@@ -24,7 +25,7 @@ from kvcellar.cache.entry import CacheEntry
 from kvcellar.cache.hashing import BlockHash
 from kvcellar.cache.observer import CacheObserver
 from kvcellar.cache.tails import TailLRU
-from kvcellar.cache.tier import Tier
+from kvcellar.cache.tier import ChainLookup, Tier
 
 
 class TierSet:
@@ -59,6 +60,14 @@ class TierSet:
                 if entry is not None:
                     return entry, index
         return None
+
+    def is_networked(self, index: int) -> bool:
+        return isinstance(self.tiers[index], ChainLookup)
+
+    def ask_chain(self, parent: BlockHash, keys: Sequence[BlockHash]) -> bool:
+        """Ask every networked tier about the chain `keys` after `parent`; True if one holds its first key."""
+        found = [tier.find_chain(parent, keys) for tier in self.tiers if isinstance(tier, ChainLookup)]
+        return any(count > 0 for count in found)
 
     def children(self, parent: BlockHash, where: dict[BlockHash, int]) -> list[CacheEntry]:
         found: list[CacheEntry] = []

@@ -161,6 +161,8 @@ class PrefixCache:
         """Unpin the entries of `match` (call once per lookup, after restoring)."""
         with self._lock:
             for entry in match.entries:
+                if entry.num_pins == 0:  # a fresh object from a persistent or remote tier: nothing pinned
+                    continue
                 for tier in self._tiers:
                     # Identity, not key: an entry discarded and stored again is a new object. Entries
                     # read from a persistent tier are fresh objects no tier holds: nothing to unpin.
@@ -184,10 +186,19 @@ class PrefixCache:
         return point, chain
 
     def _walk_chain(self, keys: Sequence[BlockHash], where: dict[BlockHash, int]) -> list[CacheEntry]:
-        """The resident entries of the leading `keys` (the prompt's block keys), up to the first one missing."""
+        """The resident entries of the leading `keys` (the prompt's block keys), up to the first one missing.
+
+        Tiers across a network are asked once, about the rest of the chain, at the first key no local
+        tier holds: one round trip per lookup, none when the local tiers hold the whole chain.
+        """
         chain: list[CacheEntry] = []
-        for key in keys:
+        asked = False
+        for position, key in enumerate(keys):
             found = self._set.find(key)
+            if not asked and (found is None or self._set.is_networked(found[1])):
+                asked = True
+                if self._set.ask_chain(chain[-1].key if chain else self._root, keys[position:]):
+                    found = self._set.find(key)
             if found is None:
                 break
             chain.append(found[0])

@@ -14,7 +14,10 @@ Optional abilities, each a runtime-checkable protocol a tier has by having
 its methods (asked with `isinstance`, never `hasattr`): `BackgroundWriter`
 (writes behind on its own thread: `defer_writes`, a bounded `close`),
 `PersistentTier` (`sample_key`, to time a load at start-up), `NamespaceUsage`
-(`usage_of(namespaces)`, when listing `entries()` is expensive);
+(`usage_of(namespaces)`, when listing `entries()` is expensive), `ChainLookup`
+(a tier across a network: `contains`/`get`/`entries` answer from what this
+process knows, and `find_chain` asks the server about a whole chain in one
+round trip);
 `BackgroundHelper` types a tier's helper thread (`pause`, `flush`, `close`).
 
 Tiers are named by medium, fastest first: device, host, disk, remote.
@@ -153,6 +156,22 @@ class NamespaceUsage(Protocol):
     """A tier that reports a namespace's occupancy itself, where listing `entries()` is expensive (disk)."""
 
     def usage_of(self, namespaces: Collection[BlockHash]) -> TierStats: ...
+
+
+@runtime_checkable
+class ChainLookup(Protocol):
+    """A tier whose medium is across a network (remote): asking it per key would cost a round trip each.
+
+    Its `contains` and `get` answer from what this process knows (entries it stored, entries its last
+    questions found) without a round trip; `find_chain` asks the server about a whole chain at once and
+    updates that knowledge. `children` asks the server (one round trip). A tier that cannot reach its
+    server answers every question with a miss, never an error.
+    """
+
+    def find_chain(self, parent: BlockHash, keys: Sequence[BlockHash]) -> int:
+        """How many leading `keys` (a chain of blocks after `parent`) the server holds; `contains`/`get`
+        answer for those afterwards. One round trip."""
+        ...
 
 
 @runtime_checkable

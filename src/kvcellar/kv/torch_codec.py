@@ -18,7 +18,7 @@ import torch
 
 from kvcellar.kv.layout import LAYOUT_VERSION, ModelLayout
 from kvcellar.kv.state import StatePayload
-from kvcellar.tiers.disk.format import EntryHeader, TensorSpec
+from kvcellar.tiers.format import EntryHeader, TensorSpec
 
 _TO_NAME = {
     torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",

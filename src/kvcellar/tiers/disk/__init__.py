@@ -6,8 +6,7 @@ Modules, in the order a write passes through them:
 what the tier and its writer thread share, behind one lock), `queue` (the
 bounded write queue and its thread: pacing, priority), `writer` (what the
 thread does with a batch: write, index, delete), `entry_io` (write, read and
-verify one file), `format` (the file's header), `codec` (`PayloadCodec`:
-payload <-> tensors-as-bytes; `RawCodec`), `files` (paths, atomic writes,
+verify one file; the bytes are tiers/blob.py's, shared with the remote tier), `files` (paths, atomic writes,
 mapped reads, quarantine, the folder lock), `catalog` (the in-memory records,
 their `RecordState`, and what the eviction planner reads), `index` (the SQLite summary of the files),
 `index_repair` (open the index, set a damaged one aside, audit rows),

@@ -1,15 +1,13 @@
 """Write and read one entry file, checking everything the file says about itself.
 
-Operations: `plan_header` (the header of an entry, exact file size known
-before any tensor byte is touched), `write_entry` (checksum and atomic
-write in one pass), `read_entry` (map, parse, validate, checksum, decode), `read_header`
+Operations: `write_entry` (checksum and atomic write in one pass),
+`read_entry` (map, then `verify_entry` of tiers/blob.py), `read_header`
 (header only: start-up indexes orphan files with it), `Expected`, `ReadFailure`,
 `RowMismatch` (a valid file whose index row is wrong).
 
-The checksum covers the whole file, the checksum's own hex digits read as
-zeros: a flipped bit anywhere (header or tensors) is caught. A file is
-served only if its size, format, key, namespace, parent, kind, layout and
-`key == hash(parent, token_ids)` all match what the index expects. A file
+The file holds an entry's bytes (tiers/blob.py: checksummed, self-describing).
+A file is served only if blob.py's checks pass and its parent, kind and
+token count match what the index expects. A file
 that fails a check of its own is corrupt (quarantined); a valid file whose
 row says otherwise (size, parent, kind, token count) is a RowMismatch: the
 row is re-derived from the file, the file kept.
@@ -22,22 +20,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kvcellar.cache import CacheEntry, hash_block, hash_tail
-from kvcellar.tiers.disk.codec import PayloadCodec
+from kvcellar.cache import CacheEntry
+from kvcellar.tiers.blob import tensor_buffers, verify_entry
+from kvcellar.tiers.codec import PayloadCodec
 from kvcellar.tiers.disk.files import map_file, write_atomic
-from kvcellar.tiers.disk.format import (
-    DEFAULT_CHECKSUM,
+from kvcellar.tiers.format import (
     EntryHeader,
     FormatError,
     encode_header,
     header_length,
     new_checksum,
-    ordered,
     parse_header,
     placeholder_checksum,
 )
-
-_CHECKSUM_FIELD = b'"checksum":"'
 
 
 class ReadFailure(Exception):
@@ -76,43 +71,6 @@ class Expected:
     num_tokens: int
 
 
-def plan_header(entry: CacheEntry, codec: PayloadCodec, algorithm: str = DEFAULT_CHECKSUM) -> EntryHeader:
-    """The header `entry` will be written with (placeholder checksum); ValueError if not storable."""
-    if entry.namespace is None:
-        raise ValueError("an entry needs its namespace to be stored on disk")
-    return EntryHeader(
-        key=entry.key,
-        parent=entry.parent,
-        namespace=entry.namespace,
-        token_ids=entry.token_ids,
-        is_tail=entry.is_tail,
-        has_logits=entry.has_logits,
-        priority=int(entry.priority),
-        layout=codec.layout,
-        tensors=ordered(codec.describe(entry.payload)),
-        checksum=placeholder_checksum(algorithm),
-    )
-
-
-def _checksum_span(head: bytes | memoryview) -> tuple[int, int]:
-    """(start, end) of the checksum's hex digits inside the encoded header."""
-    start = bytes(head).find(_CHECKSUM_FIELD)
-    if start < 0:
-        raise FormatError("no checksum field")
-    start = bytes(head).index(b":", start + len(_CHECKSUM_FIELD)) + 1
-    end = bytes(head).index(b'"', start)
-    return start, end
-
-
-def _digest(algorithm: str, head: bytes, body: list[memoryview] | memoryview) -> str:
-    start, end = _checksum_span(head)
-    hasher = new_checksum(algorithm)
-    hasher.update(head[:start] + b"0" * (end - start) + head[end:])
-    for chunk in body if isinstance(body, list) else [body]:
-        hasher.update(chunk)
-    return hasher.hexdigest()
-
-
 def write_entry(
     path: Path, header: EntryHeader, payload: object, codec: PayloadCodec, known_dirs: set[Path],
     pause: Callable[[], None] = lambda: None,
@@ -128,10 +86,7 @@ def write_entry(
     requests stops within one tensor (~0.5 MB) instead of running on through
     the next prefill (the temp file stays invisible meanwhile).
     """
-    buffers = codec.tensor_bytes(payload, header.tensors)
-    for spec, buffer in zip(header.tensors, buffers):
-        if buffer.nbytes != spec.num_bytes:
-            raise ValueError(f"tensor {spec.name!r} has {buffer.nbytes} bytes, its spec says {spec.num_bytes}")
+    buffers = tensor_buffers(header, payload, codec)
     algorithm = header.checksum.split(":", 1)[0]
     zeroed = encode_header(replace(header, checksum=placeholder_checksum(algorithm)))
     hasher = new_checksum(algorithm)
@@ -152,25 +107,6 @@ def write_entry(
     return write_atomic(path, hashed([zeroed, *buffers]), known_dirs, final_start=final_header)
 
 
-def _check(header: EntryHeader, size: int, expected: Expected, layout: str) -> None:
-    """FormatError unless the file is consistent in itself and is the entry its place names."""
-    problems = [
-        (size != header.file_size, f"file has {size} bytes, its header describes {header.file_size}"),
-        (header.key != expected.key, "key differs from the file name"),
-        (header.namespace != expected.namespace, "namespace differs"),
-        (header.layout != layout, f"layer layout {header.layout!r} is not this model's {layout!r}"),
-    ]
-    for failed, reason in problems:
-        if failed:
-            raise FormatError(reason)
-    if header.is_tail:
-        keys = {hash_tail(header.parent, header.token_ids)}
-    else:  # a block's key is plain or "stepped" (prefilled after its prompt's last whole chunk: cache/hashing.py)
-        keys = {hash_block(header.parent, header.token_ids, stepped) for stepped in (False, True)}
-    if header.key not in keys:
-        raise FormatError("key is not the hash of parent and token ids")
-
-
 def read_entry(path: Path, expected: Expected, codec: PayloadCodec) -> tuple[EntryHeader, object]:
     """(header, payload) of a file that passes every check; ReadFailure otherwise."""
     try:
@@ -180,23 +116,7 @@ def read_entry(path: Path, expected: Expected, codec: PayloadCodec) -> tuple[Ent
     except OSError as exc:
         raise ReadFailure("unreadable", f"cannot read: {exc}") from None
     try:
-        header, offset = parse_header(data)
-        _check(header, len(data), expected, codec.layout)
-        algorithm, _, stored = header.checksum.partition(":")
-        try:
-            actual = _digest(algorithm, bytes(data[:offset]), data[offset:])
-        except ValueError as exc:  # an algorithm this process lacks: unverifiable, so never served
-            raise FormatError(str(exc)) from None
-        if actual != stored:
-            raise FormatError("checksum mismatch")
-        buffers, position = [], offset
-        for spec in header.tensors:
-            buffers.append(data[position : position + spec.num_bytes])
-            position += spec.num_bytes
-        try:
-            payload = codec.decode(header, buffers)
-        except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # tensors the codec cannot rebuild
-            raise FormatError(f"payload does not decode: {exc!r:.200}") from None
+        header, payload = verify_entry(data, codec, key=expected.key, namespace=expected.namespace)
     except FormatError as exc:
         raise ReadFailure("corrupt", str(exc)) from None
     _check_row(header, len(data), expected, payload)

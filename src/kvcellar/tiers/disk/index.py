@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvcellar.cache.hashing import HASH_NUM_BYTES
-from kvcellar.tiers.disk.format import MAX_HEADER_BYTES, PRIORITY_VALUES
+from kvcellar.tiers.format import MAX_HEADER_BYTES, PRIORITY_VALUES
 
 # The column names are the on-disk format: `is_partial` holds what the code calls a tail (IndexRow.is_tail).
 SCHEMA = """

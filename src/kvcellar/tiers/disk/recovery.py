@@ -33,7 +33,7 @@ from kvcellar.tiers.disk.catalog import Catalog, Record
 from kvcellar.tiers.disk.state import files_share
 from kvcellar.tiers.disk.entry_io import read_header
 from kvcellar.tiers.disk.files import CacheDir, quarantine, scan_entries
-from kvcellar.tiers.disk.format import FormatError
+from kvcellar.tiers.format import FormatError
 from kvcellar.tiers.disk.index import DiskIndex, IndexRow
 from kvcellar.tiers.disk.index_repair import open_index
 

@@ -42,10 +42,10 @@ from pathlib import Path
 
 from kvcellar.cache import CacheEntry, Priority
 from kvcellar.tiers.disk.catalog import Catalog, Record, RecordState
-from kvcellar.tiers.disk.codec import PayloadCodec
+from kvcellar.tiers.codec import PayloadCodec
 from kvcellar.tiers.disk.entry_io import Expected, RowMismatch, read_entry, write_entry
 from kvcellar.tiers.disk.files import CacheDir
-from kvcellar.tiers.disk.format import EntryHeader
+from kvcellar.tiers.format import EntryHeader
 from kvcellar.tiers.disk.index import WAL_CHECKPOINT_BYTES, DiskIndex
 
 log = logging.getLogger(__name__)

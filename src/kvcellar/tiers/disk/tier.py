@@ -39,10 +39,11 @@ from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY
 from kvcellar.cache.tier import check_budget
 from kvcellar.tiers.disk.admin import clear_disk_cache, disk_cache_stats, list_disk_entries
 from kvcellar.tiers.disk.catalog import Catalog, Record, RecordState
-from kvcellar.tiers.disk.codec import PayloadCodec
-from kvcellar.tiers.disk.entry_io import ReadFailure, plan_header
+from kvcellar.tiers.codec import PayloadCodec
+from kvcellar.tiers.blob import plan_header
+from kvcellar.tiers.disk.entry_io import ReadFailure
 from kvcellar.tiers.disk.files import CacheDir, DirLock, quarantine
-from kvcellar.tiers.disk.format import DEFAULT_CHECKSUM
+from kvcellar.tiers.format import DEFAULT_CHECKSUM
 from kvcellar.tiers.disk.queue import WriteQueue
 from kvcellar.tiers.disk.recovery import recover
 from kvcellar.tiers.disk.space import DiskSpace

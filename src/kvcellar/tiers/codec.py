@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from kvcellar.tiers.disk.format import EntryHeader, TensorSpec
+from kvcellar.tiers.format import EntryHeader, TensorSpec
 
 
 class PayloadCodec(Protocol):
