@@ -134,6 +134,16 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                             f"(default: {size_text(_CACHE.host_cache_bytes)})")
     group.add_argument("--disk-tier", action=argparse.BooleanOptionalAction, default=_env_bool("disk_tier", _CACHE.use_disk_tier),
                        help=f"keep blocks on disk so they survive restarts (default: {_on_off(_CACHE.use_disk_tier)})")
+    group.add_argument("--remote-cache", default=_env("remote_cache", None),
+                       help="a Redis/Valkey shared by several servers: redis://[user:pass@]host:port/db, rediss://, "
+                            "unix:///path.sock (default: none; docs/deployment.md)")
+    group.add_argument("--remote-timeout", type=float, default=float(_env("remote_timeout", _CACHE.remote_timeout_s)),
+                       help="seconds one exchange with the remote cache may take; past it the tier is skipped (a miss) "
+                            f"until the server answers again (default: {_CACHE.remote_timeout_s:g})")
+    group.add_argument("--remote-prefix", default=_env("remote_prefix", _CACHE.remote_key_prefix),
+                       help=f"start of every key the server writes in the remote cache (default: {_CACHE.remote_key_prefix})")
+    group.add_argument("--kv-events-endpoint", default=_env("kv_events_endpoint", None),
+                       help="publish KV-cache events in vLLM's format on this ZMQ address, e.g. tcp://*:5557 (default: off)")
     group.add_argument("--host-tier", action=argparse.BooleanOptionalAction, default=_env_bool("host_tier", _CACHE.use_host_tier),
                        help=f"keep blocks evicted from GPU memory in host RAM (default: {_on_off(_CACHE.use_host_tier)})")
 
@@ -158,6 +168,10 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         cost_model=args.cost_model,
         use_disk_tier=args.disk_tier,
         use_host_tier=args.host_tier,
+        remote_cache=args.remote_cache or None,
+        remote_timeout_s=args.remote_timeout,
+        remote_key_prefix=args.remote_prefix,
+        kv_events_endpoint=args.kv_events_endpoint or None,
     )
     threads = int(args.threads) if args.threads is not None else None
     return EngineConfig(model, device=args.device, dtype=args.dtype, block_size=args.block_size, num_threads=threads,

@@ -23,6 +23,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from kvcellar.checks import is_int, is_number
 
 from kvcellar.cache.policy import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
+from kvcellar.tiers.remote.address import RemoteAddress
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # "float32-bf16-weights": fp32 activations and K/V, weights stored in bf16 where bf16 holds them exactly
@@ -164,6 +165,14 @@ class CacheConfig:
     cost_model: bool = True
     # On close (SIGTERM/SIGINT/SIGHUP to a server), queued disk writes get this long to become durable.
     drain_timeout_s: float = 60.0
+    # The shared tier (tiers/remote): a Redis/Valkey URL (redis://, rediss://, unix://); None: no shared tier.
+    # Servers of the same model, layout and salt share its entries; its size is the server's own maxmemory.
+    remote_cache: str | None = None
+    remote_timeout_s: float = 0.5  # per exchange; past it the tier is down (a miss) until it answers again
+    remote_key_prefix: str = "kvcellar:"  # every key name starts with it (ACLs per deployment: ~prefix*)
+    remote_write_queue_bytes: int = 1024**3  # write-behind memory for the shared tier; past it writes drop, counted
+    # Publish BlockStored/BlockRemoved/AllBlocksCleared in vLLM's KV-event format (ZMQ PUB); None: off.
+    kv_events_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("device_cache_bytes", "disk_cache_bytes", "host_cache_bytes", "disk_write_queue_bytes"):
@@ -172,6 +181,16 @@ class CacheConfig:
                 raise ValueError(f"{name} must be a byte count >= 0, e.g. parse_size('4G') (got {value!r})")
         if self.exact is not None and not isinstance(self.exact, bool):
             raise ValueError(f"exact must be True, False or None (the device's default), got {self.exact!r}")
+        if self.remote_cache is not None:
+            RemoteAddress.parse(self.remote_cache)  # ValueError naming the accepted forms
+        if not is_number(self.remote_timeout_s) or not 0 < self.remote_timeout_s < float("inf"):
+            raise ValueError(f"remote_timeout_s (--remote-timeout) must be a number of seconds > 0 (got {self.remote_timeout_s!r})")
+        if not isinstance(self.remote_key_prefix, str) or not self.remote_key_prefix or any(c in self.remote_key_prefix for c in "*?[]"):
+            raise ValueError(f"remote_key_prefix (--remote-prefix) must be a non-empty string without *?[] (got {self.remote_key_prefix!r})")
+        if not is_int(self.remote_write_queue_bytes) or self.remote_write_queue_bytes <= 0:
+            raise ValueError(f"remote_write_queue_bytes must be a byte count > 0 (got {self.remote_write_queue_bytes!r})")
+        if self.kv_events_endpoint is not None and not str(self.kv_events_endpoint).startswith(("tcp://", "ipc://", "inproc://")):
+            raise ValueError(f"kv_events_endpoint (--kv-events-endpoint) must be a ZMQ address such as tcp://*:5557 (got {self.kv_events_endpoint!r})")
         if self.disk_write_queue_bytes == 0:
             raise ValueError("disk_write_queue_bytes must be > 0: the disk tier writes through this queue")
         if isinstance(self.cache_dir, os.PathLike):

@@ -69,6 +69,9 @@ class NamespaceSpec:
     # The prefill schedule when it is not the fixed one ("row-invariant"): its attention runs in query
     # pieces and rounds differently from the fixed schedule's (None keeps the older digests).
     schedule: str | None = None
+    # Exact mode: where K/V are computed (device kind, kernel level, torch version). Two machines that
+    # round differently must not share exact entries through a shared tier (None keeps the older digests).
+    compute: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_fingerprint, str) or not self.model_fingerprint:

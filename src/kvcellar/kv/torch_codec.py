@@ -12,6 +12,8 @@ for recurrent states, [vocab] float32 for logits (kv/state.py).
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Sequence
 
 import torch
@@ -85,6 +87,10 @@ class TorchCodec:
             dtype = _FROM_NAME[spec.dtype]
             if buffer.nbytes == 0:
                 tensor = torch.empty(spec.shape, dtype=dtype)
+            elif buffer.readonly:  # bytes fetched from the remote tier: viewed, not copied (payloads are never written)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                    tensor = torch.frombuffer(buffer, dtype=dtype).reshape(spec.shape)
             else:
                 tensor = torch.frombuffer(buffer, dtype=dtype).reshape(spec.shape)
             tensors[spec.name] = tensor

@@ -9,7 +9,9 @@ Tiers, fastest first: `device` (MemoryTier); `host` (MemoryTier in pinned RAM,
 only when the model runs on a GPU; kv/pinned.py supplies its hooks); `disk`
 (DiskTier, only with a cache_dir), which also receives every inserted entry
 (write-through, on its background thread) so a restart finds what was
-computed even if nothing was evicted. Every core reports its events to a
+computed even if nothing was evicted; `remote` (RemoteTier, only with a
+remote_cache URL), written through the same way so other servers find it.
+An exact namespace names where it computes (`compute_identity`). Every core reports its events to a
 `LoggingObserver` on the "kvcellar.cache" logger (refusals and evictions at
 DEBUG).
 """
@@ -34,6 +36,7 @@ from kvcellar.kv.pinned import PinnedReserve, payload_mover, pinned_admission
 from kvcellar.kv.torch_codec import TorchCodec, layout_string
 from kvcellar.tiers.disk.tier import DiskTier
 from kvcellar.tiers.memory import MemoryTier
+from kvcellar.tiers.remote.tier import RemoteTier
 
 
 def build_prefix_cache(
@@ -58,11 +61,12 @@ def build_prefix_cache(
         tenant_salt=cache_config.tenant_salt,
         chunk_size=chunk if chunk > config.block_size else None,  # None keeps the digests of one-block chunks
         schedule="row-invariant" if row_invariant else None,
+        compute=compute_identity(device) if cache_config.exact else None,
     )
     capabilities = layout.capabilities(config.block_size)
     reuse = reuse_rule(cache_config.exact, capabilities, chunk, ROW_INVARIANT_MIN_ROWS if row_invariant else None)
     tiers, helpers = _build_tiers(device, layout, cache_config, config.block_size)
-    write_through = ("disk",) if any(tier.name == "disk" for tier in tiers) else ()
+    write_through = tuple(tier.name for tier in tiers if tier.name in ("disk", "remote"))
     registry = CacheRegistry(
         spec, capabilities, tiers, cache_config.max_partial_entries, write_through=write_through, helpers=helpers,
         reuse=reuse, observer=LoggingObserver(logging.getLogger("kvcellar.cache")),
@@ -73,6 +77,23 @@ def build_prefix_cache(
     )
     prime_load_rates(tiers, prefix_cache.cost_model, namespace_digest(spec))  # the default salt's namespace
     return prefix_cache, registry
+
+
+def compute_identity(device: torch.device) -> str:
+    """Where K/V are computed, as far as it decides their rounding: device kind, kernel level, torch version.
+
+    Exact entries are bit-identical to a cold prefill only on hardware that rounds the same way, so an
+    exact namespace names it: a shared tier then never hands one machine's exact entries to another kind.
+    """
+    version = torch.__version__.split("+")[0]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        level = f"sm{major}{minor}"
+    elif device.type == "cpu":
+        level = torch.backends.cpu.get_cpu_capability().lower()
+    else:
+        level = device.type
+    return f"{device.type}:{level}:torch{version}"
 
 
 def prime_load_rates(tiers: list[Tier], cost_model: CostModel, namespace: BlockHash) -> None:
@@ -118,4 +139,9 @@ def _build_tiers(device: torch.device, layout: ModelLayout, cache_config: CacheC
             policy=policy, max_queue_bytes=cache_config.disk_write_queue_bytes,
         )  # fmt: skip
         tiers.append(disk)
+    if cache_config.remote_cache:
+        tiers.append(RemoteTier(
+            cache_config.remote_cache, TorchCodec(layout_string(layout), device), prefix=cache_config.remote_key_prefix,
+            timeout_s=cache_config.remote_timeout_s, max_queue_bytes=cache_config.remote_write_queue_bytes,
+        ))  # fmt: skip
     return tiers, helpers
