@@ -161,8 +161,6 @@ class PrefixCache:
         """Unpin the entries of `match` (call once per lookup, after restoring)."""
         with self._lock:
             for entry in match.entries:
-                if entry.num_pins == 0:  # a fresh object from a persistent or remote tier: nothing pinned
-                    continue
                 for tier in self._tiers:
                     # Identity, not key: an entry discarded and stored again is a new object. Entries
                     # read from a persistent tier are fresh objects no tier holds: nothing to unpin.

@@ -10,7 +10,8 @@ engine's decode batch-size histogram): `observe(record)` after each request,
 Request metrics are counted as requests finish; the time histograms run
 from the request's arrival at the server (queue, TTFT as a client sees it,
 whole request), plus the engine's own TTFT (queueing left out). Cache metrics (hit / miss /
-saved tokens, evictions, bytes, budget and entries per tier) and the scheduler's (running and
+saved tokens, evictions, bytes, budget and entries per tier, the shared tier's writes, loads, losses
+and faults as kvcellar_remote_*) and the scheduler's (running and
 waiting requests, their K/V against the budget, preemptions, decode batch sizes)
 are read from the global `ServerStats` snapshot at scrape time by a
 collector, so they can never drift from the engine's own counters or from
@@ -43,6 +44,20 @@ _TIER_GAUGES: tuple[tuple[str, str, Callable[[TierReport], int]], ...] = (
     ("bytes", "bytes held by the tier", lambda t: t.num_bytes),
     ("budget_bytes", "byte budget of the tier", lambda t: t.budget_bytes),
     ("entries", "entries in the tier", lambda t: t.num_entries),
+)
+
+# The shared tier's own counters (tiers/remote: its TierStats counters), as kvcellar_remote_<name>_total.
+_REMOTE_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("written", "num_written", "entries written to the shared tier"),
+    ("dropped", "num_dropped", "entries not written to the shared tier (queue full, server down or full)"),
+    ("loads", "num_loads", "entries loaded from the shared tier"),
+    ("load_bytes", "load_bytes", "bytes loaded from the shared tier"),
+    ("missing", "num_missing", "entries gone when loaded (evicted by the shared server)"),
+    ("corrupt", "num_corrupt", "entries that failed their checks when loaded (deleted, a miss)"),
+    ("oom", "num_oom", "writes the shared server refused for its maxmemory"),
+    ("timeouts", "num_timeouts", "exchanges with the shared server that timed out"),
+    ("connection_errors", "num_connection_errors", "exchanges with the shared server that failed to connect"),
+    ("reconnects", "num_reconnects", "times the shared server became reachable again"),
 )
 
 
@@ -80,6 +95,15 @@ class _CacheCollector:
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], value)
             yield gauge
+        remote = cache.tiers.get("remote")
+        if remote is not None:
+            up = GaugeMetricFamily("kvcellar_remote_up", "1 while the shared tier's server is reachable")
+            up.add_metric([], remote.counters.get("connected", 0))
+            yield up
+            for name, counter, doc in _REMOTE_COUNTERS:
+                family = CounterMetricFamily(f"kvcellar_remote_{name}", doc)
+                family.add_metric([], remote.counters.get(counter, 0))
+                yield family
         preemptions = CounterMetricFamily("kvcellar_preemptions", "running requests preempted for K/V memory")
         preemptions.add_metric([], stats.preemptions)
         yield preemptions

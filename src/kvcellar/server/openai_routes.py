@@ -25,6 +25,7 @@ from kvcellar.server.logprobs import TokenText
 from kvcellar.server.responses import completion_body
 from kvcellar.server.schemas import ChatCompletionRequest, CompletionRequest
 from kvcellar.server.telemetry import new_request_id
+from kvcellar.tiers.remote.tier import RemoteTier
 
 router = APIRouter()
 _ENDPOINTS = {"chat": ("chat.completions", "chatcmpl"), "text": ("completions", "cmpl")}
@@ -68,7 +69,15 @@ async def health(request: Request, tenant: Tenant = Depends(current_tenant)) -> 
     return {"status": "ok", "model": engine.model_name, "queue_depth": engine.queue_depth, "running": load.running,
             "kv_tokens": load.kv_tokens, "kv_budget_tokens": load.kv_budget_tokens,
             "device": str(engine.loaded.device), "dtype": engine.loaded.precision, "block_size": config.block_size, "prefill_chunk_size": config.prefill_chunk_size,
-            "prefill_schedule": config.prefill_schedule}  # fmt: skip
+            "prefill_schedule": config.prefill_schedule, **_remote_health(engine)}  # fmt: skip
+
+
+def _remote_health(engine) -> dict:
+    """The shared tier's address (password hidden) and whether it is reachable; nothing when there is none."""
+    for tier in engine.cache_registry.tiers:
+        if isinstance(tier, RemoteTier):
+            return {"remote_cache": {"url": tier.address.display, "connected": tier.is_up}}
+    return {}
 
 
 async def _generate(kind: str, body: ChatCompletionRequest | CompletionRequest, request: Request, tenant: Tenant):
