@@ -69,9 +69,13 @@ class TierSet:
         found = [tier.find_chain(parent, keys) for tier in self.tiers if isinstance(tier, ChainLookup)]
         return any(count > 0 for count in found)
 
-    def children(self, parent: BlockHash, where: dict[BlockHash, int]) -> list[CacheEntry]:
+    def children(self, parent: BlockHash, where: dict[BlockHash, int], ask_network: bool = True) -> list[CacheEntry]:
+        """The children of `parent` in every tier. Tiers across a network are asked (a round trip) only with
+        `ask_network`, or when no local tier holds a child."""
         found: list[CacheEntry] = []
         for index, tier in enumerate(self.tiers):
+            if found and not ask_network and self.is_networked(index):
+                continue
             for child in tier.children(parent):
                 if child.key not in where:  # the fastest tier holding a key wins
                     where[child.key] = index

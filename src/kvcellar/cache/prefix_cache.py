@@ -171,20 +171,21 @@ class PrefixCache:
     def _restore_point(
         self, tokens: tuple[int, ...], keys: Sequence[BlockHash], where: dict[BlockHash, int]
     ) -> tuple[RestorePoint, list[CacheEntry]]:
-        chain = self._walk_chain(keys, where)
+        chain, asked = self._walk_chain(keys, where)
         parent = chain[-1].key if chain else self._root
-        children = self._set.children(parent, where)
+        children = self._set.children(parent, where, asked)
         previous: list[CacheEntry] = []
         if chain and len(chain) * self._block_size == len(tokens):
-            previous = self._set.children(chain[-1].parent, where)
+            previous = self._set.children(chain[-1].parent, where, asked)
         point = choose_restore_point(
             tokens, chain, children, previous,
             block_size=self._block_size, can_trim=self._capabilities.can_trim, rule=self._reuse,
         )  # fmt: skip
         return point, chain
 
-    def _walk_chain(self, keys: Sequence[BlockHash], where: dict[BlockHash, int]) -> list[CacheEntry]:
-        """The resident entries of the leading `keys` (the prompt's block keys), up to the first one missing.
+    def _walk_chain(self, keys: Sequence[BlockHash], where: dict[BlockHash, int]) -> tuple[list[CacheEntry], bool]:
+        """(the resident entries of the leading `keys`, up to the first one missing; whether tiers across a
+        network were asked).
 
         Tiers across a network are asked once, about the rest of the chain, at the first key no local
         tier holds: one round trip per lookup, none when the local tiers hold the whole chain.
@@ -201,7 +202,7 @@ class PrefixCache:
                 break
             chain.append(found[0])
             where[key] = found[1]
-        return chain
+        return chain, asked
 
     def _plan(
         self, point: RestorePoint, chain: list[CacheEntry], where: dict[BlockHash, int], planner: Planner, n: int
