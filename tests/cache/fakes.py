@@ -59,6 +59,9 @@ class RecordingObserver:
     def on_refuse(self, entry: CacheEntry, reason: str) -> None:
         self.events.append(("refuse", entry.token_ids, reason))
 
+    def on_clear(self, tier_name: str | None) -> None:
+        self.events.append(("clear", tier_name))
+
 
 def make_cache(
     capabilities: LayoutCapabilities = ATTENTION,

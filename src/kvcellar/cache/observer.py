@@ -3,7 +3,8 @@
 Operations: `CacheObserver` (the protocol), `NullObserver` (does nothing),
 `LoggingObserver(logger)` (the engine's: each refused store and each
 eviction becomes a DEBUG line, so `--log-level debug` shows why a block was
-not kept; counters stay in `CacheStats`). `PrefixCache` always calls its
+not kept; counters stay in `CacheStats`), `ObserverGroup` (several observers
+as one: logs and KV events, kvcellar/events). `PrefixCache` always calls its
 observer; "no metrics" is a `NullObserver`, not a flag checked on every
 event. `CacheRegistry` hands its one observer to every core it creates.
 Observers run under the cache lock: they must be fast and must not call
@@ -34,6 +35,9 @@ class CacheObserver(Protocol):
     def on_refuse(self, entry: CacheEntry, reason: str) -> None:
         """An insert was refused; nothing was evicted for it."""
 
+    def on_clear(self, tier_name: str | None) -> None:
+        """Every entry of the tier `tier_name` (None: of every tier) was dropped."""
+
 
 class NullObserver:
     """The observer of a cache nobody watches."""
@@ -49,6 +53,36 @@ class NullObserver:
 
     def on_refuse(self, entry: CacheEntry, reason: str) -> None:
         pass
+
+    def on_clear(self, tier_name: str | None) -> None:
+        pass
+
+
+class ObserverGroup:
+    """Several observers as one, called in order."""
+
+    def __init__(self, *observers: CacheObserver) -> None:
+        self.observers = observers
+
+    def on_lookup(self, match: Match, num_prompt_tokens: int) -> None:
+        for observer in self.observers:
+            observer.on_lookup(match, num_prompt_tokens)
+
+    def on_evict(self, entry: CacheEntry, tier_name: str) -> None:
+        for observer in self.observers:
+            observer.on_evict(entry, tier_name)
+
+    def on_store(self, entry: CacheEntry, tier_name: str) -> None:
+        for observer in self.observers:
+            observer.on_store(entry, tier_name)
+
+    def on_refuse(self, entry: CacheEntry, reason: str) -> None:
+        for observer in self.observers:
+            observer.on_refuse(entry, reason)
+
+    def on_clear(self, tier_name: str | None) -> None:
+        for observer in self.observers:
+            observer.on_clear(tier_name)
 
 
 class LoggingObserver:
@@ -76,6 +110,9 @@ class LoggingObserver:
         if self._log.isEnabledFor(logging.DEBUG):
             self._log.debug("not stored: %s (%d tokens, %d bytes): %s", _describe(entry), len(entry.token_ids),
                             entry.num_bytes, reason)  # fmt: skip
+
+    def on_clear(self, tier_name: str | None) -> None:
+        self._log.info("cache cleared (%s)", tier_name or "every tier")
 
 
 def _describe(entry: CacheEntry) -> str:

@@ -86,6 +86,7 @@ class CacheRegistry:
             for tier in self.tiers:
                 if tier_name is None or tier.name == tier_name:
                     tier.clear()
+            self.observer.on_clear(tier_name)
 
     @contextlib.contextmanager
     def computing(self):

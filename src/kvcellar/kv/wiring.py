@@ -11,7 +11,9 @@ only when the model runs on a GPU; kv/pinned.py supplies its hooks); `disk`
 (write-through, on its background thread) so a restart finds what was
 computed even if nothing was evicted; `remote` (RemoteTier, only with a
 remote_cache URL), written through the same way so other servers find it.
-An exact namespace names where it computes (`compute_identity`). Every core reports its events to a
+An exact namespace names where it computes (`compute_identity`). With a
+kv_events_endpoint, stores, evictions and clears are also published as
+vLLM-format KV events (kvcellar/events). Every core reports its events to a
 `LoggingObserver` on the "kvcellar.cache" logger (refusals and evictions at
 DEBUG).
 """
@@ -26,10 +28,12 @@ import torch
 from kvcellar.cache import BlockHash, NamespaceSpec, namespace_digest
 from kvcellar.cache.registry import CacheRegistry
 from kvcellar.cache.cost_model import CostModel
-from kvcellar.cache.observer import LoggingObserver
+from kvcellar.cache.observer import CacheObserver, LoggingObserver, ObserverGroup
 from kvcellar.cache.tier import BackgroundHelper, PersistentTier, Tier
 from kvcellar.cache.reuse import reuse_rule
 from kvcellar.config import ROW_INVARIANT_MIN_ROWS, CacheConfig, EngineConfig
+from kvcellar.events.observer import KVEventObserver
+from kvcellar.events.publisher import EventPublisher
 from kvcellar.kv.adapter import DisabledPrefixCache, ModelPrefixCache
 from kvcellar.kv.layout import LAYOUT_VERSION, ModelLayout
 from kvcellar.kv.pinned import PinnedReserve, payload_mover, pinned_admission
@@ -67,9 +71,14 @@ def build_prefix_cache(
     reuse = reuse_rule(cache_config.exact, capabilities, chunk, ROW_INVARIANT_MIN_ROWS if row_invariant else None)
     tiers, helpers = _build_tiers(device, layout, cache_config, config.block_size)
     write_through = tuple(tier.name for tier in tiers if tier.name in ("disk", "remote"))
+    observer: CacheObserver = LoggingObserver(logging.getLogger("kvcellar.cache"))
+    if cache_config.kv_events_endpoint:
+        publisher = EventPublisher(cache_config.kv_events_endpoint)
+        helpers.append(publisher)  # closed with the cache, after its last events
+        observer = ObserverGroup(observer, KVEventObserver(publisher, config.block_size, device.type))
     registry = CacheRegistry(
         spec, capabilities, tiers, cache_config.max_partial_entries, write_through=write_through, helpers=helpers,
-        reuse=reuse, observer=LoggingObserver(logging.getLogger("kvcellar.cache")),
+        reuse=reuse, observer=observer,
     )  # fmt: skip
     prefix_cache = ModelPrefixCache(
         registry.core_for_salt, model_config, layout, config.block_size, reuse, device,
