@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kvcellar.bench.suite_options import add_bench_suites
 
     add_bench_suites(bench)
+    from kvcellar.cluster.launch import add_cluster_command
+
+    add_cluster_command(commands)
     return parser
 
 

@@ -33,7 +33,11 @@ class DrainReport:
 
     num_written: int = 0
     num_dropped: int = 0  # still queued when the drain time ran out, or failed while draining
-    has_disk_tier: bool = False
+    writing_tiers: tuple[str, ...] = ()  # the tiers that write behind (disk, remote), drained
+
+    @property
+    def has_disk_tier(self) -> bool:
+        return "disk" in self.writing_tiers
 
 
 @dataclass
@@ -127,15 +131,15 @@ class CacheRegistry:
         num_written = num_dropped = 0
         for tier in writing:
             after = tier.stats().counters
-            num_written += after["num_written"] - before[tier.name]["num_written"]
-            num_dropped += after["num_dropped"] - before[tier.name]["num_dropped"] + after["num_queued"]
+            num_written += int(after["num_written"] - before[tier.name]["num_written"])
+            num_dropped += int(after["num_dropped"] - before[tier.name]["num_dropped"] + after["num_queued"])
             tier.close(left())
         for tier in self.tiers:
             if tier not in writing:
                 tier.close()
         for helper in self.helpers:
             helper.close()
-        return DrainReport(num_written, num_dropped, bool(writing))
+        return DrainReport(num_written, num_dropped, tuple(tier.name for tier in writing))
 
     def set_budget(self, tier_name: str, budget_bytes: int) -> None:
         """Change one tier's budget; evictions go through a core so they are counted."""

@@ -125,8 +125,10 @@ def _drain(engine: ServingEngine) -> None:
 
     with _handling(STOP_SIGNALS, still_draining):
         report = engine.close()
-    if report is not None and report.has_disk_tier:
-        print(f"kvcellar: drained the disk tier: {report.num_written} written, {report.num_dropped} dropped "
+    if report is not None and report.writing_tiers:
+        tiers = " and ".join(report.writing_tiers)
+        print(f"kvcellar: drained the {tiers} tier{'s' if len(report.writing_tiers) > 1 else ''}: "
+              f"{report.num_written} written, {report.num_dropped} dropped "
               f"in {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
 
 
