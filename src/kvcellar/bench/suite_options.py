@@ -45,8 +45,8 @@ def add_bench_suites(bench: argparse.ArgumentParser) -> None:
     """
     import dataclasses
 
-    from kvcellar.bench.suites import (chunking, concurrent, disk_tier, gguf_dtypes, prefix_cache, side_by_side,
-                                      structured)  # fmt: skip
+    from kvcellar.bench.suites import (chunking, cluster, concurrent, disk_tier, gguf_dtypes, prefix_cache,
+                                      side_by_side, structured)  # fmt: skip
 
     suites = bench.add_subparsers(dest="suite", metavar="SUITE", title="suites (options go after the suite's name; "
                                   "without a suite: the scenario bench, options above)")  # fmt: skip
@@ -123,6 +123,24 @@ def add_bench_suites(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=int, help=f"prompt tokens (default {d('prompt_tokens')})")
     p.add_argument("--max-tokens", type=int, help=f"most tokens per answer (default {d('max_tokens')})")
     p.add_argument("--rounds", type=int, help=f"interleaved rounds (default {d('rounds')})")
+    p.add_argument("--out", help=f"JSON file (default {d('out')})")
+
+    p, d = suite(cluster, cluster.ClusterBenchConfig,
+                 "servers sharing one Redis behind a cache-aware router vs servers sharing nothing, round robin")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--replicas", type=int, help=f"servers per setup (default {d('replicas')})")
+    p.add_argument("--conversations", type=int, help=f"conversations per setup and round (default {d('conversations')})")
+    p.add_argument("--clients", type=int, help=f"conversations at a time (default {d('clients')})")
+    p.add_argument("--turns", type=int, help=f"turns per conversation (default {d('turns')})")
+    p.add_argument("--system-tokens", type=int, help=f"the shared system prompt's tokens (default {d('system_tokens')})")
+    p.add_argument("--question-tokens", type=int, help=f"each question's tokens (default {d('question_tokens')})")
+    p.add_argument("--decode-tokens", type=int, help=f"tokens per answer (default {d('decode_tokens')})")
+    p.add_argument("--rounds", type=int, help=f"rounds, alternating which setup goes first (default {d('rounds')})")
+    p.add_argument("--threads", type=int, help=f"CPU threads per server (default {d('threads')})")
+    p.add_argument("--block-size", type=int, help="cache block in tokens (default: the server's)")
+    p.add_argument("--bandwidth-rounds", type=int, help=f"restore bandwidth rounds (default {d('bandwidth_rounds')})")
+    p.add_argument("--max-token-id", type=int, help=f"prompt ids are drawn from [100, this) (default {d('max_token_id')})")
+    p.add_argument("--seed", type=int, help="prompt seed (default: the clock, recorded)")
     p.add_argument("--out", help=f"JSON file (default {d('out')})")
 
 

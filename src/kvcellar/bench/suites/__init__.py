@@ -7,7 +7,9 @@ restart hit, restore vs raw read bandwidth, miss-only p99 with the tier on and
 off), `chunking` (`chunking`: one-pass vs chunked cold prefill, interleaved),
 `gguf-dtypes` (`gguf_dtypes`: a GGUF file's load, memory and speed per dtype),
 `side-by-side` (`side_by_side`: kvcellar and peer servers over HTTP),
-`concurrent` (`concurrent`: many clients at once against servers over HTTP).
+`concurrent` (`concurrent`: many clients at once against servers over HTTP),
+`cluster` (`cluster`: servers sharing one Redis behind a cache-aware router
+against servers sharing nothing, and the shared tier's restore bandwidth).
 `fresh_process` runs a suite's phase in a new Python process, so that memory
 peaks do not mix.
 
@@ -20,4 +22,4 @@ the figures they measured.
 
 from __future__ import annotations
 
-SUITES = ("prefix-cache", "disk-tier", "chunking", "gguf-dtypes", "side-by-side", "concurrent")  # `kvcellar bench SUITE`
+SUITES = ("prefix-cache", "disk-tier", "chunking", "gguf-dtypes", "side-by-side", "concurrent", "cluster")  # `kvcellar bench SUITE`

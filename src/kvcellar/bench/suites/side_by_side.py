@@ -133,8 +133,9 @@ class Server:
         if not stamps:
             raise RuntimeError(f"{self.name}: the stream carried no token")
         tokens = usage.get("completion_tokens") or len(stamps)
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-        return {"ttft_s": stamps[0], "last_s": stamps[-1], "tokens": tokens, "cached_tokens": cached, "stamps": stamps}
+        details = usage.get("prompt_tokens_details") or {}
+        return {"ttft_s": stamps[0], "last_s": stamps[-1], "tokens": tokens, "cached_tokens": details.get("cached_tokens"),
+                "cached_by_tier": details.get("cached_tokens_by_tier") or {}, "stamps": stamps}  # fmt: skip
 
 
 def stream_until(server: Server, ids: list[int], max_tokens: int, started: threading.Barrier, stop: threading.Event) -> None:

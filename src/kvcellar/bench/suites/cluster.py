@@ -1,0 +1,246 @@
+"""Cluster suite: servers sharing one Redis behind a cache-aware router, against servers that share nothing.
+
+Operations: `ClusterBenchConfig`, `run(config) -> dict` (prints the tables, writes the JSON).
+
+Two setups of `replicas` servers each (`--threads` per server, no disk tier)
+are started side by side, each behind its own vllm-router:
+- shared: every server on one redis-server (`--remote-cache`), router policy
+  `cache_aware`;
+- isolated: no shared tier, router policy `round_robin`.
+Each round runs the workload on both setups, alternating which goes first,
+each with new token ids (every round starts cold): `conversations`
+conversations, `clients` at a time, each of `turns` turns; a turn sends a
+system prompt shared by all conversations of the round, then the
+conversation so far (earlier questions and answers) and a new question, and
+streams `decode_tokens` tokens. Reported per setup: TTFT p50 / p99 over every
+turn (the client's clock, through the router), hit rate (cached prompt tokens
+over prompt tokens, as the servers report them) and cached tokens by tier.
+
+Then the shared tier's restore bandwidth: the entries the shared setup's
+servers wrote, loaded through `RemoteTier.prepare_load` (one pipelined
+round trip, every entry's checksum and checks, tensors viewed in place)
+against a raw pipelined GET of the same keys, alternating, `bandwidth_rounds`
+times each.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvcellar.bench.config import DEFAULT_MAX_TOKEN_ID
+from kvcellar.bench.progress import log
+from kvcellar.bench.scenarios import make_ids
+from kvcellar.bench.suites.side_by_side import Server, settle, write_result
+
+SETUPS = (("shared", "cache_aware"), ("isolated", "round_robin"))
+MAX_BANDWIDTH_ENTRIES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterBenchConfig:
+    model: str | None = None
+    replicas: int = 2
+    conversations: int = 8
+    clients: int = 2
+    turns: int = 3
+    system_tokens: int = 1024
+    question_tokens: int = 64
+    decode_tokens: int = 16
+    rounds: int = 2
+    threads: int = 1
+    block_size: int | None = None
+    bandwidth_rounds: int = 5
+    max_token_id: int = DEFAULT_MAX_TOKEN_ID
+    seed: int | None = None
+    out: str = "bench-out/cluster.json"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        for name, value in (("--replicas", self.replicas), ("--conversations", self.conversations),
+                            ("--clients", self.clients), ("--turns", self.turns), ("--rounds", self.rounds),
+                            ("--threads", self.threads), ("--bandwidth-rounds", self.bandwidth_rounds),
+                            ("--question-tokens", self.question_tokens)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1 (got {value})")
+        if self.decode_tokens < 1 or self.system_tokens < 0:
+            raise ValueError("--decode-tokens must be >= 1 and --system-tokens >= 0")
+
+
+def _conversation(router: Server, system: list[int], seed: str, config: ClusterBenchConfig) -> list[dict]:
+    prompt, turns = list(system), []
+    for turn in range(config.turns):
+        prompt = prompt + make_ids(config.question_tokens, f"{seed}:q{turn}", config.max_token_id)
+        figures = router.complete(prompt, config.decode_tokens)
+        turns.append({**figures, "prompt_tokens": len(prompt), "turn": turn})
+        prompt = prompt + make_ids(figures["tokens"], f"{seed}:a{turn}", config.max_token_id)  # stands for the answer
+    return turns
+
+
+def run_workload(router: Server, seed: str, config: ClusterBenchConfig) -> dict:
+    """Every conversation, `clients` at a time; the setup's figures."""
+    system = make_ids(config.system_tokens, f"{seed}:system", config.max_token_id)
+    pending = list(range(config.conversations))
+    lock = threading.Lock()
+    turns: list[dict] = []
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not pending or errors:
+                    return
+                index = pending.pop(0)
+            try:
+                done = _conversation(router, system, f"{seed}:conversation-{index}", config)
+            except BaseException as exc:  # reported after the join
+                with lock:
+                    errors.append(exc)
+                return
+            with lock:
+                turns.extend(done)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(config.clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{router.name}: a conversation failed: {errors[0]}")
+    ttfts = [turn["ttft_s"] for turn in turns]
+    later = [turn["ttft_s"] for turn in turns if turn["turn"] > 0]
+    by_tier: dict[str, int] = {}
+    for turn in turns:
+        for tier, count in turn["cached_by_tier"].items():
+            by_tier[tier] = by_tier.get(tier, 0) + count
+    return {"ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
+            "later_turns_ttft_p50_s": _quantile(later, 0.5) if later else None,
+            "hit_rate": sum(t["cached_tokens"] or 0 for t in turns) / sum(t["prompt_tokens"] for t in turns),
+            "cached_tokens_by_tier": by_tier, "requests": len(turns), "wall_s": time.perf_counter() - began}  # fmt: skip
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def restore_bandwidth(url: str, rounds: int) -> dict:
+    """The shared tier's `prepare_load` against a raw pipelined GET of the same entries, alternating."""
+    import redis
+
+    from kvcellar.kv.torch_codec import TorchCodec
+    from kvcellar.tiers.format import parse_header
+    from kvcellar.tiers.remote.records import decode_meta, entry_key
+    from kvcellar.tiers.remote.tier import RemoteTier
+
+    client = redis.Redis.from_url(url)
+    prefix = "kvcellar:"
+    records = {}
+    for name in client.scan_iter(match=f"{prefix}c:*", count=1000):
+        for field, record in client.hgetall(name).items():
+            records[bytes.fromhex(field.decode())] = record
+    keys = sorted(key for key in records if client.exists(entry_key(prefix, key)))[:MAX_BANDWIDTH_ENTRIES]
+    if not keys:
+        raise RuntimeError("the shared setup left no entry in Redis to load")
+    header, _ = parse_header(client.getrange(entry_key(prefix, keys[0]), 0, 1 << 20))
+    tier = RemoteTier(url, TorchCodec(header.layout, "cpu"), prefix=prefix, timeout_s=30.0)
+    try:
+        parents = {decode_meta(key, records[key]).parent for key in keys}
+        for parent in parents:
+            tier.children(parent)  # the tier learns the entries' records, as a lookup would
+        num_bytes = sum(client.strlen(entry_key(prefix, key)) for key in keys)
+        tier_s, raw_s = [], []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            loaded = tier.prepare_load(keys)
+            tier_s.append(time.perf_counter() - started)
+            del loaded
+            started = time.perf_counter()
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(entry_key(prefix, key))
+            values = pipe.execute()
+            raw_s.append(time.perf_counter() - started)
+            del values
+    finally:
+        tier.close()
+    tier_rate, raw_rate = num_bytes / statistics.median(tier_s), num_bytes / statistics.median(raw_s)
+    return {"entries": len(keys), "bytes": num_bytes, "tier_s": tier_s, "raw_s": raw_s,
+            "tier_gb_s": tier_rate / 1e9, "raw_gb_s": raw_rate / 1e9, "ratio": tier_rate / raw_rate}  # fmt: skip
+
+
+def table_text(rounds: list[dict]) -> str:
+    lines = ["| setup | router policy | TTFT p50 | TTFT p99 | later turns' TTFT p50 | hit rate | cached tokens by tier |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, policy in SETUPS:
+        runs = [r[name] for r in rounds]
+
+        def cell(key: str) -> str:
+            values = [run[key] for run in runs if run[key] is not None]
+            return f"{statistics.median(values):.3f} s ({min(values):.3f}–{max(values):.3f})" if values else "-"
+
+        tiers: dict[str, int] = {}
+        for run in runs:
+            for tier, count in run["cached_tokens_by_tier"].items():
+                tiers[tier] = tiers.get(tier, 0) + count
+        hits = statistics.median(run["hit_rate"] for run in runs)
+        lines.append(f"| {name} | {policy} | {cell('ttft_p50_s')} | {cell('ttft_p99_s')} | {cell('later_turns_ttft_p50_s')} "
+                     f"| {hits:.0%} | {', '.join(f'{t} {c}' for t, c in sorted(tiers.items())) or '-'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run(config: ClusterBenchConfig) -> dict:
+    from kvcellar.bench.hardware import hardware
+    from kvcellar.bench.runner import bench_model_dir
+    from kvcellar.cluster.processes import Processes, free_port
+
+    model = config.model or str(bench_model_dir())
+    seed = config.seed if config.seed is not None else int(time.time())
+    folder = Path(tempfile.mkdtemp(prefix="kvcellar-bench-cluster-"))
+    processes = Processes(folder)
+    args = ["--no-disk-tier", "--threads", str(config.threads)]
+    if config.block_size is not None:
+        args += ["--block-size", str(config.block_size)]
+    try:
+        redis_url = processes.redis(free_port(), "8gb")
+        routers = {}
+        for name, policy in SETUPS:
+            extra = ["--remote-cache", redis_url] if name == "shared" else []
+            servers = [processes.server(f"{name}-{i}", free_port(), model, [*args, *extra]) for i in range(config.replicas)]
+            routers[name] = Server(name, processes.router(free_port(), servers, policy))
+            log(f"{name}: {len(servers)} servers behind {routers[name].netloc} ({policy})")
+        for name, router in routers.items():  # first-request costs stay out of the figures
+            router.complete(make_ids(64, f"{seed}:warm-up-{name}", config.max_token_id), 4)
+        rounds, loads = [], []
+        for index in range(config.rounds):
+            order = [name for name, _ in SETUPS]
+            order = order if index % 2 == 0 else order[::-1]
+            figures = {}
+            for name in order:
+                settle()
+                before = os.getloadavg()
+                log(f"round {index + 1}/{config.rounds}: {name}")
+                figures[name] = run_workload(routers[name], f"{seed}:round-{index}:{name}", config)
+                loads.append({"setup": name, "round": index, "before": before, "after": os.getloadavg()})
+            rounds.append(figures)
+        settle()
+        bandwidth = restore_bandwidth(redis_url, config.bandwidth_rounds)
+    finally:
+        processes.stop()
+    table = table_text(rounds)
+    print(table)
+    print(f"\nshared tier restore: {bandwidth['tier_gb_s']:.2f} GB/s through RemoteTier.prepare_load, "
+          f"{bandwidth['raw_gb_s']:.2f} GB/s raw pipelined GET ({bandwidth['ratio']:.0%}) over "
+          f"{bandwidth['entries']} entries, {bandwidth['bytes'] / 1e6:.0f} MB")  # fmt: skip
+    result = {"suite": "cluster", "config": {k: getattr(config, k) for k in config.__dataclass_fields__},
+              "model": model, "seed": seed, "hardware": hardware("cpu"), "rounds": rounds, "loads": loads,
+              "bandwidth": bandwidth, "table": table}  # fmt: skip
+    write_result(result, config.out)
+    return result
