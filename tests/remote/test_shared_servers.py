@@ -151,3 +151,10 @@ def test_a_full_redis_costs_writes_not_answers(shared, wait_for):
     finally:
         client.config_set("maxmemory", 0)
         client.config_set("maxmemory-policy", "allkeys-lru")
+
+
+def test_the_shared_tiers_size_is_redis_own(shared):
+    redis, a, b, off = shared
+    answer = a.post("/v1/cache/budget", {"tier": "remote", "budget": "1G"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "budget_not_settable" and "maxmemory" in answer.json()["error"]["message"]

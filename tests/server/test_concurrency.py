@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -38,7 +37,7 @@ def test_thirty_two_concurrent_streams_equal_sequential_greedy_runs(server, uniq
     assert server.get("/health").json()["queue_depth"] == 0
 
 
-def test_a_client_that_disconnects_cancels_its_generation(server, unique):
+def test_a_client_that_disconnects_cancels_its_generation(server, unique, wait_for):
     body = {"model": server.model, "prompt": long_text(unique, 8), "max_tokens": 2000, "ignore_eos": True,
             "temperature": 0, "stream": True}  # fmt: skip
     with requests.Session() as session:  # closing the session closes the socket: the client is gone
@@ -48,21 +47,18 @@ def test_a_client_that_disconnects_cancels_its_generation(server, unique):
         response.close()
     assert any(line.startswith("data: ") for line in received)
 
-    deadline = time.monotonic() + 20
-    record = None
-    while time.monotonic() < deadline and record is None:
+    def cancelled() -> dict | None:
         records = server.get("/v1/requests/recent", params={"limit": 20}).json()["data"]
-        record = next((r for r in records if r["num_prompt_tokens"] and r["finish_reason"] == "cancelled"
-                       and r["endpoint"] == "completions" and r["stream"]), None)  # fmt: skip
-        time.sleep(0.1)
-    assert record is not None, "the disconnected stream was never recorded as cancelled"
+        return next((r for r in records if r["num_prompt_tokens"] and r["finish_reason"] == "cancelled"
+                     and r["endpoint"] == "completions" and r["stream"]), None)  # fmt: skip
+
+    record = wait_for(cancelled, "the disconnected stream to be recorded as cancelled", 120)
+    # Stopped, not run to its end: the ~2000 abandoned tokens were never decoded, and nothing runs any more.
     assert record["num_completion_tokens"] < 2000
-    # The model is free again: a new request is answered at once, not after the ~2000 abandoned tokens
-    # (seconds of decoding even for the tiny model).
-    started = time.monotonic()
+    health = server.get("/health").json()
+    assert (health["running"], health["queue_depth"]) == (0, 0)
     reply = server.client().completions.create(model=server.model, prompt="x", max_tokens=2)
     assert reply.choices[0].finish_reason in ("stop", "length")
-    assert time.monotonic() - started < 1.5
 
 
 def test_health_and_metrics_show_the_requests_running_together(server, unique):

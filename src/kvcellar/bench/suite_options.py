@@ -139,9 +139,7 @@ def add_bench_suites(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help=f"CPU threads per server (default {d('threads')})")
     p.add_argument("--block-size", type=int, help="cache block in tokens (default: the server's)")
     p.add_argument("--bandwidth-rounds", type=int, help=f"restore bandwidth rounds (default {d('bandwidth_rounds')})")
-    p.add_argument("--max-token-id", type=int, help=f"prompt ids are drawn from [100, this) (default {d('max_token_id')})")
-    p.add_argument("--seed", type=int, help="prompt seed (default: the clock, recorded)")
-    p.add_argument("--out", help=f"JSON file (default {d('out')})")
+    _prompt_options(p, d)
 
 
 def _http_suite_options(p: argparse.ArgumentParser, d: Callable[[str], str], target_help: str) -> None:
@@ -150,6 +148,11 @@ def _http_suite_options(p: argparse.ArgumentParser, d: Callable[[str], str], tar
 
     p.add_argument("--target", dest="targets", action="append", type=parse_target, required=True, metavar="NAME=URL",
                    help=target_help)
+    _prompt_options(p, d)
+
+
+def _prompt_options(p: argparse.ArgumentParser, d: Callable[[str], str]) -> None:
+    """The options of the suites that send seeded token-id prompts: id range, seed, output."""
     p.add_argument("--max-token-id", type=int, help=f"prompt ids are drawn from [100, this) (default {d('max_token_id')})")
     p.add_argument("--seed", type=int, help="prompt seed (default: the clock, recorded)")
     p.add_argument("--out", help=f"JSON file (default {d('out')})")

@@ -90,7 +90,10 @@ async def cache_budget(body: BudgetRequest, request: Request, tenant: Tenant = D
     if num_bytes > MAX_BUDGET_BYTES:
         raise APIError(400, f"budget {num_bytes} is over {MAX_BUDGET_BYTES} bytes (8 EiB), the most a tier can count",
                        param="budget", code="invalid_size")  # fmt: skip
-    await run_in_threadpool(engine.set_cache_budget, body.tier, num_bytes)
+    try:
+        await run_in_threadpool(engine.set_cache_budget, body.tier, num_bytes)
+    except ValueError as exc:  # a tier whose size is not kvcellar's to set (the remote tier: Redis's maxmemory)
+        raise APIError(400, str(exc), param="tier", code="budget_not_settable") from None
     return {"tier": body.tier, "budget_bytes": num_bytes, "tiers": _tiers_json(engine)}
 
 

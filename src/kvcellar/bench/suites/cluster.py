@@ -2,19 +2,22 @@
 
 Operations: `ClusterBenchConfig`, `run(config) -> dict` (prints the tables, writes the JSON).
 
-Two setups of `replicas` servers each (`--threads` per server, no disk tier)
-are started side by side, each behind its own vllm-router:
-- shared: every server on one redis-server (`--remote-cache`), router policy
-  `cache_aware`;
-- isolated: no shared tier, router policy `round_robin`.
-Each round runs the workload on both setups, alternating which goes first,
+Three setups of `replicas` servers each (`--threads` per server, no disk
+tier) are started side by side, each behind its own vllm-router:
+- shared-cache-aware: every server on one redis-server (`--remote-cache`),
+  router policy `cache_aware`;
+- shared-round-robin: the same servers' kind on the same Redis (another
+  round's ids: nothing shared across setups), policy `round_robin`;
+- isolated-round-robin: no shared tier, policy `round_robin`.
+Each round runs the workload on every setup, reversing the order each round,
 each with new token ids (every round starts cold): `conversations`
 conversations, `clients` at a time, each of `turns` turns; a turn sends a
 system prompt shared by all conversations of the round, then the
 conversation so far (earlier questions and answers) and a new question, and
 streams `decode_tokens` tokens. Reported per setup: TTFT p50 / p99 over every
 turn (the client's clock, through the router), hit rate (cached prompt tokens
-over prompt tokens, as the servers report them) and cached tokens by tier.
+over prompt tokens, as the servers report them), cached tokens by tier, and
+how many requests each server got (the router's spread).
 
 Then the shared tier's restore bandwidth: the entries the shared setup's
 servers wrote, loaded through `RemoteTier.prepare_load` (one pipelined
@@ -38,7 +41,9 @@ from kvcellar.bench.progress import log
 from kvcellar.bench.scenarios import make_ids
 from kvcellar.bench.suites.side_by_side import Server, settle, write_result
 
-SETUPS = (("shared", "cache_aware"), ("isolated", "round_robin"))
+# (name, shared tier?, router policy)
+SETUPS = (("shared-cache-aware", True, "cache_aware"), ("shared-round-robin", True, "round_robin"),
+          ("isolated-round-robin", False, "round_robin"))
 MAX_BANDWIDTH_ENTRIES = 32
 
 
@@ -48,9 +53,9 @@ class ClusterBenchConfig:
     replicas: int = 2
     conversations: int = 8
     clients: int = 2
-    turns: int = 3
+    turns: int = 4
     system_tokens: int = 1024
-    question_tokens: int = 64
+    question_tokens: int = 256  # a turn's new text (a question with a pasted file or tool output)
     decode_tokens: int = 16
     rounds: int = 2
     threads: int = 1
@@ -82,8 +87,18 @@ def _conversation(router: Server, system: list[int], seed: str, config: ClusterB
     return turns
 
 
-def run_workload(router: Server, seed: str, config: ClusterBenchConfig) -> dict:
+def _requests_served(url: str) -> float:
+    """The finished requests a server counted (its /metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("kvcellar_requests_total{"))
+
+
+def run_workload(router: Server, servers: list[str], seed: str, config: ClusterBenchConfig) -> dict:
     """Every conversation, `clients` at a time; the setup's figures."""
+    served_before = [_requests_served(url) for url in servers]
     system = make_ids(config.system_tokens, f"{seed}:system", config.max_token_id)
     pending = list(range(config.conversations))
     lock = threading.Lock()
@@ -122,7 +137,8 @@ def run_workload(router: Server, seed: str, config: ClusterBenchConfig) -> dict:
     return {"ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
             "later_turns_ttft_p50_s": _quantile(later, 0.5) if later else None,
             "hit_rate": sum(t["cached_tokens"] or 0 for t in turns) / sum(t["prompt_tokens"] for t in turns),
-            "cached_tokens_by_tier": by_tier, "requests": len(turns), "wall_s": time.perf_counter() - began}  # fmt: skip
+            "cached_tokens_by_tier": by_tier, "requests": len(turns), "wall_s": time.perf_counter() - began,
+            "requests_per_server": [int(_requests_served(url) - before) for url, before in zip(servers, served_before)]}  # fmt: skip
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -177,9 +193,9 @@ def restore_bandwidth(url: str, rounds: int) -> dict:
 
 
 def table_text(rounds: list[dict]) -> str:
-    lines = ["| setup | router policy | TTFT p50 | TTFT p99 | later turns' TTFT p50 | hit rate | cached tokens by tier |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, policy in SETUPS:
+    lines = ["| setup | shared tier | router policy | TTFT p50 | TTFT p99 | later turns' TTFT p50 | hit rate | "
+             "cached tokens by tier | requests per server |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, shared, policy in SETUPS:
         runs = [r[name] for r in rounds]
 
         def cell(key: str) -> str:
@@ -191,8 +207,10 @@ def table_text(rounds: list[dict]) -> str:
             for tier, count in run["cached_tokens_by_tier"].items():
                 tiers[tier] = tiers.get(tier, 0) + count
         hits = statistics.median(run["hit_rate"] for run in runs)
-        lines.append(f"| {name} | {policy} | {cell('ttft_p50_s')} | {cell('ttft_p99_s')} | {cell('later_turns_ttft_p50_s')} "
-                     f"| {hits:.0%} | {', '.join(f'{t} {c}' for t, c in sorted(tiers.items())) or '-'} |")  # fmt: skip
+        spread = " / ".join(",".join(map(str, run["requests_per_server"])) for run in runs)
+        lines.append(f"| {name} | {'yes' if shared else 'no'} | {policy} | {cell('ttft_p50_s')} | {cell('ttft_p99_s')} "
+                     f"| {cell('later_turns_ttft_p50_s')} | {hits:.0%} "
+                     f"| {', '.join(f'{t} {c}' for t, c in sorted(tiers.items())) or '-'} | {spread} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -210,24 +228,24 @@ def run(config: ClusterBenchConfig) -> dict:
         args += ["--block-size", str(config.block_size)]
     try:
         redis_url = processes.redis(free_port(), "8gb")
-        routers = {}
-        for name, policy in SETUPS:
-            extra = ["--remote-cache", redis_url] if name == "shared" else []
-            servers = [processes.server(f"{name}-{i}", free_port(), model, [*args, *extra]) for i in range(config.replicas)]
-            routers[name] = Server(name, processes.router(free_port(), servers, policy))
-            log(f"{name}: {len(servers)} servers behind {routers[name].netloc} ({policy})")
+        routers, servers = {}, {}
+        for name, shared, policy in SETUPS:
+            extra = ["--remote-cache", redis_url] if shared else []
+            urls = [processes.server(f"{name}-{i}", free_port(), model, [*args, *extra]) for i in range(config.replicas)]
+            routers[name], servers[name] = Server(name, processes.router(free_port(), urls, policy)), urls
+            log(f"{name}: {len(urls)} servers behind {routers[name].netloc} ({policy})")
         for name, router in routers.items():  # first-request costs stay out of the figures
             router.complete(make_ids(64, f"{seed}:warm-up-{name}", config.max_token_id), 4)
         rounds, loads = [], []
         for index in range(config.rounds):
-            order = [name for name, _ in SETUPS]
+            order = [name for name, _, _ in SETUPS]
             order = order if index % 2 == 0 else order[::-1]
             figures = {}
             for name in order:
                 settle()
                 before = os.getloadavg()
                 log(f"round {index + 1}/{config.rounds}: {name}")
-                figures[name] = run_workload(routers[name], f"{seed}:round-{index}:{name}", config)
+                figures[name] = run_workload(routers[name], servers[name], f"{seed}:round-{index}:{name}", config)
                 loads.append({"setup": name, "round": index, "before": before, "after": os.getloadavg()})
             rounds.append(figures)
         settle()

@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from kvcellar.cache import BlockHash, CacheEntry, Priority, StoreResult, TierStats
 from kvcellar.cache.tier import usage_by_priority
@@ -288,13 +288,6 @@ class RemoteTier:
         with self._lock:
             self._directory.clear()
         self._writer.clear()
-
-    def usage_of(self, namespaces: Collection[BlockHash]) -> TierStats:
-        """What this process knows of the entries of `namespaces` (the server is shared and not listed)."""
-        entries = [entry for entry in self.entries() if entry.namespace in namespaces]
-        num_entries, num_tails, by_count, by_bytes = usage_by_priority(entries)
-        return TierStats(self.name, num_entries, num_tails, sum(e.num_bytes for e in entries), self.budget_bytes,
-                         by_count, by_bytes)  # fmt: skip
 
     def stats(self) -> TierStats:
         num_entries, num_tails, by_count, by_bytes = usage_by_priority(self.entries())
