@@ -138,6 +138,9 @@ def add_bench_suites(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help=f"rounds, alternating which setup goes first (default {d('rounds')})")
     p.add_argument("--threads", type=int, help=f"CPU threads per server (default {d('threads')})")
     p.add_argument("--block-size", type=int, help="cache block in tokens (default: the server's)")
+    p.add_argument("--device-cache-size", help=f"each server's memory tier (default {d('device_cache_size')})")
+    p.add_argument("--kv-budget", help=f"each server's running K/V memory (default {d('kv_budget')})")
+    p.add_argument("--redis-maxmemory", help=f"the shared store's maxmemory (default {d('redis_maxmemory')})")
     p.add_argument("--bandwidth-rounds", type=int, help=f"restore bandwidth rounds (default {d('bandwidth_rounds')})")
     _prompt_options(p, d)
 

@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 START_TIMEOUT_S = 300.0
+# vllm-router's cache_aware: go to the least loaded server whenever loads differ at all, else where the prefix is.
+ROUTER_BALANCE = ("--balance-abs-threshold", "0", "--balance-rel-threshold", "1.0")
 STOP_TIMEOUT_S = 120.0
 
 
@@ -111,11 +113,15 @@ class Processes:
         return url
 
     def router(self, port: int, workers: list[str], policy: str) -> str:
-        """Start vllm-router over `workers` with `policy`; its base URL once /v1/models answers."""
+        """Start vllm-router over `workers` with `policy`; its base URL once /v1/models answers.
+
+        `cache_aware` balances as soon as the servers' loads differ (ROUTER_BALANCE): with the router's own
+        thresholds (a 64-request gap) a system prompt shared by every conversation sends them all to one server.
+        """
         binary = find_binary("vllm-router", hint="pip install vllm-router (docs/deployment.md)")
         command = [binary, "--host", self.host, "--port", str(port), "--worker-urls", *workers, "--policy", policy,
                    "--log-level", "warning", "--prometheus-host", self.host,
-                   "--prometheus-port", str(free_port(self.host))]  # fmt: skip
+                   "--prometheus-port", str(free_port(self.host)), *(ROUTER_BALANCE if policy == "cache_aware" else ())]  # fmt: skip
         process, log_path = self._spawn(f"router-{port}", command)
         url = f"http://{self.host}:{port}"
         wait_http(url + "/v1/models", process, log_path)

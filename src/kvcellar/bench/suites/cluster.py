@@ -3,11 +3,12 @@
 Operations: `ClusterBenchConfig`, `run(config) -> dict` (prints the tables, writes the JSON).
 
 Three setups of `replicas` servers each (`--threads` per server, no disk
-tier) are started side by side, each behind its own vllm-router:
+tier, `device_cache_size` and `kv_budget` each), each behind its own
+vllm-router, one setup at a time (started cold, stopped after its workload,
+so that only one setup's servers hold memory):
 - shared-cache-aware: every server on one redis-server (`--remote-cache`),
   router policy `cache_aware`;
-- shared-round-robin: the same servers' kind on the same Redis (another
-  round's ids: nothing shared across setups), policy `round_robin`;
+- shared-round-robin: the same, policy `round_robin`;
 - isolated-round-robin: no shared tier, policy `round_robin`.
 Each round runs the workload on every setup, reversing the order each round,
 each with new token ids (every round starts cold): `conversations`
@@ -19,8 +20,8 @@ turn (the client's clock, through the router), hit rate (cached prompt tokens
 over prompt tokens, as the servers report them), cached tokens by tier, and
 how many requests each server got (the router's spread).
 
-Then the shared tier's restore bandwidth: the entries the shared setup's
-servers wrote, loaded through `RemoteTier.prepare_load` (one pipelined
+Redis is emptied before each setup runs. Then the shared tier's restore
+bandwidth: the entries the last shared setup's servers wrote, loaded through `RemoteTier.prepare_load` (one pipelined
 round trip, every entry's checksum and checks, tensors viewed in place)
 against a raw pipelined GET of the same keys, alternating, `bandwidth_rounds`
 times each.
@@ -60,6 +61,9 @@ class ClusterBenchConfig:
     rounds: int = 2
     threads: int = 1
     block_size: int | None = None
+    device_cache_size: str = "2G"  # per server: several servers share this machine's memory
+    kv_budget: str = "1G"
+    redis_maxmemory: str = "4gb"
     bandwidth_rounds: int = 5
     max_token_id: int = DEFAULT_MAX_TOKEN_ID
     seed: int | None = None
@@ -214,7 +218,31 @@ def table_text(rounds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _run_setup(setup: tuple[str, bool, str], redis_url: str, model: str, seed: str, config: ClusterBenchConfig,
+               folder: Path) -> dict:
+    """Start one setup's servers and router, warm them up, run the workload, stop them (every setup starts cold)."""
+    from kvcellar.cluster.processes import Processes, free_port
+
+    name, shared, policy = setup
+    args = ["--no-disk-tier", "--threads", str(config.threads), "--device-cache-size", config.device_cache_size,
+            "--kv-budget", config.kv_budget, *(["--remote-cache", redis_url] if shared else [])]  # fmt: skip
+    if config.block_size is not None:
+        args += ["--block-size", str(config.block_size)]
+    processes = Processes(folder / name)
+    try:
+        urls = [processes.server(f"server-{i}", free_port(), model, args) for i in range(config.replicas)]
+        router = Server(name, processes.router(free_port(), urls, policy))
+        for index, url in enumerate(urls):  # first-request costs stay out of the figures
+            Server(f"{name}-{index}", url).complete(make_ids(64, f"{seed}:warm-up-{index}", config.max_token_id), 4)
+        settle()
+        return run_workload(router, urls, seed, config)
+    finally:
+        processes.stop()
+
+
 def run(config: ClusterBenchConfig) -> dict:
+    import redis
+
     from kvcellar.bench.hardware import hardware
     from kvcellar.bench.runner import bench_model_dir
     from kvcellar.cluster.processes import Processes, free_port
@@ -222,36 +250,30 @@ def run(config: ClusterBenchConfig) -> dict:
     model = config.model or str(bench_model_dir())
     seed = config.seed if config.seed is not None else int(time.time())
     folder = Path(tempfile.mkdtemp(prefix="kvcellar-bench-cluster-"))
-    processes = Processes(folder)
-    args = ["--no-disk-tier", "--threads", str(config.threads)]
-    if config.block_size is not None:
-        args += ["--block-size", str(config.block_size)]
+    store = Processes(folder)
     try:
-        redis_url = processes.redis(free_port(), "8gb")
-        routers, servers = {}, {}
-        for name, shared, policy in SETUPS:
-            extra = ["--remote-cache", redis_url] if shared else []
-            urls = [processes.server(f"{name}-{i}", free_port(), model, [*args, *extra]) for i in range(config.replicas)]
-            routers[name], servers[name] = Server(name, processes.router(free_port(), urls, policy)), urls
-            log(f"{name}: {len(urls)} servers behind {routers[name].netloc} ({policy})")
-        for name, router in routers.items():  # first-request costs stay out of the figures
-            router.complete(make_ids(64, f"{seed}:warm-up-{name}", config.max_token_id), 4)
+        redis_url = store.redis(free_port(), config.redis_maxmemory)
         rounds, loads = [], []
         for index in range(config.rounds):
-            order = [name for name, _, _ in SETUPS]
-            order = order if index % 2 == 0 else order[::-1]
+            order = list(SETUPS) if index % 2 == 0 else list(SETUPS)[::-1]
             figures = {}
-            for name in order:
-                settle()
+            for setup in order:
+                redis.Redis.from_url(redis_url).flushall()  # each shared setup starts from an empty store
                 before = os.getloadavg()
-                log(f"round {index + 1}/{config.rounds}: {name}")
-                figures[name] = run_workload(routers[name], servers[name], f"{seed}:round-{index}:{name}", config)
-                loads.append({"setup": name, "round": index, "before": before, "after": os.getloadavg()})
+                log(f"round {index + 1}/{config.rounds}: {setup[0]} ({config.replicas} servers, {setup[2]})")
+                figures[setup[0]] = _run_setup(setup, redis_url, model, f"{seed}:round-{index}:{setup[0]}", config,
+                                               folder / f"round-{index}")  # fmt: skip
+                loads.append({"setup": setup[0], "round": index, "before": before, "after": os.getloadavg()})
             rounds.append(figures)
+        last_shared = next(setup for setup in reversed(order) if setup[1])
+        if last_shared != order[-1]:  # the store holds the last setup's entries only when it was a shared one
+            log(f"refilling the store: {last_shared[0]} once more")
+            redis.Redis.from_url(redis_url).flushall()
+            _run_setup(last_shared, redis_url, model, f"{seed}:bandwidth", config, folder / "bandwidth")
         settle()
         bandwidth = restore_bandwidth(redis_url, config.bandwidth_rounds)
     finally:
-        processes.stop()
+        store.stop()
     table = table_text(rounds)
     print(table)
     print(f"\nshared tier restore: {bandwidth['tier_gb_s']:.2f} GB/s through RemoteTier.prepare_load, "
