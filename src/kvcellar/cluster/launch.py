@@ -8,8 +8,8 @@ where to connect, wait for Ctrl-C or SIGTERM, stop everything),
 The router is vllm-router from PyPI with the `cache_aware` policy: it keeps
 a radix tree of the text each server was sent, so a conversation's next turn
 goes to the server that served its previous one (its blocks are in that
-server's memory: no network at all), and it balances load when servers are
-uneven. The shared tier covers what routing cannot: a new or restarted
+server's memory: no network at all), and, as started here
+(processes.ROUTER_BALANCE), to the least loaded server whenever loads differ. The shared tier covers what routing cannot: a new or restarted
 server, a conversation moved for balance, a system prompt or document
 another server computed first. `round_robin` is available for comparison.
 """
