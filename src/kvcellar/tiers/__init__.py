@@ -1,11 +1,13 @@
 """Every storage medium, each in one place; each implements the `Tier` protocol (cache/tier.py).
 
 Modules: `memory` (`MemoryTier`: the `device` tier, and the `host` tier in
-pinned RAM beside a GPU, whose tensor hooks live in kv/pinned.py) and the
+pinned RAM beside a GPU, whose tensor hooks live in kv/pinned.py), the
 `disk` package (one checksummed safetensors file per entry, a SQLite index,
-a background writer).
+a background writer), the `remote` package (a Redis/Valkey shared by several
+servers), and what the last two share: an entry as bytes (`format`: the
+header; `codec`: payload <-> tensors as bytes; `blob`: encode and verify).
 
-Nothing here imports torch: payloads are opaque, and the disk tier turns
-them into bytes through the `PayloadCodec` it is given (kv/torch_codec.py
+Nothing here imports torch: payloads are opaque, and the persistent tiers turn
+them into bytes through the `PayloadCodec` they are given (kv/torch_codec.py
 for the engine's tensors).
 """
