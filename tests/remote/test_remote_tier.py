@@ -316,3 +316,16 @@ def test_priority_and_kind_survive_the_trip(pair):
     assert b.find_chain(ROOT_A, [block.key]) == 1
     (loaded,) = b.prepare_load([block.key])
     assert (loaded.priority, loaded.is_tail, loaded.parent) == (Priority.SYSTEM, False, ROOT_A)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"remote_cache": "http://127.0.0.1:6379"}, "redis://"),
+    ({"remote_cache": "redis://127.0.0.1:6379/0", "remote_timeout_s": 0}, "remote_timeout_s"),
+    ({"remote_key_prefix": "a*"}, "remote_key_prefix"),
+    ({"remote_write_queue_bytes": 0}, "remote_write_queue_bytes"),
+])  # fmt: skip
+def test_the_cache_config_refuses_unusable_remote_settings(options, message):
+    from kvcellar.config import CacheConfig
+
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(**options)
