@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from kvcellar.bench.suites import SUITES, chunking, concurrent, disk_tier, gguf_dtypes, prefix_cache, side_by_side
+from kvcellar.bench.suites import (SUITES, chunking, cluster, concurrent, disk_tier, gguf_dtypes, prefix_cache,
+                                   side_by_side)
 from kvcellar.bench.suites.fresh_process import run_in_fresh_process
 from kvcellar.cli import build_parser, main
 
 DOCS_BENCH = Path(__file__).resolve().parents[2] / "docs" / "bench"
 MODULES = {"prefix-cache": prefix_cache, "disk-tier": disk_tier, "chunking": chunking, "gguf-dtypes": gguf_dtypes,
-           "side-by-side": side_by_side, "concurrent": concurrent}  # fmt: skip
+           "side-by-side": side_by_side, "concurrent": concurrent, "cluster": cluster}  # fmt: skip
 
 
 @pytest.fixture

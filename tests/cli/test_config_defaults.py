@@ -88,6 +88,8 @@ EXPECTED = {
     "--cache-salt": f"`{SERVER.default_salt!r}`".replace("'", '"'),
     "--metrics-public": _on_off(SERVER.metrics_public),
     "--max-request-bytes": f"`{size_text(SERVER.max_request_bytes)}`",
+    "--remote-timeout": f"{CACHE.remote_timeout_s:g}",
+    "--remote-prefix": f"`{CACHE.remote_key_prefix}`",
 }
 # Rows whose default is not one dataclass field's value: checked by what they must say.
 DESCRIBED = {
@@ -97,6 +99,8 @@ DESCRIBED = {
     "--prefill-chunk-size": f"one block; {PREFILL_CHUNK_SIZE['cpu']} on CPU and {PREFILL_CHUNK_SIZE['cuda']} on CUDA",
     "--api-key": "none",
     "--kv-budget": f"{RUNNING_KV_MEMORY_FRACTION:.0%} of the memory free after loading",
+    "--remote-cache": "none",
+    "--kv-events-endpoint": "off",
 }
 
 
