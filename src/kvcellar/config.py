@@ -104,6 +104,10 @@ ROW_INVARIANT_MIN_ROWS = 16
 # bytes a memory-bound step reads halved. Equal to ROW_INVARIANT_MIN_ROWS so that a row-invariant
 # prefill never takes the bf16 path.
 FP32_WEIGHTS_FROM_ROWS = ROW_INVARIANT_MIN_ROWS
+# Exact mode decodes at most this many requests in one forward pass (engine/scheduler.py), more in
+# passes of their own: a pass of more rows multiplies through a prefill's kernels (FP32_WEIGHTS_FROM_ROWS,
+# oneDNN), which round a row otherwise than a decode step of one request does.
+EXACT_DECODE_MAX_ROWS = FP32_WEIGHTS_FROM_ROWS - 1
 
 
 def default_block_size(device_type: str, one_block_passes: bool = False) -> int:

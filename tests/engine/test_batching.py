@@ -4,9 +4,12 @@ a preempted request resumes to the same output."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from kvcellar import CacheConfig, Engine
+from kvcellar.config import EXACT_DECODE_MAX_ROWS
 from kvcellar.engine.memory import kv_bytes_per_token
 from kvcellar.errors import InvalidRequestError
 
@@ -63,6 +66,40 @@ def test_answers_at_concurrency_1_4_and_8_are_bit_identical_to_each_request_alon
     passes = count - before[1]
     assert engine._worker.scheduler.policy.batch_rows == (arch == "qwen3")
     assert (batched_rows > passes) == (arch == "qwen3")
+
+
+def test_exact_mode_decodes_more_requests_than_one_pass_takes_in_several_passes_bit_identically(engines, monkeypatch):
+    """More requests decoding at once than one exact pass feeds (config.EXACT_DECODE_MAX_ROWS: a pass of more
+    rows multiplies through a prefill's kernels and rounds otherwise): each still gets its answer alone.
+
+    The worker is held inside the first prompt's prefill until every request is queued (an event, not a
+    duration), so all of them decode together; a spy on the scheduler's decode pass records its sizes."""
+    from kvcellar.engine import runner, scheduler
+
+    engine = engines["qwen3"]
+    count = EXACT_DECODE_MAX_ROWS + 5
+    prompts = [_ids(300 + i, 5 + i) for i in range(count)]
+    sampling = {"max_tokens": 6, "ignore_eos": True, "temperature": 0}
+    alone = _alone(engine, prompts, **sampling)
+    engine.clear_cache()
+    queued, sizes = threading.Event(), []
+    run_chunk, decode_rows = runner.run_chunk, scheduler.decode_rows
+
+    def held(*args):
+        queued.wait(timeout=600)  # bounds a hang only
+        return run_chunk(*args)
+
+    def recorded(model, tokens, caches):
+        sizes.append(len(tokens))
+        return decode_rows(model, tokens, caches)
+
+    monkeypatch.setattr(runner, "run_chunk", held)
+    monkeypatch.setattr(scheduler, "decode_rows", recorded)
+    streams = [engine.stream(prompt_ids=prompt, **sampling) for prompt in prompts]
+    queued.set()
+    results = [[event.result for event in stream if event.result is not None][0] for stream in streams]
+    assert [result.token_ids for result in results] == alone
+    assert max(sizes) == EXACT_DECODE_MAX_ROWS  # the cap was reached, and never passed
 
 
 def test_requests_sharing_a_prefix_sent_at_once_prefill_it_once(engines):

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kvcellar.config import EXACT_DECODE_MAX_ROWS
 from kvcellar.engine.attention import RaggedKv
 from kvcellar.engine.prefill import cache_argument
 from kvcellar.kv.growing_layer import GrowingLayer, new_cache
@@ -85,18 +86,20 @@ def decode_rows(model: torch.nn.Module, tokens: Sequence[int], caches: Sequence[
     return output.logits[:, -1]
 
 
-CHECK_ROWS = 3  # the batch of the load-time check: rows of different lengths
+CHECK_ROWS = EXACT_DECODE_MAX_ROWS  # the batch of the load-time check (the largest exact mode runs): rows of different lengths
 
 
 @torch.inference_mode()
 def rows_compute_alike(model: torch.nn.Module, vocab: int) -> bool:
     """Whether a decode pass of several rows computes each row's logits and K/V bit for bit as that row alone.
 
-    Prefills three short prompts of different lengths, then compares one batched step against the three
-    steps alone. It tests this machine's kernels at this model's shapes (all layers: cheap at a few rows).
+    Prefills CHECK_ROWS short prompts of different lengths, then compares one batched step against the
+    steps alone. It tests this machine's kernels at this model's shapes, at the largest batch exact mode
+    runs (EXACT_DECODE_MAX_ROWS): every row of a smaller batch takes the same few-rows kernels.
     """
     generator = torch.Generator().manual_seed(20261207)
-    prompts = [torch.randint(0, vocab, (length,), generator=generator).to(model.device) for length in (5, 9, 17)]
+    lengths = [5 + 3 * row for row in range(CHECK_ROWS)]
+    prompts = [torch.randint(0, vocab, (length,), generator=generator).to(model.device) for length in lengths]
     steps = torch.randint(0, vocab, (CHECK_ROWS,), generator=generator).tolist()
 
     def prefilled() -> list[object]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from kvcellar.chat.tools import Tool, parse_tools
-from kvcellar.config import ROW_INVARIANT_MIN_ROWS, EngineConfig
+from kvcellar.config import EXACT_DECODE_MAX_ROWS, ROW_INVARIANT_MIN_ROWS, EngineConfig
 from kvcellar.cache.report import CacheReport, ProbeResult, cache_report, namespace_report
 from kvcellar.cache.registry import CacheRegistry, DrainReport
 from kvcellar.cache.tier import check_known_tier
@@ -86,7 +86,8 @@ class Engine:
             if not batch_rows and layout.only_full_attention:
                 log.info("exact mode decodes each request in a pass of its own: batched rows compute differently here")
         self.decode_batches = DecodeBatchStats()
-        policy = SchedulePolicy(batch_rows, budget, chunk, on_step=self.decode_batches.observe)
+        policy = SchedulePolicy(batch_rows, budget, chunk, on_step=self.decode_batches.observe,
+                                max_batch_rows=EXACT_DECODE_MAX_ROWS if exact else None)  # fmt: skip
         head = self.loaded.model.get_output_embeddings()
         num_scores = head.weight.shape[0] if head is not None else vocab  # the logits' size: what a grammar masks
         self.grammars = Grammars(self.loaded.tokenizer, num_scores, self.loaded.eos_token_ids)

@@ -6,7 +6,8 @@ left), `.load()` (running / waiting counts and K/V in use, read from any thread)
 A step: (1) drop cancelled requests; (2) one decode pass feeding a token to
 every decoding request together (engine/batch_decode.py; one pass per request
 where the model cannot batch, or in exact mode where batched rows would not
-compute alike); (3) prefill passes of waiting prompts, first come first
+compute alike; in exact mode passes of at most `max_batch_rows` requests,
+since more rows take other kernels: config.EXACT_DECODE_MAX_ROWS); (3) prefill passes of waiting prompts, first come first
 served, until `step_prefill_tokens` are spent, so a long prompt advances a
 pass at a time between decode steps instead of stalling them (a prompt's
 first token is sampled as soon as its last pass ends); (4) sample every
@@ -62,6 +63,7 @@ class SchedulePolicy:
     kv_budget_tokens: int  # K/V tokens all admitted requests may hold together
     step_prefill_tokens: int  # prompt tokens prefilled per step, at least one pass
     on_step: Callable[[int], None] | None = None  # told each decode pass's batch size (metrics)
+    max_batch_rows: int | None = None  # the most requests one decode pass feeds (exact mode); None: all
 
 
 @dataclass(frozen=True)
@@ -164,9 +166,13 @@ class Scheduler:
         feeds = [sequence.feed_token() for sequence in rows]
         tokens = [token for token, _ in feeds]
         batched = self.policy.batch_rows and len(rows) > 1
+        size = (self.policy.max_batch_rows or len(rows)) if batched else 1
+        passes = [range(start, min(start + size, len(rows))) for start in range(0, len(rows), size)]
         try:
             if batched:
-                logits = list(decode_rows(self.runner.loaded.model, tokens, [s.restored.cache for s in rows]))
+                model = self.runner.loaded.model
+                logits = [row for group in passes
+                          for row in decode_rows(model, [tokens[i] for i in group], [rows[i].restored.cache for i in group])]  # fmt: skip
             else:
                 logits = [self.runner.decode_step(token, s.restored.cache) for token, s in zip(tokens, rows)]
         except Exception as exc:  # the pass is lost for every row in it; the worker keeps serving
@@ -175,8 +181,8 @@ class Scheduler:
                 self._fail(sequence, exc)
             return
         if self.policy.on_step is not None:  # requests per forward pass
-            for size in [len(rows)] if batched else [1] * len(rows):
-                self.policy.on_step(size)
+            for group in passes:
+                self.policy.on_step(len(group))
         for sequence, (token, wanted), row_logits in zip(rows, feeds, logits):
             sequence.fed(token, row_logits if wanted else None)
 
