@@ -53,7 +53,9 @@ class ClusterBenchConfig:
     model: str | None = None
     replicas: int = 2
     conversations: int = 8
-    clients: int = 2
+    # Conversations at a time. Not a multiple of `replicas`: with as many clients as servers, round robin
+    # would keep each conversation on one server by accident (the clients take turns in step).
+    clients: int = 3
     turns: int = 4
     system_tokens: int = 1024
     question_tokens: int = 256  # a turn's new text (a question with a pasted file or tool output)
