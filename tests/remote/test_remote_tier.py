@@ -55,6 +55,15 @@ def store(tier: RemoteTier, entry) -> bool:
     return result.accepted
 
 
+def stored_chain(tier: RemoteTier, tokens: list[int], root: bytes = ROOT_A) -> list:
+    """The chain of blocks of `tokens`, stored and written (flushed) to the server."""
+    blocks = chain(tokens, root=root)
+    for entry in blocks:
+        store(tier, entry)
+    assert tier.flush(30)
+    return blocks
+
+
 @pytest.fixture
 def pair(redis_server):
     """Two tiers on one server, as two kvcellar servers would open it."""
@@ -102,19 +111,14 @@ def test_a_chain_is_answered_in_one_round_trip_and_stops_at_the_first_missing_bl
 
 def test_namespaces_never_share(pair):
     a, b = pair
-    for entry in chain(TOKENS, root=ROOT_A):
-        store(a, entry)
-    assert a.flush(30)
+    stored_chain(a, TOKENS, root=ROOT_A)
     assert b.find_chain(ROOT_B, [e.key for e in chain(TOKENS, root=ROOT_B)]) == 0
     assert b.children(ROOT_B) == []
 
 
 def test_a_corrupt_or_truncated_value_is_a_counted_miss_and_is_deleted(pair, redis_server):
     a, b = pair
-    blocks = chain(TOKENS)
-    for entry in blocks:
-        store(a, entry)
-    assert a.flush(30)
+    blocks = stored_chain(a, TOKENS)
     client = redis_server.client()
     name = entry_key("kvcellar:", blocks[1].key)
     value = bytearray(client.get(name))
@@ -136,10 +140,7 @@ def test_a_corrupt_or_truncated_value_is_a_counted_miss_and_is_deleted(pair, red
 
 def test_an_entry_evicted_by_the_server_is_a_counted_miss(pair, redis_server):
     a, b = pair
-    blocks = chain(TOKENS)
-    for entry in blocks:
-        store(a, entry)
-    assert a.flush(30)
+    blocks = stored_chain(a, TOKENS)
     assert b.find_chain(ROOT_A, [e.key for e in blocks]) == 4
     redis_server.client().delete(entry_key("kvcellar:", blocks[3].key))  # the record stays, as allkeys-lru may leave it
     with pytest.raises(KeyError, match="gone"):
@@ -169,10 +170,7 @@ def test_a_server_down_at_start_is_served_around_and_joined_when_it_comes_up(tmp
 
 def test_a_server_killed_and_restarted_mid_run_costs_misses_not_errors(pair, redis_server, wait_for, monkeypatch):
     a, b = pair
-    blocks = chain(TOKENS)
-    for entry in blocks:
-        store(a, entry)
-    assert a.flush(30)
+    blocks = stored_chain(a, TOKENS)
     redis_server.kill()
     assert b.find_chain(ROOT_A, [e.key for e in blocks]) == 0  # a connection error: the link goes down
     assert not b.is_up

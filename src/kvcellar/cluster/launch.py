@@ -9,7 +9,8 @@ The router is vllm-router from PyPI with the `cache_aware` policy: it keeps
 a radix tree of the text each server was sent, so a conversation's next turn
 goes to the server that served its previous one (its blocks are in that
 server's memory: no network at all), and, as started here
-(processes.ROUTER_BALANCE), to the least loaded server whenever loads differ. The shared tier covers what routing cannot: a new or restarted
+(processes.ROUTER_BALANCE), to the least loaded server whenever loads
+differ. The shared tier covers what routing cannot: a new or restarted
 server, a conversation moved for balance, a system prompt or document
 another server computed first. `round_robin` is available for comparison.
 """
@@ -20,7 +21,7 @@ import argparse
 import signal
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvcellar.cluster.processes import Processes, free_port
@@ -55,7 +56,6 @@ class Cluster:
     router_url: str
     server_urls: list[str]
     remote_cache: str | None
-    processes: Processes = field(repr=False)
 
 
 def start_cluster(config: ClusterConfig, processes: Processes) -> Cluster:
@@ -71,7 +71,7 @@ def start_cluster(config: ClusterConfig, processes: Processes) -> Cluster:
         port = free_port(config.host)
         servers.append(processes.server(f"server-{index}", port, config.model, [*args, *config.server_args]))
     router = processes.router(config.port, servers, config.policy)
-    return Cluster(router, servers, remote or None, processes)
+    return Cluster(router, servers, remote or None)
 
 
 def run_cluster(config: ClusterConfig) -> int:

@@ -1,7 +1,7 @@
 """Stores to the shared server, behind the request path: a bounded queue and one thread.
 
 Operations: `RemoteWriter.reserve` (room in the queue for one entry, or
-False: a counted drop) / `.unreserve`, `.put` (queue a reserved entry),
+why not: the caller counts the drop) / `.unreserve`, `.put` (queue a reserved entry),
 `.pending` (an entry queued, not written yet: loads are served from it),
 `.delete` (unlink entries and their records), `.clear` (every name under the
 prefix), `.defer` (hold writes while the model computes a prefill), `.flush`,
