@@ -10,6 +10,7 @@ import pytest
 
 from kvcellar import CacheConfig, Engine
 from kvcellar.config import EXACT_DECODE_MAX_ROWS
+from kvcellar.engine import attention
 from kvcellar.engine.memory import kv_bytes_per_token
 from kvcellar.errors import InvalidRequestError
 
@@ -89,9 +90,9 @@ def test_exact_mode_decodes_more_requests_than_one_pass_takes_in_several_passes_
         queued.wait(timeout=600)  # bounds a hang only
         return run_chunk(*args)
 
-    def recorded(model, tokens, caches):
+    def recorded(model, tokens, caches, spans):
         sizes.append(len(tokens))
-        return decode_rows(model, tokens, caches)
+        return decode_rows(model, tokens, caches, spans)
 
     monkeypatch.setattr(runner, "run_chunk", held)
     monkeypatch.setattr(scheduler, "decode_rows", recorded)
@@ -173,3 +174,36 @@ def test_a_prompt_larger_than_the_whole_budget_is_refused(tight):
         tight.prepare(prompt_ids=_ids(1, 160))
     assert error.value.code == "kv_budget_exceeded"
     assert tight.prepare(prompt_ids=_ids(1, 159)).ids
+
+
+def test_rows_restored_from_one_prefix_read_its_blocks_from_the_cached_entries_to_the_same_answers(tiny_model_dirs,
+                                                                                                  monkeypatch):  # fmt: skip
+    """Requests restored from the same blocks decode together reading those blocks' entries, not each its copy."""
+    engine = Engine.load(str(tiny_model_dirs["qwen3"]), block_size=256, cache=CacheConfig(exact=True))
+    try:
+        kernel, chunk = attention._ragged_kernel, attention.shared_chunk_keys()
+        if kernel is None:
+            pytest.skip("no AVX-512: batched decode steps run torch's attention row by row, which reads each row's own K/V")
+        assert chunk == 256
+        shared = _ids(21, 2 * chunk)
+        prompts = [shared + _ids(500 + i, 16 + i) for i in range(4)]  # tails of a whole pass (exact mode)
+        sampling = {"max_tokens": 6, "ignore_eos": True, "temperature": 0}
+        alone = _alone(engine, prompts, **sampling)
+        calls: list[tuple[int, list[int]]] = []
+
+        def spy(rows, keys, values, lengths, shared_keys, shared_values, shared_at):
+            calls.append((len(keys), list(shared_at)))
+            return kernel(rows, keys, values, lengths, shared_keys, shared_values, shared_at)
+
+        monkeypatch.setattr(attention, "_ragged_kernel", spy)
+        engine.clear_cache()
+        engine.generate(prompt_ids=shared + _ids(99, 16), max_tokens=1)  # the prefix's two blocks now sit in memory
+        results = _together(engine, prompts, **sampling)
+        assert [result.token_ids for result in results] == alone
+        assert [result.num_cached_tokens for result in results] == [2 * chunk] * 4
+        # Every layer of a step of all four rows reads both blocks from the entries, from their first key, for
+        # rows 1-3; row 0 adopted the warm-up request's buffers, which still held the prefix: nothing was copied.
+        four = [at for rows, at in calls if rows == 4]
+        assert four and all(at == [value for row in (1, 2, 3) for c in (0, 1) for value in (row, c, 0)] for at in four)
+    finally:
+        engine.close()

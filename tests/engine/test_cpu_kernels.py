@@ -76,6 +76,55 @@ def test_the_kernel_refuses_what_it_cannot_read(op) -> None:
         op(torch.randn(1, 4, 8), key.transpose(2, 3).contiguous().transpose(2, 3), key, 5)
 
 
+def _ragged_rows(generator: torch.Generator, lengths: list[int], kv_heads: int = 2, dim: int = 64):
+    """Rows of a batched step: a query [B, H, D] and each row's own K/V buffers [1, H_kv, n + 9, D] (stale tail)."""
+    keys = [torch.randn(1, kv_heads, n + 9, dim, generator=generator).bfloat16() for n in lengths]
+    values = [torch.randn(1, kv_heads, n + 9, dim, generator=generator).bfloat16() for n in lengths]
+    return torch.randn(len(lengths), 4 * kv_heads, dim, generator=generator), keys, values
+
+
+def test_the_ragged_kernel_reads_shared_chunks_and_computes_each_row_as_alone(ops) -> None:
+    """A chunk read from a shared tensor (at an offset in it) gives the bits of the row's own copy."""
+    chunk = ops.keys_per_chunk()
+    lengths = [2 * chunk + 30, chunk, 3 * chunk + 1]
+    query, keys, values = _ragged_rows(torch.Generator().manual_seed(11), lengths)
+    alone = torch.cat([ops.one_row_attention(query[b : b + 1].contiguous(), keys[b], values[b], n)
+                       for b, n in enumerate(lengths)])  # fmt: skip
+    # A shared entry holding rows 0 and 2's chunk 1 (the same bytes: row 2 copied from row 0) from key 7 on.
+    keys[2][:, :, chunk : 2 * chunk] = keys[0][:, :, chunk : 2 * chunk]
+    values[2][:, :, chunk : 2 * chunk] = values[0][:, :, chunk : 2 * chunk]
+    alone[2] = ops.one_row_attention(query[2:3].contiguous(), keys[2], values[2], lengths[2])[0]
+    entry_keys = torch.cat([torch.zeros(1, 2, 7, 64).bfloat16(), keys[0][:, :, chunk : 2 * chunk]], dim=2)
+    entry_values = torch.cat([torch.zeros(1, 2, 7, 64).bfloat16(), values[0][:, :, chunk : 2 * chunk]], dim=2)
+    shared = ops.ragged_one_row_attention(query, keys, values, lengths, [entry_keys, entry_keys],
+                                          [entry_values, entry_values], [0, 1, 7, 2, 1, 7])  # fmt: skip
+    assert torch.equal(shared, alone)
+    # It is read there: other bytes in the entry change those rows' results, and only theirs.
+    entry_values[:, :, 7:] += 1
+    changed = ops.ragged_one_row_attention(query, keys, values, lengths, [entry_keys, entry_keys],
+                                           [entry_values, entry_values], [0, 1, 7, 2, 1, 7])  # fmt: skip
+    assert [torch.equal(changed[b], alone[b]) for b in range(3)] == [False, True, False]
+
+
+def test_the_ragged_kernel_refuses_shared_chunks_it_cannot_read(ops) -> None:
+    chunk = ops.keys_per_chunk()
+    query, keys, values = _ragged_rows(torch.Generator().manual_seed(12), [chunk + 5, 2 * chunk])
+    entry = keys[1][:, :, :chunk]
+
+    def call(shared_at: list[int], entry: torch.Tensor = entry) -> None:
+        count = len(shared_at) // 3
+        ops.ragged_one_row_attention(query, keys, values, [chunk + 5, 2 * chunk], [entry] * count, [entry] * count, shared_at)
+
+    with pytest.raises(RuntimeError, match="names a row and one of its chunks"):
+        call([0, 2, 0])  # row 0 has chunks 0 and 1
+    with pytest.raises(RuntimeError, match="one shared source per chunk"):
+        call([1, 0, 0, 1, 0, 0])
+    with pytest.raises(RuntimeError, match="num_keys within the buffers"):
+        call([1, 1, 1])  # from key 1 on, the entry holds chunk - 1 keys
+    with pytest.raises(RuntimeError, match="one value tensor and one"):
+        ops.ragged_one_row_attention(query, keys, values, [chunk + 5, 2 * chunk], [entry], [entry], [1, 0])
+
+
 def test_decode_steps_run_the_kernel_and_torchs_path_agrees(op, monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(attention, "_one_row_kernel", lambda *args: calls.append(args[3]) or op(*args))

@@ -122,13 +122,21 @@ def _query_pieces_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 _one_row_kernel: OneRowAttention | None = None
 _ragged_kernel: RaggedOneRowAttention | None = None
 _causal_kernel: CausalAttention | None = None
+_ragged_chunk_keys = 0
 
 
 def use_cpu_kernels(kernels: CpuKernels) -> None:
     """Run CPU attention through the built `kernels` where they apply (CpuKernels(): torch's). Process-wide."""
-    global _one_row_kernel, _ragged_kernel, _causal_kernel
+    global _one_row_kernel, _ragged_kernel, _causal_kernel, _ragged_chunk_keys
     _one_row_kernel, _ragged_kernel = kernels.one_row_attention, kernels.ragged_one_row_attention
     _causal_kernel = kernels.causal_attention
+    _ragged_chunk_keys = kernels.ragged_chunk_keys if _ragged_kernel is not None else 0
+
+
+def shared_chunk_keys() -> int:
+    """The keys of one chunk a batched decode step's rows may read from shared memory (`RaggedKv.shared`);
+    0 where no kernel reads them (torch's paths read each row's own K/V)."""
+    return _ragged_chunk_keys
 
 
 def _one_row_cpu(query: torch.Tensor, attention_mask: object, dropout: float, kwargs: dict) -> bool:
@@ -224,9 +232,16 @@ def _graph_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
 @dataclass(frozen=True)
 class RaggedKv:
     """The keys (or values) of a batched decode step's rows (engine/batch_decode.py): one [1, H_kv, n_i, D]
-    view per row, each of its own request's length."""
+    view per row, each of its own request's length.
+
+    `shared[i]` holds, from key `shared_at[3i + 2]` on, the same bytes as the keys of chunk `shared_at[3i + 1]`
+    (`shared_chunk_keys()` keys) of row `shared_at[3i]`: the cache block the row was restored from. The
+    kernel reads it there, so rows restored from one block read it from memory once (the same bits).
+    """
 
     rows: tuple[torch.Tensor, ...]
+    shared: tuple[torch.Tensor, ...] = ()
+    shared_at: tuple[int, ...] = ()
 
 
 def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwargs) -> torch.Tensor:
@@ -235,8 +250,8 @@ def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwa
     if _ragged_kernel_fits(query, key, value, dropout, kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         lengths = [keys.shape[2] for keys in key.rows]
-        output = _kernel_rows(query, scale,
-                              lambda rows: _ragged_kernel(rows, list(key.rows), list(value.rows), lengths))  # fmt: skip
+        output = _kernel_rows(query, scale, lambda rows: _ragged_kernel(
+            rows, list(key.rows), list(value.rows), lengths, list(key.shared), list(value.shared), list(key.shared_at)))
         return output.transpose(1, 2).contiguous()
     outputs = [_attention(module, query[row : row + 1], keys, values, None, dropout, scaling, **kwargs)[0]
                for row, (keys, values) in enumerate(zip(key.rows, value.rows, strict=True))]  # fmt: skip

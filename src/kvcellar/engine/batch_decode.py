@@ -1,7 +1,7 @@
 """One forward pass that decodes a token for each of several requests, each on its own K/V cache.
 
-Operations: `batches_decode(model, layout) -> bool`, `decode_rows(model, tokens, caches) -> logits [B, vocab]`,
-`RaggedKv` (engine/attention.py).
+Operations: `batches_decode(model, layout) -> bool`, `decode_rows(model, tokens, caches, spans) -> logits
+[B, vocab]`, `RaggedKv` (engine/attention.py).
 
 Why per-request caches and not one paged pool: a request's cache is the
 `GrowingLayer` buffers that the prefix cache restores into and captures from
@@ -16,6 +16,13 @@ in a batch; the linear layers' few-rows kernel (engine/kernels) is
 batch-invariant too. Whether the whole step is, the engine checks at load
 (`rows_compute_alike`), and exact mode batches only where it is.
 
+Rows restored from the same cache blocks (many requests under one system
+prompt) hold copies of the same K/V. Each row's `RestoredSpan`s (kv/state.py)
+say which entries its tokens were copied from; where a live entry covers a
+whole chunk of the attention kernel's keys, `RaggedKv.shared` hands the kernel
+the entry's tensors for that chunk, and the kernel reads it there once for all
+those rows instead of once per row's copy: the same bytes, so the same bits.
+
 Only models whose every layer is full attention in a `GrowingLayer` batch this
 way; sliding-window and recurrent layers keep per-request state of other
 shapes, so those models run one forward per request in a step
@@ -29,17 +36,35 @@ from collections.abc import Sequence
 import torch
 
 from kvcellar.config import EXACT_DECODE_MAX_ROWS
-from kvcellar.engine.attention import RaggedKv
+from kvcellar.engine.attention import RaggedKv, shared_chunk_keys
 from kvcellar.engine.prefill import cache_argument
 from kvcellar.kv.growing_layer import GrowingLayer, new_cache
 from kvcellar.kv.layout import ModelLayout
+from kvcellar.kv.state import RestoredSpan
+
+
+def _shared_chunks(spans: Sequence[RestoredSpan], chunk_keys: int) -> list[tuple[int, int, dict]]:
+    """(chunk, its first key in the entry, the entry's tensors) for every chunk of `chunk_keys` keys that one
+    live entry of `spans` covers whole."""
+    chunks = []
+    for span in spans:
+        payload = span.payload()
+        if payload is None:  # evicted since the restore: the row reads its own copy
+            continue
+        first_chunk = -(-span.start // chunk_keys)
+        for chunk in range(first_chunk, (span.start + span.length) // chunk_keys):
+            chunks.append((chunk, chunk * chunk_keys - span.start, payload.tensors))
+    return chunks
 
 
 class _BatchLayers:
-    """What the model's layers see as the cache: `update` writes each row's K/V into its own request's layer."""
+    """What the model's layers see as the cache: `update` writes each row's K/V into its own request's layer
+    and hands attention every row's K/V, with the chunks that rows read from shared entries."""
 
-    def __init__(self, caches: Sequence[object]) -> None:
+    def __init__(self, caches: Sequence[object], spans: Sequence[Sequence[RestoredSpan]]) -> None:
         self._caches = caches
+        chunk_keys = shared_chunk_keys()
+        self._shared = [_shared_chunks(row_spans, chunk_keys) if chunk_keys else [] for row_spans in spans]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = [], []
@@ -47,7 +72,18 @@ class _BatchLayers:
             k, v = cache.layers[layer_idx].update(key_states[row : row + 1], value_states[row : row + 1])
             keys.append(k)
             values.append(v)
-        return RaggedKv(tuple(keys)), RaggedKv(tuple(values))
+        key_name, value_name = f"{layer_idx}.keys", f"{layer_idx}.values"
+        shared_keys, shared_values, shared_at = [], [], []
+        for row, chunks in enumerate(self._shared):
+            for chunk, first, tensors in chunks:
+                entry_keys = tensors[key_name]
+                if entry_keys.dtype != keys[row].dtype:  # not the bytes the row holds
+                    continue
+                shared_keys.append(entry_keys)
+                shared_values.append(tensors[value_name])
+                shared_at.extend((row, chunk, first))
+        at = tuple(shared_at)
+        return RaggedKv(tuple(keys), tuple(shared_keys), at), RaggedKv(tuple(values), tuple(shared_values), at)
 
     # For models that build their mask from the cache (one that takes no mask mapping): a one-key mask,
     # which attention then ignores for the rows' own keys (engine/attention.py).
@@ -73,16 +109,20 @@ def _positions(caches: Sequence[object], device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode_rows(model: torch.nn.Module, tokens: Sequence[int], caches: Sequence[object]) -> torch.Tensor:
-    """Feed token i to cache i (every cache of a `batches_decode` model), return next-token logits [B, vocab]."""
+def decode_rows(model: torch.nn.Module, tokens: Sequence[int], caches: Sequence[object],
+                spans: Sequence[Sequence[RestoredSpan]] | None = None) -> torch.Tensor:  # fmt: skip
+    """Feed token i to cache i (every cache of a `batches_decode` model), return next-token logits [B, vocab].
+
+    `spans[i]`: where cache i's restored K/V were copied from (`Restored.spans`; None: nowhere known)."""
     device = model.device
     input_ids = torch.tensor([[token] for token in tokens], dtype=torch.long, device=device)
     if len(caches) == 1:  # one request: the very pass a request alone runs
         return model(input_ids=input_ids, **cache_argument(model, caches[0]), use_cache=True).logits[:, -1]
     # No mask: each row's attention sees all of its own keys, which is exactly its causal mask.
     masks = {kind: None for kind in set(model.config.layer_types)} if hasattr(model.config, "layer_types") else None
+    layers = _BatchLayers(caches, spans if spans and device.type == "cpu" else [()] * len(caches))
     output = model(input_ids=input_ids, position_ids=_positions(caches, device), attention_mask=masks,
-                   **cache_argument(model, _BatchLayers(caches)), use_cache=True)  # fmt: skip
+                   **cache_argument(model, layers), use_cache=True)  # fmt: skip
     return output.logits[:, -1]
 
 

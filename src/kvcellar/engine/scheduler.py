@@ -172,7 +172,8 @@ class Scheduler:
             if batched:
                 model = self.runner.loaded.model
                 logits = [row for group in passes
-                          for row in decode_rows(model, [tokens[i] for i in group], [rows[i].restored.cache for i in group])]  # fmt: skip
+                          for row in decode_rows(model, [tokens[i] for i in group], [rows[i].restored.cache for i in group],
+                                                 [rows[i].restored.spans for i in group])]  # fmt: skip
             else:
                 logits = [self.runner.decode_step(token, s.restored.cache) for token, s in zip(tokens, rows)]
         except Exception as exc:  # the pass is lost for every row in it; the worker keeps serving

@@ -8,6 +8,7 @@ never sees a tensor; it stores these payloads as opaque objects.
 """
 
 from kvcellar.kv.layout import LayerSpec, ModelLayout, inspect_layout
-from kvcellar.kv.state import StatePayload, build_cache, capture_entry
+from kvcellar.kv.state import RestoredSpan, StatePayload, build_cache, capture_entry, restored_spans
 
-__all__ = ["LayerSpec", "ModelLayout", "StatePayload", "build_cache", "capture_entry", "inspect_layout"]
+__all__ = ["LayerSpec", "ModelLayout", "RestoredSpan", "StatePayload", "build_cache", "capture_entry", "inspect_layout",
+           "restored_spans"]

@@ -28,7 +28,7 @@ from kvcellar.cache import BlockHash, Match, Priority, PrefixCache, hash_block
 from kvcellar.cache.cost_model import CostModel
 from kvcellar.cache.reuse import ReuseRule
 from kvcellar.cache.segments import PromptSegments, segment_priority
-from kvcellar.kv import ModelLayout, build_cache, capture_entry
+from kvcellar.kv import ModelLayout, RestoredSpan, build_cache, capture_entry, restored_spans
 from kvcellar.kv.buffer_pool import KvBufferPool
 from kvcellar.kv.growing_layer import new_cache
 
@@ -46,6 +46,7 @@ class Restored:
     lookup_s: float = 0.0
     restore_s: float = 0.0
     num_resident_tokens: int = 0  # of num_tokens, adopted in place from the last request's buffers
+    spans: tuple[RestoredSpan, ...] = ()  # the cache entries its K/V were copied from (kv/state.py)
 
 
 class PendingRestore:
@@ -225,7 +226,7 @@ class ModelPrefixCache:
         if device.type == "cuda":  # the copies run behind the CPU: wait, so restore_s is their true time
             torch.cuda.synchronize(device)
         return Restored(cache, match.num_tokens, pending.logits, dict(match.tokens_by_tier), pending.lookup_s,
-                        time.perf_counter() - started, resident)
+                        time.perf_counter() - started, resident, restored_spans(payloads, match.num_tokens, device, resident))
 
     def _resident_tokens(self, match: Match, capacity: int, pool: KvBufferPool | None) -> int:
         """Leading tokens of `match` whose K/V `pool`'s buffers still hold from the last request."""

@@ -16,6 +16,7 @@ rewrite a stored checkpoint. They are packed into one allocation (`flat.py`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -147,6 +148,41 @@ def _fill_growing_layers(
             layer.update(keys, values)
 
 
+def _used_lengths(payloads: Sequence[StatePayload], num_tokens: int) -> list[int]:
+    """How many tokens of each payload a restore to `num_tokens` uses: all, the last one perhaps in part."""
+    lengths = [payload.num_tokens for payload in payloads]
+    excess = sum(lengths) - num_tokens
+    if excess < 0 or (payloads and excess > lengths[-1]):
+        raise ValueError(f"payloads cover {sum(lengths)} tokens, cannot restore position {num_tokens}")
+    if excess:
+        lengths[-1] -= excess
+    return lengths
+
+
+@dataclass(frozen=True)
+class RestoredSpan:
+    """Tokens [start, start + length) of a restored cache's full-attention layers, copied from the first
+    `length` tokens of `payload`'s K/V: while the payload lives (a weak reference, so a restore never
+    keeps an evicted entry in memory), each `"{layer}.keys"` / `"{layer}.values"` tensor of it holds
+    the same bytes as the cache's keys and values of those tokens."""
+
+    start: int
+    length: int
+    payload: weakref.ReferenceType
+
+
+def restored_spans(payloads: Sequence[StatePayload], num_tokens: int, device: torch.device,
+                   resident_tokens: int = 0) -> tuple[RestoredSpan, ...]:  # fmt: skip
+    """Where `build_cache(... payloads, num_tokens, device, ..., resident_tokens)` copied its K/V from: the
+    payloads it read in place on `device` (one moved there first, or adopted resident tokens, is no span)."""
+    spans, position = [], 0
+    for payload, used in zip(payloads, _used_lengths(payloads, num_tokens)):
+        if position >= resident_tokens and used > 0 and payload.is_on(device):
+            spans.append(RestoredSpan(position, used, weakref.ref(payload)))
+        position += used
+    return tuple(spans)
+
+
 def build_cache(
     config: object,
     layout: ModelLayout,
@@ -166,12 +202,8 @@ def build_cache(
     is deep-copied. `resident_tokens`: the K/V of the first payloads' tokens (whole payloads) already
     sit in `pool`'s buffers (`KvBufferPool.resident_blocks`); the full-attention layers adopt them.
     """
-    lengths = [payload.num_tokens for payload in payloads]
-    excess = sum(lengths) - num_tokens
-    if excess < 0 or (payloads and excess > lengths[-1]):
-        raise ValueError(f"payloads cover {sum(lengths)} tokens, cannot restore position {num_tokens}")
-    if excess:
-        lengths[-1] -= excess
+    lengths = _used_lengths(payloads, num_tokens)
+    excess = sum(payload.num_tokens for payload in payloads) - num_tokens
     cache = new_cache(config, max(capacity, num_tokens), pool)
     if num_tokens == 0:
         return cache

@@ -4,7 +4,10 @@
   against the cache's K/V, fp32 or bf16): every key and value row is read
   once, widened to fp32 in registers and used by all the query heads of its
   group, with the softmax in fp32 (AVX-512). torch's own paths read a bf16
-  cache at a fraction of the memory bandwidth (docs/benchmarks.md).
+  cache at a fraction of the memory bandwidth (docs/benchmarks.md). Its
+  batched form takes, per row, chunks of keys to read from shared memory (the
+  cache blocks the rows were restored from): rows that share a prefix then
+  read its keys from memory once per step, not once per row.
 - `causal_attention.cpp`: a bf16 prefill pass's causal attention (the pass's
   queries against the cached prefix and themselves) with the CPU's bf16 dot
   product (AVX512-BF16), about twice the rate of torch's CPU flash kernel. It
@@ -50,9 +53,11 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 
 # (query [B, H, D] fp32 pre-scaled, key, value [B, H_kv, >= n, D] fp32/bf16, n) -> [B, H, D] fp32
 OneRowAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-# (query [B, H, D] as above, keys, values: B tensors [1, H_kv, >= n_b, D], [n_b]) -> [B, H, D] fp32; row b the
-# same bits as OneRowAttention on row b alone
-RaggedOneRowAttention = Callable[[torch.Tensor, list, list, list], torch.Tensor]
+# (query [B, H, D] as above, keys, values: B tensors [1, H_kv, >= n_b, D], [n_b], shared keys, shared values,
+# [row, chunk, first key] per shared pair) -> [B, H, D] fp32; row b the same bits as OneRowAttention on row b
+# alone. Chunk c of row b (keys [c * CpuKernels.ragged_chunk_keys, ...)) may be read from a shared pair that holds the
+# same bytes from its `first` key on.
+RaggedOneRowAttention = Callable[[torch.Tensor, list, list, list, list, list, list], torch.Tensor]
 # (query [B, H, M, D], key, value [B, H_kv, N, D], scale), all bf16 -> [B, M, H, D] bf16
 CausalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 # (x [R, in] bf16 or fp32, weight [out, in] bf16) -> [R, out] fp32
@@ -69,6 +74,7 @@ class CpuKernels:
 
     one_row_attention: OneRowAttention | None = None
     ragged_one_row_attention: RaggedOneRowAttention | None = None  # with one_row_attention
+    ragged_chunk_keys: int = 0  # the keys of one chunk that the ragged kernel may read from shared memory
     causal_attention: CausalAttention | None = None
     rows_product: RowsProduct | None = None  # fp32 rows with AVX-512
     bf16_rows_product: RowsProduct | None = None  # bf16 rows, with AVX512-BF16 too
@@ -96,6 +102,7 @@ def _build_and_pick(kernel_dir: Path) -> CpuKernels:
     kernels = CpuKernels(
         one_row_attention=ops.one_row_attention if ops.vectorized() else None,
         ragged_one_row_attention=ops.ragged_one_row_attention if ops.vectorized() else None,
+        ragged_chunk_keys=ops.keys_per_chunk(),
         causal_attention=ops.causal_attention if ops.has_bf16_dot() else None,
         rows_product=ops.rows_product if ops.vectorized() else None,
         bf16_rows_product=ops.rows_product if ops.vectorized() and ops.has_bf16_dot() else None,

@@ -242,32 +242,58 @@ struct Source {
   int64_t key_head_stride, key_stride, value_head_stride, value_stride, num_keys;
 };
 
-// query [B, H, D] (row b attends to sources[b]) -> out. Tasks are (row, K/V head, chunk of KEYS_PER_TASK keys);
-// each row's chunks are merged in order, so a row's result depends on its own query and keys alone.
+// A chunk of one row read from other memory that holds the same bytes as the row's own keys and values
+// [chunk * KEYS_PER_TASK, ...): the cache block the row's prefix was restored from, which every row restored
+// from it reads alike. `source` points at the chunk's first key.
 template <typename KV>
-void run(const at::Tensor& query, const std::vector<Source<KV>>& sources, int64_t kv_heads, at::Tensor& out) {
+struct SharedChunk {
+  int64_t row, chunk;
+  Source<KV> source;
+};
+
+// query [B, H, D] (row b attends to sources[b]) -> out. Tasks are (row, K/V head, chunk of KEYS_PER_TASK keys);
+// each row's chunks are merged in order, so a row's result depends on its own query and keys alone. The tasks
+// run in (head, chunk, row) order: rows that read one shared chunk read it one after another, so all but the
+// first find it in the core's cache. Where a task's keys are read from does not change what it computes.
+template <typename KV>
+void run(const at::Tensor& query, const std::vector<Source<KV>>& sources, int64_t kv_heads, at::Tensor& out,
+         const std::vector<SharedChunk<KV>>& shared = {}) {
   const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(2);
   const int64_t groups = heads / kv_heads;
-  std::vector<int64_t> chunks(batch), first_task(batch + 1, 0);
+  std::vector<int64_t> chunks(batch), first_task(batch + 1, 0), first_chunk(batch + 1, 0);
+  int64_t most_chunks = 0;
   for (int64_t b = 0; b < batch; ++b) {
     chunks[b] = (sources[b].num_keys + KEYS_PER_TASK - 1) / KEYS_PER_TASK;
     first_task[b + 1] = first_task[b] + kv_heads * chunks[b];
+    first_chunk[b + 1] = first_chunk[b] + chunks[b];
+    most_chunks = std::max(most_chunks, chunks[b]);
   }
+  std::vector<const Source<KV>*> chunk_source(first_chunk[batch], nullptr);  // per (row, chunk): shared, or none
+  for (const SharedChunk<KV>& piece : shared) chunk_source[first_chunk[piece.row] + piece.chunk] = &piece.source;
+  struct Task {
+    int64_t row, head, chunk;
+  };
+  std::vector<Task> order;
+  order.reserve(first_task[batch]);
+  for (int64_t head = 0; head < kv_heads; ++head)
+    for (int64_t chunk = 0; chunk < most_chunks; ++chunk)
+      for (int64_t b = 0; b < batch; ++b)
+        if (chunk < chunks[b]) order.push_back({b, head, chunk});
   const int64_t tasks = first_task[batch];
   std::vector<float> maxima(tasks * groups), sums(tasks * groups), partial(tasks * groups * dim);
   const float* q = query.data_ptr<float>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * SCORE_ROW);
-    int64_t b = std::upper_bound(first_task.begin(), first_task.end(), begin) - first_task.begin() - 1;
-    for (int64_t task = begin; task < end; ++task) {
-      while (task >= first_task[b + 1]) ++b;
-      const Source<KV>& source = sources[b];
-      const int64_t local = task - first_task[b];
-      const int64_t chunk = local % chunks[b], head = local / chunks[b];
-      const int64_t first = chunk * KEYS_PER_TASK, count = std::min(KEYS_PER_TASK, source.num_keys - first);
+    for (int64_t index = begin; index < end; ++index) {
+      const auto [b, head, chunk] = order[index];
+      const int64_t task = first_task[b] + head * chunks[b] + chunk;
+      const int64_t first = chunk * KEYS_PER_TASK, count = std::min(KEYS_PER_TASK, sources[b].num_keys - first);
+      const Source<KV>* own = chunk_source[first_chunk[b] + chunk];
+      const Source<KV>& source = own != nullptr ? *own : sources[b];
+      const int64_t offset = own != nullptr ? 0 : first;
       attend_chunk(q + b * query.stride(0) + head * groups * dim, groups, dim,
-                   source.keys + head * source.key_head_stride + first * source.key_stride,
-                   source.values + head * source.value_head_stride + first * source.value_stride,
+                   source.keys + head * source.key_head_stride + offset * source.key_stride,
+                   source.values + head * source.value_head_stride + offset * source.value_stride,
                    source.key_stride, source.value_stride, count, scores.data(), &partial[task * groups * dim]);
       for (int64_t g = 0; g < groups; ++g) {
         maxima[task * groups + g] = scores[g * SCORE_ROW + KEYS_PER_TASK];
@@ -337,12 +363,33 @@ at::Tensor one_row_attention(const at::Tensor& query, const at::Tensor& key, con
   return out;
 }
 
+template <typename KV>
+void run_ragged(const at::Tensor& query, at::TensorList keys, at::TensorList values, at::IntArrayRef num_keys,
+                at::TensorList shared_keys, at::TensorList shared_values, at::IntArrayRef shared_at, at::Tensor& out) {
+  std::vector<Source<KV>> sources;
+  for (size_t b = 0; b < keys.size(); ++b) sources.push_back(source_of<KV>(keys[b], values[b], 0, num_keys[b]));
+  std::vector<SharedChunk<KV>> shared;
+  for (size_t i = 0; i < shared_keys.size(); ++i) {
+    const int64_t row = shared_at[3 * i], chunk = shared_at[3 * i + 1], first = shared_at[3 * i + 2];
+    Source<KV> source = source_of<KV>(shared_keys[i], shared_values[i], 0, KEYS_PER_TASK);
+    source.keys += first * source.key_stride;
+    source.values += first * source.value_stride;
+    shared.push_back({row, chunk, source});
+  }
+  run(query, sources, keys[0].size(1), out, shared);
+}
+
 // A batched decode step's rows, each against its own request's K/V (keys[b], values[b]: [1, H_kv, >= n_b, D]).
-// Row b computes exactly what one_row_attention computes for it alone.
+// Row b computes exactly what one_row_attention computes for it alone. Shared chunk i (row shared_at[3i],
+// chunk shared_at[3i + 1]) is read from shared_keys[i], shared_values[i] ([1, H_kv, N, D]) from key
+// shared_at[3i + 2] on instead: the caller's promise is that they hold the same bytes there as the row's own
+// keys and values of that chunk.
 at::Tensor ragged_one_row_attention(const at::Tensor& query, at::TensorList keys, at::TensorList values,
-                                    at::IntArrayRef num_keys) {
+                                    at::IntArrayRef num_keys, at::TensorList shared_keys,
+                                    at::TensorList shared_values, at::IntArrayRef shared_at) {
   check_query(query);
   const int64_t batch = query.size(0);
+  TORCH_CHECK(batch >= 1, "at least one row");
   TORCH_CHECK(static_cast<int64_t>(keys.size()) == batch && static_cast<int64_t>(values.size()) == batch &&
                   static_cast<int64_t>(num_keys.size()) == batch, "one key, value and count per query row");
   for (int64_t b = 0; b < batch; ++b) {
@@ -350,15 +397,29 @@ at::Tensor ragged_one_row_attention(const at::Tensor& query, at::TensorList keys
     TORCH_CHECK(keys[b].size(0) == 1 && keys[b].size(1) == keys[0].size(1), "each row: [1, H_kv, N, D], one H_kv");
     TORCH_CHECK(keys[b].scalar_type() == keys[0].scalar_type(), "every row's K/V of one dtype");
   }
+  TORCH_CHECK(shared_values.size() == shared_keys.size() && shared_at.size() == 3 * shared_keys.size(),
+              "one value tensor and one (row, chunk, first key) per shared key tensor");
+  std::vector<bool> seen(batch * ((*std::max_element(num_keys.begin(), num_keys.end()) + KEYS_PER_TASK - 1) /
+                                  KEYS_PER_TASK), false);
+  for (size_t i = 0; i < shared_keys.size(); ++i) {
+    const int64_t row = shared_at[3 * i], chunk = shared_at[3 * i + 1], first = shared_at[3 * i + 2];
+    TORCH_CHECK(row >= 0 && row < batch && chunk >= 0 && chunk * KEYS_PER_TASK < num_keys[row],
+                "a shared chunk names a row and one of its chunks");
+    const int64_t slot = row * (seen.size() / batch) + chunk;
+    TORCH_CHECK(!seen[slot], "one shared source per chunk");
+    seen[slot] = true;
+    const int64_t count = std::min(KEYS_PER_TASK, num_keys[row] - chunk * KEYS_PER_TASK);
+    TORCH_CHECK(first >= 0, "a shared chunk's first key within its tensor");
+    check_kv(query, shared_keys[i], shared_values[i], first + count);
+    TORCH_CHECK(shared_keys[i].size(0) == 1 && shared_keys[i].size(1) == keys[0].size(1) &&
+                    shared_keys[i].scalar_type() == keys[0].scalar_type(),
+                "a shared chunk: [1, H_kv, >= its keys, D] of the rows' dtype");
+  }
   at::Tensor out = at::empty(query.sizes(), query.options());
   if (keys[0].scalar_type() == at::kBFloat16) {
-    std::vector<Source<c10::BFloat16>> sources;
-    for (int64_t b = 0; b < batch; ++b) sources.push_back(source_of<c10::BFloat16>(keys[b], values[b], 0, num_keys[b]));
-    run(query, sources, keys[0].size(1), out);
+    run_ragged<c10::BFloat16>(query, keys, values, num_keys, shared_keys, shared_values, shared_at, out);
   } else {
-    std::vector<Source<float>> sources;
-    for (int64_t b = 0; b < batch; ++b) sources.push_back(source_of<float>(keys[b], values[b], 0, num_keys[b]));
-    run(query, sources, keys[0].size(1), out);
+    run_ragged<float>(query, keys, values, num_keys, shared_keys, shared_values, shared_at, out);
   }
   return out;
 }
@@ -367,9 +428,14 @@ at::Tensor ragged_one_row_attention(const at::Tensor& query, at::TensorList keys
 
 bool vectorized() { return VECTORIZED; }
 
+int64_t keys_per_chunk() { return KEYS_PER_TASK; }
+
 TORCH_LIBRARY(kvcellar_cpu, m) {
   m.def("one_row_attention(Tensor query, Tensor key, Tensor value, int num_keys) -> Tensor");
-  m.def("ragged_one_row_attention(Tensor query, Tensor[] keys, Tensor[] values, int[] num_keys) -> Tensor");
+  m.def(
+      "ragged_one_row_attention(Tensor query, Tensor[] keys, Tensor[] values, int[] num_keys, Tensor[] shared_keys, "
+      "Tensor[] shared_values, int[] shared_at) -> Tensor");
+  m.def("keys_per_chunk() -> int", &keys_per_chunk);
   m.def("vectorized() -> bool", &vectorized);
 }
 
