@@ -10,7 +10,7 @@ import pytest
 
 from kvcellar import CacheConfig, Engine
 from kvcellar.config import EXACT_DECODE_MAX_ROWS
-from kvcellar.engine import attention
+from kvcellar.engine import attention, batch_decode
 from kvcellar.engine.memory import kv_bytes_per_token
 from kvcellar.errors import InvalidRequestError
 
@@ -207,3 +207,17 @@ def test_rows_restored_from_one_prefix_read_its_blocks_from_the_cached_entries_t
         assert four and all(at == [value for row in (1, 2, 3) for c in (0, 1) for value in (row, c, 0)] for at in four)
     finally:
         engine.close()
+
+
+def test_batched_steps_write_their_kv_alike_with_the_built_kernel_and_without_it(engines, monkeypatch):
+    """The one-call K/V writer (engine/kernels/append_rows.cpp) and torch's per-row copies give the same answers."""
+    engine = engines["qwen3"]
+    prompts = [_ids(600 + i, 20 + 3 * i) for i in range(4)]
+    sampling = {"max_tokens": 8, "ignore_eos": True, "temperature": 0}
+    alone = _alone(engine, prompts, **sampling)
+    engine.clear_cache()
+    with_kernel = [result.token_ids for result in _together(engine, prompts, **sampling)]
+    monkeypatch.setattr(batch_decode, "_append_rows", None)
+    engine.clear_cache()
+    without = [result.token_ids for result in _together(engine, prompts, **sampling)]
+    assert with_kernel == without == alone

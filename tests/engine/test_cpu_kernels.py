@@ -125,6 +125,25 @@ def test_the_ragged_kernel_refuses_shared_chunks_it_cannot_read(ops) -> None:
         ops.ragged_one_row_attention(query, keys, values, [chunk + 5, 2 * chunk], [entry], [entry], [1, 0])
 
 
+def test_append_rows_writes_each_rows_keys_and_values_at_its_position_and_nothing_else(ops) -> None:
+    generator = torch.Generator().manual_seed(13)
+    states = torch.randn(3, 2, 2, 16, generator=generator).bfloat16().transpose(1, 2)  # [B, H_kv, 2, D]: strided
+    keys, values = states[:, :, :1], states[:, :, 1:]  # [3, 2, 1, 16] each, views of one tensor
+    buffers = [torch.randn(1, 2, capacity, 16, generator=generator).bfloat16() for capacity in (5, 9, 1)]
+    value_buffers = [buffer.clone() for buffer in buffers]
+    expected_keys, expected_values = [b.clone() for b in buffers], [b.clone() for b in value_buffers]
+    positions = [4, 0, 0]
+    for row, position in enumerate(positions):
+        expected_keys[row][:, :, position] = keys[row, :, 0]
+        expected_values[row][:, :, position] = values[row, :, 0]
+    ops.append_rows(keys, values, buffers, value_buffers, positions)
+    assert all(torch.equal(got, want) for got, want in zip(buffers + value_buffers, expected_keys + expected_values))
+    with pytest.raises(RuntimeError, match="a position within its buffer"):
+        ops.append_rows(keys, values, buffers, value_buffers, [5, 0, 0])
+    with pytest.raises(RuntimeError, match="buffers of the states' dtype"):
+        ops.append_rows(keys, values, [b.float() for b in buffers], value_buffers, positions)
+
+
 def test_decode_steps_run_the_kernel_and_torchs_path_agrees(op, monkeypatch) -> None:
     calls = []
     monkeypatch.setattr(attention, "_one_row_kernel", lambda *args: calls.append(args[3]) or op(*args))

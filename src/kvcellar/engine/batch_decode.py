@@ -37,10 +37,22 @@ import torch
 
 from kvcellar.config import EXACT_DECODE_MAX_ROWS
 from kvcellar.engine.attention import RaggedKv, shared_chunk_keys
+from kvcellar.engine.kernels import AppendRows, CpuKernels
 from kvcellar.engine.prefill import cache_argument
 from kvcellar.kv.growing_layer import GrowingLayer, new_cache
 from kvcellar.kv.layout import ModelLayout
 from kvcellar.kv.state import RestoredSpan
+
+
+# The built kernel that writes every row's new K/V in one call (engine/kernels), set by the loader; None: torch's
+# copies, row by row.
+_append_rows: AppendRows | None = None
+
+
+def use_append_kernel(kernels: CpuKernels) -> None:
+    """Write batched decode steps' K/V through the built kernel where there is one. Process-wide."""
+    global _append_rows
+    _append_rows = kernels.append_rows
 
 
 def _shared_chunks(spans: Sequence[RestoredSpan], chunk_keys: int) -> list[tuple[int, int, dict]]:
@@ -67,11 +79,11 @@ class _BatchLayers:
         self._shared = [_shared_chunks(row_spans, chunk_keys) if chunk_keys else [] for row_spans in spans]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = [], []
-        for row, cache in enumerate(self._caches):
-            k, v = cache.layers[layer_idx].update(key_states[row : row + 1], value_states[row : row + 1])
-            keys.append(k)
-            values.append(v)
+        layers = [cache.layers[layer_idx] for cache in self._caches]
+        if not self._append(layers, key_states, value_states):
+            for row, layer in enumerate(layers):
+                layer.update(key_states[row : row + 1], value_states[row : row + 1])
+        keys, values = [layer.keys for layer in layers], [layer.values for layer in layers]
         key_name, value_name = f"{layer_idx}.keys", f"{layer_idx}.values"
         shared_keys, shared_values, shared_at = [], [], []
         for row, chunks in enumerate(self._shared):
@@ -84,6 +96,20 @@ class _BatchLayers:
                 shared_at.extend((row, chunk, first))
         at = tuple(shared_at)
         return RaggedKv(tuple(keys), tuple(shared_keys), at), RaggedKv(tuple(values), tuple(shared_values), at)
+
+    @staticmethod
+    def _append(layers: list, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Write each row's K/V into its layer with the built kernel, in one call; False where it does not apply."""
+        if _append_rows is None or key_states.device.type != "cpu" or key_states.stride(-1) != 1 or value_states.stride(-1) != 1:
+            return False
+        slots = [layer.next_slot() for layer in layers]
+        if any(slot is None or slot[0].dtype != key_states.dtype for slot in slots):
+            return False
+        _append_rows(key_states, value_states, [slot[0] for slot in slots], [slot[1] for slot in slots],
+                     [slot[2] for slot in slots])  # fmt: skip
+        for layer in layers:
+            layer.advance(1)
+        return True
 
     # For models that build their mask from the cache (one that takes no mask mapping): a one-key mask,
     # which attention then ignores for the rows' own keys (engine/attention.py).

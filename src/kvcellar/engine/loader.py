@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvcellar.engine import attention
+from kvcellar.engine import attention, batch_decode
 from kvcellar.engine.kernels import load_cpu_kernels
 from kvcellar.errors import ModelLoadError
 
@@ -296,7 +296,9 @@ def load_model(
         from kvcellar.models.demo import kvcellar_home
 
         _own_memory(model)
-        attention.use_cpu_kernels(load_cpu_kernels(kvcellar_home() / "kernels"))
+        kernels = load_cpu_kernels(kvcellar_home() / "kernels")
+        attention.use_cpu_kernels(kernels)
+        batch_decode.use_append_kernel(kernels)
     weight_dtype = _store_weights(model, dtype, torch_device, torch_dtype)
     text_config = model.config.get_text_config(decoder=True)
     context_length = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 2048

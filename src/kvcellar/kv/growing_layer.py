@@ -83,6 +83,15 @@ class GrowingLayer(DynamicLayer):
         self.advance(key_states.shape[-2])
         return self.keys, self.values
 
+    def next_slot(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The K and V buffers and the position the next token's K/V go to (room made for it), for a writer
+        that then calls `advance(1)`; None before the first write."""
+        if not self.is_initialized or self.graph_position is not None:
+            return None
+        if self.length >= self._key_buffer.shape[-2] or self.length >= self._value_buffer.shape[-2]:
+            self._grow(2 * self._key_buffer.shape[-2])
+        return self._key_buffer, self._value_buffer, self.length
+
     def advance(self, num_tokens: int) -> None:
         """Count `num_tokens` more tokens as written in place (by `update`, or by a replayed decode graph)."""
         self.length += num_tokens

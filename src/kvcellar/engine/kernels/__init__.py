@@ -21,6 +21,10 @@
   (16 outputs' pairs of inputs side by side, so a broadcast pair of the row
   meets 16 outputs per instruction) where there is one; fp32 rows FMAs of the
   widened weight.
+- `append_rows.cpp`: a batched decode step's new keys and values, each row's
+  written into its own request's buffers at its own position, in one call
+  per layer (two small strided copies per row and layer cost more than the
+  bytes they move).
 
 Built with torch's extension builder (`torch.utils.cpp_extension`, which
 needs a C++ compiler and ninja) and `-march=native`, once per source, torch
@@ -45,7 +49,8 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "one_row_attention.cpp", HERE / "causal_attention.cpp", HERE / "rows_product.cpp")
+SOURCES = (HERE / "one_row_attention.cpp", HERE / "causal_attention.cpp", HERE / "rows_product.cpp",
+           HERE / "append_rows.cpp")
 HEADERS = (HERE / "vector_math.h",)
 # -fopenmp: at::parallel_for is compiled into the kernel, and without OpenMP it runs on one thread. The library
 # links libgomp.so.1 by name, so in a torch process it shares torch's OpenMP runtime and its thread count.
@@ -66,6 +71,9 @@ RowsProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PackRowsWeight = Callable[[torch.Tensor], torch.Tensor]
 # (x [R, in] bf16, packed weight, out) -> [R, out] fp32
 PackedRowsProduct = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (key states, value states [B, H_kv, 1, D], key buffers, value buffers: B tensors [1, H_kv, capacity, D],
+# positions [B]) -> None: row b's keys and values written at positions[b] of its buffers
+AppendRows = Callable[[torch.Tensor, torch.Tensor, list, list, list], None]
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class CpuKernels:
     bf16_rows_product: RowsProduct | None = None  # bf16 rows, with AVX512-BF16 too
     pack_rows_weight: PackRowsWeight | None = None  # with AVX512-BF16
     packed_rows_product: PackedRowsProduct | None = None
+    append_rows: AppendRows | None = None  # wherever the kernels build
 
 
 _loaded: dict[Path, CpuKernels] = {}  # one build and load per process and folder
@@ -108,6 +117,7 @@ def _build_and_pick(kernel_dir: Path) -> CpuKernels:
         bf16_rows_product=ops.rows_product if ops.vectorized() and ops.has_bf16_dot() else None,
         pack_rows_weight=ops.pack_rows_weight if ops.vectorized() and ops.has_bf16_dot() else None,
         packed_rows_product=ops.packed_rows_product if ops.vectorized() and ops.has_bf16_dot() else None,
+        append_rows=ops.append_rows,
     )
     log.info("CPU kernels: decode attention %s, bf16 prefill attention %s, bf16 decode products %s",
              "built" if kernels.one_row_attention else "torch's (no AVX-512)",
