@@ -191,9 +191,9 @@ def test_rows_restored_from_one_prefix_read_its_blocks_from_the_cached_entries_t
         alone = _alone(engine, prompts, **sampling)
         calls: list[tuple[int, list[int]]] = []
 
-        def spy(rows, keys, values, lengths, shared_keys, shared_values, shared_at):
+        def spy(rows, keys, values, lengths, shared_keys, shared_values, shared_at, scale):
             calls.append((len(keys), list(shared_at)))
-            return kernel(rows, keys, values, lengths, shared_keys, shared_values, shared_at)
+            return kernel(rows, keys, values, lengths, shared_keys, shared_values, shared_at, scale)
 
         monkeypatch.setattr(attention, "_ragged_kernel", spy)
         engine.clear_cache()

@@ -46,8 +46,8 @@ def test_the_kernel_equals_sdpa_over_grouped_heads(op, dtype, heads: int, kv_hea
         capacity = num_keys + 37  # a growing cache's buffers: rows beyond num_keys hold stale data
         key = torch.randn(2, kv_heads, capacity, dim, generator=generator).to(dtype)
         value = torch.randn(2, kv_heads, capacity + 5, dim, generator=generator).to(dtype)[:, :, :capacity]  # own stride
-        query = torch.randn(2, heads, dim, generator=generator)
-        output = op((query * dim**-0.5).contiguous(), key, value, num_keys)
+        query = torch.randn(2, heads, dim, generator=generator).to(dtype)  # a model's query has its K/V's dtype
+        output = op(query, key, value, num_keys, dim**-0.5)
         expected = _reference(query, key[:, :, :num_keys], value[:, :, :num_keys])
         torch.testing.assert_close(output, expected, rtol=1e-5, atol=2e-6)
 
@@ -62,7 +62,7 @@ def test_the_kernel_computes_the_same_bits_at_any_thread_count(op) -> None:
         outputs = []
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            outputs.append(op(query, key, value, 2900))
+            outputs.append(op(query, key, value, 2900, 0.125))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(outputs[0], other) for other in outputs[1:])
@@ -71,16 +71,16 @@ def test_the_kernel_computes_the_same_bits_at_any_thread_count(op) -> None:
 def test_the_kernel_refuses_what_it_cannot_read(op) -> None:
     key = torch.randn(1, 2, 10, 8)
     with pytest.raises(RuntimeError, match="num_keys within the buffers"):
-        op(torch.randn(1, 4, 8), key, key, 11)
+        op(torch.randn(1, 4, 8), key, key, 11, 1.0)
     with pytest.raises(RuntimeError, match="rows contiguous"):
-        op(torch.randn(1, 4, 8), key.transpose(2, 3).contiguous().transpose(2, 3), key, 5)
+        op(torch.randn(1, 4, 8), key.transpose(2, 3).contiguous().transpose(2, 3), key, 5, 1.0)
 
 
 def _ragged_rows(generator: torch.Generator, lengths: list[int], kv_heads: int = 2, dim: int = 64):
-    """Rows of a batched step: a query [B, H, D] and each row's own K/V buffers [1, H_kv, n + 9, D] (stale tail)."""
+    """Rows of a batched step: a bf16 query [B, H, D] and each row's own K/V buffers [1, H_kv, n + 9, D] (stale tail)."""
     keys = [torch.randn(1, kv_heads, n + 9, dim, generator=generator).bfloat16() for n in lengths]
     values = [torch.randn(1, kv_heads, n + 9, dim, generator=generator).bfloat16() for n in lengths]
-    return torch.randn(len(lengths), 4 * kv_heads, dim, generator=generator), keys, values
+    return torch.randn(len(lengths), 4 * kv_heads, dim, generator=generator).bfloat16(), keys, values
 
 
 def test_the_ragged_kernel_reads_shared_chunks_and_computes_each_row_as_alone(ops) -> None:
@@ -88,21 +88,21 @@ def test_the_ragged_kernel_reads_shared_chunks_and_computes_each_row_as_alone(op
     chunk = ops.keys_per_chunk()
     lengths = [2 * chunk + 30, chunk, 3 * chunk + 1]
     query, keys, values = _ragged_rows(torch.Generator().manual_seed(11), lengths)
-    alone = torch.cat([ops.one_row_attention(query[b : b + 1].contiguous(), keys[b], values[b], n)
+    alone = torch.cat([ops.one_row_attention(query[b : b + 1].contiguous(), keys[b], values[b], n, 0.125)
                        for b, n in enumerate(lengths)])  # fmt: skip
     # A shared entry holding rows 0 and 2's chunk 1 (the same bytes: row 2 copied from row 0) from key 7 on.
     keys[2][:, :, chunk : 2 * chunk] = keys[0][:, :, chunk : 2 * chunk]
     values[2][:, :, chunk : 2 * chunk] = values[0][:, :, chunk : 2 * chunk]
-    alone[2] = ops.one_row_attention(query[2:3].contiguous(), keys[2], values[2], lengths[2])[0]
+    alone[2] = ops.one_row_attention(query[2:3].contiguous(), keys[2], values[2], lengths[2], 0.125)[0]
     entry_keys = torch.cat([torch.zeros(1, 2, 7, 64).bfloat16(), keys[0][:, :, chunk : 2 * chunk]], dim=2)
     entry_values = torch.cat([torch.zeros(1, 2, 7, 64).bfloat16(), values[0][:, :, chunk : 2 * chunk]], dim=2)
     shared = ops.ragged_one_row_attention(query, keys, values, lengths, [entry_keys, entry_keys],
-                                          [entry_values, entry_values], [0, 1, 7, 2, 1, 7])  # fmt: skip
+                                          [entry_values, entry_values], [0, 1, 7, 2, 1, 7], 0.125)  # fmt: skip
     assert torch.equal(shared, alone)
     # It is read there: other bytes in the entry change those rows' results, and only theirs.
     entry_values[:, :, 7:] += 1
     changed = ops.ragged_one_row_attention(query, keys, values, lengths, [entry_keys, entry_keys],
-                                           [entry_values, entry_values], [0, 1, 7, 2, 1, 7])  # fmt: skip
+                                           [entry_values, entry_values], [0, 1, 7, 2, 1, 7], 0.125)  # fmt: skip
     assert [torch.equal(changed[b], alone[b]) for b in range(3)] == [False, True, False]
 
 
@@ -113,7 +113,8 @@ def test_the_ragged_kernel_refuses_shared_chunks_it_cannot_read(ops) -> None:
 
     def call(shared_at: list[int], entry: torch.Tensor = entry) -> None:
         count = len(shared_at) // 3
-        ops.ragged_one_row_attention(query, keys, values, [chunk + 5, 2 * chunk], [entry] * count, [entry] * count, shared_at)
+        ops.ragged_one_row_attention(query, keys, values, [chunk + 5, 2 * chunk], [entry] * count, [entry] * count,
+                                     shared_at, 0.125)  # fmt: skip
 
     with pytest.raises(RuntimeError, match="names a row and one of its chunks"):
         call([0, 2, 0])  # row 0 has chunks 0 and 1
@@ -122,7 +123,7 @@ def test_the_ragged_kernel_refuses_shared_chunks_it_cannot_read(ops) -> None:
     with pytest.raises(RuntimeError, match="num_keys within the buffers"):
         call([1, 1, 1])  # from key 1 on, the entry holds chunk - 1 keys
     with pytest.raises(RuntimeError, match="one value tensor and one"):
-        ops.ragged_one_row_attention(query, keys, values, [chunk + 5, 2 * chunk], [entry], [entry], [1, 0])
+        ops.ragged_one_row_attention(query, keys, values, [chunk + 5, 2 * chunk], [entry], [entry], [1, 0], 0.125)
 
 
 def test_append_rows_writes_each_rows_keys_and_values_at_its_position_and_nothing_else(ops) -> None:

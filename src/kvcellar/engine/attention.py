@@ -158,12 +158,11 @@ def _ragged_kernel_fits(query: torch.Tensor, key: RaggedKv, value: RaggedKv, dro
                for k, v in zip(key.rows, value.rows))  # fmt: skip
 
 
-def _kernel_rows(query: torch.Tensor, scale: float, attend) -> torch.Tensor:
-    """A built one-row kernel's call on a [B, H, 1, D] query: `attend` takes the rows pre-scaled in fp32 as
-    [B, H, D] and returns [B, H, D] fp32; -> [B, H, 1, D] in the query's dtype."""
+def _kernel_rows(query: torch.Tensor, attend) -> torch.Tensor:
+    """A built one-row kernel's call on a [B, H, 1, D] query: `attend` takes the rows, unscaled in the query's
+    dtype, as [B, H, D] and returns [B, H, D] fp32; -> [B, H, 1, D] in the query's dtype."""
     batch, heads, _, dim = query.shape
-    rows = (query.float() * scale).reshape(batch, heads, dim).contiguous()
-    return attend(rows).to(query.dtype).view(batch, heads, 1, dim)
+    return attend(query.reshape(batch, heads, dim).contiguous()).to(query.dtype).view(batch, heads, 1, dim)
 
 
 def _causal_kernel_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: object,
@@ -196,7 +195,7 @@ def _decode_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     batch, heads, _, dim = query.shape
     scale = dim**-0.5 if scale is None else scale
     if _one_row_kernel is not None and _kernel_reads(key, value):
-        return _kernel_rows(query, scale, lambda rows: _one_row_kernel(rows, key, value, key.shape[2]))
+        return _kernel_rows(query, lambda rows: _one_row_kernel(rows, key, value, key.shape[2], scale))
     grouped = _grouped_rows(query, key.shape[1])
     scores = torch.matmul(key, grouped.transpose(-1, -2))  # [B, H_kv, kv, G]
     # bf16: scores rounded to bf16, softmax in fp32, as transformers' eager attention does.
@@ -250,8 +249,8 @@ def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwa
     if _ragged_kernel_fits(query, key, value, dropout, kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         lengths = [keys.shape[2] for keys in key.rows]
-        output = _kernel_rows(query, scale, lambda rows: _ragged_kernel(
-            rows, list(key.rows), list(value.rows), lengths, list(key.shared), list(value.shared), list(key.shared_at)))
+        output = _kernel_rows(query, lambda rows: _ragged_kernel(rows, list(key.rows), list(value.rows), lengths,
+                                                                 list(key.shared), list(value.shared), list(key.shared_at), scale))
         return output.transpose(1, 2).contiguous()
     outputs = [_attention(module, query[row : row + 1], keys, values, None, dropout, scaling, **kwargs)[0]
                for row, (keys, values) in enumerate(zip(key.rows, value.rows, strict=True))]  # fmt: skip

@@ -3,8 +3,10 @@
 - `one_row_attention.cpp`: a decode step's attention (one query row per head
   against the cache's K/V, fp32 or bf16): every key and value row is read
   once, widened to fp32 in registers and used by all the query heads of its
-  group, with the softmax in fp32 (AVX-512). torch's own paths read a bf16
-  cache at a fraction of the memory bandwidth (docs/benchmarks.md). Its
+  group, with the softmax in fp32 (AVX-512); bf16 keys meet the bf16 query
+  through the CPU's bf16 dot product where it has one (AVX512-BF16: exact
+  products, fp32 sums). torch's own paths read a bf16 cache at a fraction of
+  the memory bandwidth (docs/benchmarks.md). Its
   batched form takes, per row, chunks of keys to read from shared memory (the
   cache blocks the rows were restored from): rows that share a prefix then
   read its keys from memory once per step, not once per row.
@@ -56,13 +58,13 @@ HEADERS = (HERE / "vector_math.h",)
 # links libgomp.so.1 by name, so in a torch process it shares torch's OpenMP runtime and its thread count.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 
-# (query [B, H, D] fp32 pre-scaled, key, value [B, H_kv, >= n, D] fp32/bf16, n) -> [B, H, D] fp32
-OneRowAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+# (query [B, H, D] fp32/bf16 unscaled, key, value [B, H_kv, >= n, D] fp32/bf16, n, scale) -> [B, H, D] fp32
+OneRowAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
 # (query [B, H, D] as above, keys, values: B tensors [1, H_kv, >= n_b, D], [n_b], shared keys, shared values,
-# [row, chunk, first key] per shared pair) -> [B, H, D] fp32; row b the same bits as OneRowAttention on row b
+# [row, chunk, first key] per shared pair, scale) -> [B, H, D] fp32; row b the same bits as OneRowAttention on row b
 # alone. Chunk c of row b (keys [c * CpuKernels.ragged_chunk_keys, ...)) may be read from a shared pair that holds the
 # same bytes from its `first` key on.
-RaggedOneRowAttention = Callable[[torch.Tensor, list, list, list, list, list, list], torch.Tensor]
+RaggedOneRowAttention = Callable[[torch.Tensor, list, list, list, list, list, list, float], torch.Tensor]
 # (query [B, H, M, D], key, value [B, H_kv, N, D], scale), all bf16 -> [B, M, H, D] bf16
 CausalAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 # (x [R, in] bf16 or fp32, weight [out, in] bf16) -> [R, out] fp32

@@ -1,7 +1,9 @@
 // One query row per head against a K/V cache on a CPU: a decode step's attention (see __init__.py).
 //
-// query [B, H, D] fp32, already scaled; key/value [B, H_kv, >= num_keys, D] fp32 or bf16, the last dim
-// contiguous (a growing cache's buffers, read up to num_keys); returns [B, H, D] fp32.
+// query [B, H, D] fp32 or bf16, unscaled, and its scale; key/value [B, H_kv, >= num_keys, D] fp32 or bf16, the
+// last dim contiguous (a growing cache's buffers, read up to num_keys); returns [B, H, D] fp32. bf16 K/V on a
+// CPU with the bf16 dot product (AVX512-BF16): the scores are dot products of the bf16 query and keys, exact
+// products summed in fp32, then scaled; else the query is scaled in fp32 and multiplied by the widened keys.
 //
 // Each task owns a chunk of KEYS_PER_TASK keys of one K/V head and all the query heads of its group: it
 // reads each key and value row once (the group's heads reuse it from L1) and keeps a local softmax
@@ -20,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -150,6 +153,9 @@ void weigh_values(const c10::BFloat16* values, int64_t value_stride, int64_t cou
     }
 }
 
+template <int PIECES, typename KV>
+void weigh(const KV* values, int64_t value_stride, int64_t groups, int64_t count, const float* scores, float* acc);
+
 // AVX-512, a head size of PIECES x 16: each key and value row is widened once into registers and used by
 // every query head of the group.
 template <int PIECES, typename KV>
@@ -171,7 +177,65 @@ void attend_rows(const float* queries, int64_t groups, const KV* keys, const KV*
     }
   }
   softmax_rows16(groups, count, scores);
-  // The weighted values summed in registers where they fit (the same FMAs, in the same order).
+  weigh<PIECES>(values, value_stride, groups, count, scores, acc);
+}
+
+#if defined(__AVX512BF16__)
+// Scores of bf16 keys against bf16 queries (unscaled) with the CPU's bf16 dot product: every product is exact
+// in fp32 and summed in fp32 in a fixed order (pairs of dims per lane, two chains, one horizontal sum), then
+// scaled. Keys are read as they are stored, without widening: half the instructions of the FMA path.
+template <int PIECES>
+void dot_scores(const c10::BFloat16* queries, float scale, int64_t groups, const c10::BFloat16* keys,
+                int64_t key_stride, int64_t count, float* scores) {
+  constexpr int VECTORS = PIECES / 2;  // 32 bf16 values per vector
+  constexpr int64_t dim = 16 * PIECES;
+  for (int64_t j = 0; j < count; ++j) {
+    const c10::BFloat16* row = keys + j * key_stride;
+    if (j + PREFETCH_ROWS < count) prefetch_row(row + PREFETCH_ROWS * key_stride, dim * sizeof(c10::BFloat16));
+    __m512bh key[VECTORS];
+    for (int v = 0; v < VECTORS; ++v) key[v] = (__m512bh)_mm512_loadu_si512(row + 32 * v);
+    for (int64_t g = 0; g < groups; ++g) {
+      const c10::BFloat16* query = queries + g * dim;
+      __m512 even = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(query), key[0]);
+      __m512 odd = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(query + 32), key[1]);
+      for (int v = 2; v < VECTORS; v += 2) {
+        even = _mm512_dpbf16_ps(even, (__m512bh)_mm512_loadu_si512(query + 32 * v), key[v]);
+        odd = _mm512_dpbf16_ps(odd, (__m512bh)_mm512_loadu_si512(query + 32 * v + 32), key[v + 1]);
+      }
+      scores[g * SCORE_ROW + j] = _mm512_reduce_add_ps(_mm512_add_ps(even, odd)) * scale;
+    }
+  }
+}
+
+template <int PIECES>
+void attend_rows_dot(const c10::BFloat16* queries, float scale, int64_t groups, const c10::BFloat16* keys,
+                     const c10::BFloat16* values, int64_t key_stride, int64_t value_stride, int64_t count,
+                     float* scores, float* acc) {
+  dot_scores<PIECES>(queries, scale, groups, keys, key_stride, count, scores);
+  softmax_rows16(groups, count, scores);
+  weigh<PIECES>(values, value_stride, groups, count, scores, acc);
+}
+
+// bf16 K/V and bf16 queries where the CPU has the bf16 dot product and the head size is 64, 128 or 256.
+bool attend_rows_dot(const c10::BFloat16* queries, float scale, int64_t groups, int64_t dim, const c10::BFloat16* keys,
+                     const c10::BFloat16* values, int64_t key_stride, int64_t value_stride, int64_t count,
+                     float* scores, float* acc) {
+  switch (dim) {
+    case 64: attend_rows_dot<4>(queries, scale, groups, keys, values, key_stride, value_stride, count, scores, acc); return true;
+    case 128: attend_rows_dot<8>(queries, scale, groups, keys, values, key_stride, value_stride, count, scores, acc); return true;
+    case 256: attend_rows_dot<16>(queries, scale, groups, keys, values, key_stride, value_stride, count, scores, acc); return true;
+    default: return false;
+  }
+}
+constexpr bool BF16_DOT = true;
+#else
+constexpr bool BF16_DOT = false;
+#endif
+
+// The weighted values of a chunk's rows, summed in registers where they fit (the same FMAs, in the same order).
+template <int PIECES, typename KV>
+void weigh(const KV* values, int64_t value_stride, int64_t groups, int64_t count, const float* scores, float* acc) {
+  constexpr int64_t dim = 16 * PIECES;
   if (groups == 1) return weigh_values<PIECES, 1>(values, value_stride, count, scores, acc);
   if constexpr (PIECES <= 8) {
     if (groups == 2) return weigh_values<PIECES, 2>(values, value_stride, count, scores, acc);
@@ -201,6 +265,7 @@ bool attend_rows(const float* queries, int64_t groups, int64_t dim, const KV* ke
 }
 #else
 constexpr bool VECTORIZED = false;
+constexpr bool BF16_DOT = false;
 
 template <typename KV>
 bool attend_rows(const float*, int64_t, int64_t, const KV*, const KV*, int64_t, int64_t, int64_t, float*, float*) {
@@ -208,10 +273,25 @@ bool attend_rows(const float*, int64_t, int64_t, const KV*, const KV*, int64_t, 
 }
 #endif
 
+// A task's queries: scaled in fp32 and, for the bf16 dot product, unscaled in bf16 (null where not used).
+struct Queries {
+  const float* scaled;
+  const c10::BFloat16* rounded;
+  float scale;
+};
+
 // The plain loops: any CPU, any head size (the engine uses the kernel only where VECTORIZED).
 template <typename KV>
-void attend_chunk(const float* queries, int64_t groups, int64_t dim, const KV* keys, const KV* values,
+void attend_chunk(const Queries& queries_of, int64_t groups, int64_t dim, const KV* keys, const KV* values,
                   int64_t key_stride, int64_t value_stride, int64_t count, float* scores, float* acc) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<KV, c10::BFloat16>) {
+    if (queries_of.rounded != nullptr && attend_rows_dot(queries_of.rounded, queries_of.scale, groups, dim, keys,
+                                                         values, key_stride, value_stride, count, scores, acc))
+      return;
+  }
+#endif
+  const float* queries = queries_of.scaled;
   if (attend_rows(queries, groups, dim, keys, values, key_stride, value_stride, count, scores, acc)) return;
   for (int64_t j = 0; j < count; ++j) {
     const KV* key = keys + j * key_stride;
@@ -256,10 +336,17 @@ struct SharedChunk {
 // run in (head, chunk, row) order: rows that read one shared chunk read it one after another, so all but the
 // first find it in the core's cache. Where a task's keys are read from does not change what it computes.
 template <typename KV>
-void run(const at::Tensor& query, const std::vector<Source<KV>>& sources, int64_t kv_heads, at::Tensor& out,
-         const std::vector<SharedChunk<KV>>& shared = {}) {
+void run(const at::Tensor& query, double scale, const std::vector<Source<KV>>& sources, int64_t kv_heads,
+         at::Tensor& out, const std::vector<SharedChunk<KV>>& shared = {}) {
   const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(2);
   const int64_t groups = heads / kv_heads;
+  // bf16 K/V take the bf16 dot product where the CPU has it, with the query rounded to bf16 (exact for a
+  // bf16 model's query); every other case multiplies the fp32-scaled query by the widened keys.
+  const bool dot = BF16_DOT && std::is_same_v<KV, c10::BFloat16> && (dim == 64 || dim == 128 || dim == 256);
+  const at::Tensor scaled = query.to(at::kFloat).mul(static_cast<float>(scale)).contiguous();
+  const at::Tensor rounded = dot ? query.to(at::kBFloat16).contiguous() : at::Tensor();
+  const Queries all{scaled.data_ptr<float>(), dot ? rounded.data_ptr<c10::BFloat16>() : nullptr,
+                    static_cast<float>(scale)};
   std::vector<int64_t> chunks(batch), first_task(batch + 1, 0), first_chunk(batch + 1, 0);
   int64_t most_chunks = 0;
   for (int64_t b = 0; b < batch; ++b) {
@@ -281,7 +368,6 @@ void run(const at::Tensor& query, const std::vector<Source<KV>>& sources, int64_
         if (chunk < chunks[b]) order.push_back({b, head, chunk});
   const int64_t tasks = first_task[batch];
   std::vector<float> maxima(tasks * groups), sums(tasks * groups), partial(tasks * groups * dim);
-  const float* q = query.data_ptr<float>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(groups * SCORE_ROW);
     for (int64_t index = begin; index < end; ++index) {
@@ -291,7 +377,9 @@ void run(const at::Tensor& query, const std::vector<Source<KV>>& sources, int64_
       const Source<KV>* own = chunk_source[first_chunk[b] + chunk];
       const Source<KV>& source = own != nullptr ? *own : sources[b];
       const int64_t offset = own != nullptr ? 0 : first;
-      attend_chunk(q + b * query.stride(0) + head * groups * dim, groups, dim,
+      const int64_t first_query = (b * heads + head * groups) * dim;
+      const Queries queries{all.scaled + first_query, dot ? all.rounded + first_query : nullptr, all.scale};
+      attend_chunk(queries, groups, dim,
                    source.keys + head * source.key_head_stride + offset * source.key_stride,
                    source.values + head * source.value_head_stride + offset * source.value_stride,
                    source.key_stride, source.value_stride, count, scores.data(), &partial[task * groups * dim]);
@@ -343,29 +431,32 @@ void check_kv(const at::Tensor& query, const at::Tensor& key, const at::Tensor& 
 
 void check_query(const at::Tensor& query) {
   TORCH_CHECK(query.device().is_cpu() && query.dim() == 3, "query [B, H, D] on the CPU");
-  TORCH_CHECK(query.scalar_type() == at::kFloat && query.is_contiguous(), "query: contiguous fp32");
+  TORCH_CHECK((query.scalar_type() == at::kFloat || query.scalar_type() == at::kBFloat16) && query.is_contiguous(),
+              "query: contiguous fp32 or bf16");
 }
 
-at::Tensor one_row_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_keys) {
+at::Tensor one_row_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t num_keys,
+                             double scale) {
   check_query(query);
   check_kv(query, key, value, num_keys);
   TORCH_CHECK(key.size(0) == query.size(0), "one K/V batch row per query row");
-  at::Tensor out = at::empty(query.sizes(), query.options());
+  at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
   if (key.scalar_type() == at::kBFloat16) {
     std::vector<Source<c10::BFloat16>> sources;
     for (int64_t b = 0; b < query.size(0); ++b) sources.push_back(source_of<c10::BFloat16>(key, value, b, num_keys));
-    run(query, sources, key.size(1), out);
+    run(query, scale, sources, key.size(1), out);
   } else {
     std::vector<Source<float>> sources;
     for (int64_t b = 0; b < query.size(0); ++b) sources.push_back(source_of<float>(key, value, b, num_keys));
-    run(query, sources, key.size(1), out);
+    run(query, scale, sources, key.size(1), out);
   }
   return out;
 }
 
 template <typename KV>
-void run_ragged(const at::Tensor& query, at::TensorList keys, at::TensorList values, at::IntArrayRef num_keys,
-                at::TensorList shared_keys, at::TensorList shared_values, at::IntArrayRef shared_at, at::Tensor& out) {
+void run_ragged(const at::Tensor& query, double scale, at::TensorList keys, at::TensorList values,
+                at::IntArrayRef num_keys, at::TensorList shared_keys, at::TensorList shared_values,
+                at::IntArrayRef shared_at, at::Tensor& out) {
   std::vector<Source<KV>> sources;
   for (size_t b = 0; b < keys.size(); ++b) sources.push_back(source_of<KV>(keys[b], values[b], 0, num_keys[b]));
   std::vector<SharedChunk<KV>> shared;
@@ -376,7 +467,7 @@ void run_ragged(const at::Tensor& query, at::TensorList keys, at::TensorList val
     source.values += first * source.value_stride;
     shared.push_back({row, chunk, source});
   }
-  run(query, sources, keys[0].size(1), out, shared);
+  run(query, scale, sources, keys[0].size(1), out, shared);
 }
 
 // A batched decode step's rows, each against its own request's K/V (keys[b], values[b]: [1, H_kv, >= n_b, D]).
@@ -386,7 +477,7 @@ void run_ragged(const at::Tensor& query, at::TensorList keys, at::TensorList val
 // keys and values of that chunk.
 at::Tensor ragged_one_row_attention(const at::Tensor& query, at::TensorList keys, at::TensorList values,
                                     at::IntArrayRef num_keys, at::TensorList shared_keys,
-                                    at::TensorList shared_values, at::IntArrayRef shared_at) {
+                                    at::TensorList shared_values, at::IntArrayRef shared_at, double scale) {
   check_query(query);
   const int64_t batch = query.size(0);
   TORCH_CHECK(batch >= 1, "at least one row");
@@ -415,11 +506,11 @@ at::Tensor ragged_one_row_attention(const at::Tensor& query, at::TensorList keys
                     shared_keys[i].scalar_type() == keys[0].scalar_type(),
                 "a shared chunk: [1, H_kv, >= its keys, D] of the rows' dtype");
   }
-  at::Tensor out = at::empty(query.sizes(), query.options());
+  at::Tensor out = at::empty(query.sizes(), query.options().dtype(at::kFloat));
   if (keys[0].scalar_type() == at::kBFloat16) {
-    run_ragged<c10::BFloat16>(query, keys, values, num_keys, shared_keys, shared_values, shared_at, out);
+    run_ragged<c10::BFloat16>(query, scale, keys, values, num_keys, shared_keys, shared_values, shared_at, out);
   } else {
-    run_ragged<float>(query, keys, values, num_keys, shared_keys, shared_values, shared_at, out);
+    run_ragged<float>(query, scale, keys, values, num_keys, shared_keys, shared_values, shared_at, out);
   }
   return out;
 }
@@ -431,10 +522,10 @@ bool vectorized() { return VECTORIZED; }
 int64_t keys_per_chunk() { return KEYS_PER_TASK; }
 
 TORCH_LIBRARY(kvcellar_cpu, m) {
-  m.def("one_row_attention(Tensor query, Tensor key, Tensor value, int num_keys) -> Tensor");
+  m.def("one_row_attention(Tensor query, Tensor key, Tensor value, int num_keys, float scale) -> Tensor");
   m.def(
       "ragged_one_row_attention(Tensor query, Tensor[] keys, Tensor[] values, int[] num_keys, Tensor[] shared_keys, "
-      "Tensor[] shared_values, int[] shared_at) -> Tensor");
+      "Tensor[] shared_values, int[] shared_at, float scale) -> Tensor");
   m.def("keys_per_chunk() -> int", &keys_per_chunk);
   m.def("vectorized() -> bool", &vectorized);
 }

@@ -78,10 +78,15 @@ inline void packed_tile(const c10::BFloat16* x, int64_t in, const c10::BFloat16*
   }
 }
 
+// Blocks of 16 outputs per tile for ROWS rows: as many accumulators as the registers hold beside the tile's
+// weights and a broadcast row. A task is one tile, so no block is left to a one-block tile, which loads a
+// broadcast per product.
+constexpr int blocks_for(int64_t rows) { return rows == 1 ? 8 : rows == 2 ? 6 : rows <= 4 ? 4 : 3; }
+
 template <int ROWS>
 inline void packed_rows(const c10::BFloat16* x, int64_t in, const c10::BFloat16* packed, int64_t out, float* y,
                         int64_t begin, int64_t end) {
-  constexpr int BLOCKS = ROWS == 1 ? 8 : ROWS == 2 ? 6 : ROWS <= 4 ? 4 : 3;
+  constexpr int BLOCKS = blocks_for(ROWS);
   int64_t b = begin;
   for (; b + BLOCKS <= end; b += BLOCKS) packed_tile<ROWS, BLOCKS>(x, in, packed, b, out, y);
   for (; b < end; ++b) packed_tile<ROWS, 1>(x, in, packed, b, out, y);
@@ -212,10 +217,10 @@ at::Tensor packed_rows_product(const at::Tensor& x, const at::Tensor& packed, in
   const auto* pp = packed.data_ptr<c10::BFloat16>();
   const auto* xp = rows.data_ptr<c10::BFloat16>();
   float* yp = y.data_ptr<float>();
-  constexpr int64_t BLOCKS_PER_TASK = OUTPUTS_PER_TASK / 16;
-  const int64_t tasks = (blocks + BLOCKS_PER_TASK - 1) / BLOCKS_PER_TASK;
+  const int64_t per_task = blocks_for(std::min<int64_t>(8, count));
+  const int64_t tasks = (blocks + per_task - 1) / per_task;
   at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
-    const int64_t begin = first * BLOCKS_PER_TASK, end = std::min(blocks, last * BLOCKS_PER_TASK);
+    const int64_t begin = first * per_task, end = std::min(blocks, last * per_task);
     for (int64_t r = 0; r < count; r += 8) {
       const c10::BFloat16* xr = xp + r * in;
       float* yr = yp + r * out;
