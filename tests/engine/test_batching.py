@@ -10,7 +10,7 @@ import pytest
 
 from kvcellar import CacheConfig, Engine
 from kvcellar.config import EXACT_DECODE_MAX_ROWS
-from kvcellar.engine import attention, batch_decode
+from kvcellar.engine import attention, batch_decode, runner
 from kvcellar.engine.memory import kv_bytes_per_token
 from kvcellar.errors import InvalidRequestError
 
@@ -221,3 +221,30 @@ def test_batched_steps_write_their_kv_alike_with_the_built_kernel_and_without_it
     engine.clear_cache()
     without = [result.token_ids for result in _together(engine, prompts, **sampling)]
     assert with_kernel == without == alone
+
+
+def test_short_prompts_queued_together_share_one_prefill_pass_and_answer_as_alone(engines, monkeypatch):
+    """Questions under a cached prefix prefill their last passes in one forward (engine/batch_prefill.py), each
+    bit-identical to its pass alone; a prompt that shares a block still in flight waits and finds it cached."""
+    engine = engines["qwen3"]
+    assert engine._worker.scheduler.policy.batch_prefill_rows == 16  # exact mode, the row-invariant schedule
+    shared = _ids(31, 4 * BLOCK)
+    prompts = [shared + _ids(700 + i, 16 + 2 * i) for i in range(6)]
+    sampling = {"max_tokens": 5, "ignore_eos": True, "temperature": 0, "logprobs": 2}
+    alone = [engine.generate(prompt_ids=prompt, **sampling) for prompt in prompts if not engine.clear_cache()]
+    groups: list[int] = []
+    run_last_passes = runner.RequestRunner.run_last_passes
+
+    def spy(self, prompts):
+        groups.append(len(prompts))
+        return run_last_passes(self, prompts)
+
+    monkeypatch.setattr(runner.RequestRunner, "run_last_passes", spy)
+    engine.clear_cache()
+    engine.generate(prompt_ids=shared + _ids(99, 16), max_tokens=1)  # the prefix is cached
+    results = _together(engine, prompts, **sampling)
+    assert groups and max(groups) > 1
+    assert [result.token_ids for result in results] == [result.token_ids for result in alone]
+    assert all(result.logprobs for result in alone)
+    assert [result.logprobs for result in results] == [result.logprobs for result in alone]
+    assert [result.num_cached_tokens for result in results] == [4 * BLOCK] * 6

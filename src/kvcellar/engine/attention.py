@@ -243,6 +243,26 @@ class RaggedKv:
     shared_at: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class PassKv:
+    """The keys (or values) of a pass that prefills several prompts at once (engine/batch_prefill.py): each
+    prompt's [1, H_kv, k_i, D] cache view, and how many of the pass's queries (in order) are its new tokens."""
+
+    rows: tuple[torch.Tensor, ...]
+    queries: tuple[int, ...]
+
+
+def _per_prompt(module, query, key: PassKv, value: PassKv, dropout, scaling, kwargs) -> torch.Tensor:
+    """Each prompt's queries against its own keys, causal from its cached prefix, through the very call its pass
+    alone makes (the mask transformers would build: none for a pass without a prefix, else bottom-right)."""
+    outputs = []
+    for part, keys, values in zip(query.split(key.queries, dim=2), key.rows, value.rows, strict=True):
+        rows, num_keys = part.shape[2], keys.shape[2]
+        mask = None if rows == num_keys else causal_lower_right(rows, num_keys)
+        outputs.append(_attention(module, part, keys, values, mask, dropout, scaling, **kwargs)[0])
+    return torch.cat(outputs, dim=1)
+
+
 def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwargs) -> torch.Tensor:
     """Each row of a batched decode step exactly as a one-request step computes it (no mask: a row sees its keys):
     on a CPU with the built kernels one call for every row, else the one-request path row by row."""
@@ -260,6 +280,8 @@ def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwa
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     if isinstance(key, RaggedKv):
         return _ragged(module, query, key, value, dropout, scaling, kwargs), None
+    if isinstance(key, PassKv):
+        return _per_prompt(module, query, key, value, dropout, scaling, kwargs), None
     if _graph_mask is not None and query.shape[2] == 1:
         return _graph_decode(query, key, value, scaling), None
     if query.shape[2] > 1 and _causal_kernel_fits(query, key, value, attention_mask, dropout, kwargs):

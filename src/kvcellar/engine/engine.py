@@ -87,11 +87,22 @@ class Engine:
                 log.info("exact mode decodes each request in a pass of its own: batched rows compute differently here")
         self.decode_batches = DecodeBatchStats()
         policy = SchedulePolicy(batch_rows, budget, chunk, on_step=self.decode_batches.observe,
-                                max_batch_rows=EXACT_DECODE_MAX_ROWS if exact else None)  # fmt: skip
+                                max_batch_rows=EXACT_DECODE_MAX_ROWS if exact else None,
+                                batch_prefill_rows=self._batch_prefill_rows(batch_rows, exact, schedule))  # fmt: skip
         head = self.loaded.model.get_output_embeddings()
         num_scores = head.weight.shape[0] if head is not None else vocab  # the logits' size: what a grammar masks
         self.grammars = Grammars(self.loaded.tokenizer, num_scores, self.loaded.eos_token_ids)
         return Scheduler(runner, policy, self.grammars)
+
+    def _batch_prefill_rows(self, batch_rows: bool, exact: bool, schedule: str) -> int | None:
+        """The fewest rows of a prompt's last pass that shares a forward pass with others' (engine/batch_prefill.py):
+        on a CPU where decode rows batch; in exact mode only on the row-invariant schedule, whose passes of
+        ROW_INVARIANT_MIN_ROWS rows or more compute each row alike. None: every pass runs alone."""
+        if not batch_rows or self.loaded.device.type != "cpu":
+            return None
+        if exact:
+            return ROW_INVARIANT_MIN_ROWS if schedule == "row-invariant" else None
+        return 2
 
     def _thread_sizer(self, config: EngineConfig) -> ThreadSizer | None:
         """CPU threads sized to the free cores (engine/threads.py), among the counts that compute alike;

@@ -2,7 +2,7 @@
 prefill, decode steps, and keeping the finished request's buffers.
 
 Operations: `RequestRunner.lookup`, `.start_prompt` (restore, plan the passes: a `PromptPass`), `.run_pass`,
-`.count_prefill`, `.prefill_prompt` (all of them for a whole prompt at once: tests and measurements),
+`.run_last_passes` (several prompts' last passes in one forward), `.count_prefill`, `.prefill_prompt` (all of them for a whole prompt at once: tests and measurements),
 `.decode_step`, `.keep_buffers`, `.time_prefill`, `.fit_threads`, `.synchronize`.
 On CPU the runner keeps the K/V buffers of the request that ended last for the
 next one (`kv.buffer_pool`): a fresh buffer of an 8K request faults in ~230k
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcellar.engine.batch_prefill import PromptRows, prefill_rows
 from kvcellar.engine.graph_decode import GraphDecoder
 from kvcellar.engine.heap import trim_heap
 from kvcellar.engine.loader import LoadedModel
@@ -157,6 +158,25 @@ class RequestRunner:
         self.synchronize()
         prompt.seconds += time.perf_counter() - began
         prompt.position = end
+        return logits
+
+    def run_last_passes(self, prompts: Sequence[tuple[PromptPass, object]]) -> list[torch.Tensor]:
+        """Run the last pass of each (prompt, cache) in one forward (engine/batch_prefill.py) and capture their
+        blocks; each prompt's next-token logits. Each prompt's pass is timed as its share of the rows."""
+        passes = [PromptRows(cache, prompt.ids, prompt.position, prompt.ends[0]) for prompt, cache in prompts]
+        began = time.perf_counter()
+        with self.prefix_cache.computing():
+            logits = prefill_rows(self.loaded.model, passes)
+            for (prompt, _), rows, row_logits in zip(prompts, passes, logits):
+                if prompt.capture is not None:
+                    prompt.capture(rows.start, rows.end, row_logits)
+        self.synchronize()
+        seconds = time.perf_counter() - began
+        total = sum(rows.end - rows.start for rows in passes)
+        for (prompt, _), rows in zip(prompts, passes):
+            prompt.ends.pop(0)
+            prompt.position = rows.end
+            prompt.seconds += seconds * (rows.end - rows.start) / total
         return logits
 
     def count_prefill(self, prompt: PromptPass, timings: Timings) -> None:

@@ -14,10 +14,13 @@ first token is sampled as soon as its last pass ends); (4) sample every
 request that has new logits. The passes are the prompt's own schedule
 (engine/prefill.py), so exact mode holds as for a request alone.
 
-One prompt prefills at a time, and a request looks the cache up only when its
-prefill begins: requests that share a prefix and arrive together (one system
+A request looks the cache up only when its prefill begins, and a long prompt
+prefills alone: requests that share a prefix and arrive together (one system
 prompt, many users) find the blocks the first one just captured instead of
-computing them again.
+computing them again. Short prompts that have one pass left share it
+(`batch_prefill_rows`, engine/batch_prefill.py): the waiting ones are admitted
+into the forward of the first one's last pass, up to the step's tokens, unless
+one shares a block with a prompt in that pass (then it waits for the block).
 
 Memory: K/V held by admitted requests never exceeds `kv_budget_tokens`. A
 prompt is admitted when its tokens and one more fit; when a decode step does
@@ -48,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcellar.config import EXACT_DECODE_MAX_ROWS
 from kvcellar.engine.batch_decode import decode_rows
 from kvcellar.engine.constraint import Grammars
 from kvcellar.engine.request import StreamEvent
@@ -64,6 +68,9 @@ class SchedulePolicy:
     step_prefill_tokens: int  # prompt tokens prefilled per step, at least one pass
     on_step: Callable[[int], None] | None = None  # told each decode pass's batch size (metrics)
     max_batch_rows: int | None = None  # the most requests one decode pass feeds (exact mode); None: all
+    # The fewest rows a prompt's last pass needs to share a forward pass with other prompts' last passes
+    # (engine/batch_prefill.py); None: every pass runs alone.
+    batch_prefill_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,10 @@ class Scheduler:
     def _kv_tokens(self) -> int:
         return sum(sequence.kv_tokens for sequence in self._running)
 
+    def _kv_claimed(self) -> int:
+        """K/V tokens the running requests hold, a prompt still prefilling counted whole."""
+        return sum(len(s.tokens) if s.prompt is not None else s.kv_tokens for s in self._running)
+
     # -- prefill ---------------------------------------------------------------------------------
     def _prefill_passes(self) -> None:
         spent = 0
@@ -220,14 +231,56 @@ class Scheduler:
                 return
             if sequence.prompt is None:  # admitted with nothing to prefill (a whole hit)
                 continue
-            spent += self._run_pass(sequence)
+            joiners = self._joiners(sequence, self.policy.step_prefill_tokens - spent)
+            spent += self._run_last_passes([sequence, *joiners]) if joiners else self._run_pass(sequence)
+
+    def _joiners(self, first: Sequence, room: int) -> list[Sequence]:
+        """Waiting prompts admitted now to prefill their last pass in the forward of `first`'s last pass.
+
+        Each joiner's pass has `batch_prefill_rows` rows or more and all of them fit `room` tokens; at most
+        EXACT_DECODE_MAX_ROWS prompts share a pass (their first tokens' LM head is a few-rows product). A
+        waiting prompt that shares a block with one being prefilled is not admitted: it waits, and finds the
+        block cached at its turn (one prefill per shared prefix).
+        """
+        least = self.policy.batch_prefill_rows
+        if least is None or not self._last_pass_of(first, least):
+            return []
+        joiners: list[Sequence] = []
+        tokens = first.prompt.ends[0] - first.prompt.position
+        in_flight = set(self._uncached_keys(first))
+        while self._waiting and len(joiners) + 1 < EXACT_DECODE_MAX_ROWS:
+            if in_flight.intersection(self._waiting[0].request.prompt.block_keys):
+                break
+            joiner = self._admit_next()
+            if joiner is None:  # it waits for memory
+                break
+            if joiner.prompt is None:  # a whole hit: nothing to prefill
+                continue
+            size = joiner.prompt.ends[0] - joiner.prompt.position
+            if not self._last_pass_of(joiner, least) or tokens + size > room:
+                break  # it prefills on its own (it is `_prefilling` now)
+            self._prefilling = first
+            joiners.append(joiner)
+            tokens += size
+            in_flight.update(self._uncached_keys(joiner))
+        return joiners
+
+    @staticmethod
+    def _last_pass_of(sequence: Sequence, least: int) -> bool:
+        """Whether `sequence`'s prompt has one pass left, of at least `least` rows."""
+        ends = sequence.prompt.ends
+        return len(ends) == 1 and ends[0] - sequence.prompt.position >= least
+
+    def _uncached_keys(self, sequence: Sequence) -> list:
+        """The block keys of `sequence`'s prompt that its prefill computes (after what it restored)."""
+        return sequence.request.prompt.block_keys[sequence.restored.num_tokens // self.runner.block_size :]
 
     def _admit_next(self) -> Sequence | None:
         """The first waiting request, admitted (looked up, restored) if its prompt fits the K/V budget."""
         if not self._waiting:
             return None
         sequence = self._waiting[0]
-        if self._running and self._kv_tokens() + len(sequence.tokens) + 1 > self.policy.kv_budget_tokens:
+        if self._running and self._kv_claimed() + len(sequence.tokens) + 1 > self.policy.kv_budget_tokens:
             return None  # it waits for memory
         self._waiting.popleft()
         self._running.append(sequence)
@@ -263,14 +316,34 @@ class Scheduler:
             log.exception("request %d failed in its prefill", sequence.job.job_id)
             self._fail(sequence, exc)
             return end - start
-        if not prompt.ends:  # the prompt is in place
-            self.runner.count_prefill(prompt, sequence.timings)
-            sequence.prompt = None
-            self._prefilling = None
-            if not sequence.generated:  # its first token goes out now, not after the step's other prefills
-                sequence.logits = logits
-                self._sample(sequence)
+        if not prompt.ends:
+            self._prompt_done(sequence, logits)
         return end - start
+
+    def _run_last_passes(self, group: list[Sequence]) -> int:
+        """Run the last pass of every prompt in `group` in one forward; returns their token count."""
+        tokens = sum(sequence.prompt.ends[0] - sequence.prompt.position for sequence in group)
+        try:
+            logits = self.runner.run_last_passes([(sequence.prompt, sequence.restored.cache) for sequence in group])
+        except Exception as exc:  # the pass is lost for every prompt in it; the worker keeps serving
+            log.exception("a prefill pass of %d requests failed", len(group))
+            for sequence in group:
+                self._fail(sequence, exc)
+            return tokens
+        for sequence, row_logits in zip(group, logits):
+            self._prompt_done(sequence, row_logits)
+        return tokens
+
+    def _prompt_done(self, sequence: Sequence, logits: torch.Tensor) -> None:
+        """`sequence`'s prompt is in place: count it, and send its first token now, not after the step's other
+        prefills."""
+        self.runner.count_prefill(sequence.prompt, sequence.timings)
+        sequence.prompt = None
+        if self._prefilling is sequence:
+            self._prefilling = None
+        if not sequence.generated:
+            sequence.logits = logits
+            self._sample(sequence)
 
     # -- endings ---------------------------------------------------------------------------------
     def _detach(self, sequence: Sequence) -> None:

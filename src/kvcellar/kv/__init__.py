@@ -3,7 +3,8 @@
 Operations: `inspect_layout` (which layer kinds a model has, and whether its
 cache can be restored at all), `capture_entry` (the state of a token range as
 a flat dict of tensors), `build_cache` (a transformers `DynamicCache` at
-position p from a chain of captured entries). The cache core (`kvcellar.cache`)
+position p from a chain of captured entries), `restored_spans` (which
+entries a restored cache's K/V were copied from). The cache core (`kvcellar.cache`)
 never sees a tensor; it stores these payloads as opaque objects.
 """
 
