@@ -95,7 +95,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-budget", default=_env("kv_budget", None),
                        help="K/V memory that running requests hold together, e.g. 4G; a request waits for room, and "
                             "the newest is preempted when decode steps outgrow it (default: "
-                            f"{RUNNING_KV_MEMORY_FRACTION:.0%} of the memory free after loading)")
+                            f"{RUNNING_KV_MEMORY_FRACTION * 100:.0f}%% of the memory free after loading)")
     chunk = _env("prefill_chunk_size", None)
     group.add_argument("--prefill-chunk-size", type=int, default=int(chunk) if chunk else None,
                        help="the longest prefill forward pass, in tokens, a multiple of the block size (default: "

@@ -85,3 +85,25 @@ def test_metrics_public_flag_and_its_environment_variable(monkeypatch):
     assert cli.build_parser().parse_args(["serve", "--metrics-public"]).metrics_public is True
     monkeypatch.setenv("KVCELLAR_METRICS_PUBLIC", "1")
     assert cli.build_parser().parse_args(["serve"]).metrics_public is True
+
+
+def _subparsers(parser) -> dict:
+    import argparse
+
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found[name] = sub
+                found.update({f"{name} {child}": grandchild for child, grandchild in _subparsers(sub).items()})
+    return found
+
+
+def test_every_command_prints_its_help():
+    """argparse formats help strings with %: a literal percent sign in one broke `serve --help` and `bench --help`."""
+    commands = _subparsers(cli.build_parser())
+    assert {"serve", "bench", "generate", "cluster"} <= set(commands)
+    for name, parser in commands.items():
+        text = parser.format_help()
+        assert parser.prog.endswith(name) and "usage:" in text
+    assert "40% of the memory free after loading" in " ".join(commands["serve"].format_help().split())
