@@ -62,6 +62,25 @@ def test_threads_follow_the_cores_others_leave_free(monkeypatch, restore_threads
     assert window(threads.LOOK_EVERY_S, own_cores=0.0, other_cores=0.0) == 4
 
 
+def test_a_burst_shorter_than_the_sustained_span_takes_no_core_away(monkeypatch, restore_threads):
+    machine = _Machine(monkeypatch)
+    torch.set_num_threads(2)
+    sizer = threads.ThreadSizer([1, 2], read_busy=lambda: machine.busy, sample=False)
+
+    def window(other_cores: float) -> int:
+        machine.run(threads.LOOK_EVERY_S, own_cores=1.0, other_cores=other_cores)
+        sizer.sample()
+        return sizer.adjust()
+
+    assert window(0.0) == 2
+    burst = round(threads.SUSTAINED_S / threads.LOOK_EVERY_S)  # windows in the sustained span
+    # A client's start: one core busy for less than the span, then idle: both threads all along.
+    assert [window(1.0) for _ in range(burst - 1)] + [window(0.0)] == [2] * burst
+    # The same load held for the whole span: a core given up, and taken back as soon as it frees.
+    assert [window(1.0) for _ in range(burst)] == [2] * (burst - 1) + [1] and torch.get_num_threads() == 1
+    assert window(0.0) == 2 and torch.get_num_threads() == 2
+
+
 def test_the_sampling_thread_stops_on_close():
     before = set(threading.enumerate())
     sizer = threads.ThreadSizer([1, 2])

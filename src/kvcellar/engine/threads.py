@@ -5,7 +5,9 @@ another busy process on one of the cores, the thread that shares that core holds
 the request takes far longer than on the free cores alone (docs/benchmarks.md, "Under contention").
 So a sampling thread counts, over each short window, the cores other processes kept busy (/proc/stat,
 minus this process's own CPU time), and before each pass the model's thread runs on the cores left,
-never fewer than one.
+never fewer than one. A core is given up only to contention that lasted the last `SUSTAINED_S`: a pass
+keeps the thread count it starts with for its whole length, and a burst of a fraction of a second (a
+client starting its requests) once halved a multi-second prefill. A freed core is taken back at once.
 
 Why only where checked: exact mode promises bit-identical output, so a pass must round alike whatever
 thread count runs it. The engine checks that when it loads (`thread_counts_alike` in
@@ -21,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 LOOK_EVERY_S = 0.25  # shorter windows count too few clock ticks to tell a busy core from noise
+SUSTAINED_S = 1.0  # contention must have lasted this long (the last windows' least) to take a core away
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -50,9 +54,10 @@ def cpu_busy_seconds() -> float | None:
 class ThreadSizer:
     """Chooses the thread count, among `counts` (checked alike), for the cores other processes leave free.
 
-    A sampling thread looks every `LOOK_EVERY_S` and keeps the last window's count of cores that other
-    processes kept busy, so a request that starts after a busy spell (a peer server's benchmark turn,
-    say) is sized by the last fraction of a second, not by the whole pause since the last request.
+    A sampling thread looks every `LOOK_EVERY_S` and keeps the windows of the last `SUSTAINED_S`; the
+    threads fit the least count of cores other processes kept busy in any of them. So a request that
+    starts after a busy spell (a peer server's benchmark turn, say) is sized by the last second, not by
+    the whole pause since the last request, and a burst shorter than that takes no core away.
     """
 
     def __init__(self, counts: Sequence[int], read_busy: Callable[[], float | None] = cpu_busy_seconds,
@@ -62,6 +67,7 @@ class ThreadSizer:
         self._cores = max(self.counts)
         self.threads = self._cores
         self.others = 0.0  # cores other processes kept busy in the last window
+        self._windows: deque[tuple[float, float]] = deque()  # (seconds, others) of the windows, newest last
         self._last = self._look()
         self._stopped = threading.Event()
         if sample and self._last is not None:
@@ -81,6 +87,13 @@ class ThreadSizer:
         wall, busy, own = (now[index] - self._last[index] for index in range(3))
         self._last = now
         self.others = max(0.0, busy - own) / wall
+        self._windows.append((wall, self.others))
+        while sum(seconds for seconds, _ in self._windows) - self._windows[0][0] >= SUSTAINED_S:
+            self._windows.popleft()  # the newer windows cover SUSTAINED_S without it
+
+    def sustained(self) -> float:
+        """The cores other processes kept busy throughout the last SUSTAINED_S (the least of its windows)."""
+        return min((others for _, others in self._windows), default=0.0)
 
     def _sample_forever(self) -> None:
         while not self._stopped.wait(LOOK_EVERY_S):
@@ -91,10 +104,11 @@ class ThreadSizer:
 
     def adjust(self) -> int:
         """Set torch's threads (on the calling thread: the model's) to fit the last window; returns the count."""
-        fits = [count for count in self.counts if count <= max(1.0, self._cores - self.others) + 0.5]
+        others = self.sustained()
+        fits = [count for count in self.counts if count <= max(1.0, self._cores - others) + 0.5]
         wanted = max(fits) if fits else self.counts[0]
         if wanted != self.threads:
-            log.info("other processes keep %.1f cores busy: computing on %d thread(s)", self.others, wanted)
+            log.info("other processes keep %.1f cores busy: computing on %d thread(s)", others, wanted)
             torch.set_num_threads(wanted)
             self.threads = wanted
         return wanted
