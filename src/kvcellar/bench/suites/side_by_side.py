@@ -18,10 +18,10 @@ prompt P of `length` ids, the same ids for every target:
 | decode | P + 64 again, `decode_tokens` tokens | tokens/s from the first to the last token |
 
 Before each target's turn the suite waits (up to `SETTLE_MAX_S`) until the
-machine's cores are idle: a peer's threads keep spinning on a core for about a
-second after its last request (vLLM CPU's OpenMP), and kvcellar, which sizes
-its threads to the cores other processes leave free, would start the next
-turn on one thread. The waits are recorded.
+machine's cores are idle for a second: a peer's threads keep spinning on a
+core for about a second after its last request (vLLM CPU's OpenMP), and
+kvcellar, which sizes its threads to the cores other processes leave free,
+would start the next turn on one thread. The waits are recorded.
 
 A warm-up request (other ids) goes to each target first. The seed defaults
 to the clock, so a second run against the same servers is cold again; it is
@@ -47,8 +47,10 @@ from kvcellar.bench.scenarios import make_ids
 from kvcellar.engine.threads import cpu_busy_seconds
 
 EXTENSION_TOKENS, REPEAT_TOKENS, WARM_UP_TOKENS = 64, 16, 256
-# Idle: fewer busy cores than this over one window of SETTLE_WINDOW_S; waited for at most SETTLE_MAX_S.
-SETTLE_BUSY_CORES, SETTLE_WINDOW_S, SETTLE_MAX_S = 0.25, 0.25, 5.0
+# Idle: fewer busy cores than this over one window of SETTLE_WINDOW_S; waited for at most SETTLE_MAX_S. The
+# window is the span over which kvcellar's thread sizer looks for contention (engine/threads.py SUSTAINED_S):
+# a shorter quiet window let a turn start while the sizer still counted the peer's last second.
+SETTLE_BUSY_CORES, SETTLE_WINDOW_S, SETTLE_MAX_S = 0.25, 1.0, 8.0
 ROWS = ("cold", "exact repeat", "extension", "shared 3/4", "decode")
 
 
