@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = (HERE / "one_row_attention.cpp", HERE / "causal_attention.cpp", HERE / "rows_product.cpp",
            HERE / "append_rows.cpp")
-HEADERS = (HERE / "vector_math.h",)
+HEADERS = (HERE / "vector_math.h", HERE / "one_row_chunk.h")
 # -fopenmp: at::parallel_for is compiled into the kernel, and without OpenMP it runs on one thread. The library
 # links libgomp.so.1 by name, so in a torch process it shares torch's OpenMP runtime and its thread count.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
