@@ -69,7 +69,25 @@ def _shared_chunks(spans: Sequence[RestoredSpan], chunk_keys: int) -> list[tuple
     return chunks
 
 
-class _BatchLayers:
+class PerRequestCaches:
+    """The cache a pass over several requests hands the model: each request keeps its own cache, and attention
+    (engine/attention.py) runs each one's queries on its own keys. What transformers asks of a cache while it
+    builds masks answers for a mask it need not build: a model that takes no mask mapping gets a one-key
+    mask, which attention then ignores for each request's own keys."""
+
+    is_compileable = False
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _BatchLayers(PerRequestCaches):
     """What the model's layers see as the cache: `update` writes each row's K/V into its own request's layer
     and hands attention every row's K/V, with the chunks that rows read from shared entries."""
 
@@ -110,19 +128,6 @@ class _BatchLayers:
         for layer in layers:
             layer.advance(1)
         return True
-
-    # For models that build their mask from the cache (one that takes no mask mapping): a one-key mask,
-    # which attention then ignores for the rows' own keys (engine/attention.py).
-    is_compileable = False
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return 0
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
 
 
 def batches_decode(layout: ModelLayout) -> bool:

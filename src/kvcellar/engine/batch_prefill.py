@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcellar.engine.attention import PassKv
+from kvcellar.engine.batch_decode import PerRequestCaches
 from kvcellar.engine.prefill import cache_argument
 
 
@@ -45,7 +46,7 @@ class PromptRows:
         return self.end == self.ids.shape[0]
 
 
-class _PassLayers:
+class _PassLayers(PerRequestCaches):
     """What the model's layers see as the cache: `update` splits the pass's K/V by prompt, writes each part into
     its own prompt's layer, and hands attention every prompt's K/V with its query count."""
 
@@ -61,18 +62,6 @@ class _PassLayers:
             keys.append(k)
             values.append(v)
         return PassKv(tuple(keys), self._sizes), PassKv(tuple(values), self._sizes)
-
-    # For models that build their mask from the cache: attention applies each prompt's own causal mask.
-    is_compileable = False
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return 0
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
 
 
 @torch.inference_mode()
