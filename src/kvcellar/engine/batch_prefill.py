@@ -4,12 +4,11 @@ Operations: `prefill_rows(model, passes) -> [logits | None]`, `PassKv` (engine/a
 
 Why: short prompts that arrive together (many users' questions under one
 cached system prompt, an agent's fan-out) each need one short pass, and a
-pass of 64 rows runs the matrix units well below the rate of a few hundred:
-seven 64-token questions took 7 x 0.29 s one by one and 1.7 s as one pass of
-448 rows (in-process, bf16 0.6B shape, 1K cached keys each). So their tokens
-go through the linear layers as one pass, while each prompt writes its own
-K/V and attends to its own keys only (`_PassLayers`), exactly as its pass
-alone calls attention.
+pass of 64 rows runs the matrix units well below the rate of a few hundred
+(docs/benchmarks.md). So their tokens go through the linear layers as one
+pass, while each prompt writes its own K/V and attends to its own keys only
+(`_PassLayers`), exactly as its pass alone calls attention. Their first
+tokens then come out together.
 
 Exact mode keeps its promise where the engine batches (engine/scheduler.py):
 only on the row-invariant schedule, whose load-time check found every row of a
