@@ -38,6 +38,24 @@ def _together(engine: Engine, prompts: list[list[int]], **sampling) -> list:
     return [[event.result for event in stream if event.result is not None][0] for stream in streams]
 
 
+def _together_held(engine: Engine, prompts: list[list[int]], monkeypatch, **sampling) -> list:
+    """`_together`, with the worker held inside the first prompt's first pass until every prompt is queued (an
+    event, not a duration): the rest are admitted side by side however slowly this thread queues them."""
+    queued = threading.Event()
+    run_chunk = runner.run_chunk
+
+    def held(*args):
+        queued.wait(timeout=600)  # bounds a hang only
+        return run_chunk(*args)
+
+    monkeypatch.setattr(runner, "run_chunk", held)
+    streams = [engine.stream(prompt_ids=prompt, **sampling) for prompt in prompts]
+    queued.set()
+    results = [[event.result for event in stream if event.result is not None][0] for stream in streams]
+    monkeypatch.setattr(runner, "run_chunk", run_chunk)
+    return results
+
+
 def _alone(engine: Engine, prompts: list[list[int]], **sampling) -> list[tuple[int, ...]]:
     answers = []
     for prompt in prompts:
@@ -198,7 +216,7 @@ def test_rows_restored_from_one_prefix_read_its_blocks_from_the_cached_entries_t
         monkeypatch.setattr(attention, "_ragged_kernel", spy)
         engine.clear_cache()
         engine.generate(prompt_ids=shared + _ids(99, 16), max_tokens=1)  # the prefix's two blocks now sit in memory
-        results = _together(engine, prompts, **sampling)
+        results = _together_held(engine, prompts, monkeypatch, **sampling)
         assert [result.token_ids for result in results] == alone
         assert [result.num_cached_tokens for result in results] == [2 * chunk] * 4
         # Every layer of a step of all four rows reads both blocks from the entries, from their first key, for
@@ -216,10 +234,10 @@ def test_batched_steps_write_their_kv_alike_with_the_built_kernel_and_without_it
     sampling = {"max_tokens": 8, "ignore_eos": True, "temperature": 0}
     alone = _alone(engine, prompts, **sampling)
     engine.clear_cache()
-    with_kernel = [result.token_ids for result in _together(engine, prompts, **sampling)]
+    with_kernel = [result.token_ids for result in _together_held(engine, prompts, monkeypatch, **sampling)]
     monkeypatch.setattr(batch_decode, "_append_rows", None)
     engine.clear_cache()
-    without = [result.token_ids for result in _together(engine, prompts, **sampling)]
+    without = [result.token_ids for result in _together_held(engine, prompts, monkeypatch, **sampling)]
     assert with_kernel == without == alone
 
 
@@ -242,7 +260,7 @@ def test_short_prompts_queued_together_share_one_prefill_pass_and_answer_as_alon
     monkeypatch.setattr(runner.RequestRunner, "run_last_passes", spy)
     engine.clear_cache()
     engine.generate(prompt_ids=shared + _ids(99, 16), max_tokens=1)  # the prefix is cached
-    results = _together(engine, prompts, **sampling)
+    results = _together_held(engine, prompts, monkeypatch, **sampling)
     assert groups and max(groups) > 1
     assert [result.token_ids for result in results] == [result.token_ids for result in alone]
     assert all(result.logprobs for result in alone)
