@@ -25,7 +25,9 @@ def shared(tiny_model_dirs, tmp_path_factory):
     folder = tmp_path_factory.mktemp("shared")
     redis = RedisServer(folder / "redis").start()
     model = tiny_model_dirs["qwen3"]
-    args = ("--remote-cache", redis.url, "--remote-timeout", "0.5")
+    # --no-cost-model: every hit is restored whatever the measured rates say (after a fault the remote tier's
+    # measured load rate may make the planner recompute a block, which is timing, not what these tests check).
+    args = ("--remote-cache", redis.url, "--remote-timeout", "0.5", "--no-cost-model")
     servers = [ServerProcess(model, folder / f"{name}.log", *args) for name in ("a", "b")]
     servers.append(ServerProcess(model, folder / "c.log", "--no-cache"))
     yield redis, *servers
