@@ -93,7 +93,7 @@ def test_exact_mode_decodes_more_requests_than_one_pass_takes_in_several_passes_
 
     The worker is held inside the first prompt's prefill until every request is queued (an event, not a
     duration), so all of them decode together; a spy on the scheduler's decode pass records its sizes."""
-    from kvcellar.engine import runner, scheduler
+    from kvcellar.engine import scheduler
 
     engine = engines["qwen3"]
     count = EXACT_DECODE_MAX_ROWS + 5
@@ -101,22 +101,15 @@ def test_exact_mode_decodes_more_requests_than_one_pass_takes_in_several_passes_
     sampling = {"max_tokens": 6, "ignore_eos": True, "temperature": 0}
     alone = _alone(engine, prompts, **sampling)
     engine.clear_cache()
-    queued, sizes = threading.Event(), []
-    run_chunk, decode_rows = runner.run_chunk, scheduler.decode_rows
-
-    def held(*args):
-        queued.wait(timeout=600)  # bounds a hang only
-        return run_chunk(*args)
+    sizes: list[int] = []
+    decode_rows = scheduler.decode_rows
 
     def recorded(model, tokens, caches, spans):
         sizes.append(len(tokens))
         return decode_rows(model, tokens, caches, spans)
 
-    monkeypatch.setattr(runner, "run_chunk", held)
     monkeypatch.setattr(scheduler, "decode_rows", recorded)
-    streams = [engine.stream(prompt_ids=prompt, **sampling) for prompt in prompts]
-    queued.set()
-    results = [[event.result for event in stream if event.result is not None][0] for stream in streams]
+    results = _together_held(engine, prompts, monkeypatch, **sampling)
     assert [result.token_ids for result in results] == alone
     assert max(sizes) == EXACT_DECODE_MAX_ROWS  # the cap was reached, and never passed
 

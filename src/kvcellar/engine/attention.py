@@ -269,8 +269,9 @@ def _ragged(module, query, key: RaggedKv, value: RaggedKv, dropout, scaling, kwa
     if _ragged_kernel_fits(query, key, value, dropout, kwargs):
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         lengths = [keys.shape[2] for keys in key.rows]
-        output = _kernel_rows(query, lambda rows: _ragged_kernel(rows, list(key.rows), list(value.rows), lengths,
-                                                                 list(key.shared), list(value.shared), list(key.shared_at), scale))
+        output = _kernel_rows(query, lambda rows: _ragged_kernel(
+            rows, list(key.rows), list(value.rows), lengths, list(key.shared), list(value.shared), list(key.shared_at),
+            scale))
         return output.transpose(1, 2).contiguous()
     outputs = [_attention(module, query[row : row + 1], keys, values, None, dropout, scaling, **kwargs)[0]
                for row, (keys, values) in enumerate(zip(key.rows, value.rows, strict=True))]  # fmt: skip

@@ -87,6 +87,12 @@ class PerRequestCaches:
         return 0
 
 
+def no_masks(model: torch.nn.Module) -> dict | None:
+    """The attention masks of a pass over several requests' caches: none for any layer kind, since attention
+    applies each request's own causal mask (engine/attention.py); None for a model without layer kinds."""
+    return {kind: None for kind in set(model.config.layer_types)} if hasattr(model.config, "layer_types") else None
+
+
 class _BatchLayers(PerRequestCaches):
     """What the model's layers see as the cache: `update` writes each row's K/V into its own request's layer
     and hands attention every row's K/V, with the chunks that rows read from shared entries."""
@@ -118,7 +124,9 @@ class _BatchLayers(PerRequestCaches):
     @staticmethod
     def _append(layers: list, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """Write each row's K/V into its layer with the built kernel, in one call; False where it does not apply."""
-        if _append_rows is None or key_states.device.type != "cpu" or key_states.stride(-1) != 1 or value_states.stride(-1) != 1:
+        if _append_rows is None or key_states.device.type != "cpu":
+            return False
+        if key_states.stride(-1) != 1 or value_states.stride(-1) != 1:
             return False
         slots = [layer.next_slot() for layer in layers]
         if any(slot is None or slot[0].dtype != key_states.dtype for slot in slots):
@@ -150,14 +158,14 @@ def decode_rows(model: torch.nn.Module, tokens: Sequence[int], caches: Sequence[
     if len(caches) == 1:  # one request: the very pass a request alone runs
         return model(input_ids=input_ids, **cache_argument(model, caches[0]), use_cache=True).logits[:, -1]
     # No mask: each row's attention sees all of its own keys, which is exactly its causal mask.
-    masks = {kind: None for kind in set(model.config.layer_types)} if hasattr(model.config, "layer_types") else None
     layers = _BatchLayers(caches, spans if spans and device.type == "cpu" else [()] * len(caches))
-    output = model(input_ids=input_ids, position_ids=_positions(caches, device), attention_mask=masks,
+    output = model(input_ids=input_ids, position_ids=_positions(caches, device), attention_mask=no_masks(model),
                    **cache_argument(model, layers), use_cache=True)  # fmt: skip
     return output.logits[:, -1]
 
 
-CHECK_ROWS = EXACT_DECODE_MAX_ROWS  # the batch of the load-time check (the largest exact mode runs): rows of different lengths
+# The batch of the load-time check (the largest exact mode runs): rows of different lengths.
+CHECK_ROWS = EXACT_DECODE_MAX_ROWS
 
 
 @torch.inference_mode()

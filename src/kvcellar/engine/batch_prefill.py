@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcellar.engine.attention import PassKv
-from kvcellar.engine.batch_decode import PerRequestCaches
+from kvcellar.engine.batch_decode import PerRequestCaches, no_masks
 from kvcellar.engine.prefill import cache_argument
 
 
@@ -75,8 +75,7 @@ def prefill_rows(model: torch.nn.Module, passes: Sequence[PromptRows]) -> list[t
         if rows.ends_prompt:
             last_rows.append(offsets - 1)
     keep = torch.tensor(last_rows, dtype=torch.long, device=device)  # empty: the LM head is skipped
-    masks = {kind: None for kind in set(model.config.layer_types)} if hasattr(model.config, "layer_types") else None
-    output = model(input_ids=input_ids, position_ids=positions, attention_mask=masks,
+    output = model(input_ids=input_ids, position_ids=positions, attention_mask=no_masks(model),
                    **cache_argument(model, _PassLayers(passes)), use_cache=True, logits_to_keep=keep)  # fmt: skip
     logits = iter(output.logits[0])
     return [next(logits) if rows.ends_prompt else None for rows in passes]

@@ -2,8 +2,8 @@
 prefill, decode steps, and keeping the finished request's buffers.
 
 Operations: `RequestRunner.lookup`, `.start_prompt` (restore, plan the passes: a `PromptPass`), `.run_pass`,
-`.run_last_passes` (several prompts' last passes in one forward), `.count_prefill`, `.prefill_prompt` (all of them for a whole prompt at once: tests and measurements),
-`.decode_step`, `.keep_buffers`, `.time_prefill`, `.fit_threads`, `.synchronize`.
+`.run_last_passes` (several prompts' last passes in one forward), `.count_prefill`, `.prefill_prompt` (all of
+them for a whole prompt at once: tests and measurements), `.decode_step`, `.keep_buffers`, `.time_prefill`, `.fit_threads`, `.synchronize`.
 On CPU the runner keeps the K/V buffers of the request that ended last for the
 next one (`kv.buffer_pool`): a fresh buffer of an 8K request faults in ~230k
 pages while a restore or prefill writes it. It then trims the freed heap (`heap.py`).

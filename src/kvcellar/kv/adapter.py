@@ -225,8 +225,9 @@ class ModelPrefixCache:
             core.release(match)
         if device.type == "cuda":  # the copies run behind the CPU: wait, so restore_s is their true time
             torch.cuda.synchronize(device)
+        spans = restored_spans(payloads, match.num_tokens, device, resident)
         return Restored(cache, match.num_tokens, pending.logits, dict(match.tokens_by_tier), pending.lookup_s,
-                        time.perf_counter() - started, resident, restored_spans(payloads, match.num_tokens, device, resident))
+                        time.perf_counter() - started, resident, spans)
 
     def _resident_tokens(self, match: Match, capacity: int, pool: KvBufferPool | None) -> int:
         """Leading tokens of `match` whose K/V `pool`'s buffers still hold from the last request."""

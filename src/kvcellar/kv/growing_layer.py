@@ -76,8 +76,7 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self._key_buffer.shape[-2]:
-            self._grow(max(end, 2 * self._key_buffer.shape[-2]))
+        self._make_room(end)
         self._key_buffer[:, :, self.length : end] = key_states
         self._value_buffer[:, :, self.length : end] = value_states
         self.advance(key_states.shape[-2])
@@ -88,8 +87,7 @@ class GrowingLayer(DynamicLayer):
         that then calls `advance(1)`; None before the first write."""
         if not self.is_initialized or self.graph_position is not None:
             return None
-        if self.length >= self._key_buffer.shape[-2] or self.length >= self._value_buffer.shape[-2]:
-            self._grow(2 * self._key_buffer.shape[-2])
+        self._make_room(self.length + 1)
         return self._key_buffer, self._value_buffer, self.length
 
     def advance(self, num_tokens: int) -> None:
@@ -106,6 +104,11 @@ class GrowingLayer(DynamicLayer):
     def buffer_pointers(self) -> tuple[int, int]:
         """The K and V buffers' addresses: a captured CUDA graph reads and writes exactly these."""
         return self._key_buffer.data_ptr(), self._value_buffer.data_ptr()
+
+    def _make_room(self, end: int) -> None:
+        """Buffers that hold `end` tokens: doubled (at least to `end`) where either one is shorter."""
+        if end > self.buffer_tokens():
+            self._grow(max(end, 2 * self._key_buffer.shape[-2]))
 
     def _grow(self, capacity: int) -> None:
         for name in ("_key_buffer", "_value_buffer"):
